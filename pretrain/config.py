@@ -1,0 +1,286 @@
+"""The one typed configuration of a run: YAML file -> `--set section.key=value` overrides -> validated objects.
+
+Every field is typed and documented here; unknown keys are rejected with the key's dotted name (and the closest
+valid one). Checks that need only the config live in the section validators; checks that need the world size
+or the vocabulary (the parallel layout) live in `resolve_layout`, which `pretrain train --dry-run` runs before
+any process group or model exists.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pretrain.model.args import FLAVORS, ModelArgs
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line naming the key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    flavor: str = Field("debug", description=f"named shape: one of {', '.join(FLAVORS)}")
+    dim: int | None = Field(None, description="override the flavor's hidden size")
+    n_layers: int | None = Field(None, description="override the flavor's number of blocks")
+    n_heads: int | None = Field(None, description="override the flavor's query heads")
+    n_kv_heads: int | None = Field(None, description="override the flavor's key/value heads (GQA)")
+    vocab_size: int | None = Field(None, description="None: the tokenizer's size from the shard manifest")
+    ffn_hidden_dim: int | None = Field(None, description="override the SwiGLU hidden width")
+    rope_theta: float | None = Field(None, description="override the RoPE base")
+    norm_eps: float | None = Field(None, description="override the RMSNorm epsilon")
+    tie_embeddings: bool | None = Field(None, description="share the input embedding with the output head")
+    init_std: float | None = Field(None, description="override the init std")
+    document_mask: bool = Field(False, description="attend only within a document inside a packed sequence")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="recompute activations in backward: every block (full) or attention only (selective)")
+    fused_kernels: bool = Field(True, description="use the Triton kernels on CUDA (always eager on CPU)")
+
+    @model_validator(mode="after")
+    def _known_flavor(self) -> "ModelSection":
+        if self.flavor not in FLAVORS:
+            raise ValueError(f"unknown flavor {self.flavor!r}; choose one of {', '.join(FLAVORS)}")
+        return self
+
+    def args(self, vocab_size: int | None = None) -> ModelArgs:
+        """The flavor with this section's overrides applied; `vocab_size` fills in a vocab left as None."""
+        base = FLAVORS[self.flavor]
+        overrides = {k: v for k, v in self.model_dump().items()
+                     if k in ModelArgs.__dataclass_fields__ and v is not None}
+        args = base.replace(**overrides)
+        if args.vocab_size is None and vocab_size is not None:
+            args = args.replace(vocab_size=vocab_size)
+        return args
+
+
+class DataSection(_Section):
+    path: str | list[str] = Field("", description="shard dir, glob, brace pattern, pipe: URL, or a list of them")
+    weights: list[float] | None = Field(None, description="mixture weights, one per entry of `path`")
+    val_path: str | list[str] | None = Field(None, description="held-out shards for validation loss")
+    num_workers: int = Field(0, ge=0, description="dataloader worker processes per rank")
+    shuffle_buffer: int = Field(1000, ge=0, description="in-shard shuffle buffer (samples); 0 disables")
+    reshard: bool = Field(False, description="allow resuming with a different DP size / workers / dataset")
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(100, gt=0, description="optimizer steps to run")
+    micro_batch_size: int = Field(2, gt=0, description="sequences per rank per forward/backward")
+    grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step")
+    seq_len: int = Field(128, gt=0, description="tokens per training sequence")
+    seed: int = Field(1234, description="seeds init, data order and dropout-free RNG streams")
+    log_every: int = Field(10, gt=0, description="print/log a metrics line every N steps")
+    eval_every: int = Field(0, ge=0, description="validation every N steps; 0 disables")
+    eval_steps: int = Field(10, gt=0, description="micro-batches per validation")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="compute dtype; bf16 keeps fp32 master weights")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available else cpu")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on cuda, gloo on cpu")
+    max_nonfinite_steps: int = Field(3, gt=0, description="abort after this many non-finite steps in a row")
+    peak_tflops: float | None = Field(None, description="per-device peak for MFU; None: looked up by GPU name")
+
+
+class OptimSection(_Section):
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = Field("cosine", description="decay after warmup")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (not on norms)")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+
+
+class ParallelSection(_Section):
+    tp: int = Field(1, gt=0, description="tensor-parallel degree (megatron-core)")
+    pp: int = Field(1, gt=0, description="pipeline-parallel degree (DeepSpeed PipelineModule)")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    sequence_parallel: bool = Field(False, description="megatron-core sequence parallelism (CUDA only)")
+
+    @model_validator(mode="after")
+    def _deepspeed_rules(self) -> "ParallelSection":
+        if self.pp > 1 and self.zero_stage >= 2:
+            raise ValueError(f"zero_stage={self.zero_stage} with pp={self.pp}: DeepSpeed's pipeline engine says "
+                             "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism; use zero_stage <= 1")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel needs tp > 1")
+        return self
+
+
+class CheckpointSection(_Section):
+    dir: str = Field("runs/debug", description="run directory: checkpoints, metrics.jsonl, mlruns")
+    every: int = Field(0, ge=0, description="checkpoint every N steps (and always at the end); 0: end only")
+    keep: int = Field(3, gt=0, description="complete checkpoints kept")
+    resume: str = Field("auto", description="auto (from `latest` if any) | none | a step_N directory")
+
+
+class TrackingSection(_Section):
+    enabled: bool = Field(True, description="log to MLflow")
+    uri: str | None = Field(None, description="MLflow URI; None: $MLFLOW_TRACKING_URI or <checkpoint.dir>/mlruns")
+    experiment: str = Field("pretrain", description="MLflow experiment name")
+    run_name: str | None = Field(None, description="MLflow run name; None: the run directory's name")
+
+
+class Config(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "Config":
+        if self.data.weights is not None:
+            paths = self.data.path if isinstance(self.data.path, list) else [self.data.path]
+            if len(self.data.weights) != len(paths):
+                raise ValueError(f"data.weights has {len(self.data.weights)} entries but data.path has "
+                                 f"{len(paths)}; give one weight per dataset")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump(mode="json").items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. train.max_steps=20)")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(raw: dict[str, Any], where: str) -> None:
+    """Unknown keys, named with their dotted path and the closest valid key."""
+    sections = Config.model_fields
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"{where}: unknown section {section!r}{_suggest(section, list(sections))}")
+        if values is None:
+            raw[section] = values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping, got {type(values).__name__}")
+        fields = list(sections[section].annotation.model_fields)  # type: ignore[union-attr]
+        for key in values:
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key '{section}.{key}'{_suggest(key, fields)}")
+
+
+def _one_line(err: ValidationError, where: str) -> ConfigError:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return ConfigError(f"{where}: {loc}: {msg}{shown}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """File -> overrides -> validated Config. Raises ConfigError with a one-line message."""
+    raw: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    _check_keys(raw, where)
+    for item in overrides or []:
+        (section, key), value = _parse_override(item)
+        raw.setdefault(section, {})
+        _check_keys({section: {key: value}}, f"--set {item}")
+        raw[section][key] = value
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise _one_line(e, where) from None
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How `world` ranks split into data x pipeline x tensor parallel groups (megatron-core order tp-dp-pp)."""
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    grad_accum: int
+    padded_vocab_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.dp
+
+
+def pad_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Vocab rounded up so each TP shard is a multiple of 128 rows (Megatron's rule: aligned GEMMs)."""
+    step = multiple * tp
+    return int(math.ceil(vocab_size / step) * step)
+
+
+def resolve_layout(cfg: Config, world_size: int, vocab_size: int | None = None) -> Layout:
+    """Every divisibility and batch rule that can be checked before a process group exists."""
+    p = cfg.parallel
+    args = cfg.model.args(vocab_size)
+    if world_size % (p.tp * p.pp) != 0:
+        raise ConfigError(f"world size {world_size} is not divisible by tp x pp = {p.tp} x {p.pp}; "
+                          f"launch a multiple of {p.tp * p.pp} ranks")
+    if args.dim % args.n_heads != 0:
+        raise ConfigError(f"model.dim={args.dim} is not divisible by model.n_heads={args.n_heads}")
+    if args.n_heads % args.kv_heads != 0:
+        raise ConfigError(f"model.n_heads={args.n_heads} is not a multiple of model.n_kv_heads={args.kv_heads}")
+    if args.n_heads % p.tp != 0:
+        raise ConfigError(f"model.n_heads={args.n_heads} is not divisible by parallel.tp={p.tp}")
+    if args.kv_heads % p.tp != 0:
+        raise ConfigError(f"model.n_kv_heads={args.kv_heads} is not divisible by parallel.tp={p.tp}; "
+                          "each TP rank needs whole key/value heads")
+    if args.hidden_dim % p.tp != 0:
+        raise ConfigError(f"FFN hidden dim {args.hidden_dim} is not divisible by parallel.tp={p.tp}")
+    if args.n_layers % p.pp != 0:
+        raise ConfigError(f"model.n_layers={args.n_layers} is not divisible by parallel.pp={p.pp}")
+    if args.vocab_size is None:
+        raise ConfigError("model.vocab_size is unknown: set model.vocab_size or point data.path at shards "
+                          "whose manifest.json names the tokenizer")
+    if args.tie_embeddings and p.pp > 1:
+        raise ConfigError("model.tie_embeddings with parallel.pp > 1 is not supported; untie or use pp=1")
+    return Layout(world=world_size, tp=p.tp, pp=p.pp, dp=world_size // (p.tp * p.pp),
+                  micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
+                  padded_vocab_size=pad_vocab(args.vocab_size, p.tp))
