@@ -1,0 +1,63 @@
+"""The numerical primitives the model names, and the one place that decides how they run.
+
+Each op has an eager PyTorch reference (the ground truth every fused path is parity-tested against). On CUDA, with
+`use_fused(True)`, a fused Triton kernel may replace it; on CPU the eager path always runs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_FUSED = False
+
+
+def use_fused(enabled: bool) -> None:
+    """Switch fused kernels on or off for the whole process (the model config's `fused_kernels`)."""
+    global _FUSED
+    _FUSED = enabled
+
+
+def fused_enabled(x: torch.Tensor) -> bool:
+    return _FUSED and x.is_cuda
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, computed in fp32 whatever the input dtype (LLaMA's RMSNorm)."""
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return out.type_as(x) * weight
+
+
+def rope_cache(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (seq_len, head_dim) in fp32.
+
+    Rotate-half convention (GPT-NeoX / Hugging Face): dimension i pairs with i + head_dim/2. Meta's reference
+    pairs adjacent dims instead; choosing HF's layout makes Hugging Face export a pure renaming of weights.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, hd) by position; cos/sin are (T, hd) or (B, T, hd) for per-sample positions."""
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up: the SwiGLU feed-forward's nonlinearity."""
+    return F.silu(gate) * up
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token loss over non-ignored targets, computed in fp32. logits (N, V), targets (N,)."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
