@@ -1,0 +1,306 @@
+"""Checkpoint commit protocol: a `step_<N>/` directory is either complete and verified, or it does not count.
+
+Why our own protocol around DeepSpeed (DESIGN.md, reliability contract): DeepSpeed's `save_checkpoint` writes its
+`latest` file from rank 0 before the other ranks are done, and `load_checkpoint` without one only warns and
+returns None -- a known way to "resume" on random weights. So a save here is:
+
+    all ranks   write into run_dir/.tmp_step_<N>/: engine state (callback), rank_<r>.pt (loader cursor + RNG)
+    rank 0      writes config.yaml and meta.json (step, MLflow run id, tokenizer identity, layout)
+    barrier     every rank is done writing
+    rank 0      writes manifest.json LAST (every file, its size, sha256 of the small ones), renames the temp dir
+                to step_<N>/, replaces `latest` atomically (temp file + os.replace), prunes to `keep`
+    barrier     nobody runs ahead of the commit
+
+A load verifies the manifest (every file present, sizes and recorded hashes match). `resume: auto` walks from
+`latest` back to older checkpoints and says so when it skips one; an explicit path that fails to verify is a
+hard error. Ranks all-reduce the step they chose so that no two ranks resume from different checkpoints.
+
+The module knows nothing about the model: the engine's save/load are callbacks, so the protocol is tested on
+its own with 2 gloo ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+META = "meta.json"
+CONFIG = "config.yaml"
+LATEST = "latest"
+CONSOLIDATED = "consolidated.pt"  # reference-named full state dict, written at the final checkpoint only
+_STEP_RE = re.compile(r"^step_(\d+)$")
+# Files up to this size get a sha256 in the manifest (cheap); bigger ones (model/optimizer shards) get sizes only,
+# because hashing hundreds of GB on every save would cost more than the save.
+HASH_LIMIT = 64 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: the message is one line naming the directory and the reason."""
+
+
+class Collective(Protocol):
+    """The slice of `pretrain.distributed.DistEnv` this module needs (so it can be tested without an engine)."""
+    rank: int
+    world_size: int
+
+    def barrier(self) -> None: ...
+    def all_reduce_max(self, value: float) -> float: ...
+
+
+@dataclass
+class Meta:
+    """What rank 0 records about a checkpoint besides the tensors."""
+    step: int
+    mlflow_run_id: str | None = None
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # identity of the shards' tokenizer (hash, dir, eos)
+    layout: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+# ------------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step may draw from (python, numpy, torch CPU, and CUDA when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(root: Path, meta: Meta, world_size: int) -> None:
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            size = p.stat().st_size
+            entry: dict[str, Any] = {"size": size}
+            if size <= HASH_LIMIT:
+                entry["sha256"] = _sha256(p)
+            files[p.relative_to(root).as_posix()] = entry
+    manifest = {"step": meta.step, "world_size": world_size, "created": time.time(), "files": files}
+    _atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def save(run_dir: str | Path, step: int, env: Collective, *, save_model: Callable[[Path], None],
+         rank_state: dict[str, Any], meta: Meta, config_yaml: str, keep: int) -> Path:
+    """Commit `step_<step>/` under `run_dir` (collective: every rank calls it). Returns the final directory."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / f".tmp_{step_dir_name(step)}"
+    final = run_dir / step_dir_name(step)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that died half-way
+        tmp.mkdir()
+    env.barrier()
+    save_model(tmp)
+    torch.save({"step": step, "rank": env.rank, "world_size": env.world_size, **rank_state,
+                "rng": rng_state()}, tmp / f".{rank_file(env.rank)}.partial")
+    os.replace(tmp / f".{rank_file(env.rank)}.partial", tmp / rank_file(env.rank))
+    if env.rank == 0:
+        _atomic_write(tmp / CONFIG, config_yaml.encode())
+        _atomic_write(tmp / META, json.dumps(meta.__dict__, indent=1, default=str).encode())
+    env.barrier()
+    if env.rank == 0:
+        _write_manifest(tmp, meta, env.world_size)
+        if final.exists():  # a step re-saved (e.g. a resumed run that stops at once): replace, never merge
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write(run_dir / LATEST, f"{final.name}\n".encode())
+        _prune(run_dir, keep, protect=final)
+    env.barrier()
+    return final
+
+
+def _prune(run_dir: Path, keep: int, protect: Path) -> None:
+    steps = sorted(list_steps(run_dir), reverse=True)
+    for step in steps[keep:]:
+        path = run_dir / step_dir_name(step)
+        if path != protect:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+def list_steps(run_dir: Path) -> list[int]:
+    if not run_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in run_dir.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name)))
+
+
+def verify(step_dir: str | Path, *, hashes: bool = True) -> dict[str, Any]:
+    """The manifest of a complete checkpoint, or CheckpointError saying what is wrong with it."""
+    step_dir = Path(step_dir)
+    if not step_dir.is_dir():
+        raise CheckpointError(f"checkpoint {step_dir} does not exist")
+    mpath = step_dir / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"checkpoint {step_dir} is incomplete: no {MANIFEST} (the save did not finish)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: {MANIFEST} is unreadable ({e})") from None
+    for rel, entry in files.items():
+        p = step_dir / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {step_dir} is incomplete: {rel} is missing")
+        size = p.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(f"checkpoint {step_dir} is corrupt: {rel} has {size} bytes, "
+                                  f"manifest says {entry['size']}")
+        if hashes and "sha256" in entry and _sha256(p) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {step_dir} is corrupt: {rel} does not match its sha256")
+    return manifest
+
+
+def _say(msg: str) -> None:
+    print(f"[checkpoint] {msg}", file=sys.stderr, flush=True)
+
+
+def _auto_candidates(run_dir: Path) -> list[Path]:
+    """`latest` first, then every step_<N> newest first (a `latest` may point at a pruned or broken dir)."""
+    out: list[Path] = []
+    latest = run_dir / LATEST
+    if latest.is_file():
+        name = latest.read_text().strip()
+        out.append(run_dir / name)
+    out += [run_dir / step_dir_name(s) for s in sorted(list_steps(run_dir), reverse=True)]
+    seen: set[Path] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
+
+
+def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
+    """Which checkpoint to resume from (collective). None: start fresh. Every rank gets the same answer.
+
+    `none` -> None. `auto` -> the newest checkpoint that verifies, announcing every one it skips; None when
+    the run dir has no checkpoint at all; an error when it has some but none verifies (starting from scratch
+    over a broken run is a decision for the user, not for us). A path -> that checkpoint or an error.
+    """
+    run_dir = Path(run_dir)
+    chosen: Path | None = None
+    error: str | None = None
+    loud = env.rank == 0
+    if resume == "none":
+        pass
+    elif resume == "auto":
+        skipped: list[str] = []
+        for cand in _auto_candidates(run_dir):
+            try:
+                verify(cand)
+            except CheckpointError as e:
+                skipped.append(str(e))
+                if loud:
+                    _say(f"refusing: {e}")
+                continue
+            if not (cand / rank_file(env.rank)).is_file():
+                error = f"checkpoint {cand} has no state for rank {env.rank} (saved with another world size?)"
+            chosen = cand
+            if skipped and loud:
+                _say(f"falling back to the previous complete checkpoint {cand}")
+            break
+        if chosen is None and skipped:
+            error = (f"no complete checkpoint in {run_dir} ({skipped[0]}); "
+                     "set checkpoint.resume=none to start over")
+    else:
+        try:
+            verify(resume)
+            chosen = Path(resume)
+            if not (chosen / rank_file(env.rank)).is_file():
+                error = f"checkpoint {chosen} has no state for rank {env.rank} (saved with another world size?)"
+        except CheckpointError as e:
+            error = str(e)
+    # Agreement: the step each rank chose (-1: fresh, -2: error) must be the same everywhere.
+    mine = -2.0 if error else (-1.0 if chosen is None else float(_step_of(chosen)))
+    hi, lo = env.all_reduce_max(mine), -env.all_reduce_max(-mine)
+    if error:
+        raise CheckpointError(error)
+    if lo == -2.0:
+        raise CheckpointError("another rank could not verify the checkpoint it was asked to load (see its log)")
+    if hi != lo:
+        raise CheckpointError(f"ranks disagree on the checkpoint to resume (steps {int(lo)} and {int(hi)}); "
+                              "is checkpoint.dir on a filesystem every node shares?")
+    return chosen
+
+
+def _step_of(step_dir: Path) -> int:
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    return int(manifest["step"])
+
+
+@dataclass
+class Loaded:
+    step: int
+    meta: Meta
+    rank_state: dict[str, Any]
+
+
+def load(step_dir: str | Path, env: Collective, *, load_model: Callable[[Path], None]) -> Loaded:
+    """Load a chosen (verified) checkpoint: engine state via callback, this rank's state, RNG restored last."""
+    step_dir = Path(step_dir)
+    load_model(step_dir)
+    state = torch.load(step_dir / rank_file(env.rank), map_location="cpu", weights_only=False)  # our own file
+    meta = Meta(**json.loads((step_dir / META).read_text()))
+    set_rng_state(state.pop("rng"))
+    return Loaded(step=meta.step, meta=meta, rank_state=state)
+
+
+def read_meta(step_dir: str | Path) -> Meta:
+    return Meta(**json.loads((Path(step_dir) / META).read_text()))
+
+
+def resolve_checkpoint_arg(path: str | Path) -> Path:
+    """A run dir (-> its `latest`) or a step dir, verified: what `pretrain generate --checkpoint` accepts."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    verify(path)
+    return path

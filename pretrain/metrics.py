@@ -1,0 +1,176 @@
+"""The per-step record: what is printed, sent to MLflow and appended to `<checkpoint.dir>/metrics.jsonl`.
+
+metrics.jsonl is the run's ground truth without a tracking server: one JSON object per optimizer step, floats
+written with `json` (shortest repr that round-trips, i.e. full precision), so two runs can be compared bitwise.
+On resume the file is cut back to the resumed step, so it never holds a step twice.
+
+MFU follows PaLM (Chowdhery et al. 2022, appendix B): model FLOPs per token = 6N + 12*L*H*Q*T, with N the
+non-embedding parameters, L layers, H heads, Q head dim, T sequence length (the second term is attention's
+QK^T and AV, forward + backward). MFU = achieved model FLOP/s per device / the device's dense bf16 peak.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.model.args import ModelArgs
+
+METRICS_FILE = "metrics.jsonl"
+
+# Dense (no sparsity) bf16 tensor-core peak per device, TFLOP/s, from the vendors' datasheets. Matched by substring
+# of torch.cuda.get_device_name(); first match wins, so the more specific names come first.
+PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),   # SXM / NVL
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A10G", 70.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("V100", 125.0),   # fp16 tensor cores (no bf16)
+    ("MI300X", 1307.0),
+]
+
+
+def flops_per_token(args: ModelArgs, seq_len: int, vocab_size: int) -> float:
+    """PaLM's model FLOPs per trained token (forward + backward, no recomputation counted)."""
+    n = args.num_params(vocab_size, embeddings=False)
+    return 6.0 * n + 12.0 * args.n_layers * args.n_heads * args.head_dim * seq_len
+
+
+def device_peak_tflops(override: float | None = None) -> float | None:
+    """Per-device peak for MFU: the config's value, else looked up by GPU name; None on CPU or unknown GPU."""
+    if override is not None:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peak in PEAK_TFLOPS:
+        if key in name:
+            return peak
+    return None
+
+
+def peak_memory_gib() -> float:
+    """Peak allocated GPU memory on CUDA; on CPU the process's max resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    skipped: bool
+    tokens: int            # tokens trained so far, all ranks
+    step_time_s: float
+    tokens_per_s: float    # all ranks
+    tflops: float          # model TFLOP/s per device
+    mfu: float | None      # None where the peak is unknown (CPU)
+    peak_mem_gib: float
+    val_loss: float | None = None
+    val_ppl: float | None = None
+
+    def to_json(self) -> str:
+        d = {k: (None if isinstance(v, float) and not math.isfinite(v) and k not in ("loss", "grad_norm") else v)
+             for k, v in asdict(self).items()}
+        # A non-finite loss stays visible as the string "nan"/"inf" (JSON has no NaN literal).
+        for k in ("loss", "grad_norm"):
+            if isinstance(d[k], float) and not math.isfinite(d[k]):
+                d[k] = str(d[k])
+        return json.dumps(d)
+
+    def line(self) -> str:
+        """The human log line."""
+        mfu = f" mfu {100 * self.mfu:.1f}%" if self.mfu is not None else ""
+        val = f" | val_loss {self.val_loss:.4f} ppl {self.val_ppl:.2f}" if self.val_loss is not None else ""
+        skip = " (skipped: non-finite)" if self.skipped else ""
+        return (f"step {self.step} | loss {self.loss:.4f}{skip} | lr {self.lr:.3e} | grad_norm {self.grad_norm:.3f}"
+                f" | {self.tokens_per_s:,.0f} tok/s | {self.tflops:.2f} TFLOP/s{mfu} | mem {self.peak_mem_gib:.2f} GiB"
+                f"{val}")
+
+
+class Meter:
+    """Turns (step result, wall time) into StepRecords; tokens per step fixed by the layout."""
+
+    def __init__(self, *, flops_per_token: float, tokens_per_step: int, world_size: int,
+                 peak_tflops: float | None, start_tokens: int = 0) -> None:
+        self.fpt, self.tokens_per_step, self.world = flops_per_token, tokens_per_step, world_size
+        self.peak = peak_tflops
+        self.tokens = start_tokens
+        self._t = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        self._t = time.perf_counter()
+
+    def record(self, step: int, loss: float, lr: float, grad_norm: float, skipped: bool) -> StepRecord:
+        now = time.perf_counter()
+        dt, self._t = max(now - self._t, 1e-9), now
+        self.tokens += self.tokens_per_step
+        tps = self.tokens_per_step / dt
+        tflops = tps * self.fpt / self.world / 1e12
+        return StepRecord(step=step, loss=loss, lr=lr, grad_norm=grad_norm, skipped=skipped, tokens=self.tokens,
+                          step_time_s=dt, tokens_per_s=tps, tflops=tflops,
+                          mfu=(tflops / self.peak) if self.peak else None, peak_mem_gib=peak_memory_gib())
+
+
+class MetricsFile:
+    """Append-only metrics.jsonl (rank 0), line-buffered so a killed run keeps every finished step."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", buffering=1)
+
+    def append(self, rec: StepRecord) -> None:
+        self._f.write(rec.to_json() + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def truncate_after(run_dir: str | Path, step: int) -> int:
+    """Drop records with step > `step` (they belong to the lost tail of an interrupted run); returns how many.
+
+    Written to a temp file and renamed, so a crash here cannot lose the records that are kept.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec_step = json.loads(line)["step"]
+        except (ValueError, KeyError):
+            dropped += 1  # a half-written last line of a killed run
+            continue
+        if rec_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+    return dropped
+
+
+def read(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,88 @@
+"""The checkpoint commit protocol (DESIGN.md reliability contract), without an engine: 2 real gloo ranks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import torchrun
+from pretrain import checkpoint as ckpt
+
+
+class Solo:
+    """A one-rank Collective for the single-process checks."""
+    rank, world_size = 0, 1
+
+    def barrier(self) -> None:
+        pass
+
+    def all_reduce_max(self, value: float) -> float:
+        return value
+
+
+def _save(run_dir: Path, step: int, keep: int = 3) -> Path:
+    return ckpt.save(run_dir, step, Solo(), save_model=lambda d: (d / "model.bin").write_bytes(b"w" * 100),
+                     rank_state={"loader": {}}, meta=ckpt.Meta(step=step), config_yaml="a: 1\n", keep=keep)
+
+
+@pytest.mark.distributed
+def test_two_ranks_commit_resume_and_fallback(tmp_path):
+    proc = torchrun(2, ["tests/train/ckpt_worker.py", str(tmp_path / "run")], timeout=180)
+    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines()
+                      if "RESULT " in line), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1]
+    for r in results:
+        assert r["chosen"] == "step_3" and r["loaded_step"] == 3 and r["load_called_with"] == ["step_3"]
+        assert r["cursor"] == 30 + r["rank"], "each rank must get back its own loader cursor"
+        assert r["rng_restored"], "RNG streams after load must continue exactly as after the save"
+        assert r["steps_on_disk"] == [2, 3], "keep=2 prunes the oldest"
+        assert r["fallback"] == "step_2", "a corrupt newest checkpoint must make auto fall back"
+        assert "step_3 is corrupt: model_rank1.pt has" in r["explicit"]
+    assert "refusing: checkpoint" in proc.stderr and "falling back to the previous complete checkpoint" in proc.stderr
+    run = tmp_path / "run"
+    assert (run / "latest").read_text().strip() == "step_3"
+    manifest = json.loads((run / "step_2" / "manifest.json").read_text())
+    assert {"rank_00000.pt", "rank_00001.pt", "model_rank0.pt", "model_rank1.pt", "config.yaml", "meta.json"} \
+        <= set(manifest["files"])
+
+
+def test_incomplete_checkpoint_refused_and_never_fresh_over_broken_run(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 5)
+    (run / "step_5" / "manifest.json").unlink()  # as if the save died before the commit
+    with pytest.raises(ckpt.CheckpointError, match=r"step_5 is incomplete: no manifest.json"):
+        ckpt.choose(run, str(run / "step_5"), Solo())
+    # auto must not silently start from random weights when checkpoints exist but none is usable
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint .* checkpoint.resume=none"):
+        ckpt.choose(run, "auto", Solo())
+    assert ckpt.choose(run, "none", Solo()) is None
+    assert ckpt.choose(tmp_path / "empty", "auto", Solo()) is None
+
+
+def test_missing_file_and_bitflip_are_detected(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 1)
+    _save(run, 2)
+    flipped = bytearray((run / "step_2" / "model.bin").read_bytes())
+    flipped[0] ^= 1
+    (run / "step_2" / "model.bin").write_bytes(bytes(flipped))
+    with pytest.raises(ckpt.CheckpointError, match="model.bin does not match its sha256"):
+        ckpt.verify(run / "step_2")
+    (run / "step_1" / "rank_00000.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="rank_00000.pt is missing"):
+        ckpt.verify(run / "step_1")
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.choose(run, "auto", Solo())
+
+
+def test_latest_points_at_newest_and_resave_replaces(tmp_path):
+    run = tmp_path / "run"
+    for s in (1, 2, 3, 4):
+        _save(run, s, keep=2)
+    assert ckpt.list_steps(run) == [3, 4]
+    assert (run / "latest").read_text().strip() == "step_4"
+    _save(run, 4, keep=2)  # same step again: replaced whole, still verifies
+    ckpt.verify(run / "step_4")
+    assert not list(run.glob(".tmp_*")) and not list(run.glob(".latest*"))
+    assert ckpt.resolve_checkpoint_arg(run) == run / "step_4"
