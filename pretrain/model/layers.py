@@ -1,0 +1,46 @@
+"""What the model asks for, and the plain single-device answer.
+
+The LLaMA code never says `nn.Linear`: it asks a `LayerFactory` for "a column-parallel linear" (output features
+split over tensor-parallel ranks), "a row-parallel linear" (input features split, outputs summed), "a
+vocab-parallel embedding", "a vocab-parallel head" and "the loss over vocab-parallel logits". This file gives the
+reference answer (everything whole, tp = 1); `pretrain/parallel/tensor.py` gives megatron-core's. One model file,
+two builds, and the parity tests compare them (megatron-core's gpt_layer_specs idea, without its machinery).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain import kernels
+
+
+class LayerFactory:
+    """The reference build: plain PyTorch modules, tp = 1. Subclasses decide differently in one place."""
+
+    tp: int = 1
+    tp_rank: int = 0
+    # True when the residual stream is split along the sequence between TP ranks (megatron sequence parallel).
+    sequence_parallel: bool = False
+
+    def column_linear(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def row_linear(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def vocab_embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        return nn.Embedding(vocab_size, dim)
+
+    def vocab_head(self, dim: int, vocab_size: int) -> nn.Module:
+        return nn.Linear(dim, vocab_size, bias=False)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss over all B*T targets; logits (B, T, V_local), targets (B, T)."""
+        return kernels.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole (padded) vocabulary, for sampling."""
+        return logits
+
+
+REFERENCE = LayerFactory()

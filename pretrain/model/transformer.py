@@ -1,0 +1,207 @@
+"""A LLaMA-style decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU, pre-norm residual blocks.
+
+Architecture only. What kind of linear/embedding each projection is (whole, or a megatron-core tensor-parallel
+shard) is decided by the `LayerFactory` passed in; the numerics (RMSNorm, RoPE, SwiGLU, cross-entropy) go
+through `pretrain.kernels`, the single dispatch point for fused kernels. Shapes in comments:
+B batch, T tokens, D model dim, H query heads on this rank, K key/value heads on this rank, hd head dim.
+
+Parameter names follow Meta's LLaMA (`tok_embeddings`, `layers.<i>.attention.wq`, `feed_forward.w1`,
+`attention_norm`, ...), and `layers` is a ModuleDict keyed by the block index, so a pipeline stage that holds
+blocks 4..7 still calls them `layers.4`..`layers.7`: checkpoint keys and Hugging Face export are a name map.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain import kernels
+from pretrain.model.args import ModelArgs
+from pretrain.model.layers import REFERENCE, LayerFactory
+
+Checkpointing = Literal["none", "full", "selective"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+@functools.lru_cache(maxsize=8)
+def _rope_table(head_dim: int, max_len: int, theta: float, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for every position up to max_len, kept in fp32 outside the module so bf16 casts never touch them."""
+    return kernels.rope_cache(head_dim, max_len, theta, device=torch.device(device))
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per block, for incremental decoding.
+
+    Stored after RoPE, with K (not H) heads: grouped-query attention's memory saving is the point.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        self.max_len = max_len
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write k, v (B, T, K, hd) at start_pos; return all keys/values up to start_pos + T."""
+        end = start_pos + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.k[layer][:, start_pos:end] = k
+        self.v[layer][:, start_pos:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+
+def attention_mask(T: int, S: int, start_pos: int, doc_ids: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor | None:
+    """Boolean (B|1, 1, T, S) mask, True = may attend; None when plain causal `is_causal` is exact.
+
+    Query i sits at position start_pos + i and sees keys at positions <= its own; with doc_ids (B, T) it also
+    sees only keys of its own document, which makes a packed sequence block-diagonal causal.
+    """
+    if doc_ids is None and start_pos == 0:
+        return None
+    q_pos = torch.arange(start_pos, start_pos + T, device=device)
+    k_pos = torch.arange(S, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+    if doc_ids is not None:
+        if start_pos != 0 or S != T:
+            raise ValueError("document masking applies to whole training sequences, not cached decoding")
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+        mask = mask & same_doc[:, None]
+    return mask
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: H query heads share K key/value heads (each TP rank holds H/tp and K/tp)."""
+
+    def __init__(self, args: ModelArgs, factory: LayerFactory, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = args.n_heads // factory.tp
+        self.n_kv_heads = args.kv_heads // factory.tp
+        self.head_dim = args.head_dim
+        self.rope_theta = args.rope_theta
+        self.max_seq_len = args.max_seq_len
+        self.wq = factory.column_linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = factory.column_linear(args.dim, args.kv_heads * args.head_dim)
+        self.wv = factory.column_linear(args.dim, args.kv_heads * args.head_dim)
+        self.wo = factory.row_linear(args.n_heads * args.head_dim, args.dim)
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, start_pos: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        q = self.wq(x)
+        # Read B, T from the projection, not from x: under sequence parallelism x holds T/tp tokens.
+        B, T = q.shape[:2]
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, hd)
+
+        if start_pos + T > self.max_seq_len:
+            raise ValueError(f"position {start_pos + T} is beyond model.max_seq_len={self.max_seq_len}")
+        cos, sin = _rope_table(self.head_dim, self.max_seq_len, self.rope_theta, str(x.device))
+        cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
+        q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
+
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, S, K, hd), S = start_pos + T
+        S = k.shape[1]
+        # Each group of H/K query heads reads the same key/value head (query head h uses kv head h // rep).
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)  # (B, S, H, hd)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, hd)
+        mask = attention_mask(T, S, start_pos, doc_ids, x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1/w3 split the hidden width over TP, w2 sums it back."""
+
+    def __init__(self, dim: int, hidden_dim: int, factory: LayerFactory):
+        super().__init__()
+        self.w1 = factory.column_linear(dim, hidden_dim)
+        self.w3 = factory.column_linear(dim, hidden_dim)
+        self.w2 = factory.row_linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, args: ModelArgs, factory: LayerFactory, layer_id: int,
+                 checkpointing: Checkpointing = "none"):
+        super().__init__()
+        self.checkpointing = checkpointing
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, factory, layer_id)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, factory)
+
+    def _attend(self, x, doc_ids, start_pos, cache):
+        return self.attention(self.attention_norm(x), doc_ids, start_pos, cache)
+
+    def _body(self, x, doc_ids, start_pos, cache):
+        recompute_attention = self.checkpointing == "selective" and cache is None and torch.is_grad_enabled()
+        if recompute_attention:  # keep the MLP's activations, recompute attention's (the large T^2 part)
+            h = x + checkpoint(self._attend, x, doc_ids, start_pos, None, use_reentrant=False)
+        else:
+            h = x + self._attend(x, doc_ids, start_pos, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, start_pos: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        if self.checkpointing == "full" and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._body, x, doc_ids, start_pos, None, use_reentrant=False)
+        return self._body(x, doc_ids, start_pos, cache)
+
+
+class Transformer(nn.Module):
+    """tokens (B, T) -> logits (B, T, V_local), or the mean next-token loss when targets are given."""
+
+    def __init__(self, args: ModelArgs, factory: LayerFactory = REFERENCE, checkpointing: Checkpointing = "none"):
+        super().__init__()
+        if args.vocab_size is None:
+            raise ValueError("ModelArgs.vocab_size is None: resolve it (and pad it) before building the model")
+        self.args = args
+        self.factory = factory
+        self.tok_embeddings = factory.vocab_embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, factory, i, checkpointing)
+                                     for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = factory.vocab_head(args.dim, args.vocab_size)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, start_pos: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        for layer in self.layers.values():
+            h = layer(h, doc_ids, start_pos, cache)
+        logits = self.output(self.norm(h))  # (B, T, V_local)
+        if targets is None:
+            return logits
+        return self.factory.cross_entropy(logits, targets)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = next(self.parameters())
+        attn = self.layers["0"].attention
+        return KVCache(self.args.n_layers, batch, max_len, attn.n_kv_heads, attn.head_dim, p.dtype, p.device)
