@@ -1,0 +1,101 @@
+"""Fused Triton kernels vs their eager references: forward+backward time at LLaMA-3-8B layer shapes.
+
+    python benchmarks/kernels.py [--tokens 8192] [--dtype bf16] [--out benchmarks/results/kernels_<gpu>.json]
+
+Needs CUDA: timing Triton's CPU interpreter says nothing about a GPU. Each row is the median of --iters runs
+after warmup, measured with CUDA events around forward + backward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain import kernels as eager  # noqa: E402
+
+
+def _time(fn: Callable[[], torch.Tensor], iters: int) -> float:
+    """Median milliseconds of fn() + backward."""
+    for _ in range(3):
+        fn().float().sum().backward()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn().float().sum().backward()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=8192, help="batch x sequence tokens per call")
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=14336)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs CUDA (the CPU path is Triton's interpreter, not a kernel to time)")
+
+    from pretrain.kernels import triton_cross_entropy, triton_rmsnorm, triton_rope, triton_swiglu
+
+    dev, dt = "cuda", torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    T, D, H = args.tokens, args.dim, args.heads
+    x = torch.randn(T, D, device=dev, dtype=dt, requires_grad=True)
+    w = torch.ones(D, device=dev, dtype=dt, requires_grad=True)
+    q = torch.randn(1, T, H, D // H, device=dev, dtype=dt, requires_grad=True)
+    cos, sin = eager.rope_cache(D // H, T, 500000.0, device=dev)
+    g = torch.randn(T, args.hidden, device=dev, dtype=dt, requires_grad=True)
+    u = torch.randn(T, args.hidden, device=dev, dtype=dt, requires_grad=True)
+    ce_tokens = min(T, 4096)  # (4096 x 128k) logits is already 1 GiB in bf16
+    logits = torch.randn(ce_tokens, args.vocab, device=dev, dtype=dt, requires_grad=True)
+    targets = torch.randint(0, args.vocab, (ce_tokens,), device=dev)
+
+    ops = {
+        "rms_norm": (lambda: eager.rms_norm(x, w, 1e-5), lambda: triton_rmsnorm.rms_norm(x, w, 1e-5)),
+        "rope": (lambda: eager.apply_rope(q, cos, sin), lambda: triton_rope.apply_rope(q, cos, sin)),
+        "swiglu": (lambda: eager.swiglu(g, u), lambda: triton_swiglu.swiglu(g, u)),
+        "cross_entropy": (lambda: eager.cross_entropy(logits, targets),
+                          lambda: triton_cross_entropy.cross_entropy(logits, targets)),
+    }
+    rows = []
+    for name, (ref_fn, fused_fn) in ops.items():
+        torch.cuda.reset_peak_memory_stats()
+        t_ref = _time(ref_fn, args.iters)
+        mem_ref = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t_fused = _time(fused_fn, args.iters)
+        mem_fused = torch.cuda.max_memory_allocated()
+        rows.append(dict(op=name, eager_ms=t_ref, fused_ms=t_fused, speedup=t_ref / t_fused,
+                         eager_peak_mib=mem_ref / 2**20, fused_peak_mib=mem_fused / 2**20))
+        print(f"{name:14s} eager {t_ref:8.3f} ms  fused {t_fused:8.3f} ms  x{t_ref / t_fused:5.2f}  "
+              f"peak {mem_ref / 2**20:8.0f} -> {mem_fused / 2**20:8.0f} MiB")
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    print(f"measured by: {command}")
+    if args.out:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        result = dict(benchmark="kernels", device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+                      commit=commit, command=command, config=vars(args) | {"out": str(args.out)}, results=rows)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
