@@ -1,0 +1,43 @@
+"""Hugging Face export: transformers' own LlamaForCausalLM, loaded from our directory, computes our logits."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from pretrain.export_hf import export_hf, hf_name  # noqa: E402
+from pretrain.model import FLAVORS, Transformer, init_model  # noqa: E402
+
+
+@pytest.mark.parametrize("tied,shard_bytes", [(False, 5 * 2**30), (True, 5 * 2**30), (False, 200_000)],
+                         ids=["untied", "tied", "sharded"])
+def test_transformers_reproduces_our_logits(tmp_path, tied, shard_bytes):
+    args = FLAVORS["debug"].replace(vocab_size=256, tie_embeddings=tied)
+    model = Transformer(args)
+    init_model(model, args, seed=3)
+    out = export_hf(model.state_dict(), args, tmp_path / "hf", dtype=torch.float32, max_shard_bytes=shard_bytes,
+                    bos_token_id=1, eos_token_id=2)
+    if shard_bytes < 2**20:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(tokens)
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_non_empty_dir_and_unknown_names(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "x").write_text("keep me")
+    args = FLAVORS["debug"].replace(vocab_size=256)
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_hf(Transformer(args).state_dict(), args, tmp_path / "hf")
+    assert (tmp_path / "hf" / "x").read_text() == "keep me"
+    with pytest.raises(KeyError, match="layers.0.attention.bias"):
+        hf_name("layers.0.attention.bias")
