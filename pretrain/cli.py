@@ -1,0 +1,133 @@
+"""`pretrain`: train (or --dry-run a config), and generate text from a checkpoint.
+
+    pretrain train --config configs/debug.yaml [--set train.max_steps=20 ...] [--dry-run [--world-size N]]
+    torchrun --nproc-per-node 2 -m pretrain train --config configs/debug.yaml
+    pretrain plan --config configs/7b.yaml --nodes 4 --gpus-per-node 8 [--set model.vocab_size=32000]
+    pretrain generate --checkpoint runs/demo/run --prompt "Once upon a time" [--max-new-tokens 64]
+
+Errors a user can fix (config, data, checkpoint) print one line and exit 2; see pretrain/train.py for the
+other exit codes (42 = stopped by a signal after checkpointing: requeue).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pretrain.config import ConfigError, load_config, resolve_layout
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain", description="Distributed LLaMA pretraining (DeepSpeed ZeRO/PP x "
+                                "megatron-core TP) with exact-resume checkpoints and MLflow tracking.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a YAML config (one process, or one per rank under torchrun)",
+                       description="Train. Under torchrun every rank runs this same command. Resumes from "
+                       "<checkpoint.dir>/latest unless checkpoint.resume=none. Exit 0 done, 42 stopped by "
+                       "SIGTERM/SIGUSR1 after a checkpoint (requeue), 3 too many non-finite steps, 2 bad input.")
+    t.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set train.max_steps=20")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate config + parallel layout, print layout, parameter count and a per-rank memory "
+                        "estimate, build nothing, exit 0")
+    t.add_argument("--world-size", type=int, default=None,
+                   help="--dry-run only: ranks to plan for (default $WORLD_SIZE or 1)")
+    pl = sub.add_parser("plan", help="layout + memory estimate for a cluster shape (no GPU needed)",
+                        description="The --dry-run of `train` for a world of nodes x gpus-per-node ranks.")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    pl.add_argument("--nodes", type=int, default=1)
+    pl.add_argument("--gpus-per-node", type=int, default=8)
+    g = sub.add_parser("generate", help="sample text from a checkpoint with the KV-cache reference model",
+                       description="Generate from the consolidated weights of a finished run (single process).")
+    g.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`) or a step_<N> dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+def _dry_run(cfg, world: int) -> int:
+    from pretrain.plan import describe
+    from pretrain.train import dataset_vocab
+
+    vocab = cfg.model.vocab_size or dataset_vocab(cfg)
+    layout = resolve_layout(cfg, world, vocab)
+    print(describe(cfg, layout))
+    print("dry run: config and layout are valid; nothing was built")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Consolidated reference weights + the tokenizer copied into the checkpoint -> KV-cache sampling.
+
+    Why a consolidated file rather than reading DeepSpeed's shards: the DeepSpeed layout depends on the training
+    world (ZeRO partitions, TP/PP shards, `mp_rank_*` files), and generation should need neither DeepSpeed nor
+    that world. The final checkpoint of a run therefore also holds `consolidated.pt` (reference parameter names,
+    gathered by the engine, written by rank 0).
+    """
+    import torch
+
+    from data_pipeline.tokenizer import load_tokenizer
+    from pretrain import checkpoint
+    from pretrain.model.generate import Sampling, generate
+    from pretrain.model.transformer import Transformer
+
+    step_dir = checkpoint.resolve_checkpoint_arg(args.checkpoint)
+    weights = step_dir / checkpoint.CONSOLIDATED
+    if not weights.is_file():
+        raise checkpoint.CheckpointError(f"{step_dir} has no {checkpoint.CONSOLIDATED} (written at a run's final "
+                                         "checkpoint only); pass the final step_<N> of a finished run")
+    cfg = load_config(step_dir / checkpoint.CONFIG)
+    meta = checkpoint.read_meta(step_dir)
+    copied = step_dir / checkpoint.TOKENIZER_DIR
+    tok = load_tokenizer(str(copied if copied.exists() else meta.tokenizer.get("path", "")))
+    if meta.tokenizer.get("identity") and getattr(tok, "identity", None) != meta.tokenizer["identity"]:
+        raise checkpoint.CheckpointError(f"tokenizer at {copied} does not match the one the model was trained "
+                                         "with (identity hash differs)")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model = Transformer(cfg.model.args(state["tok_embeddings.weight"].shape[0]))
+    model.load_state_dict(state)
+    # Documents were packed as ...<eos>doc<eos>...: an eos in front of the prompt reads as "a document starts".
+    prompt = [meta.tokenizer["eos_id"]] + tok.encode_batch([args.prompt])[0]
+    out = generate(model, prompt, args.max_new_tokens,
+                   Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
+                   eos_id=meta.tokenizer["eos_id"], seed=args.seed, vocab_size=meta.tokenizer["vocab_size"])
+    print(args.prompt + tok.decode([t for t in out if t != meta.tokenizer["eos_id"]]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from pretrain.checkpoint import CheckpointError
+
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError)
+    try:
+        from data_pipeline.errors import DataError
+        user_errors += (DataError,)
+    except ImportError:
+        pass
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "plan":
+            return _dry_run(cfg, args.nodes * args.gpus_per_node)
+        if args.dry_run:
+            return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        from pretrain.train import train
+        return train(cfg)
+    except user_errors as e:
+        return _fail(str(e))

@@ -1,0 +1,294 @@
+"""`pretrain train`: config -> process groups -> data -> engine -> maybe resume -> loop -> summary.
+
+The recipe is `train()`; every ingredient is a call into a named module (checkpoint, tracking, metrics, signals).
+What a step means: `engine.train_step` consumes `grad_accum` micro-batches of `micro_batch_size` sequences on every
+rank, averages the per-token loss over them and over DP, and takes one optimizer step (or none, with
+`skipped=True`, when the loss or grad norm is not finite). Step numbers count optimizer steps from 1.
+
+Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1 after a committed checkpoint (requeue me); 3 aborted after
+`train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 2 bad
+config/data/checkpoint (one line on stderr).
+
+Fault injection for tests (documented, env only, off by default): PRETRAIN_INJECT_NONFINITE="5,6" makes the loss
+of optimizer steps 5 and 6 NaN inside the engine's forward, so the engine's non-finite guard -- not ours -- is
+what gets exercised.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pretrain import checkpoint, metrics
+from pretrain.config import Config
+from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
+from pretrain.tracking import open_tracker, ui_hint
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
+
+
+class NonFiniteAbort(RuntimeError):
+    """Too many non-finite steps in a row: the run stops without checkpointing the bad streak."""
+
+
+def train(cfg: Config) -> int:
+    from pretrain.distributed import init_distributed
+    from pretrain.engine import build_engine
+
+    vocab = cfg.model.vocab_size or dataset_vocab(cfg)
+    env = init_distributed(cfg, vocab)
+    run_dir = Path(cfg.checkpoint.dir)
+    loader = make_loader(cfg, cfg.data.path, env, epochs=None)
+    engine = build_engine(cfg, env)
+
+    start, run_id = 0, None
+    chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)
+    if chosen is not None:
+        loaded = checkpoint.load(chosen, env, load_model=engine.load)
+        loader.load_state_dict(loaded.rank_state["loader"])
+        start, run_id = loaded.step, loaded.meta.mlflow_run_id
+    if env.rank == 0:
+        metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
+        say(f"{'resuming from ' + str(chosen) if chosen else 'starting fresh'} at step {start}; "
+            f"layout {env.layout}")
+    tracker = open_tracker(cfg, env.layout, env.rank, resume_run_id=run_id, resume_step=start)
+    log = StepLog(cfg, env, engine, tracker, start)
+    stop = StopRequest().install()
+    poison = _poisoned_steps()
+
+    batches, streak, step = iter(loader), 0, start
+    try:
+        while step < cfg.train.max_steps:
+            step += 1
+            with _inject_nonfinite(engine, step in poison):
+                res = engine.train_step(batches)
+            streak = streak + 1 if res.skipped else 0
+            val = evaluate(cfg, env, engine) if _due(step, cfg.train.eval_every) else None
+            log.step(step, res, val)
+            if streak >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
+                                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
+                                     f"checkpoint in {run_dir} holds the last good state")
+            stopping = stop.should_stop(env)
+            if stopping or step == cfg.train.max_steps or (_due(step, cfg.checkpoint.every) and streak == 0):
+                save(cfg, env, engine, loader, tracker, step, final=step == cfg.train.max_steps)
+                log.committed()
+            if stopping:
+                say(f"stopped by signal {stop.signum} at step {step}; checkpoint committed; "
+                    f"exit {REQUEUE_EXIT_CODE} (requeue)")
+                if tracker:
+                    tracker.finish("KILLED")
+                return REQUEUE_EXIT_CODE
+    except NonFiniteAbort as e:
+        say(str(e))
+        if tracker:
+            tracker.discard()
+            tracker.finish("FAILED")
+        return EXIT_NONFINITE
+    finally:
+        log.close()
+    log.summary(step)
+    if tracker:
+        tracker.finish("FINISHED")
+    env.destroy()
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- ingredients
+
+
+def say(msg: str) -> None:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def make_loader(cfg: Config, path: str | list[str], env: Any, *, epochs: int | None):
+    """This rank's data: TP and PP peers of one DP group read the same stream."""
+    from data_pipeline.loader import TokenLoader
+
+    return TokenLoader(path, seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch_size,
+                       dp_rank=env.dp_rank, dp_size=env.dp_size, num_workers=cfg.data.num_workers,
+                       seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, weights=cfg.data.weights,
+                       document_mask=cfg.model.document_mask, reshard=cfg.data.reshard, epochs=epochs)
+
+
+@dataclass
+class _Solo:
+    dp_rank: int = 0
+    dp_size: int = 1
+
+
+def dataset_vocab(cfg: Config) -> int:
+    """The tokenizer's vocabulary size recorded in the shards' manifest (so the config need not repeat it)."""
+    from pretrain.config import ConfigError
+
+    path = cfg.data.path
+    if not path:
+        raise ConfigError("data.path is empty: point it at a shard directory made by `pretrain-data prepare`")
+    if isinstance(path, str) and Path(path).is_dir():  # the common case, without building a loader
+        from data_pipeline.manifest import read_manifest
+        return read_manifest(path).vocab_size
+    if isinstance(path, str) and not any(c in path for c in "*?{[") and ":" not in path and not Path(path).exists():
+        raise ConfigError(f"data.path: {path} does not exist (make shards with `pretrain-data prepare`, or set "
+                          "model.vocab_size to plan without data)")
+    return int(make_loader(cfg, cfg.data.path, _Solo(), epochs=None).manifest.vocab_size)
+
+
+def tokenizer_identity(loader: Any) -> dict[str, Any]:
+    """What a checkpoint records so `pretrain generate` can find and check the tokenizer (identity hash, ids)."""
+    return dataclasses.asdict(loader.manifest.tokenizer)
+
+
+def copy_tokenizer(identity: dict[str, Any], dest: Path) -> None:
+    """Put the tokenizer files inside the checkpoint (a few MB) so it is self-contained for `pretrain generate`;
+    skipped (the manifest's identity is still recorded) when the path the shards were made from is gone."""
+    src = Path(identity.get("path") or "")
+    if not identity.get("path") or not src.exists():
+        return
+    out = dest / checkpoint.TOKENIZER_DIR
+    out.mkdir()
+    files = [src] if src.is_file() else [p for p in src.iterdir() if p.is_file() and p.suffix in (".json", ".model")]
+    for f in files:
+        shutil.copy2(f, out / f.name)
+
+
+def evaluate(cfg: Config, env: Any, engine: Any) -> float | None:
+    """Mean loss over `train.eval_steps` micro-batches from the start of the held-out shards (same ones each time)."""
+    if not cfg.data.val_path:
+        return None
+    batches = iter(make_loader(cfg, cfg.data.val_path, env, epochs=None))
+    return sum(engine.eval_step(batches) for _ in range(cfg.train.eval_steps)) / cfg.train.eval_steps
+
+
+def save(cfg: Config, env: Any, engine: Any, loader: Any, tracker: Any, step: int, *, final: bool) -> Path:
+    """Commit step_<step>/ (collective). The final checkpoint also holds a consolidated reference state dict
+    (`consolidated.pt`, rank 0) so `pretrain generate` needs no DeepSpeed and no world of the training size."""
+    import torch
+
+    def save_model(d: Path) -> None:
+        engine.save(d)
+        if env.rank == 0:
+            copy_tokenizer(meta.tokenizer, d)
+        if final:
+            state = engine.reference_state_dict()
+            if env.rank == 0:
+                torch.save(state, d / checkpoint.CONSOLIDATED)
+
+    meta = checkpoint.Meta(step=step, mlflow_run_id=tracker.run_id if tracker else None,
+                           tokenizer=tokenizer_identity(loader), layout=vars(env.layout).copy())
+    path = checkpoint.save(cfg.checkpoint.dir, step, env, save_model=save_model,
+                           rank_state={"loader": loader.state_dict()}, meta=meta, config_yaml=cfg.to_yaml(),
+                           keep=cfg.checkpoint.keep)
+    if tracker:
+        tracker.flush()  # MLflow gets exactly the committed steps (see pretrain/tracking.py)
+    return path
+
+
+class StepLog:
+    """Rank 0's outputs per step: metrics.jsonl, MLflow buffer, and a progress bar or plain log lines."""
+
+    def __init__(self, cfg: Config, env: Any, engine: Any, tracker: Any, start: int) -> None:
+        self.cfg, self.env, self.tracker, self.start = cfg, env, tracker, start
+        self.on = env.rank == 0
+        layout = env.layout
+        args = cfg.model.args(layout.padded_vocab_size)
+        tokens_per_step = layout.global_batch * cfg.train.seq_len
+        self.meter = metrics.Meter(flops_per_token=metrics.flops_per_token(args, cfg.train.seq_len,
+                                                                           layout.padded_vocab_size),
+                                   tokens_per_step=tokens_per_step, world_size=layout.world,
+                                   peak_tflops=metrics.device_peak_tflops(cfg.train.peak_tflops),
+                                   start_tokens=start * tokens_per_step)
+        self.file = metrics.MetricsFile(cfg.checkpoint.dir) if self.on else None
+        self.bar = None
+        if self.on and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True)
+        self.last: metrics.StepRecord | None = None
+        self.skipped = 0
+        self.t0 = time.time()
+
+    def step(self, step: int, res: Any, val: float | None) -> None:
+        rec = self.meter.record(step, float(res.loss), float(res.lr), float(res.grad_norm), bool(res.skipped))
+        if val is not None:
+            rec.val_loss, rec.val_ppl = val, math.exp(min(val, 50.0))
+        self.last, self.skipped = rec, self.skipped + int(rec.skipped)
+        if not self.on:
+            return
+        self.file.append(rec)
+        if self.tracker:
+            self.tracker.log_step(step, {"loss": rec.loss, "lr": rec.lr, "grad_norm": rec.grad_norm,
+                                         "tokens_per_s": rec.tokens_per_s, "tflops": rec.tflops, "mfu": rec.mfu,
+                                         "peak_mem_gib": rec.peak_mem_gib, "val_loss": rec.val_loss,
+                                         "val_ppl": rec.val_ppl, "skipped": float(rec.skipped)})
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(rec.line().split(" | ", 1)[1], refresh=False)
+        elif step % self.cfg.train.log_every == 0 or rec.skipped or val is not None or step == self.start + 1:
+            print(rec.line(), flush=True)
+
+    def committed(self) -> None:
+        self.meter.restart_clock()  # a checkpoint's time is not a step's time
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+    def summary(self, step: int) -> None:
+        if not self.on:
+            return
+        run_dir = Path(self.cfg.checkpoint.dir).resolve()
+        summary = {"final_step": step, "final_loss": self.last.loss if self.last else None,
+                   "skipped_steps": self.skipped, "wall_s": time.time() - self.t0,
+                   "tokens": self.meter.tokens, "checkpoint": str(run_dir / (run_dir / checkpoint.LATEST)
+                                                                   .read_text().strip()),
+                   "metrics": str(run_dir / metrics.METRICS_FILE)}
+        if self.tracker:
+            summary.update(mlflow_uri=self.tracker.uri, mlflow_run_id=self.tracker.run_id)
+            self.tracker.artifact_text(json.dumps(summary, indent=1), "summary.json")
+        lines = [f"done: step {step}, final loss {summary['final_loss']}, {self.skipped} skipped step(s), "
+                 f"{summary['wall_s']:.1f} s",
+                 f"checkpoints: {run_dir} (latest: {summary['checkpoint']})",
+                 f"metrics:     {summary['metrics']}"]
+        if self.tracker:
+            lines += [f"mlflow:      {self.tracker.uri} run {self.tracker.run_id}",
+                      f"             {ui_hint(self.tracker.uri)}"]
+        print("\n".join(lines), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ fault injection
+
+
+def _poisoned_steps() -> set[int]:
+    raw = os.environ.get("PRETRAIN_INJECT_NONFINITE", "")
+    return {int(s) for s in raw.split(",") if s.strip()}
+
+
+@contextmanager
+def _inject_nonfinite(engine: Any, active: bool) -> Iterator[None]:
+    """Make this step's loss NaN by a forward hook that multiplies every module output of the model by NaN."""
+    if not active:
+        yield
+        return
+    import torch
+
+    def hook(module, inputs, output):
+        return output * float("nan") if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+
+    handle = engine.module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,52 @@
+"""`pretrain train --dry-run`, `pretrain plan` and bad-config exits: the user's first contact with a config."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, child_env
+
+
+def pretrain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dry_run_prints_layout_params_memory_and_builds_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    p = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--world-size", "4",
+                 "--set", "model.vocab_size=1000", "--set", "parallel.tp=2", "--set", "parallel.zero_stage=1",
+                 "--set", f"checkpoint.dir={run_dir}")
+    assert p.returncode == 0, p.stderr
+    assert "world=4 = tp 2 x pp 1 x dp 2" in p.stdout
+    assert "vocab padded to 1024" in p.stdout  # 128 x tp rule
+    assert "per-rank memory estimate" in p.stdout
+    assert not run_dir.exists(), "a dry run must not create the run directory"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.tp=3", "world size 2 is not divisible by tp x pp = 3 x 1"),
+    ("train.max_stepz=3", "unknown key 'train.max_stepz' (did you mean 'max_steps'?)"),
+    ("parallel.pp=2", "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"),
+])
+def test_bad_config_is_one_line_and_exit_2(override, message):
+    p = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--world-size", "2",
+                 "--set", "model.vocab_size=1000", "--set", override)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_missing_shards_named_in_one_line(tmp_path):
+    p = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--set", f"data.path={tmp_path}/nope")
+    assert p.returncode == 2 and f"data.path: {tmp_path}/nope does not exist" in p.stderr
+
+
+@pytest.mark.parametrize("preset, nodes", [("125m", 1), ("350m", 1), ("1b", 2), ("3b", 4), ("7b", 4), ("8b", 8),
+                                           ("13b", 8), ("70b", 32)])
+def test_presets_resolve_on_their_cluster(preset, nodes):
+    from pretrain.cli import main
+    assert main(["plan", "--config", f"configs/{preset}.yaml", "--nodes", str(nodes),
+                 "--set", "model.vocab_size=32000"]) == 0
