@@ -1,0 +1,120 @@
+"""Process groups for a run: torch.distributed, megatron-core's TP x DP x PP groups, and DeepSpeed's comm layer.
+
+Works under torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT) and as a plain single process
+(it then makes a one-rank group on a free local port, so the same code path runs everywhere). Backend `auto`:
+NCCL on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import Config, ConfigError, Layout, resolve_layout
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    layout: Layout
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def _all_reduce(self, value: float, op: dist.ReduceOp) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t, op=op)
+        return float(t.item())
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    def all_reduce_max(self, value: float) -> float:
+        return self._all_reduce(value, dist.ReduceOp.MAX)
+
+    def all_reduce_sum(self, value: float) -> float:
+        return self._all_reduce(value, dist.ReduceOp.SUM)
+
+    def destroy(self) -> None:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pick_device(cfg: Config, local_rank: int) -> torch.device:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: Config, vocab_size: int | None = None) -> DistEnv:
+    """Validate the layout for this world size, then create every process group the run needs."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    layout = resolve_layout(cfg, world, vocab_size)  # every rule that needs no process group: fail first
+    device = _pick_device(cfg, local_rank)
+    backend = cfg.train.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("train.backend=nccl needs train.device=cuda; use backend auto or gloo on CPU")
+    if cfg.parallel.sequence_parallel and device.type != "cuda":
+        raise ConfigError("parallel.sequence_parallel needs CUDA (megatron-core's sequence-parallel path calls "
+                          "torch.cuda); set it to false on CPU")
+
+    if not dist.is_initialized():
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)
+
+    import deepspeed
+    from megatron.core import parallel_state
+
+    deepspeed.init_distributed(dist_backend=backend)  # adopts the existing default group
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
+                                                 pipeline_model_parallel_size=layout.pp)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
+                   layout=layout, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                   pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                   dp_rank=parallel_state.get_data_parallel_rank())

@@ -1,0 +1,233 @@
+"""The model, wrapped for training under any layout: build, train step, eval step, save/load, consolidate.
+
+One object hides which DeepSpeed engine runs underneath (the plain engine with megatron-core TP layers and an
+mpu, or the pipeline engine with a PipelineModule); the train loop codes against `Engine` only.
+
+Loss normalisation (what `StepResult.loss` and the gradient are the mean of): every micro-batch's loss is the
+mean over its B*T next-token targets; DeepSpeed divides each micro-batch's loss by grad_accum before backward and
+averages gradients over the data-parallel group. All micro-batches hold the same number of tokens (packed, fixed
+length, no ignored targets), so this equals the mean over every token of the global batch, and it is what the
+single-process reference computes on the whole global batch at once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from pretrain import kernels
+from pretrain.config import Config
+from pretrain.distributed import DistEnv
+from pretrain.model.args import ModelArgs
+from pretrain.model.init import init_model
+from pretrain.model.layers import REFERENCE, LayerFactory
+from pretrain.model.transformer import Transformer
+from pretrain.parallel.consolidate import consolidate
+from pretrain.parallel.describe import describe  # noqa: F401  (re-exported: `pretrain train --dry-run`)
+from pretrain.parallel.mpu import MegatronMpu
+from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
+from pretrain.parallel.pipeline import build_pipeline, reference_name
+from pretrain.schedule import lr_at
+
+Batch = dict[str, torch.Tensor]
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that was asked for could not be loaded (one-line message)."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean token loss over the global batch, the same on every rank
+    grad_norm: float  # global L2 norm before clipping (inf/nan when the step was skipped)
+    lr: float
+    skipped: bool  # non-finite loss or gradient: no weight or optimizer-state change
+
+
+def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config, generated from the typed config (never hand-written)."""
+    t, p = cfg.train, cfg.parallel
+    bf16 = t.dtype == "bf16"
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dp,
+        # ZeRO-0 in fp32 clips in GuardedAdamW (DeepSpeed would clip but neither report the norm nor skip).
+        "gradient_clipping": cfg.optim.grad_clip if _deepspeed_clips(cfg) else 0.0,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": bf16},
+        # bf16 weights/activations, fp32 master weights in the optimizer and fp32 gradient accumulation.
+        "data_types": {"grad_accum_dtype": "fp32"} if bf16 else {},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if p.zero_stage == 3:
+        # Gather every parameter for each forward (no persistence shortcut): simplest, exact, small-model friendly.
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return ds
+
+
+def _deepspeed_clips(cfg: Config) -> bool:
+    return cfg.parallel.zero_stage > 0 or cfg.train.dtype == "bf16"
+
+
+def _factory(cfg: Config, env: DistEnv) -> LayerFactory:
+    """The one decision between the reference layers and megatron-core's tensor-parallel ones."""
+    if env.layout.tp == 1:
+        return REFERENCE
+    from pretrain.parallel.tensor import TensorParallelFactory, model_parallel_config
+
+    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+    return TensorParallelFactory(model_parallel_config(env.layout.tp, env.layout.pp,
+                                                      cfg.parallel.sequence_parallel, dtype))
+
+
+class Engine:
+    def __init__(self, cfg: Config, env: DistEnv, ds_engine, args: ModelArgs, vocab_size: int):
+        self.cfg, self.env, self.ds, self.args = cfg, env, ds_engine, args
+        self.vocab_size = vocab_size  # the tokenizer's; args.vocab_size is padded
+        self.pipeline = env.layout.pp > 1
+        self.global_step = 0
+        self._loss_scale = 1.0  # fault injection: set to nan for one step by inject_nonfinite()
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        tokens = batch["tokens"].to(self.env.device)  # (B, T+1)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each: predict token t+1 from tokens <= t
+        doc_ids = None
+        if self.cfg.model.document_mask:
+            if "doc_ids" not in batch:
+                raise ValueError("model.document_mask is on but the batch has no 'doc_ids'; "
+                                 "enable doc ids in the loader or set model.document_mask=false")
+            doc_ids = batch["doc_ids"].to(self.env.device)[:, :-1]
+        return inputs, targets, doc_ids
+
+    def inject_nonfinite(self) -> None:
+        """Fault injection for tests and drills: the next train_step's loss is multiplied by NaN."""
+        self._loss_scale = float("nan")
+
+    def train_step(self, batch_iter: Iterator[Batch]) -> StepResult:
+        """One optimizer step over exactly grad_accum micro-batches pulled from batch_iter on every rank."""
+        lr = lr_at(self.global_step, self.cfg.optim, self.cfg.train.max_steps)
+        for group in self.ds.optimizer.param_groups:  # lr is a function of the step: nothing to resume
+            group["lr"] = lr
+        skipped_before = self.ds.skipped_steps
+        micro = [next(batch_iter) for _ in range(self.cfg.train.grad_accum)]
+        if self.pipeline:
+            loss = self._train_pipeline(micro)
+        else:
+            loss = self._train_plain(micro)
+        self._loss_scale = 1.0
+        skipped = self.ds.skipped_steps > skipped_before
+        if not math.isfinite(loss) and not skipped:
+            raise RuntimeError("non-finite loss but the optimizer stepped: the skip guard failed")
+        norm = self.ds.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        self.global_step += 1
+        return StepResult(loss=loss, grad_norm=norm if not skipped else float("inf"), lr=lr, skipped=skipped)
+
+    def _train_plain(self, micro: list[Batch]) -> float:
+        total = torch.zeros((), dtype=torch.float64)
+        for batch in micro:
+            inputs, targets, doc_ids = self._split(batch)
+            loss = self.ds(inputs, targets, doc_ids) * self._loss_scale
+            self.ds.backward(loss)  # scaled by 1/grad_accum inside; grads averaged over DP at the boundary
+            self.ds.step()  # optimizer step (clip, skip guard) only at the accumulation boundary
+            total += loss.detach().double().cpu()
+        # Mean over micro-batches, then over all ranks (TP/PP replicas hold the same value, so this is the DP mean).
+        return self.env.all_reduce_sum(float(total) / len(micro)) / self.env.world_size
+
+    def _train_pipeline(self, micro: list[Batch]) -> float:
+        self.ds.module.loss_fn.scale = self._loss_scale
+        feed = []
+        for batch in micro:
+            inputs, targets, doc_ids = self._split(batch)
+            feed.append(((inputs, doc_ids) if doc_ids is not None else inputs, targets))
+        loss = self.ds.train_batch(iter(feed))  # mean over micro-batches and DP, broadcast to every stage
+        self.ds.module.loss_fn.scale = 1.0
+        return float(loss)
+
+    @torch.no_grad()
+    def eval_step(self, batch_iter: Iterator[Batch]) -> float:
+        """Mean token loss of one micro-batch per rank, averaged over DP ranks; the same on every rank."""
+        batch = next(batch_iter)
+        inputs, targets, doc_ids = self._split(batch)
+        if self.pipeline:
+            x = (inputs, doc_ids) if doc_ids is not None else inputs
+            loss = float(self.ds.eval_batch(iter([(x, targets)]), num_micro_batches=1))
+            self.ds.module.train()
+        else:
+            self.ds.eval()
+            loss = float(self.ds(inputs, targets, doc_ids))
+            self.ds.train()
+        return self.env.all_reduce_sum(loss) / self.env.world_size
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    def save(self, step_dir: Path) -> None:
+        """DeepSpeed's model + optimizer state under step_dir/model (all ranks; no `latest`: the caller's job)."""
+        self.ds.save_checkpoint(str(step_dir), tag="model", client_state={"global_step": self.global_step},
+                                save_latest=False)
+
+    def load(self, step_dir: Path) -> None:
+        step_dir = Path(step_dir)
+        if not (step_dir / "model").is_dir():
+            raise CheckpointLoadError(f"{step_dir}: no DeepSpeed checkpoint directory 'model' to load")
+        path, client = self.ds.load_checkpoint(str(step_dir), tag="model", load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointLoadError(f"{step_dir}/model: DeepSpeed found no loadable checkpoint")
+        if not client or "global_step" not in client:
+            raise CheckpointLoadError(f"{step_dir}/model: checkpoint has no global_step (not written by Engine)")
+        self.global_step = int(client["global_step"])
+
+    def reference_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full fp32 weights with the reference model's names on rank 0 (None elsewhere); collective."""
+        rename = (lambda n: reference_name(n, self.args.n_layers)) if self.pipeline else (lambda n: n)
+        sd = consolidate(self.ds.module, rename, zero3=self.cfg.parallel.zero_stage == 3,
+                         dp_rank=self.env.dp_rank)
+        if sd is not None and self.args.tie_embeddings:
+            sd["output.weight"] = sd["tok_embeddings.weight"]
+        return sd
+
+
+def build_engine(cfg: Config, env: DistEnv) -> Engine:
+    """Model built for this rank's slice of the layout, seeded init (layout-independent), wrapped by DeepSpeed."""
+    lay = env.layout
+    vocab_size = cfg.model.args().vocab_size or lay.padded_vocab_size
+    args = cfg.model.args(vocab_size).replace(vocab_size=lay.padded_vocab_size)
+    kernels.use_fused(cfg.model.fused_kernels)
+    torch.manual_seed(cfg.train.seed)
+    factory = _factory(cfg, env)
+    ckpt = cfg.model.activation_checkpointing
+    if lay.pp > 1:
+        module = build_pipeline(args, factory, lay.pp, lay.tp, lay.dp, ckpt)
+        init_model(module, args, cfg.train.seed, env.tp_rank, rename=lambda n: reference_name(n, args.n_layers))
+        mpu = None  # the pipeline engine uses the PipelineModule's own grid (same groups, checked)
+    else:
+        module = Transformer(args, factory, ckpt)
+        init_model(module, args, cfg.train.seed, env.tp_rank)
+        mpu = MegatronMpu()
+    if factory.sequence_parallel:
+        from pretrain.parallel.tensor import all_reduce_sequence_parallel_grads
+
+        all_reduce_sequence_parallel_grads(module)
+
+    o = cfg.optim
+    own_clipping = not _deepspeed_clips(cfg)
+    optimizer = GuardedAdamW(
+        param_groups(module.named_parameters(), o.weight_decay), lr=lr_at(0, o, cfg.train.max_steps),
+        betas=(o.beta1, o.beta2), eps=o.eps, grad_clip=o.grad_clip, own_clipping=own_clipping,
+        norm_fn=lambda params: global_grad_norm(params, lay.dp, count_replicated=env.tp_rank == 0))
+    ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,
+                                              config=deepspeed_config(cfg, lay.dp), dist_init_required=False)
+    if own_clipping and ds_engine.optimizer is not optimizer:
+        raise RuntimeError("expected DeepSpeed to use GuardedAdamW directly with ZeRO-0/fp32")
+    return Engine(cfg, env, ds_engine, args, vocab_size)

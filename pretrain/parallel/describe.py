@@ -1,0 +1,49 @@
+"""`--dry-run`: the resolved layout, parameter count and a per-rank memory estimate, without building anything.
+
+Estimate (bytes per parameter held by a rank, mixed precision as DeepSpeed does it): weights 4 (fp32) or 2
+(bf16); gradients the same (bf16 runs accumulate in fp32: +4 under ZeRO <= 1 counted with the optimizer);
+optimizer: fp32 master copy (bf16 only) + Adam's two moments = 12 or 8 bytes. ZeRO-1 partitions the optimizer
+over DP, ZeRO-2 also the gradients, ZeRO-3 also the weights. Activations: a rough per-layer count for a
+micro-batch (~34 * B * T * D bytes-equivalents in 16-bit, Korthikanti et al. 2022, without recompute), divided by
+TP, with full recompute keeping only each block's input. Good to ~20%; it ignores fragmentation and buffers.
+"""
+from __future__ import annotations
+
+from pretrain.config import Config, resolve_layout
+
+GiB = 1024**3
+
+
+def describe(cfg: Config, world_size: int, vocab_size: int | None = None) -> str:
+    lay = resolve_layout(cfg, world_size, vocab_size)  # raises ConfigError on any invalid layout
+    args = cfg.model.args(vocab_size).replace(vocab_size=lay.padded_vocab_size)
+    total = args.num_params()
+    # Per-rank share: blocks split over PP and TP; embeddings/head split over TP and sit on first/last stage.
+    embed = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
+    blocks = total - embed
+    per_rank = (blocks / lay.pp + embed) / lay.tp  # the first/last stage holds an embedding: worst case
+    bf16 = cfg.train.dtype == "bf16"
+    z, dp = cfg.parallel.zero_stage, lay.dp
+    w_bytes = 2 if bf16 else 4
+    weights = per_rank * w_bytes / (dp if z >= 3 else 1)
+    grads = per_rank * (4 if bf16 else 4) / (dp if z >= 2 else 1)
+    optim = per_rank * ((4 if bf16 else 0) + 8) / (dp if z >= 1 else 1)
+    B, T, D = cfg.train.micro_batch_size, cfg.train.seq_len, args.dim
+    layers_here = args.n_layers / lay.pp
+    if cfg.model.activation_checkpointing == "full":
+        act = layers_here * B * T * D * w_bytes + 34 * B * T * D / lay.tp * (w_bytes / 2)
+    else:
+        act = layers_here * 34 * B * T * D / lay.tp * (w_bytes / 2)
+    act += B * T * args.vocab_size / lay.tp * 4 * 2  # fp32 logits + their grad on the last stage
+    lines = [
+        f"layout: world={lay.world} = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}; ZeRO-{z}; {cfg.train.dtype}"
+        f"{'; sequence parallel' if cfg.parallel.sequence_parallel else ''}",
+        f"batch: micro {lay.micro_batch_size} x accum {lay.grad_accum} x dp {lay.dp} = {lay.global_batch} "
+        f"sequences = {lay.global_batch * T:,} tokens per step",
+        f"model: {cfg.model.flavor} dim={args.dim} layers={args.n_layers} heads={args.n_heads}/{args.kv_heads} "
+        f"ffn={args.hidden_dim} vocab={lay.padded_vocab_size} (padded) params={total:,} ({total / 1e9:.3f} B)",
+        f"per-rank memory estimate: weights {weights / GiB:.2f} GiB, grads {grads / GiB:.2f} GiB, "
+        f"optimizer {optim / GiB:.2f} GiB, activations ~{act / GiB:.2f} GiB "
+        f"(checkpointing {cfg.model.activation_checkpointing}); total ~{(weights + grads + optim + act) / GiB:.2f} GiB",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""The model as a DeepSpeed pipeline: embedding, blocks, final norm + head, with the loss as `loss_fn`.
+
+A pipeline layer takes one value and returns one value: the hidden states `h (B, T, D)`, or `(h, doc_ids)` when
+document masking is on (doc_ids ride along so every stage can build its mask; DeepSpeed sends both). Layers are
+`LayerSpec`s, so a stage builds only the layers it owns, and partitioning balances the number of transformer
+blocks per stage (`type:PipeBlock`; embedding lands on the first stage, head on the last).
+
+Names: DeepSpeed registers layer i as module "i", so a parameter is "3.attention.wq.weight". `reference_name`
+maps it back to the reference model's "layers.2.attention.wq.weight": checkpoints consolidate to and export from
+the same names whatever the layout.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state as ps
+from torch import nn
+
+from pretrain.model.args import ModelArgs
+from pretrain.model.layers import LayerFactory
+from pretrain.model.transformer import Checkpointing, RMSNorm, TransformerBlock
+
+Activation = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def _split(inputs: Activation) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (inputs[0], inputs[1]) if isinstance(inputs, (tuple, list)) else (inputs, None)
+
+
+def _join(h: torch.Tensor, doc_ids: torch.Tensor | None) -> Activation:
+    return h if doc_ids is None else (h, doc_ids)
+
+
+class PipeEmbedding(nn.Module):
+    def __init__(self, args: ModelArgs, factory: LayerFactory):
+        super().__init__()
+        self.tok_embeddings = factory.vocab_embedding(args.vocab_size, args.dim)
+
+    def forward(self, inputs: Activation) -> Activation:
+        tokens, doc_ids = _split(inputs)
+        return _join(self.tok_embeddings(tokens), doc_ids)
+
+
+class PipeBlock(TransformerBlock):
+    def forward(self, inputs: Activation) -> Activation:  # type: ignore[override]
+        h, doc_ids = _split(inputs)
+        return _join(super().forward(h, doc_ids), doc_ids)
+
+
+class PipeHead(nn.Module):
+    def __init__(self, args: ModelArgs, factory: LayerFactory):
+        super().__init__()
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = factory.vocab_head(args.dim, args.vocab_size)
+
+    def forward(self, inputs: Activation) -> torch.Tensor:
+        h, _ = _split(inputs)
+        return self.output(self.norm(h))  # (B, T, V_local)
+
+
+class PipeLoss:
+    """loss_fn(logits, targets): the same mean token loss the reference model computes."""
+
+    def __init__(self, factory: LayerFactory):
+        self.factory = factory
+        self.scale = 1.0  # the engine's fault injection sets NaN for one step
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.factory.cross_entropy(logits, targets) * self.scale
+
+
+def build_pipeline(args: ModelArgs, factory: LayerFactory, pp: int, tp: int, dp: int,
+                   checkpointing: Checkpointing = "none") -> PipelineModule:
+    if args.tie_embeddings:
+        raise ValueError("tied embeddings across pipeline stages are not supported (config rejects it)")
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    _check_same_groups(topology)
+    layers = [LayerSpec(PipeEmbedding, args, factory)]
+    layers += [LayerSpec(PipeBlock, args, factory, i, checkpointing) for i in range(args.n_layers)]
+    layers += [LayerSpec(PipeHead, args, factory)]
+    return PipelineModule(layers=layers, topology=topology, loss_fn=PipeLoss(factory),
+                          partition_method="type:PipeBlock")
+
+
+def _check_same_groups(topology: PipeModelDataParallelTopology) -> None:
+    """DeepSpeed's grid and megatron-core's groups must put this rank at the same (pipe, data, model) coordinate,
+    or TP all-reduces and pipeline sends would pair up different ranks."""
+    rank = torch.distributed.get_rank()
+    coord = topology.get_coord(rank)
+    ours = (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    if (coord.pipe, coord.data, coord.model) != ours:
+        raise RuntimeError(f"rank {rank}: DeepSpeed topology says (pipe, data, model)={tuple(coord)} but "
+                           f"megatron-core says {ours}; the two rank orders disagree")
+
+
+_PIPE_NAME = re.compile(r"^(\d+)\.(.+)$")
+
+
+def reference_name(name: str, n_layers: int) -> str:
+    """'0.tok_embeddings.weight' -> itself without the index; 'i.<rest>' -> 'layers.{i-1}.<rest>' for blocks;
+    'n+1.norm.weight' / 'n+1.output.weight' -> 'norm.weight' / 'output.weight'."""
+    m = _PIPE_NAME.match(name)
+    if not m:
+        raise ValueError(f"not a pipeline parameter name: {name!r}")
+    idx, rest = int(m.group(1)), m.group(2)
+    if idx == 0 or idx == n_layers + 1:
+        return rest
+    return f"layers.{idx - 1}.{rest}"

@@ -1,0 +1,88 @@
+"""Runs inside torchrun (2 ranks, gloo): trains every requested layout on the same init and data, and reports.
+
+Launched once by the parity test for a whole table of layouts, because importing DeepSpeed + megatron-core costs
+more than training the tiny model. Each case re-creates megatron-core's groups for its (tp, pp).
+Usage: python -m torch.distributed.run --nproc-per-node 2 tests/parallel/worker.py CASES_JSON OUT_DIR
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import load_config
+from pretrain.distributed import init_distributed
+from pretrain.engine import build_engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import STEPS, VOCAB, batches_for, case_config  # noqa: E402
+
+
+def run_case(case: dict, out: Path) -> dict:
+    from megatron.core import parallel_state
+
+    cfg = load_config(None, case_config(case))
+    env = init_distributed(cfg, VOCAB)
+    result: dict = {"losses": [], "grad_norms": [], "lrs": []}
+    try:
+        engine = build_engine(cfg, env)
+        data = batches_for(env.dp_rank, env.layout, STEPS + 3, cfg.model.document_mask)
+        for _ in range(STEPS):
+            r = engine.train_step(data)
+            result["losses"].append(r.loss)
+            result["grad_norms"].append(r.grad_norm)
+            result["lrs"].append(r.lr)
+        sd = engine.reference_state_dict()
+        if env.rank == 0:
+            torch.save(sd, out / f"{case['name']}.weights.pt")
+        ckpt = out / f"ckpt_{case['name']}"
+        engine.save(ckpt)
+        dist.barrier()
+        result["after_save_loss"] = engine.train_step(data).loss  # step STEPS+1 of the uninterrupted run
+
+        fresh = build_engine(cfg, env)
+        fresh.load(ckpt)
+        result["loaded_global_step"] = fresh.global_step
+        replay = batches_for(env.dp_rank, env.layout, STEPS + 3, cfg.model.document_mask)
+        for _ in range(STEPS * env.layout.grad_accum):
+            next(replay)
+        result["after_load_loss"] = fresh.train_step(replay).loss
+
+        before = fresh.reference_state_dict()
+        fresh.inject_nonfinite()
+        bad = fresh.train_step(replay)
+        after = fresh.reference_state_dict()
+        result["nan_skipped"] = bad.skipped
+        result["nan_loss_finite"] = math.isfinite(bad.loss)
+        if env.rank == 0:
+            result["nan_weights_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+        result["after_nan_loss_finite"] = math.isfinite(fresh.train_step(replay).loss)
+        result["eval_loss"] = fresh.eval_step(batches_for(env.dp_rank, env.layout, 1, cfg.model.document_mask))
+    finally:
+        parallel_state.destroy_model_parallel()
+    return result
+
+
+def main() -> None:
+    cases = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    results = {}
+    for case in cases:
+        try:
+            results[case["name"]] = run_case(case, out)
+        except Exception:  # report and go on: one broken layout should not hide the others
+            results[case["name"]] = {"error": traceback.format_exc()[-3000:]}
+            print(results[case["name"]]["error"], file=sys.stderr, flush=True)
+        dist.barrier()
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
