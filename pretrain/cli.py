@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from pretrain.config import ConfigError, load_config, resolve_layout
+from pretrain.config import ConfigError, load_config
 
 EXIT_BAD_INPUT = 2
 
@@ -60,12 +60,10 @@ def _fail(msg: str) -> int:
 
 
 def _dry_run(cfg, world: int) -> int:
-    from pretrain.plan import describe
+    from pretrain.parallel.describe import describe  # engineer B's estimator: imports no torch
     from pretrain.train import dataset_vocab
 
-    vocab = cfg.model.vocab_size or dataset_vocab(cfg)
-    layout = resolve_layout(cfg, world, vocab)
-    print(describe(cfg, layout))
+    print(describe(cfg, world, cfg.model.vocab_size or dataset_vocab(cfg)))
     print("dry run: config and layout are valid; nothing was built")
     return 0
 
@@ -117,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from data_pipeline.errors import DataError
         user_errors += (DataError,)
+        from data_pipeline.loader import LoaderStateError
+        user_errors += (LoaderStateError,)
     except ImportError:
         pass
     try:

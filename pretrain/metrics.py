@@ -101,7 +101,7 @@ class StepRecord:
         val = f" | val_loss {self.val_loss:.4f} ppl {self.val_ppl:.2f}" if self.val_loss is not None else ""
         skip = " (skipped: non-finite)" if self.skipped else ""
         return (f"step {self.step} | loss {self.loss:.4f}{skip} | lr {self.lr:.3e} | grad_norm {self.grad_norm:.3f}"
-                f" | {self.tokens_per_s:,.0f} tok/s | {self.tflops:.2f} TFLOP/s{mfu} | mem {self.peak_mem_gib:.2f} GiB"
+                f" | {self.tokens_per_s:,.0f} tok/s | {self.tflops:.3g} TFLOP/s{mfu} | mem {self.peak_mem_gib:.2f} GiB"
                 f"{val}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,18 +64,18 @@ class Tracker:
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "layout": f"world={layout.world} tp={layout.tp} pp={layout.pp} dp={layout.dp}",
                 "global_batch": str(layout.global_batch)}
-        if resume_run_id:
+        if resume_run_id and self._exists(resume_run_id):
             self.run_id = resume_run_id
-            try:
-                self.client.get_run(resume_run_id)
-            except mlflow.exceptions.MlflowException as e:
-                raise RuntimeError(f"the checkpoint's MLflow run {resume_run_id} is not in {self.uri} "
-                                   f"({str(e).splitlines()[0]}); point tracking.uri at the original store") from None
             self.client.update_run(self.run_id, status="RUNNING")
             tags[f"resumed_at_step_{resume_step}"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             self._tags(tags)
             self.client.log_text(self.run_id, cfg.to_yaml(), f"config_resume_step_{resume_step}.yaml")
             return
+        if resume_run_id:  # e.g. a checkpoint copied from another run dir whose local store stayed behind
+            print(f"[tracking] the checkpoint's MLflow run {resume_run_id} is not in {self.uri}; starting a new "
+                  f"run tagged forked_from_run={resume_run_id}", file=sys.stderr, flush=True)
+            tags["forked_from_run"] = resume_run_id
+            tags["forked_at_step"] = str(resume_step)
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
             artifacts = None
@@ -90,6 +91,14 @@ class Tracker:
         for i in range(0, len(params), 100):  # MLflow's batch limit is 100 params
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.client.log_text(self.run_id, cfg.to_yaml(), "config.yaml")
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+        try:
+            self.client.get_run(run_id)
+            return True
+        except MlflowException:
+            return False
 
     def _tags(self, tags: dict[str, str | None]) -> None:
         self.client.log_batch(self.run_id, tags=[self._RunTag(k, v) for k, v in tags.items() if v is not None])

@@ -44,6 +44,7 @@ def train(cfg: Config) -> int:
     from pretrain.engine import build_engine
 
     vocab = cfg.model.vocab_size or dataset_vocab(cfg)
+    os.environ.setdefault("LOCAL_RANK", "0")  # plain `pretrain train` (no torchrun): DeepSpeed asserts it is set
     env = init_distributed(cfg, vocab)
     run_dir = Path(cfg.checkpoint.dir)
     loader = make_loader(cfg, cfg.data.path, env, epochs=None)
@@ -278,17 +279,7 @@ def _poisoned_steps() -> set[int]:
 
 @contextmanager
 def _inject_nonfinite(engine: Any, active: bool) -> Iterator[None]:
-    """Make this step's loss NaN by a forward hook that multiplies every module output of the model by NaN."""
-    if not active:
-        yield
-        return
-    import torch
-
-    def hook(module, inputs, output):
-        return output * float("nan") if isinstance(output, torch.Tensor) and output.is_floating_point() else output
-
-    handle = engine.module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    """The engine multiplies this step's loss by NaN (its own hook), so its skip guard is what is exercised."""
+    if active:
+        engine.inject_nonfinite()
+    yield

@@ -21,7 +21,7 @@ def test_dry_run_prints_layout_params_memory_and_builds_nothing(tmp_path):
                  "--set", f"checkpoint.dir={run_dir}")
     assert p.returncode == 0, p.stderr
     assert "world=4 = tp 2 x pp 1 x dp 2" in p.stdout
-    assert "vocab padded to 1024" in p.stdout  # 128 x tp rule
+    assert "vocab=1024 (padded)" in p.stdout  # 128 x tp rule
     assert "per-rank memory estimate" in p.stdout
     assert not run_dir.exists(), "a dry run must not create the run directory"
 

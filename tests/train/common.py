@@ -1,0 +1,59 @@
+"""Shared plumbing for the training-loop tests: tiny real shards (made once per session) and run helpers."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, child_env
+
+_WORDS = ("the a model data token train loss step rank shard layer head query key value norm gradient batch "
+          "sequence learning rate warm cosine decay checkpoint resume signal metric run tensor pipeline zero "
+          "optimizer adam weight bias attention rotary embedding vocabulary sample corpus text word").split()
+_CACHE: dict[str, Path] = {}
+
+
+def tiny_shards(root: Path) -> Path:
+    """A synthetic corpus -> BPE tokenizer -> webdataset shards, through the real `pretrain-data` CLI.
+
+    Cached per session (module fixtures share it). Returns the directory holding `shards/` and `tok/`.
+    """
+    if "data" in _CACHE:
+        return _CACHE["data"]
+    rng = random.Random(0)
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = root / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for _ in range(300):
+            words = [rng.choice(_WORDS) for _ in range(rng.randint(20, 120))]
+            f.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
+    env = child_env()
+    py = [sys.executable, "-m", "data_pipeline"]
+    for args in (["train-tokenizer", "--input", str(corpus), "--vocab-size", "384", "--out", str(root / "tok")],
+                 ["prepare", "--input", str(corpus), "--tokenizer", str(root / "tok"), "--out", str(root / "shards"),
+                  "--shard-size-mb", "0.1", "--workers", "0", "--no-progress"]):
+        p = subprocess.run(py + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-3000:]
+    _CACHE["data"] = root
+    return root
+
+
+def train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """`-m pretrain train` on the debug model, tiny and fast; overrides appended last (they win)."""
+    base = ["model.n_layers=2", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_dim=64",
+            f"data.path={shards}", "data.shuffle_buffer=16", "train.seq_len=32", "train.micro_batch_size=2",
+            "train.grad_accum=2", "train.log_every=1", "optim.warmup_steps=2", "parallel.zero_stage=0",
+            f"checkpoint.dir={run_dir}", "checkpoint.every=0", "tracking.enabled=false"]
+    out = ["-m", "pretrain", "train", "--config", str(REPO / "configs" / "debug.yaml")]
+    for item in [*base, *overrides]:
+        out += ["--set", item]
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float | str]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in recs]
+    assert len(steps) == len(set(steps)), f"duplicate steps in metrics.jsonl: {steps}"
+    return {r["step"]: r["loss"] for r in recs}
