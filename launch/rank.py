@@ -1,0 +1,67 @@
+"""`python -m launch.rank <training command>`: what torchrun starts as each rank; runs the command in-process.
+
+Why a shim at all: SLURM delivers a step signal to *every* process of the step (proctrack/linuxproc and
+proctrack/cgroup both signal the whole process tree), so a rank gets SIGUSR1 whether or not anybody forwards it.
+A rank that is still importing torch/DeepSpeed has not installed its handler yet, and the default action of
+SIGUSR1 is to terminate: a preemption notice in the first seconds of a run killed the job instead of requeueing
+it (seen with the stand-in in tests/slurm). The launcher starts ranks with SIGUSR1 blocked (pending, not lost);
+this shim installs a handler, unblocks the signal, remembers a notice that arrived early, and re-delivers it as
+soon as the training has installed its own handler. After that the shim is out of the way: the training's
+handler is the only one, and the training's exit code is the process's exit code.
+
+Command forms, as torchrun takes them: `-m package.module args...` or `path/to/script.py args...`.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+DEFERRED = (signal.SIGUSR1,)  # the preemption notice; SIGTERM keeps its default (torchrun stops ranks with it)
+_pending: set[int] = set()
+
+
+def _remember(signum: int, _frame: FrameType | None) -> None:
+    _pending.add(signum)
+
+
+def _redeliver_when_handled() -> None:
+    """Poll until the training replaced our handler, then re-send what arrived before it did."""
+    while True:
+        time.sleep(0.1)
+        replaced = [s for s in DEFERRED if signal.getsignal(s) is not _remember]
+        for signum in replaced:
+            if signum in _pending:
+                _pending.discard(signum)
+                os.kill(os.getpid(), signum)
+        if len(replaced) == len(DEFERRED):
+            return
+
+
+def main() -> None:
+    for signum in DEFERRED:
+        signal.signal(signum, _remember)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(DEFERRED))  # a notice pending since startup lands in _remember
+    threading.Thread(target=_redeliver_when_handled, name="launch-signal-deferral", daemon=True).start()
+
+    command = sys.argv[1:]
+    if not command:
+        sys.exit("launch.rank: no training command")
+    if command[0] == "-m":
+        if len(command) < 2:
+            sys.exit("launch.rank: -m needs a module name")
+        sys.argv = [command[1], *command[2:]]
+        runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+    else:
+        script = command[0]
+        sys.argv = command
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # what `python script.py` does
+        runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
