@@ -30,3 +30,7 @@ class ManifestError(DataError):
 
 class ShardError(DataError):
     """A shard is missing, truncated, corrupt, or fails its checksum: names the shard."""
+
+
+class LoaderStateError(DataError):
+    """A loader state cannot be resumed here: other dataset, DP size, worker count, seed (or a bad state)."""

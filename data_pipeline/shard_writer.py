@@ -20,7 +20,7 @@ from data_pipeline.manifest import ShardInfo
 
 SHARD_PATTERN = "shard-{index:06d}.tar"
 TEMP_SUFFIX = ".tmp"
-FIXED_MTIME = 0.0  # the same documents always give byte-identical shards (and the same sha256)
+FIXED_MTIME = 0  # int: a float mtime makes tarfile add a PAX header per member. The same documents always give byte-identical shards (and the same sha256)
 
 
 def npy_bytes(tokens: np.ndarray) -> bytes:

@@ -1,0 +1,351 @@
+"""TokenLoader: token shards -> packed `(batch_size, seq_len + 1)` int64 batches, exactly resumable.
+
+The stream, per DP rank:
+  1. Each *slot* (slot = dp_rank * W + worker, W = max(num_workers, 1)) reads its share of every epoch as
+     planned in `plan.py`: seeded shard order per epoch, a contiguous sample range per slot (so nothing is
+     lost or read twice, whatever the shard count), a seeded in-shard shuffle buffer.
+  2. With several sources, a seeded per-document draw picks the source; `weights` are token shares (the draw
+     probability is divided by the source's mean document length).
+  3. Documents (each ending in eos) are packed back to back into rows of seq_len + 1 tokens; a document that
+     does not fit continues in the next row. `doc_ids` numbers the documents within each row (0, 0, 1, 1, ...).
+  4. With workers, torch's DataLoader returns batches round-robin over workers (skipping finished ones).
+
+Resume: every batch carries its slot's *cursor* as of the end of that batch -- per source (epoch, segment,
+offset in the shuffled segment), the partially packed document (its position and how many tokens were used)
+and the mixture draw count. The main process keeps the cursor of the last batch *delivered* from each worker
+plus which worker is next, so `state_dict()` describes exactly what the caller has consumed, never what
+workers prefetched. On resume each worker jumps to its cursor; at most the current shard segment is re-read
+(without decoding) to rebuild the shuffle buffer, and the DataLoader's worker ids are rotated so the
+round-robin continues with the right worker.
+
+With a finite `epochs`, a slot's last incomplete batch is dropped and the number of dropped tokens is logged.
+With several sources, the stream ends when the first source runs out of epochs.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline import errors
+from data_pipeline.errors import DataError, LoaderStateError, ShardError
+from data_pipeline.manifest import Manifest
+from data_pipeline.plan import Segment, buffer_order, mixture_draws, slot_segments
+from data_pipeline.shard_reader import decode_tokens, iter_raw_samples
+from data_pipeline.shardset import ShardSet, resolve
+
+__all__ = ["TokenLoader", "LoaderStateError"]
+log = logging.getLogger(__name__)
+STATE_FORMAT = "token-loader-state"
+STATE_VERSION = 1
+_DRAW_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs (picklable): sources and the loader's settings."""
+    sources: tuple[ShardSet, ...]
+    probs: tuple[float, ...]  # per-document draw probabilities (cumulative use)
+    seq_len: int
+    batch_size: int
+    dp_rank: int
+    workers: int              # slots per rank: max(num_workers, 1)
+    dp_size: int
+    seed: int
+    shuffle_buffer: int
+    document_mask: bool
+    epochs: int | None
+
+    @property
+    def num_slots(self) -> int:
+        return self.dp_size * self.workers
+
+
+# ---- reading one slot's documents ---------------------------------------------------------------------------
+def _read_segment(url: str, name: str, seg: Segment, perm: list[int], offset: int) -> Iterator[tuple[int, bytes]]:
+    """Yield (offset, tokens.npy bytes) for perm[offset:], reading the shard once from its start."""
+    emitted = set(perm[:offset])
+    held: dict[int, dict] = {}
+    p, n, i = offset, len(perm), -1
+    for i, (key, parts) in enumerate(iter_raw_samples(url, name)):
+        if i < seg.start:
+            continue
+        if i >= seg.stop:
+            break
+        k = i - seg.start
+        if k in emitted:
+            continue
+        held[k] = parts
+        while p < n and perm[p] in held:
+            yield p, held.pop(perm[p]).get("tokens.npy")
+            p += 1
+    if p < n:
+        raise ShardError(f"{name}: ended after {i + 1} samples, but manifest.json says it has more (run "
+                         "`pretrain-data verify`)")
+
+
+class _DocStream:
+    """One source's documents for one slot, across epochs; `pos` = (epoch, segment, offset) of the next doc."""
+
+    def __init__(self, plan: _Plan, source: int, slot: int, pos: tuple[int, int, int]):
+        self.plan, self.source, self.slot = plan, source, slot
+        self.shards = plan.sources[source]
+        self.pos = tuple(pos)
+        self._segments: dict[int, list[Segment]] = {}
+        self._it = self._gen()
+
+    def segments(self, epoch: int) -> list[Segment]:
+        if epoch not in self._segments:
+            self._segments = {epoch: slot_segments(self.shards.samples, self.plan.seed, self.source, epoch,
+                                                   self.slot, self.plan.num_slots)}
+        return self._segments[epoch]
+
+    def _gen(self):
+        plan = self.plan
+        e, g, o = self.pos
+        while plan.epochs is None or e < plan.epochs:
+            segs = self.segments(e)
+            while g < len(segs):
+                seg = segs[g]
+                perm = buffer_order(seg.size, plan.shuffle_buffer, plan.seed, self.source, e, self.slot, g).tolist()
+                url, info = self.shards.urls[seg.shard], self.shards.shards[seg.shard]
+                for off, blob in _read_segment(url, info.name, seg, perm, o):
+                    here = (e, g, off)
+                    if off + 1 < seg.size:
+                        self.pos = (e, g, off + 1)
+                    elif g + 1 < len(segs):
+                        self.pos = (e, g + 1, 0)
+                    else:
+                        self.pos = (e + 1, 0, 0)
+                    yield here, decode_tokens(blob, f"{info.name}[{seg.start + perm[off]}]")
+                g, o = g + 1, 0
+            e, g, o = e + 1, 0, 0
+            self.pos = (e, 0, 0)
+
+    def next(self):
+        """(position, tokens) of the next document, or None when the epochs are done."""
+        return next(self._it, None)
+
+
+# ---- packing -------------------------------------------------------------------------------------------------
+def _slot_batches(plan: _Plan, slot: int, cursor: dict | None) -> Iterator[tuple[dict, dict]]:
+    """Packed batches of one slot, each with the cursor that resumes right after it."""
+    n_src = len(plan.sources)
+    cursor = cursor or {"streams": [[0, 0, 0]] * n_src, "pending": None, "draws": 0}
+    pend = cursor["pending"]
+    streams = []
+    for s in range(n_src):
+        pos = pend["pos"] if pend is not None and pend["source"] == s else cursor["streams"][s]
+        streams.append(_DocStream(plan, s, slot, tuple(pos)))
+    draws = int(cursor["draws"])
+    pending = None  # [source, pos, tokens, taken]
+    if pend is not None:
+        item = streams[pend["source"]].next()
+        if item is None:
+            raise LoaderStateError(f"loader state: slot {slot} has a partial document past the end of the data")
+        pending = [pend["source"], item[0], item[1], int(pend["taken"])]
+    cum = np.cumsum(plan.probs)
+    block, uniforms = -1, None
+
+    row = plan.seq_len + 1
+    need = plan.batch_size * row
+    while True:
+        out = np.empty(need, dtype=np.int64)
+        starts = np.zeros(need, dtype=bool) if plan.document_mask else None
+        filled = 0
+        while filled < need:
+            if pending is None:
+                src = 0
+                if n_src > 1:
+                    if draws // _DRAW_BLOCK != block:
+                        block = draws // _DRAW_BLOCK
+                        uniforms = mixture_draws(plan.seed, slot, block, _DRAW_BLOCK)
+                    src = min(int(np.searchsorted(cum, uniforms[draws % _DRAW_BLOCK], side="right")), n_src - 1)
+                    draws += 1
+                item = streams[src].next()
+                if item is None:
+                    if filled:
+                        log.warning("data loader slot %d: end of %s epoch(s) of %s; dropped the last incomplete "
+                                    "batch (%d tokens)", slot, plan.epochs, plan.sources[src].spec, filled)
+                    return
+                pending = [src, item[0], item[1], 0]
+            src, pos, tokens, taken = pending
+            take = min(len(tokens) - taken, need - filled)
+            out[filled:filled + take] = tokens[taken:taken + take]
+            if starts is not None:
+                starts[filled] = True
+            filled += take
+            taken += take
+            pending = None if taken == len(tokens) else [src, pos, tokens, taken]
+        batch = {"tokens": torch.from_numpy(out.reshape(plan.batch_size, row))}
+        if starts is not None:
+            starts = starts.reshape(plan.batch_size, row)
+            starts[:, 0] = False  # each row numbers its documents from 0
+            batch["doc_ids"] = torch.from_numpy(np.cumsum(starts, axis=1, dtype=np.int64))
+        new_cursor = {
+            "streams": [list(s.pos) for s in streams],
+            "pending": None if pending is None else {"source": pending[0], "pos": list(pending[1]),
+                                                     "taken": pending[3]},
+            "draws": draws,
+        }
+        yield batch, new_cursor
+
+
+class _WorkerDataset(IterableDataset):
+    """What each DataLoader worker runs: its slot's batches, tagged with worker index and cursor."""
+
+    def __init__(self, plan: _Plan, cursors: list, first_worker: int):
+        super().__init__()
+        self.plan, self.cursors, self.first_worker = plan, cursors, first_worker
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (self.first_worker + physical) % self.plan.workers  # rotation: round-robin resumes in place
+        slot = self.plan.dp_rank * self.plan.workers + worker
+        try:
+            for batch, cursor in _slot_batches(self.plan, slot, self.cursors[worker]):
+                batch["_worker"], batch["_cursor"] = worker, cursor
+                yield batch
+        except DataError as e:  # one line to the main process, not a worker traceback
+            yield {"_worker": worker, "_error": str(e), "_error_type": type(e).__name__}
+
+
+# ---- the public loader ---------------------------------------------------------------------------------------
+class TokenLoader:
+    """Packed, shuffled, DP/worker-split, exactly resumable token batches from webdataset shards.
+
+    sources: a shard dir, glob, brace pattern or `pipe:` URL, or a list of them (a mixture; `weights` are token
+    shares, default proportional to each source's tokens). Iterating yields dicts with "tokens"
+    (batch_size, seq_len + 1) int64 and, with document_mask=True, "doc_ids" of the same shape.
+    """
+
+    def __init__(self, sources: str | list[str], *, seq_len: int, batch_size: int, dp_rank: int = 0,
+                 dp_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000,
+                 weights: list[float] | None = None, document_mask: bool = False, reshard: bool = False,
+                 epochs: int | None = None):
+        specs = [sources] if isinstance(sources, str) else list(sources)
+        if not specs:
+            raise DataError("TokenLoader: no sources given")
+        if seq_len < 1 or batch_size < 1:
+            raise DataError(f"TokenLoader: seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1")
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"TokenLoader: dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
+        if num_workers < 0 or (epochs is not None and epochs < 1):
+            raise DataError(f"TokenLoader: num_workers ({num_workers}) must be >= 0, epochs ({epochs}) >= 1 or None")
+        sets = [resolve(spec) for spec in specs]
+        first = sets[0].manifest
+        for other in sets[1:]:
+            if other.manifest.tokenizer_hash != first.tokenizer_hash:
+                raise DataError(f"sources disagree on the tokenizer: {sets[0].spec} has "
+                                f"{first.tokenizer_hash[:12]}, {other.spec} has {other.manifest.tokenizer_hash[:12]}")
+        tokens = [sum(s.tokens for s in ss.shards) for ss in sets]
+        samples = [sum(ss.samples) for ss in sets]
+        if weights is None:
+            weights = [float(t) for t in tokens]
+        if len(weights) != len(sets) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise DataError(f"TokenLoader: weights {weights} must be {len(sets)} non-negative numbers, not all zero")
+        share = [w / sum(weights) for w in weights]
+        per_doc = [w * n / t if t else 0.0 for w, n, t in zip(share, samples, tokens)]  # token share -> doc draws
+        probs = tuple(p / sum(per_doc) for p in per_doc)
+        workers = max(num_workers, 1)
+        for ss, n in zip(sets, samples):
+            if n < dp_size * workers:
+                raise DataError(f"{ss.spec}: {n} documents cannot be split over dp_size {dp_size} x "
+                                f"{workers} worker(s); use fewer workers or more data")
+        self._plan = _Plan(tuple(sets), probs, seq_len, batch_size, dp_rank, workers, dp_size, seed,
+                           shuffle_buffer, document_mask, epochs)
+        self.num_workers = num_workers
+        self.reshard = reshard
+        self.manifest: Manifest = first
+        self.weights = tuple(share)
+        self.fingerprint = hashlib.sha256(
+            ("|".join(ss.fingerprint for ss in sets) + f"|{[round(w, 12) for w in share]}").encode()).hexdigest()
+        self._cursors: list[dict | None] = [None] * workers
+        self._next_worker = 0
+        self._delivered = 0
+
+    # -- iteration --
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        plan = self._plan
+        if self.num_workers == 0:
+            for batch, cursor in _slot_batches(plan, plan.dp_rank, self._cursors[0]):
+                self._cursors[0] = cursor
+                self._delivered += 1
+                yield batch
+            return
+        dataset = _WorkerDataset(plan, list(self._cursors), self._next_worker)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
+                            persistent_workers=False)
+        it = iter(loader)
+        try:
+            for batch in it:
+                if "_error" in batch:
+                    raise getattr(errors, batch["_error_type"], DataError)(batch["_error"])
+                worker = batch.pop("_worker")
+                self._cursors[worker] = batch.pop("_cursor")
+                self._next_worker = (worker + 1) % plan.workers
+                self._delivered += 1
+                yield batch
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    # -- resume --
+    def state_dict(self) -> dict:
+        """JSON-serialisable position after the last batch handed to the caller."""
+        p = self._plan
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": self.fingerprint,
+                "dp_rank": p.dp_rank, "dp_size": p.dp_size, "num_workers": self.num_workers, "seed": p.seed,
+                "shuffle_buffer": p.shuffle_buffer, "next_worker": self._next_worker,
+                "cursors": [None if c is None else _plain(c) for c in self._cursors],
+                "batches_delivered": self._delivered}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the identical token stream from `state`; LoaderStateError if it belongs to another layout."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise LoaderStateError("loader state: not a TokenLoader state_dict")
+        if state.get("version") != STATE_VERSION:
+            raise LoaderStateError(f"loader state: version {state.get('version')} is not supported "
+                                   f"(this code reads {STATE_VERSION})")
+        p = self._plan
+        mismatches = []
+        if state["fingerprint"] != self.fingerprint:
+            mismatches.append(f"dataset changed (fingerprint {state['fingerprint'][:12]} -> {self.fingerprint[:12]}:"
+                              " other shards, manifest or weights)")
+        for key, now in (("dp_size", p.dp_size), ("num_workers", self.num_workers), ("dp_rank", p.dp_rank),
+                         ("seed", p.seed), ("shuffle_buffer", p.shuffle_buffer)):
+            if state[key] != now:
+                mismatches.append(f"{key} {state[key]} -> {now}")
+        if mismatches and not self.reshard:
+            raise LoaderStateError("cannot resume the data loader exactly: " + "; ".join(mismatches)
+                                   + " (pass reshard=True to restart the current epoch with the new layout)")
+        if mismatches:
+            epochs = [min(c["streams"][s][0] for c in state["cursors"] if c is not None)
+                      if any(c is not None for c in state["cursors"]) else 0 for s in range(len(p.sources))]
+            log.warning("data loader reshard (%s): restarting at the start of epoch(s) %s with the new layout; "
+                        "documents of that epoch already seen may be seen again", "; ".join(mismatches), epochs)
+            start = {"streams": [[e, 0, 0] for e in epochs], "pending": None, "draws": 0}
+            self._cursors = [dict(start) for _ in range(p.workers)]
+            self._next_worker = 0
+            self._delivered = int(state.get("batches_delivered", 0))
+            return
+        self._cursors = [None if c is None else _plain(c) for c in state["cursors"]]
+        self._next_worker = int(state["next_worker"])
+        self._delivered = int(state.get("batches_delivered", 0))
+
+
+def _plain(cursor: dict) -> dict:
+    """A cursor with only JSON types (lists, ints, None), so state_dict() survives json.dumps/loads unchanged."""
+    pend = cursor["pending"]
+    return {"streams": [[int(x) for x in pos] for pos in cursor["streams"]],
+            "pending": None if pend is None else {"source": int(pend["source"]),
+                                                  "pos": [int(x) for x in pend["pos"]],
+                                                  "taken": int(pend["taken"])},
+            "draws": int(cursor["draws"])}

@@ -1,0 +1,78 @@
+"""Who reads which sample when: the deterministic epoch plan behind the loader.
+
+All of it is pure arithmetic on (seed, epoch, manifest sample counts, slot), so every DP rank and every worker
+computes its share independently, with no communication, and a resume can jump straight to any position.
+
+- Shard order: a seeded permutation of the source's shards per epoch (seed, source, epoch).
+- Split: the epoch's samples, in that shard order, form one sequence of N samples; slot s of S
+  (slot = dp_rank * workers_per_rank + worker) takes the contiguous range [s*N//S, (s+1)*N//S). Every sample is
+  read by exactly one slot per epoch, whatever N, S or the shard count; a shard may be split between two slots.
+- In-shard shuffle: within each (shard, range) segment, the order a streaming shuffle buffer of size B would
+  produce. The permutation is computed on indices, without reading data, so a reader positioned at offset k
+  of a segment knows exactly which samples were already emitted (perm[:k]) and which are in the buffer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Segment:
+    shard: int  # index into the source's shard list
+    start: int  # first sample (in tar order) of the range
+    stop: int   # one past the last sample
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+
+
+def shard_order(num_shards: int, seed: int, source: int, epoch: int) -> np.ndarray:
+    return _rng(seed, 0x5A4D, source, epoch).permutation(num_shards)
+
+
+def slot_segments(samples: list[int], seed: int, source: int, epoch: int, slot: int,
+                  num_slots: int) -> list[Segment]:
+    """The segments slot `slot` reads in epoch `epoch`, in reading order."""
+    order = shard_order(len(samples), seed, source, epoch)
+    total = sum(samples)
+    lo, hi = slot * total // num_slots, (slot + 1) * total // num_slots
+    segments, offset = [], 0
+    for shard in order:
+        n = samples[shard]
+        a, b = max(lo, offset), min(hi, offset + n)
+        if a < b:
+            segments.append(Segment(int(shard), a - offset, b - offset))
+        offset += n
+        if offset >= hi:
+            break
+    return segments
+
+
+def buffer_order(n: int, buffer: int, seed: int, source: int, epoch: int, slot: int, segment: int) -> np.ndarray:
+    """Permutation of range(n) emitted by a shuffle buffer of `buffer` samples (fill, then for each new sample
+    emit a random buffered one and put the new one in its place; drain in random order at the end)."""
+    if buffer <= 1 or n <= 1:
+        return np.arange(n)
+    rng = _rng(seed, 0xB0F, source, epoch, slot, segment)
+    size = min(buffer, n)
+    picks = rng.integers(0, size, size=max(n - size, 0)).tolist()
+    buf = list(range(size))
+    out = []
+    for i, j in zip(range(size, n), picks):
+        out.append(buf[j])
+        buf[j] = i
+    tail = rng.permutation(size)
+    out.extend(buf[k] for k in tail)
+    return np.asarray(out, dtype=np.int64)
+
+
+def mixture_draws(seed: int, slot: int, block: int, size: int = 4096) -> np.ndarray:
+    """Uniform numbers for mixture draws [block*size, (block+1)*size) of a slot: replayable from the draw count."""
+    return _rng(seed, 0x313C, slot, block).random(size)
