@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import errors
 from data_pipeline.errors import DataError, LoaderStateError, ShardError
+from data_pipeline.handlers import CountingHandler
 from data_pipeline.manifest import Manifest
 from data_pipeline.plan import Segment, buffer_order, mixture_draws, slot_segments
 from data_pipeline.shard_reader import decode_tokens, iter_raw_samples
@@ -60,6 +61,7 @@ class _Plan:
     shuffle_buffer: int
     document_mask: bool
     epochs: int | None
+    max_bad_shards: int
 
     @property
     def num_slots(self) -> int:
@@ -67,12 +69,12 @@ class _Plan:
 
 
 # ---- reading one slot's documents ---------------------------------------------------------------------------
-def _read_segment(url: str, name: str, seg: Segment, perm: list[int], offset: int) -> Iterator[tuple[int, bytes]]:
+def _read_segment(url: str, seg: Segment, perm: list[int], offset: int, total: int) -> Iterator[tuple[int, bytes]]:
     """Yield (offset, tokens.npy bytes) for perm[offset:], reading the shard once from its start."""
     emitted = set(perm[:offset])
     held: dict[int, dict] = {}
     p, n, i = offset, len(perm), -1
-    for i, (key, parts) in enumerate(iter_raw_samples(url, name)):
+    for i, (key, parts) in enumerate(iter_raw_samples(url)):
         if i < seg.start:
             continue
         if i >= seg.stop:
@@ -85,15 +87,16 @@ def _read_segment(url: str, name: str, seg: Segment, perm: list[int], offset: in
             yield p, held.pop(perm[p]).get("tokens.npy")
             p += 1
     if p < n:
-        raise ShardError(f"{name}: ended after {i + 1} samples, but manifest.json says it has more (run "
-                         "`pretrain-data verify`)")
+        # Python's tarfile ends a stream silently at a damaged header: the manifest count is what catches it
+        raise ShardError(f"{url}: only {i + 1} of {total} samples readable (corrupt tar header or truncated "
+                         "file; run `pretrain-data verify`)")
 
 
 class _DocStream:
     """One source's documents for one slot, across epochs; `pos` = (epoch, segment, offset) of the next doc."""
 
-    def __init__(self, plan: _Plan, source: int, slot: int, pos: tuple[int, int, int]):
-        self.plan, self.source, self.slot = plan, source, slot
+    def __init__(self, plan: _Plan, source: int, slot: int, pos: tuple[int, int, int], bad_shards: CountingHandler):
+        self.plan, self.source, self.slot, self.bad_shards = plan, source, slot, bad_shards
         self.shards = plan.sources[source]
         self.pos = tuple(pos)
         self._segments: dict[int, list[Segment]] = {}
@@ -113,16 +116,26 @@ class _DocStream:
             while g < len(segs):
                 seg = segs[g]
                 perm = buffer_order(seg.size, plan.shuffle_buffer, plan.seed, self.source, e, self.slot, g).tolist()
-                url, info = self.shards.urls[seg.shard], self.shards.shards[seg.shard]
-                for off, blob in _read_segment(url, info.name, seg, perm, o):
-                    here = (e, g, off)
-                    if off + 1 < seg.size:
-                        self.pos = (e, g, off + 1)
-                    elif g + 1 < len(segs):
+                url = self.shards.urls[seg.shard]
+                try:
+                    for off, blob in _read_segment(url, seg, perm, o, self.shards.shards[seg.shard].samples):
+                        here = (e, g, off)
+                        if off + 1 < seg.size:
+                            self.pos = (e, g, off + 1)
+                        elif g + 1 < len(segs):
+                            self.pos = (e, g + 1, 0)
+                        else:
+                            self.pos = (e + 1, 0, 0)
+                        yield here, decode_tokens(blob, f"{url}[sample {seg.start + perm[off]}]")
+                except ShardError as err:  # raises past max_bad_shards; else the segment's rest is skipped
+                    if self.bad_shards.max_errors == 0:
+                        raise
+                    self.bad_shards(ShardError(f"{err} [its samples {seg.start}-{seg.stop - 1} not yet read in "
+                                               f"epoch {e} are lost for this epoch]"))
+                    if g + 1 < len(segs):
                         self.pos = (e, g + 1, 0)
                     else:
                         self.pos = (e + 1, 0, 0)
-                    yield here, decode_tokens(blob, f"{info.name}[{seg.start + perm[off]}]")
                 g, o = g + 1, 0
             e, g, o = e + 1, 0, 0
             self.pos = (e, 0, 0)
@@ -139,9 +152,10 @@ def _slot_batches(plan: _Plan, slot: int, cursor: dict | None) -> Iterator[tuple
     cursor = cursor or {"streams": [[0, 0, 0]] * n_src, "pending": None, "draws": 0}
     pend = cursor["pending"]
     streams = []
+    bad_shards = CountingHandler(plan.max_bad_shards, what="bad shards")
     for s in range(n_src):
         pos = pend["pos"] if pend is not None and pend["source"] == s else cursor["streams"][s]
-        streams.append(_DocStream(plan, s, slot, tuple(pos)))
+        streams.append(_DocStream(plan, s, slot, tuple(pos), bad_shards))
     draws = int(cursor["draws"])
     pending = None  # [source, pos, tokens, taken]
     if pend is not None:
@@ -221,14 +235,16 @@ class TokenLoader:
     """Packed, shuffled, DP/worker-split, exactly resumable token batches from webdataset shards.
 
     sources: a shard dir, glob, brace pattern or `pipe:` URL, or a list of them (a mixture; `weights` are token
-    shares, default proportional to each source's tokens). Iterating yields dicts with "tokens"
+    shares, default proportional to each source's tokens). A corrupt shard is an error, unless max_bad_shards > 0:
+    then up to that many failures per slot are skipped with a log line each (their remaining samples are lost
+    for that epoch, which the log says). Iterating yields dicts with "tokens"
     (batch_size, seq_len + 1) int64 and, with document_mask=True, "doc_ids" of the same shape.
     """
 
     def __init__(self, sources: str | list[str], *, seq_len: int, batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000,
                  weights: list[float] | None = None, document_mask: bool = False, reshard: bool = False,
-                 epochs: int | None = None):
+                 epochs: int | None = None, max_bad_shards: int = 0):
         specs = [sources] if isinstance(sources, str) else list(sources)
         if not specs:
             raise DataError("TokenLoader: no sources given")
@@ -259,7 +275,7 @@ class TokenLoader:
                 raise DataError(f"{ss.spec}: {n} documents cannot be split over dp_size {dp_size} x "
                                 f"{workers} worker(s); use fewer workers or more data")
         self._plan = _Plan(tuple(sets), probs, seq_len, batch_size, dp_rank, workers, dp_size, seed,
-                           shuffle_buffer, document_mask, epochs)
+                           shuffle_buffer, document_mask, epochs, max_bad_shards)
         self.num_workers = num_workers
         self.reshard = reshard
         self.manifest: Manifest = first

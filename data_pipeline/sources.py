@@ -90,7 +90,7 @@ def _open_binary(path: str) -> io.BufferedIOBase:
 def _check_text(text: object, where: str, text_key: str, skip: SkipCounter | None) -> str | None:
     """Return the text if it is a usable document; else raise (or count and return None)."""
     if not isinstance(text, str):
-        reason, msg = (("missing_text", f"{where}: no '{text_key}' key") if text is None
+        reason, msg = (("missing_text", f"{where}: no '{text_key}' (missing or null)") if text is None
                        else ("not_text", f"{where}: '{text_key}' is {type(text).__name__}, not a string"))
     elif not text.strip():
         reason, msg = "empty", f"{where}: empty document"
@@ -115,7 +115,7 @@ def _read_jsonl(path: str, text_key: str, skip: SkipCounter | None) -> Iterator[
                 if not raw.strip():
                     continue  # blank lines between records are not documents
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.rstrip(b"\r\n").decode("utf-8")
                 except UnicodeDecodeError as e:
                     msg = f"{where}: invalid UTF-8 at byte {e.start}"
                     if skip is None:
@@ -125,13 +125,12 @@ def _read_jsonl(path: str, text_key: str, skip: SkipCounter | None) -> Iterator[
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    msg = f"{where}: malformed JSON ({e.msg} at column {e.colno})"
+                    msg = f"{where}: malformed JSON: {e.msg} (column {e.colno})"
                     if skip is None:
                         raise SourceError(msg + " (pass --skip-bad to skip and count such lines)") from None
                     skip.skip("malformed_json", msg)
                     continue
                 if not isinstance(record, dict):
-                    text = None
                     msg = f"{where}: expected a JSON object, got {type(record).__name__}"
                     if skip is None:
                         raise SourceError(msg)

@@ -80,7 +80,8 @@ def verify_shards(directory: str, tokenizer=None, *, checksums: bool = True) -> 
                 tokens += len(arr)
             if (samples, tokens) != (shard.samples, shard.tokens):
                 raise DataError(f"{shard.name}: {samples} samples / {tokens} tokens, manifest says "
-                                f"{shard.samples} / {shard.tokens}")
+                                f"{shard.samples} / {shard.tokens} (corrupt tar header or truncated file: Python's tar reader "
+                                "stops silently at a damaged header)")
         except DataError as e:
             result.problems.append(str(e))
             continue
