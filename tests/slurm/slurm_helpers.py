@@ -1,0 +1,82 @@
+"""Helpers for the SLURM tests: the cluster handle, submit/wait, and the repo's shared child environment.
+
+A module with a unique name (not imported from `conftest`): several test directories have a conftest.py, and
+`from conftest import ...` would pick whichever was imported last.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
+SBATCH = REPO / "slurm" / "pretrain.sbatch"
+FAKE_TRAIN = Path(__file__).with_name("fake_train.py")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+def _root_conftest():
+    spec = importlib.util.spec_from_file_location("_tests_root_conftest", REPO / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_root = _root_conftest()
+child_env = _root.child_env
+torchrun = _root.torchrun
+
+
+@dataclass(frozen=True)
+class Cluster:
+    conf: Path
+    nodes: tuple[str, ...] = ("slurm-n1", "slurm-n2")
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for sbatch/scontrol; sbatch exports it to the job (PYTHON, stand-in command, ...)."""
+        return child_env(SLURM_CONF=str(self.conf), PYTHON=sys.executable, **extra)
+
+
+def sbatch(cluster: Cluster, args: list[str], env: dict[str, str]) -> str:
+    """Submit; returns the job id."""
+    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_info(cluster: Cluster, job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); the cluster keeps jobs 10 min."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=cluster.env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
+
+
+def wait_job(cluster: Cluster, job_id: str, timeout: float) -> dict[str, str]:
+    """Poll until the job reaches a final state (a requeued job passes through PENDING again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = job_info(cluster, job_id)
+        if info["JobState"] in FINAL_STATES:
+            return info
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], env=cluster.env())
+            raise AssertionError(f"job {job_id} still {info['JobState']} ({info.get('Reason')}) after {timeout} s")
+        time.sleep(0.5)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def write_config(path: Path, run_dir: Path, *, max_steps: int, seed: int, extra: str = "") -> Path:
+    path.write_text(f"train:\n  max_steps: {max_steps}\n  seed: {seed}\n"
+                    f"checkpoint:\n  dir: {run_dir}\n  resume: auto\n{extra}")
+    return path
