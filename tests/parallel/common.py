@@ -34,8 +34,12 @@ def case_config(case: dict) -> list[str]:
 
 
 def global_batch(step: int) -> torch.Tensor:
+    """Learnable sequences (arithmetic progressions mod VOCAB, random start and stride) so the loss falls fast
+    and a wrong gradient shows up as a different curve, not as noise."""
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)  # (G, T+1)
+    start = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=g)
+    stride = torch.randint(1, 4, (GLOBAL_BATCH, 1), generator=g)
+    return (start + stride * torch.arange(SEQ + 1)) % VOCAB  # (G, T+1)
 
 
 def doc_ids_for(tokens: torch.Tensor) -> torch.Tensor:
@@ -78,5 +82,5 @@ def reference_run(steps: int = STEPS, doc_mask: bool = False) -> tuple[list[floa
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)))
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}

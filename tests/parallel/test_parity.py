@@ -25,10 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import STEPS, reference_run  # noqa: E402
 from conftest import torchrun  # noqa: E402
 
-DP_TOL = 2e-6  # relative, loss and grad norm
-TP_PP_TOL = 2e-5
-BF16_TOL = 2e-2
-WEIGHTS_ATOL = {DP_TOL: 1e-5, TP_PP_TOL: 1e-4, BF16_TOL: 5e-2}
+DP_TOL = 1e-6  # relative, loss (seen: <= 1.2e-7)
+TP_PP_TOL = 2e-6  # relative, loss (seen: <= 1.9e-7)
+BF16_TOL = 5e-3  # seen: 6.5e-4
+# Weights after STEPS steps, per tensor ||w - w_ref|| / ||w_ref||. Not elementwise: Adam's first steps move a weight
+# by ~lr * sign(g), so an entry whose gradient is ~0 can land anywhere in +-lr from rounding alone (seen: a handful
+# of entries off by 4e-5 while the tensor agrees to 1e-5). bf16 stores weights with an 8-bit mantissa.
+WEIGHTS_RTOL = {DP_TOL: 1e-4, TP_PP_TOL: 1e-4, BF16_TOL: 0.15}
 
 # (name, layout, tolerance vs the reference): the integration table.
 LAYOUTS: list[tuple[str, dict, float]] = [
@@ -53,7 +56,7 @@ LAYOUTS: list[tuple[str, dict, float]] = [
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("parity")
-    cases = [{"name": name, **layout} for name, layout, _ in LAYOUTS]
+    cases = [{"name": name, **layout} for name, layout, _ in LAYOUTS] + [{"name": "tp_grads", "kind": "tp_grads"}]
     (out / "cases.json").write_text(json.dumps(cases))
     torchrun(2, [str(Path(__file__).parent / "worker.py"), str(out / "cases.json"), str(out)], timeout=600)
     results = json.loads((out / "results.json").read_text())
@@ -81,14 +84,16 @@ def test_losses_match_reference(table, reference, name, layout, tol):
     for step, (got, want) in enumerate(zip(r["losses"], ref_losses)):
         assert got == pytest.approx(want, rel=tol), f"{name} step {step}: loss {got} vs reference {want}"
     for step, (got, want) in enumerate(zip(r["grad_norms"], ref_norms)):
-        assert got == pytest.approx(want, rel=max(tol, 1e-5) * 10), f"{name} step {step}: grad norm"
+        # Grad norms sum squares of tiny differences differently: 10x looser (seen: <= 1.7e-6 fp32, 9e-3 bf16).
+        assert got == pytest.approx(want, rel=tol * 10), f"{name} step {step}: grad norm {got} vs {want}"
     # The loss must actually move, or "agreement" would be vacuous.
     assert abs(r["losses"][-1] - r["losses"][0]) > 10 * tol * r["losses"][0] or tol == BF16_TOL
     # Consolidated weights (TP shards / PP stages / ZeRO-3 partitions gathered) are the reference's weights.
     weights = torch.load(Path(table["_dir"]) / f"{name}.weights.pt")
     assert set(weights) == set(ref_weights)
     for key, want in ref_weights.items():
-        torch.testing.assert_close(weights[key], want, atol=WEIGHTS_ATOL[tol], rtol=0, msg=f"{name} {key}")
+        rel = float((weights[key] - want).norm() / want.norm())
+        assert rel < WEIGHTS_RTOL[tol], f"{name} {key}: weights differ from the reference by {rel:.2e} (relative)"
 
 
 @pytest.mark.distributed
@@ -108,3 +113,14 @@ def test_nonfinite_step_is_skipped(table, name):
     assert r["nan_weights_unchanged"]
     assert r["after_nan_loss_finite"]  # nothing poisoned left behind (grads, optimizer moments)
     assert math.isfinite(r["eval_loss"])
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_gradients_match_reference(table):
+    """Single column/row-parallel layers vs nn.Linear, and the whole TP=2 model vs the reference: same init,
+    outputs, weight grads and input grads (within fp32 rounding of split matmuls and TP all-reduces)."""
+    r = _result(table, "tp_grads")
+    for key in ("column_output", "column_weight_grad", "column_input_grad", "row_output", "row_weight_grad",
+                "row_input_grad", "model_loss", "model_grad"):
+        assert r[key] < 1e-5, f"{key}: max abs difference {r[key]:.3e}"
+    assert r["model_init"] == 0.0  # the seeded init is exactly layout-independent
