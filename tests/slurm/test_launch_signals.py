@@ -1,0 +1,66 @@
+"""`python -m launch` without SLURM: a preemption notice (SIGUSR1 to the launcher) becomes checkpoint + exit 42.
+
+Covers the two places a notice can land: while the ranks are still importing (before any handler exists: it must
+be held, not kill them) and mid-run; then a plain relaunch resumes, and the three runs together give exactly the
+losses of one uninterrupted run.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import FAKE_TRAIN, REPO, child_env, read_jsonl, write_config
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = 30
+
+
+def _launch(cfg: Path, **env: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "launch", "--nproc-per-node", "2", "--", str(FAKE_TRAIN), "--config", str(cfg)]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=240)
+    return proc.returncode, out
+
+
+def test_usr1_to_the_launcher_checkpoints_exits_42_and_a_relaunch_resumes(tmp_path: Path) -> None:
+    reference = _finish(_launch(write_config(tmp_path / "ref.yaml", tmp_path / "ref", max_steps=STEPS, seed=9)))
+    assert reference[0] == 0, reference[1]
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", run, max_steps=STEPS, seed=9)
+
+    # 1. Notice during start-up: the ranks are still importing torch.
+    proc = _launch(cfg, FAKE_TRAIN_STEP_SECONDS="0.2")
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGUSR1)
+    code, out = _finish(proc)
+    assert code == 42, out
+    assert "stopped by signal at step 0" in out and not read_jsonl(run / "metrics.jsonl")
+
+    # 2. Notice mid-run.
+    proc = _launch(cfg, FAKE_TRAIN_STEP_SECONDS="0.2")
+    deadline = time.monotonic() + 120
+    while len(read_jsonl(run / "metrics.jsonl")) < 3:
+        assert time.monotonic() < deadline and proc.poll() is None, "the relaunch never started stepping"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGUSR1)
+    code, out = _finish(proc)
+    assert code == 42, out
+    stopped_at = len(read_jsonl(run / "metrics.jsonl"))
+    assert 3 <= stopped_at < STEPS
+
+    # 3. Plain relaunch finishes; the curve is the uninterrupted one, step for step.
+    code, out = _finish(_launch(cfg))
+    assert code == 0, out
+    assert read_jsonl(run / "metrics.jsonl") == read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    assert [a["start_step"] for a in read_jsonl(run / "attempts.jsonl") if a["rank"] == 0] == [0, 0, stopped_at]
