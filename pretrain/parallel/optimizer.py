@@ -31,10 +31,11 @@ def global_grad_norm(params: list[torch.Tensor], dp_size: int, count_replicated:
     counted on TP rank 0 only (`count_replicated`); every DP replica holds the same averaged gradient, so the
     world sum is dp_size times the model's.
     """
-    local = torch.zeros((), dtype=torch.float64)
+    device = params[0].device if params else torch.device("cpu")  # NCCL reduces device tensors only
+    local = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         if p.grad is not None and (count_replicated or getattr(p, "tensor_model_parallel", False)):
-            local += p.grad.detach().double().pow(2).sum().cpu()
+            local += p.grad.detach().double().pow(2).sum()
     if dist.is_initialized():
         dist.all_reduce(local)
     return math.sqrt(float(local) / dp_size) if math.isfinite(float(local)) else float("nan")

@@ -103,6 +103,8 @@ def test_checkpoint_round_trip(table, name):
     r = _result(table, name)
     assert r["loaded_global_step"] == STEPS
     assert r["after_load_loss"] == r["after_save_loss"]
+    # Loading a step directory without a checkpoint is a hard, one-line error (DeepSpeed alone would warn).
+    assert r["missing_load_error"].startswith("CheckpointLoadError: ") and "\n" not in r["missing_load_error"]
 
 
 @pytest.mark.distributed
@@ -122,5 +124,5 @@ def test_tensor_parallel_gradients_match_reference(table):
     r = _result(table, "tp_grads")
     for key in ("column_output", "column_weight_grad", "column_input_grad", "row_output", "row_weight_grad",
                 "row_input_grad", "model_loss", "model_grad"):
-        assert r[key] < 1e-5, f"{key}: max abs difference {r[key]:.3e}"
+        assert r[key] < 1e-6, f"{key}: max difference {r[key]:.3e} (relative to the largest entry)"
     assert r["model_init"] == 0.0  # the seeded init is exactly layout-independent

@@ -46,6 +46,10 @@ def run_case(case: dict, out: Path) -> dict:
         result["after_save_loss"] = engine.train_step(data).loss  # step STEPS+1 of the uninterrupted run
 
         fresh = build_engine(cfg, env)
+        try:
+            fresh.load(out / "no_such_step")
+        except Exception as e:  # must be a one-line refusal, never a silent start from random weights
+            result["missing_load_error"] = f"{type(e).__name__}: {e}"
         fresh.load(ckpt)
         result["loaded_global_step"] = fresh.global_step
         replay = batches_for(env.dp_rank, env.layout, STEPS + 3, cfg.model.document_mask)

@@ -1,0 +1,75 @@
+"""Every invalid layout is refused before any process group or model exists, with a one-line message naming the
+key to change. One case per rule, as data."""
+from __future__ import annotations
+
+import pytest
+
+from pretrain.config import ConfigError, load_config, pad_vocab, resolve_layout
+
+# (rule, overrides, world size, vocab, a fragment the message must contain)
+RULES = [
+    ("world not a multiple of tp x pp", ["parallel.tp=2", "parallel.pp=2"], 6, 256, "not divisible by tp x pp"),
+    ("dim not divisible by heads", ["model.dim=66"], 1, 256, "model.dim=66"),
+    ("heads not a multiple of kv heads", ["model.n_heads=4", "model.n_kv_heads=3"], 1, 256, "model.n_kv_heads"),
+    ("query heads not divisible by tp", ["parallel.tp=8"], 8, 256, "model.n_heads=4 is not divisible by parallel.tp"),
+    ("kv heads not divisible by tp", ["parallel.tp=4"], 4, 256, "model.n_kv_heads=2 is not divisible"),
+    ("ffn width not divisible by tp", ["model.ffn_hidden_dim=190", "parallel.tp=4", "model.n_kv_heads=4"], 4, 256,
+     "FFN hidden dim 190"),
+    ("layers not divisible by pp", ["model.n_layers=3", "parallel.pp=2"], 2, 256, "model.n_layers=3"),
+    ("vocab unknown", [], 1, None, "model.vocab_size is unknown"),
+    ("tied embeddings across stages", ["model.tie_embeddings=true", "parallel.pp=2"], 2, 256,
+     "model.tie_embeddings"),
+]
+
+
+@pytest.mark.parametrize("rule,overrides,world,vocab,fragment", RULES, ids=[r[0] for r in RULES])
+def test_layout_rule(rule, overrides, world, vocab, fragment):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError) as err:
+        resolve_layout(cfg, world, vocab)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# Rules the typed config enforces on load (DeepSpeed's pipeline + ZeRO rule, SP needs TP).
+LOAD_RULES = [
+    ("pipeline with ZeRO-2", ["parallel.pp=2", "parallel.zero_stage=2"], "incompatible with pipeline parallelism"),
+    ("pipeline with ZeRO-3", ["parallel.pp=2", "parallel.zero_stage=3"], "incompatible with pipeline parallelism"),
+    ("sequence parallel without TP", ["parallel.sequence_parallel=true"], "sequence_parallel needs tp > 1"),
+    ("zero stage out of range", ["parallel.zero_stage=4"], "parallel.zero_stage"),
+]
+
+
+@pytest.mark.parametrize("rule,overrides,fragment", LOAD_RULES, ids=[r[0] for r in LOAD_RULES])
+def test_config_rule(rule, overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+# Rules that need the machine (init_distributed checks them before creating any process group).
+DEVICE_RULES = [
+    ("sequence parallel on CPU", ["parallel.tp=2", "parallel.sequence_parallel=true", "train.device=cpu"], 2,
+     "parallel.sequence_parallel needs CUDA"),
+    ("nccl without CUDA", ["train.backend=nccl", "train.device=cpu"], 1, "train.backend=nccl needs"),
+]
+
+
+@pytest.mark.parametrize("rule,overrides,world,fragment", DEVICE_RULES, ids=[r[0] for r in DEVICE_RULES])
+def test_device_rule(monkeypatch, rule, overrides, world, fragment):
+    from pretrain.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError) as err:
+        init_distributed(load_config(None, overrides), 256)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # refused before any process group
+
+
+def test_vocab_is_padded_per_tp_shard():
+    assert pad_vocab(256, 1) == 256 and pad_vocab(257, 1) == 384 and pad_vocab(257, 2) == 512
+    lay = resolve_layout(load_config(None, ["parallel.tp=2", "train.grad_accum=3"]), 8, 1000)
+    assert (lay.dp, lay.padded_vocab_size, lay.global_batch) == (4, 1024, 2 * 3 * 4)
