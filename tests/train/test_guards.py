@@ -1,0 +1,47 @@
+"""Non-finite guard and checkpoint refusal, end to end through `pretrain train` (one process, real engine).
+
+One run: steps 3, 5 and 6 get a NaN loss injected (PRETRAIN_INJECT_NONFINITE, see pretrain/train.py); with
+train.max_nonfinite_steps=2 the run skips step 3, goes on, and aborts at step 6 with exit 3, never checkpointing a
+step from a bad streak. Then the newest checkpoint is corrupted: `resume: auto` refuses it, says so, falls back
+to the previous complete one, and the finished metrics.jsonl still holds every step exactly once.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from common import losses, tiny_shards, train_args
+from conftest import REPO, child_env
+
+
+def run_train(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(**env), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
+    shards = tiny_shards(tmp_path / "data") / "shards"
+    run = tmp_path / "run"
+    args = train_args(shards, run, "train.max_steps=10", "checkpoint.every=1", "checkpoint.keep=5",
+                      "train.max_nonfinite_steps=2")
+    p = run_train(args, PRETRAIN_INJECT_NONFINITE="3,5,6")
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "aborting at step 6: 2 non-finite steps in a row (train.max_nonfinite_steps=2)" in p.stderr
+    first = losses(run)
+    assert sorted(first) == [1, 2, 3, 4, 5, 6]
+    assert [s for s, v in first.items() if v == "nan"] == [3, 5, 6], "skipped steps are recorded, visibly"
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_1", "step_2", "step_4"], \
+        "a step of a non-finite streak is never checkpointed"
+    assert (run / "latest").read_text().strip() == "step_4"
+
+    victim = next((run / "step_4" / "model").rglob("*.pt"))
+    victim.write_bytes(victim.read_bytes()[:-16])
+    p = run_train(args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"refusing: checkpoint {run / 'step_4'} is corrupt" in p.stderr
+    assert f"falling back to the previous complete checkpoint {run / 'step_2'}" in p.stderr
+    assert f"resuming from {run / 'step_2'} at step 2" in p.stderr
+    second = losses(run)  # asserts no duplicate step
+    assert sorted(second) == list(range(1, 11))
+    assert [second[s] for s in (1, 2)] == [first[1], first[2]]
+    assert all(isinstance(v, float) for s, v in second.items()), "no injection the second time"
