@@ -43,7 +43,7 @@ def describe(directory: str, tokenizer_path: str | None = None, samples: int = 3
     for shard in m.shards:
         if shown >= samples:
             break
-        for key, parts in iter_raw_samples(os.path.join(directory, shard.name), shard.name):
+        for key, parts in iter_raw_samples(os.path.join(directory, shard.name), shard.name, reader="webdataset"):
             arr = decode_tokens(parts.get("tokens.npy"), f"{shard.name}:{key}")
             source = parts.get("source.txt", b"?").decode("utf-8", "replace")
             lines.append(f"--- {shard.name} key {key} from {source}: {len(arr)} tokens")

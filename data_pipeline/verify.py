@@ -67,7 +67,7 @@ def verify_shards(directory: str, tokenizer=None, *, checksums: bool = True) -> 
             continue
         try:
             samples = tokens = 0
-            for key, parts in iter_raw_samples(path, shard.name):
+            for key, parts in iter_raw_samples(path, shard.name, reader="webdataset"):
                 where = f"{shard.name}:{key}"
                 arr = decode_tokens(parts.get("tokens.npy"), where)
                 if arr.dtype.name != manifest.dtype:

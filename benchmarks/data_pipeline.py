@@ -1,0 +1,139 @@
+"""Data pipeline throughput: prepare vs the raw tokenizer, and the training loader.
+
+    python benchmarks/data_pipeline.py [--mb 16] [--vocab 8192] [--workers N] [--json]
+
+1. Builds a corpus of --mb MB of JSONL (documents of ~2-3 KB made from the sample corpus stories) in a
+   temp dir and trains a byte-level BPE on part of it.
+2. raw: `Tokenizer.encode_batch` on the same texts, already in memory, with the tokenizer's own thread pool
+   over all cores -- the ceiling for tokenization on this machine.
+3. prepare: the whole `pretrain-data prepare` job (read + parse JSONL, encode in --workers processes, .npy,
+   tar, sha256, manifest) on the same texts and the same cores. prepare/raw is the pipeline's overhead.
+4. loader: TokenLoader reading those shards back (seq_len 2048, batch 8, shuffle buffer 1000) in ONE process
+   (num_workers=0): tokens/s delivered per process.
+Each figure is printed with the command that produced it; --json also writes
+benchmarks/results/data_pipeline_cpu.json with machine, date and git commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline import sample_corpus  # noqa: E402
+from data_pipeline.loader import TokenLoader  # noqa: E402
+from data_pipeline.prepare import prepare  # noqa: E402
+from data_pipeline.tokenizer import load_tokenizer, train_bpe  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_corpus(path: Path, megabytes: float, seed: int = 0) -> list[str]:
+    stories = [json.loads(line)["text"] for line in open(sample_corpus.path(), encoding="utf-8")]
+    rng = random.Random(seed)
+    docs, size = [], 0
+    while size < megabytes * 1e6:
+        doc = "\n\n".join(rng.sample(stories, rng.randint(3, 7)))
+        docs.append(doc)
+        size += len(doc)
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    return docs
+
+
+def raw_encode(tok_dir: str, texts: list[str], batch: int = 512) -> tuple[float, int]:
+    """tokens/s of the bare Rust batch encoder (its thread pool on all cores), texts already in memory."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    tok = load_tokenizer(tok_dir)
+    tok.encode_batch(texts[:batch])  # warm up the thread pool
+    start = time.perf_counter()
+    n = 0
+    for i in range(0, len(texts), batch):
+        n += sum(len(ids) + 1 for ids in tok.encode_batch(texts[i:i + batch]))  # + eos, as prepare counts
+    return n / (time.perf_counter() - start), n
+
+
+def loader_throughput(shards: str, seq_len: int = 2048, batch_size: int = 8) -> tuple[float, int]:
+    loader = TokenLoader(shards, seq_len=seq_len, batch_size=batch_size, num_workers=0, seed=0,
+                         shuffle_buffer=1000, epochs=1)
+    start = time.perf_counter()
+    n = sum(b["tokens"].numel() for b in loader)
+    return n / (time.perf_counter() - start), n
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=16.0, help="corpus size in MB of text (default 16)")
+    ap.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="prepare worker processes (default: one per core, the raw encoder's core count)")
+    ap.add_argument("--json", action="store_true", help="write benchmarks/results/data_pipeline_cpu.json")
+    args = ap.parse_args()
+    command = "python benchmarks/data_pipeline.py " + shlex.join(sys.argv[1:])
+    cores = os.cpu_count()
+    with tempfile.TemporaryDirectory(prefix="dp-bench-") as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        texts = make_corpus(corpus, args.mb)
+        tok_dir = str(Path(tmp) / "tok")
+        train_bpe(iter(texts[: max(200, len(texts) // 8)]), args.vocab, tok_dir, show_progress=False)
+
+        raw_tps, raw_tokens = raw_encode(tok_dir, texts)
+        # prepare in a fresh process state: workers fork from here, so run it before the loader touches torch
+        result = prepare([str(corpus)], tok_dir, str(Path(tmp) / "shards"), workers=args.workers,
+                         shard_size_mb=64, progress=False, command=["benchmark"])
+        prep_tps = result.tokens_per_s
+        assert result.manifest.total_tokens == raw_tokens, "prepare and raw encoder disagree on the token count"
+        load_tps, load_tokens = loader_throughput(str(Path(tmp) / "shards"))
+
+    mb = sum(len(t) for t in texts) / 1e6
+    rows = [
+        ("raw encode_batch", raw_tps, f"{cores} Rust threads, texts in memory"),
+        ("prepare", prep_tps, f"{args.workers} workers, JSONL -> shards, wall clock"),
+        ("loader", load_tps, "1 process, seq 2048 x batch 8, shuffle 1000"),
+    ]
+    print(f"# {command}")
+    print(f"# corpus {mb:.1f} MB, {len(texts):,} docs, {raw_tokens:,} tokens, vocab {args.vocab}, {cores} cores")
+    for name, tps, how in rows:
+        print(f"{name:18s} {tps / 1e6:8.3f} M tokens/s   ({how})")
+    ratio = prep_tps / raw_tps
+    print(f"prepare / raw      {ratio:8.2f} x       (target >= 0.8 at equal cores)")
+    print(f"loader             {load_tps / 1e6:8.2f} M tokens/s per process (target >= 5)")
+    if args.json:
+        out = REPO / "benchmarks" / "results" / "data_pipeline_cpu.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        body = {
+            "command": command, "device": f"cpu ({platform.processor() or platform.machine()}, {cores} cores)",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+            "corpus_mb": round(mb, 2), "docs": len(texts), "tokens": raw_tokens, "vocab": args.vocab,
+            "raw_encode_tokens_per_s": round(raw_tps), "prepare_tokens_per_s": round(prep_tps),
+            "prepare_workers": args.workers, "prepare_over_raw": round(ratio, 3),
+            "loader_tokens_per_s_per_process": round(load_tps), "loader_tokens": load_tokens,
+            "load_average": os.getloadavg()[0],
+        }
+        tmp_out = out.with_suffix(".json.tmp")
+        tmp_out.write_text(json.dumps(body, indent=1) + "\n")
+        os.replace(tmp_out, out)
+        print(f"wrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
