@@ -66,6 +66,8 @@ def wait_job(cluster: Cluster, job_id: str, timeout: float) -> dict[str, str]:
         info = job_info(cluster, job_id)
         if info["JobState"] in FINAL_STATES:
             return info
+        if info.get("Reason") == "DependencyNeverSatisfied":
+            raise AssertionError(f"job {job_id} waits on a dependency that failed")
         if time.monotonic() > deadline:
             subprocess.run(["scancel", job_id], env=cluster.env())
             raise AssertionError(f"job {job_id} still {info['JobState']} ({info.get('Reason')}) after {timeout} s")
