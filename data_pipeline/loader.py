@@ -288,9 +288,16 @@ class TokenLoader:
 
     # -- iteration --
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Continue from the current position (a new `for` loop picks up where the last one stopped).
+
+        Only the newest iterator is live: an older one stops, so two cannot both advance the state.
+        """
         plan = self._plan
+        self._generation = generation = getattr(self, "_generation", 0) + 1
         if self.num_workers == 0:
             for batch, cursor in _slot_batches(plan, plan.dp_rank, self._cursors[0]):
+                if self._generation != generation:
+                    return
                 self._cursors[0] = cursor
                 self._delivered += 1
                 yield batch
@@ -301,6 +308,8 @@ class TokenLoader:
         it = iter(loader)
         try:
             for batch in it:
+                if self._generation != generation:
+                    return
                 if "_error" in batch:
                     raise getattr(errors, batch["_error_type"], DataError)(batch["_error"])
                 worker = batch.pop("_worker")

@@ -129,6 +129,16 @@ def test_resume_continues_the_identical_token_stream(synthetic, name, kwargs, po
                 assert torch.equal(a[key], b[key]), f"{name}: batch {i} ({key}) differs after resume at {k}"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_new_for_loop_continues_where_the_last_one_stopped(synthetic, workers):
+    def make():
+        return TokenLoader(str(synthetic["a"]), seq_len=SEQ, batch_size=BATCH, num_workers=workers, seed=4)
+
+    loader = make()
+    pieces = take(loader, 3) + take(loader, 4)
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(take(make(), 7), pieces))
+
+
 def test_state_counts_only_delivered_batches_not_prefetched_ones(synthetic):
     loader = TokenLoader(str(synthetic["a"]), seq_len=SEQ, batch_size=BATCH, num_workers=2, seed=1)
     it = iter(loader)
