@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shlex
 import subprocess
 import sys
@@ -72,6 +73,12 @@ def loader_throughput(shards: str, seq_len: int = 2048, batch_size: int = 8) -> 
     return n / (time.perf_counter() - start), n
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) plus its reaped children (prepare's workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -96,13 +103,18 @@ def main() -> None:
         tok_dir = str(Path(tmp) / "tok")
         train_bpe(iter(texts[: max(200, len(texts) // 8)]), args.vocab, tok_dir, show_progress=False)
 
+        c0 = cpu_seconds()
         raw_tps, raw_tokens = raw_encode(tok_dir, texts)
-        # prepare in a fresh process state: workers fork from here, so run it before the loader touches torch
+        c1 = cpu_seconds()
         result = prepare([str(corpus)], tok_dir, str(Path(tmp) / "shards"), workers=args.workers,
                          shard_size_mb=64, progress=False, command=["benchmark"])
+        c2 = cpu_seconds()
         prep_tps = result.tokens_per_s
         assert result.manifest.total_tokens == raw_tokens, "prepare and raw encoder disagree on the token count"
         load_tps, load_tokens = loader_throughput(str(Path(tmp) / "shards"))
+        c3 = cpu_seconds()
+    # CPU-seconds are what a busy shared machine cannot distort: tokens per CPU-second of each job
+    raw_cpu, prep_cpu, load_cpu = (raw_tokens / (c1 - c0), raw_tokens / (c2 - c1), load_tokens / (c3 - c2))
 
     mb = sum(len(t) for t in texts) / 1e6
     rows = [
@@ -117,6 +129,8 @@ def main() -> None:
     ratio = prep_tps / raw_tps
     print(f"prepare / raw      {ratio:8.2f} x       (target >= 0.8 at equal cores)")
     print(f"loader             {load_tps / 1e6:8.2f} M tokens/s per process (target >= 5)")
+    print(f"per CPU-second:    raw {raw_cpu / 1e6:.3f} M, prepare {prep_cpu / 1e6:.3f} M (ratio {prep_cpu / raw_cpu:.2f}),"
+          f" loader {load_cpu / 1e6:.2f} M tokens   (load average {os.getloadavg()[0]:.1f})")
     if args.json:
         out = REPO / "benchmarks" / "results" / "data_pipeline_cpu.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +141,8 @@ def main() -> None:
             "raw_encode_tokens_per_s": round(raw_tps), "prepare_tokens_per_s": round(prep_tps),
             "prepare_workers": args.workers, "prepare_over_raw": round(ratio, 3),
             "loader_tokens_per_s_per_process": round(load_tps), "loader_tokens": load_tokens,
-            "load_average": os.getloadavg()[0],
+            "raw_tokens_per_cpu_s": round(raw_cpu), "prepare_tokens_per_cpu_s": round(prep_cpu),
+            "loader_tokens_per_cpu_s": round(load_cpu), "load_average": round(os.getloadavg()[0], 2),
         }
         tmp_out = out.with_suffix(".json.tmp")
         tmp_out.write_text(json.dumps(body, indent=1) + "\n")

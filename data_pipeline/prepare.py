@@ -107,8 +107,19 @@ def _encoded_in_order(batches, tokenizer_path: str, workers: int):
             yield (ids0, *res.get())
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a SLURM/cgroup allocation, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot create the output directory ({e.strerror})") from None
     existing = os.listdir(out_dir)
     if not existing:
         return
@@ -130,7 +141,7 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_key: str = 
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     _prepare_out_dir(out_dir, overwrite)
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = usable_cores() if workers is None else workers
     skip = SkipCounter() if skip_bad else None
     writer = ShardSetWriter(out_dir, max_bytes=max(1, int(shard_size_mb * 1e6)))
     bar = None

@@ -99,6 +99,11 @@ class ShardSetWriter:
     def abort(self) -> None:
         """Remove the incomplete shard (completed shards stay; without a manifest they are not a dataset)."""
         if self._file is not None:
+            # Tell tarfile its stream is done, or its __del__ would write end blocks into a closed file.
+            tar = self._tar.tarstream
+            tar.closed = True
+            if getattr(tar, "fileobj", None) is not None:
+                tar.fileobj.closed = True
             self._file.close()
             if os.path.exists(self._tmp_path):
                 os.remove(self._tmp_path)

@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
-from dp_helpers import make_docs, run_cli, write_jsonl
+from dp_helpers import make_docs, run_cli, run_main, write_jsonl
 
 from data_pipeline.manifest import read_manifest
 from data_pipeline.prepare import prepare
@@ -40,7 +40,7 @@ def test_round_trip_all_formats_gives_back_every_document(corpus, tokenizer_dir,
     assert len({s["__key__"] for s in samples}) == len(samples)
 
 
-def test_manifest_records_tokenizer_counts_checksums_and_command(shards, tokenizer_dir):
+def test_manifest_records_tokenizer_counts_checksums_and_command(capsys, shards, tokenizer_dir):
     m = read_manifest(str(shards))
     tok = load_tokenizer(str(tokenizer_dir))
     assert (m.tokenizer_hash, m.vocab_size, m.eos_id, m.bos_id, m.pad_id) == (
@@ -50,7 +50,7 @@ def test_manifest_records_tokenizer_counts_checksums_and_command(shards, tokeniz
     for s in m.shards:
         with tarfile.open(os.path.join(shards, s.name)) as t:
             assert len(t.getnames()) == 2 * s.samples  # tokens.npy + source.txt per sample
-    proc = run_cli("verify", str(shards), "--tokenizer", str(tokenizer_dir))
+    proc = run_main(capsys, "verify", str(shards), "--tokenizer", str(tokenizer_dir))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"OK {shards}: {len(m.shards)} shards")
 
@@ -62,30 +62,30 @@ def test_output_is_identical_whatever_the_worker_count(corpus, tokenizer_dir, sh
     assert [s.sha256 for s in r.manifest.shards] == [s.sha256 for s in read_manifest(str(shards)).shards]
 
 
-def test_prepare_refuses_a_non_empty_dir_unless_overwrite(corpus, tokenizer_dir, tmp_path):
+def test_prepare_refuses_a_non_empty_dir_unless_overwrite(capsys, corpus, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     args = ["prepare", "--input", str(corpus["dir"] / "a.jsonl"), "--tokenizer", str(tokenizer_dir),
             "--out", str(out), "--no-progress"]
-    assert run_cli(*args).returncode == 0
-    proc = run_cli(*args)
+    assert run_main(capsys, *args).returncode == 0
+    proc = run_main(capsys, *args)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"pretrain-data prepare: error: {out}: directory is not empty (2 entries, e.g. manifest.json); "
         "pass --overwrite to replace its shards"]
-    proc = run_cli(*args, "--overwrite")
+    proc = run_main(capsys, *args, "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert "wrote 1 shards" in proc.stdout and "tokens/s" in proc.stdout
 
 
-def test_failed_run_leaves_no_partial_shard_and_no_manifest(tokenizer_dir, tmp_path):
+def test_failed_run_leaves_no_partial_shard_and_no_manifest(capsys, tokenizer_dir, tmp_path):
     """A run that dies half way (here: a bad line after ~2 shards) leaves only complete shards, no manifest."""
     docs = make_docs(3000, seed=9)
     path = write_jsonl(tmp_path / "c.jsonl", docs)
     with open(path, "a") as f:
         f.write("{not json\n")
     out = tmp_path / "out"
-    proc = run_cli("prepare", "--input", str(path), "--tokenizer", str(tokenizer_dir), "--out", str(out),
-                   "--shard-size-mb", "0.02", "--workers", "1", "--no-progress")
+    proc = run_main(capsys, "prepare", "--input", str(path), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                    "--shard-size-mb", "0.02", "--workers", "1", "--no-progress")
     assert proc.returncode == 1
     names = sorted(os.listdir(out))
     assert names and all(n.startswith("shard-") and n.endswith(".tar") for n in names), names
@@ -103,9 +103,15 @@ def test_cli_help_lists_the_subcommands():
     assert "--shard-size-mb" in proc.stdout and "--skip-bad" in proc.stdout
 
 
-def test_inspect_shows_totals_and_decoded_text(shards, tokenizer_dir):
-    proc = run_cli("inspect", str(shards), "--samples", "2")
+def test_inspect_shows_totals_and_decoded_text(capsys, shards, tokenizer_dir):
+    proc = run_main(capsys, "inspect", str(shards), "--samples", "2")
     assert proc.returncode == 0, proc.stderr
     m = read_manifest(str(shards))
     assert f"{m.total_samples:,} documents" in proc.stdout
     assert "'plain 0: " in proc.stdout  # decoded with the manifest's tokenizer
+
+
+def test_progress_bar_reports_docs_and_tokens_per_second(capsys, corpus, tokenizer_dir, tmp_path):
+    prepare([str(corpus["dir"] / "a.jsonl")], str(tokenizer_dir), str(tmp_path / "o"), workers=0, progress=True)
+    err = capsys.readouterr().err
+    assert "docs/s" in err and "tokens/s" in err and "65 docs" in err
