@@ -10,18 +10,29 @@ TP, with full recompute keeping only each block's input. Good to ~20%; it ignore
 from __future__ import annotations
 
 from pretrain.config import Config, resolve_layout
+from pretrain.parallel.rules import check_engine_rules
 
 GiB = 1024**3
 
 
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 1024**2)):
+        if n_bytes >= scale or unit == "MiB":
+            return f"{n_bytes / scale:.2f} {unit}"
+    raise AssertionError
+
+
 def describe(cfg: Config, world_size: int, vocab_size: int | None = None) -> str:
     lay = resolve_layout(cfg, world_size, vocab_size)  # raises ConfigError on any invalid layout
+    check_engine_rules(cfg)
     args = cfg.model.args(vocab_size).replace(vocab_size=lay.padded_vocab_size)
     total = args.num_params()
     # Per-rank share: blocks split over PP and TP; embeddings/head split over TP and sit on first/last stage.
     embed = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
     blocks = total - embed
-    per_rank = (blocks / lay.pp + embed) / lay.tp  # the first/last stage holds an embedding: worst case
+    # With pp > 1 the first stage holds the embedding and the last the head: the worst stage holds one of them.
+    embed_here = embed if lay.pp == 1 else args.vocab_size * args.dim
+    per_rank = (blocks / lay.pp + embed_here) / lay.tp
     bf16 = cfg.train.dtype == "bf16"
     z, dp = cfg.parallel.zero_stage, lay.dp
     w_bytes = 2 if bf16 else 4
@@ -42,8 +53,8 @@ def describe(cfg: Config, world_size: int, vocab_size: int | None = None) -> str
         f"sequences = {lay.global_batch * T:,} tokens per step",
         f"model: {cfg.model.flavor} dim={args.dim} layers={args.n_layers} heads={args.n_heads}/{args.kv_heads} "
         f"ffn={args.hidden_dim} vocab={lay.padded_vocab_size} (padded) params={total:,} ({total / 1e9:.3f} B)",
-        f"per-rank memory estimate: weights {weights / GiB:.2f} GiB, grads {grads / GiB:.2f} GiB, "
-        f"optimizer {optim / GiB:.2f} GiB, activations ~{act / GiB:.2f} GiB "
-        f"(checkpointing {cfg.model.activation_checkpointing}); total ~{(weights + grads + optim + act) / GiB:.2f} GiB",
+        f"per-rank memory estimate: weights {_size(weights)}, grads {_size(grads)}, optimizer {_size(optim)}, "
+        f"activations ~{_size(act)} (checkpointing {cfg.model.activation_checkpointing}); "
+        f"total ~{_size(weights + grads + optim + act)}",
     ]
     return "\n".join(lines)

@@ -26,7 +26,7 @@ BASE = ["model.flavor=debug", "model.n_layers=2", f"model.vocab_size={VOCAB}", f
 
 
 def case_config(case: dict) -> list[str]:
-    dp = 2 // (case.get("tp", 1) * case.get("pp", 1))
+    dp = case.get("world", 2) // (case.get("tp", 1) * case.get("pp", 1))
     accum = GLOBAL_BATCH // (MICRO * dp)
     return BASE + [f"train.grad_accum={accum}", f"parallel.tp={case.get('tp', 1)}",
                    f"parallel.pp={case.get('pp', 1)}", f"parallel.zero_stage={case.get('zero', 0)}",
@@ -60,10 +60,11 @@ def batches_for(dp_rank: int, layout: Layout, steps: int,
             yield {"tokens": tokens[rows], "doc_ids": docs[rows]} if doc_mask else {"tokens": tokens[rows]}
 
 
-def reference_run(steps: int = STEPS, doc_mask: bool = False) -> tuple[list[float], list[float],
-                                                                       dict[str, torch.Tensor]]:
+def reference_run(model_overrides: list[str] = (), steps: int = STEPS) -> tuple[list[float], list[float],
+                                                                              dict[str, torch.Tensor]]:
     """Ground truth: the plain model, torch AdamW, clip_grad_norm_, whole global batch per step, one process."""
-    cfg = load_config(None, case_config({}))
+    cfg = load_config(None, case_config({"set": list(model_overrides)}))
+    doc_mask = cfg.model.document_mask
     args = cfg.model.args(VOCAB)
     torch.manual_seed(0)
     model = Transformer(args)

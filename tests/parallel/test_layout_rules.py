@@ -52,6 +52,7 @@ DEVICE_RULES = [
     ("sequence parallel on CPU", ["parallel.tp=2", "parallel.sequence_parallel=true", "train.device=cpu"], 2,
      "parallel.sequence_parallel needs CUDA"),
     ("nccl without CUDA", ["train.backend=nccl", "train.device=cpu"], 1, "train.backend=nccl needs"),
+    ("bf16 without ZeRO", ["train.dtype=bf16", "parallel.zero_stage=0"], 1, "train.dtype=bf16 needs"),
 ]
 
 
@@ -73,3 +74,10 @@ def test_vocab_is_padded_per_tp_shard():
     assert pad_vocab(256, 1) == 256 and pad_vocab(257, 1) == 384 and pad_vocab(257, 2) == 512
     lay = resolve_layout(load_config(None, ["parallel.tp=2", "train.grad_accum=3"]), 8, 1000)
     assert (lay.dp, lay.padded_vocab_size, lay.global_batch) == (4, 1024, 2 * 3 * 4)
+
+
+def test_dry_run_checks_engine_rules():
+    from pretrain.parallel.describe import describe
+
+    with pytest.raises(ConfigError, match="parallel.zero_stage >= 1"):
+        describe(load_config(None, ["train.dtype=bf16", "parallel.zero_stage=0"]), 1, 256)

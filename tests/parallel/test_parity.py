@@ -43,30 +43,51 @@ LAYOUTS: list[tuple[str, dict, float]] = [
     ("pp2", {"pp": 2}, TP_PP_TOL),
     ("tp2_zero1", {"tp": 2, "zero": 1}, TP_PP_TOL),
     ("pp2_zero1", {"pp": 2, "zero": 1}, TP_PP_TOL),
-    # Features that must not change the numbers: activation recompute (full / selective).
+    # Features that must not change the numbers: activation recompute (selective: in the bf16 case below).
     ("dp2_zero2_ckpt_full", {"zero": 2, "set": ["model.activation_checkpointing=full"]}, DP_TOL),
-    ("tp2_ckpt_selective", {"tp": 2, "set": ["model.activation_checkpointing=selective"]}, TP_PP_TOL),
     # Document masking through the pipeline (doc_ids travel between stages): compared to a doc-masked reference.
     ("pp2_docmask", {"pp": 2, "set": ["model.document_mask=true"]}, TP_PP_TOL),
     # bf16 weights/activations with fp32 master weights.
     ("dp2_zero1_bf16", {"zero": 1, "set": ["train.dtype=bf16"]}, BF16_TOL),
+    ("dp2_zero2_bf16_selective_docmask",
+     {"zero": 2, "set": ["train.dtype=bf16", "model.activation_checkpointing=selective", "model.document_mask=true"]},
+     BF16_TOL),
+    ("tp2_zero3", {"tp": 2, "zero": 3}, TP_PP_TOL),
+    ("tp2_tied", {"tp": 2, "set": ["model.tie_embeddings=true"]}, TP_PP_TOL),
 ]
+# 4 ranks (a second launch, ~40 s on 2 cores): DeepSpeed's pipeline grid and megatron-core's TP groups together.
+LAYOUTS_4: list[tuple[str, dict, float]] = [
+    ("pp2_tp2", {"pp": 2, "tp": 2, "world": 4}, TP_PP_TOL),
+    ("pp2_tp2_zero1_docmask", {"pp": 2, "tp": 2, "world": 4, "zero": 1, "set": ["model.document_mask=true"]},
+     TP_PP_TOL),
+]
+ALL = LAYOUTS + LAYOUTS_4
 
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("parity")
-    cases = [{"name": name, **layout} for name, layout, _ in LAYOUTS] + [{"name": "tp_grads", "kind": "tp_grads"}]
-    (out / "cases.json").write_text(json.dumps(cases))
-    torchrun(2, [str(Path(__file__).parent / "worker.py"), str(out / "cases.json"), str(out)], timeout=600)
-    results = json.loads((out / "results.json").read_text())
-    results["_dir"] = str(out)
+    results: dict = {"_dir": str(out)}
+    launches = [(2, [{"name": n, **layout} for n, layout, _ in LAYOUTS] + [{"name": "tp_grads", "kind": "tp_grads"}]),
+                (4, [{"name": n, **layout} for n, layout, _ in LAYOUTS_4])]
+    for nproc, cases in launches:
+        (out / "cases.json").write_text(json.dumps(cases))
+        torchrun(nproc, [str(Path(__file__).parent / "worker.py"), str(out / "cases.json"), str(out)], timeout=600)
+        results.update(json.loads((out / "results.json").read_text()))
     return results
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    return {False: reference_run(), True: reference_run(doc_mask=True)}
+    """Reference runs by model options (the model.* overrides a layout sets; parallelism is not a model option)."""
+    cache: dict = {}
+
+    def get(layout: dict):
+        model_opts = tuple(o for o in layout.get("set", []) if o.startswith("model."))
+        if model_opts not in cache:
+            cache[model_opts] = reference_run(list(model_opts))
+        return cache[model_opts]
+    return get
 
 
 def _result(table: dict, name: str) -> dict:
@@ -76,10 +97,10 @@ def _result(table: dict, name: str) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name,layout,tol", LAYOUTS, ids=[n for n, _, _ in LAYOUTS])
+@pytest.mark.parametrize("name,layout,tol", ALL, ids=[n for n, _, _ in ALL])
 def test_losses_match_reference(table, reference, name, layout, tol):
     r = _result(table, name)
-    ref_losses, ref_norms, ref_weights = reference["model.document_mask=true" in layout.get("set", [])]
+    ref_losses, ref_norms, ref_weights = reference(layout)
     assert len(r["losses"]) == STEPS
     for step, (got, want) in enumerate(zip(r["losses"], ref_losses)):
         assert got == pytest.approx(want, rel=tol), f"{name} step {step}: loss {got} vs reference {want}"
@@ -97,7 +118,7 @@ def test_losses_match_reference(table, reference, name, layout, tol):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", [n for n, _, _ in LAYOUTS])
+@pytest.mark.parametrize("name", [n for n, _, _ in ALL])
 def test_checkpoint_round_trip(table, name):
     """Save after STEPS steps, load into a fresh engine: the next step's loss is bit-identical."""
     r = _result(table, name)
@@ -108,7 +129,7 @@ def test_checkpoint_round_trip(table, name):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", [n for n, _, _ in LAYOUTS])
+@pytest.mark.parametrize("name", [n for n, _, _ in ALL])
 def test_nonfinite_step_is_skipped(table, name):
     r = _result(table, name)
     assert not r["nan_loss_finite"] and r["nan_skipped"]
