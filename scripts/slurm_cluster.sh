@@ -16,8 +16,8 @@
 # - No cgroups (proctrack/linuxproc, task/none): containers rarely allow them. select/cons_tres with CR_CPU,
 #   each node claims the machine's CPUs (oversubscribed 2x on purpose: the tests' ranks are tiny).
 # - JobRequeue=1 so `scontrol requeue` works; AuthInfo=cred_expire=10 because a requeued job waits
-#   cred_expire+1 seconds (default 120) before it may start again; jobcomp/filetxt records every end of a job (a requeued job shows
-#   up once per run) because there is no slurmdbd for sacct here.
+#   cred_expire+1 seconds (default 120) before it may start again; jobcomp/filetxt records every end of a job
+#   (a requeued job shows up once per run) because there is no slurmdbd for sacct here.
 # - Everything lives under $SLURM_CLUSTER_DIR (default /tmp/pretrain-slurm). /etc/slurm/slurm.conf is pointed at
 #   it only if that file is absent or was written by this script, so a real cluster's config is never touched.
 set -euo pipefail
