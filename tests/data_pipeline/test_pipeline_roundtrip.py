@@ -115,3 +115,32 @@ def test_progress_bar_reports_docs_and_tokens_per_second(capsys, corpus, tokeniz
     prepare([str(corpus["dir"] / "a.jsonl")], str(tokenizer_dir), str(tmp_path / "o"), workers=0, progress=True)
     err = capsys.readouterr().err
     assert "docs/s" in err and "tokens/s" in err and "65 docs" in err
+
+
+def test_killed_prepare_leaves_only_complete_shards_under_final_names(tokenizer_dir, tmp_path):
+    """SIGKILL mid-run (no cleanup code runs): files named shard-*.tar are complete, the rest is *.tmp."""
+    import multiprocessing
+    import time
+
+    path = write_jsonl(tmp_path / "big.jsonl", make_docs(20000, seed=3))
+    out = tmp_path / "out"
+    # a forked child runs the real prepare (no new interpreter to start); SIGKILL runs no cleanup code at all
+    child = multiprocessing.get_context("fork").Process(target=prepare, args=([str(path)], str(tokenizer_dir),
+                                                                                str(out)),
+                                                       kwargs=dict(shard_size_mb=0.05, workers=0, progress=False))
+    child.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and child.is_alive():
+        if out.exists() and len([n for n in os.listdir(out) if n.endswith(".tar")]) >= 2:
+            break
+        time.sleep(0.01)
+    assert child.is_alive(), "prepare finished before it could be killed"
+    child.kill()
+    child.join()
+    names = os.listdir(out)
+    assert "manifest.json" not in names
+    finals = [n for n in names if n.endswith(".tar")]
+    assert finals and all(n.endswith((".tar", ".tar.tmp")) for n in names), names
+    for n in finals:
+        with tarfile.open(out / n) as t:  # complete: a truncated tar would raise here
+            assert len(t.getmembers()) % 2 == 0 and t.getmembers()
