@@ -352,8 +352,8 @@ class TokenLoader:
             raise LoaderStateError("cannot resume the data loader exactly: " + "; ".join(mismatches)
                                    + " (pass reshard=True to restart the current epoch with the new layout)")
         if mismatches:
-            epochs = [min(c["streams"][s][0] for c in state["cursors"] if c is not None)
-                      if any(c is not None for c in state["cursors"]) else 0 for s in range(len(p.sources))]
+            seen = [pos[0] for c in state["cursors"] if c is not None for pos in c["streams"]]
+            epochs = [min(seen, default=0)] * len(p.sources)  # the sources may differ from the saved ones
             log.warning("data loader reshard (%s): restarting at the start of epoch(s) %s with the new layout; "
                         "documents of that epoch already seen may be seen again", "; ".join(mismatches), epochs)
             start = {"streams": [[e, 0, 0] for e in epochs], "pending": None, "draws": 0}

@@ -2,8 +2,9 @@
 
 Accepted: a shard directory (all shards of its manifest.json); a local glob or brace pattern of `.tar` files
 (`shards/shard-{000000..000009}.tar`, a subset is fine); a webdataset `pipe:` URL, brace-expanded
-(`pipe:aws s3 cp s3://b/shards/shard-{000000..000099}.tar -`). For a pipe: URL the manifest is read through
-the same command with the shard's file name replaced by `manifest.json`. A manifest is always required: its
+(`pipe:aws s3 cp s3://b/shards/shard-{000000..000099}.tar -`), or another URL webdataset's gopen opens
+(http(s)://...). For a URL the manifest is read the same way with the shard's file name replaced by
+`manifest.json`. A manifest is always required: its
 per-shard sample counts are what lets every rank and worker compute its exact share of an epoch.
 """
 from __future__ import annotations
@@ -61,13 +62,13 @@ def _read_pipe_manifest(url: str, shard_name: str) -> Manifest:
 
 def resolve(spec: str) -> ShardSet:
     """Resolve one source string; ManifestError/ShardError (one line) if anything is missing."""
-    if spec.startswith("pipe:"):
+    if spec.startswith("pipe:") or "://" in spec:  # webdataset URLs: pipe:, http(s)://, gs:// ... via gopen
         urls = list(braceexpand.braceexpand(spec))
         names = []
         for url in urls:
-            found = _TAR_NAME.findall(url[5:])
+            found = _TAR_NAME.findall(url[5:] if url.startswith("pipe:") else url.split("://", 1)[1])
             if not found:
-                raise DataError(f"{url}: cannot find a '<name>.tar' shard file name in this pipe: URL")
+                raise DataError(f"{url}: cannot find a '<name>.tar' shard file name in this URL")
             names.append(found[-1])
         manifest = _read_pipe_manifest(urls[0], names[0])
         return ShardSet(spec, manifest, tuple(urls), tuple(_select(manifest, names, spec)))
