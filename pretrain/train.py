@@ -20,12 +20,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pretrain import checkpoint, metrics
 from pretrain.config import Config
@@ -69,8 +69,9 @@ def train(cfg: Config) -> int:
     try:
         while step < cfg.train.max_steps:
             step += 1
-            with _inject_nonfinite(engine, step in poison):
-                res = engine.train_step(batches)
+            if step in poison:
+                engine.inject_nonfinite()  # test hook: this step's loss becomes NaN inside the engine
+            res = engine.train_step(batches)
             streak = streak + 1 if res.skipped else 0
             val = evaluate(cfg, env, engine) if _due(step, cfg.train.eval_every) else None
             log.step(step, res, val)
@@ -83,13 +84,10 @@ def train(cfg: Config) -> int:
                 save(cfg, env, engine, loader, tracker, step, final=step == cfg.train.max_steps)
                 log.committed()
             if stopping:
-                say(f"stopped by signal {stop.signum} at step {step}; checkpoint committed; "
-                    f"exit {REQUEUE_EXIT_CODE} (requeue)")
-                if tracker:
-                    tracker.finish("KILLED")
-                return REQUEUE_EXIT_CODE
+                return requeue(env, stop, step, tracker)
     except NonFiniteAbort as e:
-        say(str(e))
+        if env.rank == 0:
+            say(str(e))
         if tracker:
             tracker.discard()
             tracker.finish("FAILED")
@@ -125,7 +123,7 @@ def make_loader(cfg: Config, path: str | list[str], env: Any, *, epochs: int | N
 
 
 @dataclass
-class _Solo:
+class _Solo:  # the loader's view of a single rank, to read the manifest before process groups exist
     dp_rank: int = 0
     dp_size: int = 1
 
@@ -162,6 +160,17 @@ def copy_tokenizer(identity: dict[str, Any], dest: Path) -> None:
     files = [src] if src.is_file() else [p for p in src.iterdir() if p.is_file() and p.suffix in (".json", ".model")]
     for f in files:
         shutil.copy2(f, out / f.name)
+
+
+def requeue(env: Any, stop: StopRequest, step: int, tracker: Any) -> int:
+    """After the stop checkpoint committed: say so once, mark the MLflow run, hand back the requeue code."""
+    if env.rank == 0:
+        who = f"signal {signal.Signals(stop.signum).name}" if stop.signum else "a signal on another rank"
+        say(f"stopped by {who} at step {step}; checkpoint committed; exit {REQUEUE_EXIT_CODE} (requeue)")
+    if tracker:
+        tracker.finish("KILLED")
+    env.destroy()
+    return REQUEUE_EXIT_CODE
 
 
 def evaluate(cfg: Config, env: Any, engine: Any) -> float | None:
@@ -275,11 +284,3 @@ class StepLog:
 def _poisoned_steps() -> set[int]:
     raw = os.environ.get("PRETRAIN_INJECT_NONFINITE", "")
     return {int(s) for s in raw.split(",") if s.strip()}
-
-
-@contextmanager
-def _inject_nonfinite(engine: Any, active: bool) -> Iterator[None]:
-    """The engine multiplies this step's loss by NaN (its own hook), so its skip guard is what is exercised."""
-    if active:
-        engine.inject_nonfinite()
-    yield

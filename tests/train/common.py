@@ -45,7 +45,8 @@ def train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
     base = ["model.n_layers=2", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_dim=64",
             f"data.path={shards}", "data.shuffle_buffer=16", "train.seq_len=32", "train.micro_batch_size=2",
             "train.grad_accum=2", "train.log_every=1", "optim.warmup_steps=2", "parallel.zero_stage=0",
-            f"checkpoint.dir={run_dir}", "checkpoint.every=0", "tracking.enabled=false"]
+            f"checkpoint.dir={run_dir}", "checkpoint.every=0", "tracking.enabled=false", "data.val_path=null",
+            "train.eval_every=0"]
     out = ["-m", "pretrain", "train", "--config", str(REPO / "configs" / "debug.yaml")]
     for item in [*base, *overrides]:
         out += ["--set", item]
