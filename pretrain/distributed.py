@@ -106,6 +106,9 @@ def init_distributed(cfg: Config, vocab_size: int | None = None) -> DistEnv:
         if world == 1 and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(_free_port())
+        # DeepSpeed asserts these exist (torchrun sets them); a plain single process gets torchrun's values.
+        for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
+            os.environ.setdefault(key, str(value))
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
 

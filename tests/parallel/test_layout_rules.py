@@ -60,14 +60,15 @@ DEVICE_RULES = [
 def test_device_rule(monkeypatch, rule, overrides, world, fragment):
     from pretrain.distributed import init_distributed
 
+    import torch.distributed as dist
+
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", "0")
+    had_group = dist.is_initialized()
     with pytest.raises(ConfigError) as err:
         init_distributed(load_config(None, overrides), 256)
     assert fragment in str(err.value) and "\n" not in str(err.value)
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()  # refused before any process group
+    assert dist.is_initialized() == had_group  # refused before any process group was made
 
 
 def test_vocab_is_padded_per_tp_shard():

@@ -61,7 +61,9 @@ LAYOUTS_4: list[tuple[str, dict, float]] = [
     ("pp2_tp2_zero1_docmask", {"pp": 2, "tp": 2, "world": 4, "zero": 1, "set": ["model.document_mask=true"]},
      TP_PP_TOL),
 ]
-ALL = LAYOUTS + LAYOUTS_4
+# 1 rank, no torchrun needed by the code (the launch just gives it a clean process): the engine at world 1.
+LAYOUTS_1: list[tuple[str, dict, float]] = [("single_zero0", {"world": 1}, DP_TOL)]
+ALL = LAYOUTS + LAYOUTS_4 + LAYOUTS_1
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,8 @@ def table(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("parity")
     results: dict = {"_dir": str(out)}
     launches = [(2, [{"name": n, **layout} for n, layout, _ in LAYOUTS] + [{"name": "tp_grads", "kind": "tp_grads"}]),
-                (4, [{"name": n, **layout} for n, layout, _ in LAYOUTS_4])]
+                (4, [{"name": n, **layout} for n, layout, _ in LAYOUTS_4]),
+                (1, [{"name": n, **layout} for n, layout, _ in LAYOUTS_1])]
     for nproc, cases in launches:
         (out / "cases.json").write_text(json.dumps(cases))
         torchrun(nproc, [str(Path(__file__).parent / "worker.py"), str(out / "cases.json"), str(out)], timeout=600)

@@ -51,7 +51,9 @@ def run_case(case: dict, out: Path) -> dict:
         except Exception as e:  # must be a one-line refusal, never a silent start from random weights
             result["missing_load_error"] = f"{type(e).__name__}: {e}"
         fresh.load(ckpt)
-        result["loaded_global_step"] = fresh.global_step
+        # Every rank must resume at the same step (DeepSpeed writes client_state from DP rank 0 only).
+        steps = (env.all_reduce_max(fresh.global_step), -env.all_reduce_max(-fresh.global_step))
+        result["loaded_global_step"] = steps[0] if steps[0] == steps[1] else f"ranks disagree: {steps}"
         replay = batches_for(env.dp_rank, env.layout, STEPS + 3, cfg.model.document_mask)
         for _ in range(STEPS * env.layout.grad_accum):
             next(replay)
