@@ -203,6 +203,8 @@ def build_engine(cfg: Config, env: DistEnv) -> Engine:
     lay = env.layout
     vocab_size = cfg.model.args().vocab_size or lay.padded_vocab_size
     args = cfg.model.args(vocab_size).replace(vocab_size=lay.padded_vocab_size)
+    # RoPE tables cover max_seq_len: a training context longer than the flavor's default extends it.
+    args = args.replace(max_seq_len=max(args.max_seq_len, cfg.train.seq_len))
     kernels.use_fused(cfg.model.fused_kernels)
     torch.manual_seed(cfg.train.seed)
     factory = _factory(cfg, env)

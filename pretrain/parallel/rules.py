@@ -13,3 +13,7 @@ def check_engine_rules(cfg: Config) -> None:
         # or, with bf16 accumulation, steps the bf16 weights directly: no fp32 master copy.
         raise ConfigError("train.dtype=bf16 needs parallel.zero_stage >= 1: DeepSpeed keeps fp32 master weights "
                           "only in its ZeRO optimizers (ZeRO-1 costs no extra memory); set parallel.zero_stage=1")
+    p, seq = cfg.parallel, cfg.train.seq_len
+    if p.sequence_parallel and seq % p.tp != 0:
+        raise ConfigError(f"train.seq_len={seq} is not divisible by parallel.tp={p.tp}: sequence parallelism splits "
+                          "the sequence evenly over TP ranks")

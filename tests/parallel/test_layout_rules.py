@@ -82,3 +82,11 @@ def test_dry_run_checks_engine_rules():
 
     with pytest.raises(ConfigError, match="parallel.zero_stage >= 1"):
         describe(load_config(None, ["train.dtype=bf16", "parallel.zero_stage=0"]), 1, 256)
+
+
+def test_sequence_parallel_needs_seq_len_divisible_by_tp():
+    from pretrain.parallel.describe import describe
+
+    cfg = load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=15"])
+    with pytest.raises(ConfigError, match="train.seq_len=15 is not divisible by parallel.tp=2"):
+        describe(cfg, 2, 256)
