@@ -43,15 +43,16 @@ def train(cfg: Config) -> int:
     from pretrain.distributed import init_distributed
     from pretrain.engine import build_engine
 
+    stop = StopRequest().install()  # first: a preemption signal during start-up must not kill the rank
     vocab = cfg.model.vocab_size or dataset_vocab(cfg)
     os.environ.setdefault("LOCAL_RANK", "0")  # plain `pretrain train` (no torchrun): DeepSpeed asserts it is set
     env = init_distributed(cfg, vocab)
     run_dir = Path(cfg.checkpoint.dir)
+    chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)  # before building: a bad one fails fast
     loader = make_loader(cfg, cfg.data.path, env, epochs=None)
     engine = build_engine(cfg, env)
 
     start, run_id = 0, None
-    chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)
     if chosen is not None:
         loaded = checkpoint.load(chosen, env, load_model=engine.load)
         loader.load_state_dict(loaded.rank_state["loader"])
@@ -62,7 +63,6 @@ def train(cfg: Config) -> int:
             f"layout {env.layout}")
     tracker = open_tracker(cfg, env.layout, env.rank, resume_run_id=run_id, resume_step=start)
     log = StepLog(cfg, env, engine, tracker, start)
-    stop = StopRequest().install()
     poison = _poisoned_steps()
 
     batches, streak, step = iter(loader), 0, start
@@ -92,6 +92,11 @@ def train(cfg: Config) -> int:
             tracker.discard()
             tracker.finish("FAILED")
         return EXIT_NONFINITE
+    except BaseException:
+        if tracker:
+            tracker.discard()  # never-checkpointed steps: the resumed run logs them
+            tracker.finish("FAILED")
+        raise
     finally:
         log.close()
     log.summary(step)

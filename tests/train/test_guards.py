@@ -3,7 +3,8 @@
 One run: steps 3, 5 and 6 get a NaN loss injected (PRETRAIN_INJECT_NONFINITE, see pretrain/train.py); with
 train.max_nonfinite_steps=2 the run skips step 3, goes on, and aborts at step 6 with exit 3, never checkpointing a
 step from a bad streak. Then the newest checkpoint is corrupted: `resume: auto` refuses it, says so, falls back
-to the previous complete one, and the finished metrics.jsonl still holds every step exactly once.
+to the previous complete one, and the finished metrics.jsonl still holds every step exactly once. Last,
+`pretrain generate` samples from the finished run.
 """
 from __future__ import annotations
 
@@ -45,3 +46,10 @@ def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
     assert sorted(second) == list(range(1, 11))
     assert [second[s] for s in (1, 2)] == [first[1], first[2]]
     assert all(isinstance(v, float) for s, v in second.items()), "no injection the second time"
+
+    # The finished run's final checkpoint is self-contained for sampling; an intermediate one says what to pass.
+    g = run_train(["-m", "pretrain", "generate", "--checkpoint", str(run), "--prompt", "the model",
+                   "--max-new-tokens", "8", "--temperature", "0"])
+    assert g.returncode == 0 and g.stdout.startswith("the model"), g.stderr[-2000:]
+    g = run_train(["-m", "pretrain", "generate", "--checkpoint", str(run / "step_9"), "--prompt", "x"])
+    assert g.returncode == 2 and "has no consolidated.pt" in g.stderr
