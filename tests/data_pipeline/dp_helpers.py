@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -13,7 +12,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 

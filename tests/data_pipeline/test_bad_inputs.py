@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from dp_helpers import make_docs, run_main, write_jsonl, write_parquet, write_synthetic_shards
+from dp_helpers import make_docs, run_main, write_jsonl, write_parquet
 
 from data_pipeline.errors import ShardError
 from data_pipeline.loader import TokenLoader

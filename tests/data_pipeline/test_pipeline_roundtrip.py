@@ -1,12 +1,10 @@
 """Corpus -> tokenizer -> shards -> plain webdataset reader -> decode == the original documents."""
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 
 import numpy as np
-import pytest
 import webdataset as wds
 from dp_helpers import make_docs, run_cli, run_main, write_jsonl
 
