@@ -171,3 +171,22 @@ def test_tokenizer_not_matching_the_manifest(capsys, tmp_path, shards, corpus):
         "tokenizer (hash" in bad[0] and "vocab 400" in bad[0]
     proc = run_main(capsys, "inspect", str(shards), "--tokenizer", str(other))
     assert "does not match the manifest's tokenizer" in _one_line_error(proc)
+
+
+def test_counting_handler_replaces_warn_and_continue_in_plain_webdataset(shards, caplog):
+    import time
+
+    import webdataset as wds
+
+    from data_pipeline.handlers import CountingHandler
+
+    m = read_manifest(str(shards))
+    urls = [str(shards / m.shards[0].name), str(shards / "missing.tar"), str(shards / m.shards[1].name)]
+    start = time.perf_counter()
+    with caplog.at_level("WARNING"):
+        samples = list(wds.WebDataset(urls, shardshuffle=False, handler=CountingHandler(1, "bad shards")))
+    assert len(samples) == m.shards[0].samples + m.shards[1].samples
+    assert "skipped (1/1 bad shards allowed)" in caplog.text and "missing.tar" in caplog.text
+    assert time.perf_counter() - start < 5  # no 0.5 s sleep per error
+    with pytest.raises(ShardError, match=r"missing\.tar.*\(1 bad shards, more than the 0 allowed\)$"):
+        list(wds.WebDataset(urls, shardshuffle=False, handler=CountingHandler(0, "bad shards")))
