@@ -70,9 +70,14 @@ def _forward_forever() -> None:
 def exit_code_of_failures(codes: list[int]) -> int:
     """One exit code for the node: the ranks' common code when they agree, else 1 (a plain failure).
 
-    A rank killed by signal N reports -N; that becomes 128+N, the shell's convention.
+    torchrun stops the other ranks with SIGTERM the moment one rank exits non-zero. A rank that is already past
+    its checkpoint and shutting down (CPython resets signal handlers to the default during finalization) dies of
+    that SIGTERM: seen as [42, -15] when two ranks exit 42 a few ms apart. That -15 is the agent's own cleanup
+    and says nothing about the run, so it is ignored whenever a rank reported a real exit code.
+    A rank killed by signal N otherwise reports -N; that becomes 128+N, the shell's convention.
     """
-    mapped = {128 - c if c < 0 else c for c in codes}
+    own = [c for c in codes if c != -signal.SIGTERM]
+    mapped = {128 - c if c < 0 else c for c in (own or codes)}
     if len(mapped) == 1:
         code = mapped.pop()
         return code if 0 < code < 256 else 1

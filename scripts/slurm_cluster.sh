@@ -127,7 +127,7 @@ alive() {  # alive PIDFILE: the process named in it runs
 start_munge() {
     local pidfile=/run/munge/munged.pid
     mkdir -p /run/munge && chown munge:munge /run/munge && chmod 755 /run/munge
-    if alive "$pidfile" && munge -n </dev/null | unmunge >/dev/null 2>&1; then return; fi
+    if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then return; fi  # a munged already serves
     if [[ ! -s /etc/munge/munge.key ]]; then
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
     fi
@@ -143,8 +143,8 @@ start_munge() {
 
 start_daemons() {
     if ! alive "$DIR/run/slurmctld.pid"; then
-        # -i: ignore state files from an older run of this script (they may name jobs that no longer exist).
-        slurmctld -f "$CONF" -i
+        # -c: start from a clean state; jobs of an earlier session (whose files are gone) are not resurrected.
+        slurmctld -f "$CONF" -c
     fi
     local name
     for name in "${NODES[@]}"; do
@@ -173,6 +173,11 @@ wait_idle() {
 
 stop() {
     local pidfile pid i
+    # Jobs left over (a test that failed mid-way) would keep their slurmstepd and ranks alive past the daemons.
+    if alive "$DIR/run/slurmctld.pid"; then
+        squeue -h -o %A 2>/dev/null | xargs -r scancel 2>/dev/null || true
+        for i in $(seq 50); do [[ -z $(squeue -h -o %A 2>/dev/null) ]] && break; sleep 0.2; done
+    fi
     for pidfile in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid"; do
         [[ -s $pidfile ]] || continue
         pid=$(cat "$pidfile")

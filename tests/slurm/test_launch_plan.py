@@ -106,6 +106,10 @@ def test_one_exit_code_per_node_from_the_ranks_codes() -> None:
     assert exit_code_of_failures([42, 42]) == 42  # every rank checkpointed and asked for a requeue
     assert exit_code_of_failures([42, 1]) == 1  # anything mixed is a plain failure: never requeue a crash
     assert exit_code_of_failures([-9]) == 137  # killed by SIGKILL, shell convention
+    # torchrun SIGTERMs the other ranks as soon as one exits; one already shutting down after its checkpoint dies
+    # of it. That is the agent's cleanup, not the run's outcome.
+    assert exit_code_of_failures([42, -15]) == 42
+    assert exit_code_of_failures([-15]) == 143 and exit_code_of_failures([1, -15]) == 1
 
 
 def test_cli_fails_fast_with_one_line_and_no_rendezvous() -> None:
