@@ -60,6 +60,7 @@ class Tracker:
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
         self._buffer: list[Any] = []
+        self._logged_up_to = 0  # steps <= this are already in the run (see `log_step`)
         tags = {"git_commit": _git_commit(), "hostname": socket.gethostname(),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "layout": f"world={layout.world} tp={layout.tp} pp={layout.pp} dp={layout.dp}",
@@ -67,6 +68,8 @@ class Tracker:
         if resume_run_id and self._exists(resume_run_id):
             self.run_id = resume_run_id
             self.client.update_run(self.run_id, status="RUNNING")
+            history = self.client.get_metric_history(self.run_id, "loss")
+            self._logged_up_to = max((m.step for m in history), default=0)
             tags[f"resumed_at_step_{resume_step}"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             self._tags(tags)
             self.client.log_text(self.run_id, cfg.to_yaml(), f"config_resume_step_{resume_step}.yaml")
@@ -104,7 +107,15 @@ class Tracker:
         self.client.log_batch(self.run_id, tags=[self._RunTag(k, v) for k, v in tags.items() if v is not None])
 
     def log_step(self, step: int, values: dict[str, float | None]) -> None:
-        """Buffered; sent by `flush` (at a checkpoint commit or the end)."""
+        """Buffered; sent by `flush` (at a checkpoint commit or the end).
+
+        Steps the run already holds are not sent again. That happens only when a resume fell back past a
+        checkpoint that was committed (and flushed) but later found corrupt: MLflow cannot delete points, so
+        the first attempt's points stay (on the same layout a replay recomputes the same values, unless the
+        first attempt was hit by a transient fault); metrics.jsonl holds the replayed values.
+        """
+        if step <= self._logged_up_to:
+            return
         ts = int(time.time() * 1000)
         self._buffer += [self._Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
 

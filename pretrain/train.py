@@ -228,7 +228,7 @@ class StepLog:
         self.bar = None
         if self.on and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=0.5)
         self.last: metrics.StepRecord | None = None
         self.skipped = 0
         self.t0 = time.time()

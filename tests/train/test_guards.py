@@ -3,7 +3,8 @@
 One run: steps 3, 5 and 6 get a NaN loss injected (PRETRAIN_INJECT_NONFINITE, see pretrain/train.py); with
 train.max_nonfinite_steps=2 the run skips step 3, goes on, and aborts at step 6 with exit 3, never checkpointing a
 step from a bad streak. Then the newest checkpoint is corrupted: `resume: auto` refuses it, says so, falls back
-to the previous complete one, and the finished metrics.jsonl still holds every step exactly once. Last,
+to the previous complete one, and the finished metrics.jsonl -- and the MLflow run in the embedded local store --
+still hold every step exactly once. Last,
 `pretrain generate` samples from the finished run.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
     shards = tiny_shards(tmp_path / "data") / "shards"
     run = tmp_path / "run"
     args = train_args(shards, run, "train.max_steps=10", "checkpoint.every=1", "checkpoint.keep=5",
-                      "train.max_nonfinite_steps=2")
+                      "train.max_nonfinite_steps=2", "tracking.enabled=true")  # the default local store
     p = run_train(args, PRETRAIN_INJECT_NONFINITE="3,5,6")
     assert p.returncode == 3, p.stderr[-3000:]
     assert "aborting at step 6: 2 non-finite steps in a row (train.max_nonfinite_steps=2)" in p.stderr
@@ -46,6 +47,13 @@ def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
     assert sorted(second) == list(range(1, 11))
     assert [second[s] for s in (1, 2)] == [first[1], first[2]]
     assert all(isinstance(v, float) for s, v in second.items()), "no injection the second time"
+
+    from mlflow import MlflowClient  # the embedded default store: <checkpoint.dir>/mlruns/mlflow.db
+    client = MlflowClient(f"sqlite:///{run}/mlruns/mlflow.db")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    assert mlrun.info.status == "FINISHED", "the aborted run was continued (same run id) and finished"
+    logged = [m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")]
+    assert sorted(logged) == list(range(1, 11)), "no step twice, even after falling back past a flushed one"
 
     # The finished run's final checkpoint is self-contained for sampling; an intermediate one says what to pass.
     g = run_train(["-m", "pretrain", "generate", "--checkpoint", str(run), "--prompt", "the model",
