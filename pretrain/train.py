@@ -79,7 +79,9 @@ def train(cfg: Config) -> int:
                 raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
                                      f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
                                      f"checkpoint in {run_dir} holds the last good state")
-            stopping = stop.should_stop(env)
+            stopping = stop.should_stop(env)  # collective: every rank stops at this same step
+            # A stop saves even inside a non-finite streak: skipped steps changed no weights, and the requeued
+            # run must resume from here. Periodic saves wait for a finite step.
             if stopping or step == cfg.train.max_steps or (_due(step, cfg.checkpoint.every) and streak == 0):
                 save(cfg, env, engine, loader, tracker, step, final=step == cfg.train.max_steps)
                 log.committed()
