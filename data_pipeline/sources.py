@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import io
 import json
 import os
 from collections import Counter
@@ -77,14 +76,36 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return sorted(set(files))
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst"):
-        import zstandard
+def _zstd_lines(path: str) -> Iterator[bytes]:
+    """Lines of a .zst file (several frames allowed). Unlike zstandard's stream_reader, a file cut short
+    inside a frame is an error here, not a silent early end (a cut at a line boundary would lose data)."""
+    import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+    dctx = zstandard.ZstdDecompressor()
+    dobj, in_frame = dctx.decompressobj(), False
+    pending = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            while chunk:
+                pending += dobj.decompress(chunk)
+                in_frame, chunk = True, b""
+                if dobj.eof:  # frame finished; the rest of this chunk starts the next frame
+                    chunk, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line + b"\n"
+    if in_frame:
+        raise EOFError("zstd stream ends inside a frame (file truncated?)")
+    if pending:
+        yield pending
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    if path.endswith(".zst"):
+        yield from _zstd_lines(path)
+        return
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb", buffering=1 << 20)) as f:
+        yield from f
 
 
 def _check_text(text: object, where: str, text_key: str, skip: SkipCounter | None) -> str | None:
@@ -109,40 +130,39 @@ def _check_text(text: object, where: str, text_key: str, skip: SkipCounter | Non
 def _read_jsonl(path: str, text_key: str, skip: SkipCounter | None) -> Iterator[Document]:
     lineno = 0
     try:
-        with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                where = f"{path}:{lineno}"
-                if not raw.strip():
-                    continue  # blank lines between records are not documents
-                try:
-                    line = raw.rstrip(b"\r\n").decode("utf-8")
-                except UnicodeDecodeError as e:
-                    msg = f"{where}: invalid UTF-8 at byte {e.start}"
-                    if skip is None:
-                        raise SourceError(msg + " (pass --skip-bad to skip and count such lines)") from None
-                    skip.skip("invalid_utf8", msg)
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    msg = f"{where}: malformed JSON: {e.msg} (column {e.colno})"
-                    if skip is None:
-                        raise SourceError(msg + " (pass --skip-bad to skip and count such lines)") from None
-                    skip.skip("malformed_json", msg)
-                    continue
-                if not isinstance(record, dict):
-                    msg = f"{where}: expected a JSON object, got {type(record).__name__}"
-                    if skip is None:
-                        raise SourceError(msg)
-                    skip.skip("not_object", msg)
-                    continue
-                text = _check_text(record.get(text_key), where, text_key, skip)
-                if text is not None:
-                    yield Document(f"{path}:{lineno}", text)
+        for lineno, raw in enumerate(_lines(path), start=1):
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue  # blank lines between records are not documents
+            try:
+                line = raw.rstrip(b"\r\n").decode("utf-8")
+            except UnicodeDecodeError as e:
+                msg = f"{where}: invalid UTF-8 at byte {e.start}"
+                if skip is None:
+                    raise SourceError(msg + " (pass --skip-bad to skip and count such lines)") from None
+                skip.skip("invalid_utf8", msg)
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                msg = f"{where}: malformed JSON: {e.msg} (column {e.colno})"
+                if skip is None:
+                    raise SourceError(msg + " (pass --skip-bad to skip and count such lines)") from None
+                skip.skip("malformed_json", msg)
+                continue
+            if not isinstance(record, dict):
+                msg = f"{where}: expected a JSON object, got {type(record).__name__}"
+                if skip is None:
+                    raise SourceError(msg)
+                skip.skip("not_object", msg)
+                continue
+            text = _check_text(record.get(text_key), where, text_key, skip)
+            if text is not None:
+                yield Document(f"{path}:{lineno}", text)
     except (OSError, EOFError) as e:  # gzip/zstd corruption, truncated archives
         raise SourceError(f"{path}: cannot read after line {lineno} ({e})") from None
     except Exception as e:
-        if type(e).__module__.startswith("zstd") or "zstd" in type(e).__name__.lower():
+        if "zstd" in type(e).__module__.lower() or "zstd" in type(e).__name__.lower():
             raise SourceError(f"{path}: corrupt zstd stream after line {lineno} ({e})") from None
         raise
 

@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from dp_helpers import make_docs, run_main, write_jsonl, write_parquet
+from dp_helpers import make_docs, run_main, write_jsonl, write_parquet, write_zst
 
 from data_pipeline.errors import ShardError
 from data_pipeline.loader import TokenLoader
@@ -80,7 +80,7 @@ def test_parquet_missing_column_and_null_text(capsys, tmp_path, tokenizer_dir):
                                           "and count such documents)")
 
 
-def test_invalid_utf8_txt_and_truncated_gzip(capsys, tmp_path, tokenizer_dir):
+def test_invalid_utf8_txt_and_truncated_gzip_and_zstd(capsys, tmp_path, tokenizer_dir):
     txt = tmp_path / "bad.txt"
     txt.write_bytes(b"fine start \xff\xfe then junk")
     proc = run_main(capsys, "prepare", "--input", str(txt), "--tokenizer", str(tokenizer_dir), "--no-progress",
@@ -92,6 +92,13 @@ def test_invalid_utf8_txt_and_truncated_gzip(capsys, tmp_path, tokenizer_dir):
     proc = run_main(capsys, "prepare", "--input", str(gz), "--tokenizer", str(tokenizer_dir), "--no-progress",
                     "--out", str(tmp_path / "o2"))
     assert "cannot read after line" in _one_line_error(proc) and str(gz) in proc.stderr
+    # zstandard's stream reader ends silently at a cut; a cut at a line boundary would lose documents unseen
+    zst = write_zst(tmp_path / "t.jsonl.zst", make_docs(400))
+    zst.write_bytes(zst.read_bytes()[: os.path.getsize(zst) // 2])
+    proc = run_main(capsys, "prepare", "--input", str(zst), "--tokenizer", str(tokenizer_dir), "--no-progress",
+                    "--out", str(tmp_path / "o3"))
+    assert _one_line_error(proc).startswith(f"pretrain-data prepare: error: {zst}: cannot read after line ")
+    assert proc.stderr.rstrip().endswith("(zstd stream ends inside a frame (file truncated?))")
 
 
 def test_missing_input_and_missing_manifest(capsys, tmp_path, tokenizer_dir):
