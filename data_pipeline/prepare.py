@@ -126,9 +126,10 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
     if not overwrite:
         raise DataError(f"{out_dir}: directory is not empty ({len(existing)} entries, e.g. {sorted(existing)[0]}); "
                         "pass --overwrite to replace its shards")
-    ours = glob.glob(os.path.join(out_dir, "shard-*.tar")) + glob.glob(os.path.join(out_dir, "*" + TEMP_SUFFIX))
-    ours += [os.path.join(out_dir, MANIFEST_NAME)] if MANIFEST_NAME in existing else []
-    for path in ours:  # manifest first would be nicer, but the set is removed before any new shard is written
+    # The manifest goes first: if this is interrupted, no manifest ever lists a shard that is gone.
+    ours = [os.path.join(out_dir, MANIFEST_NAME)] if MANIFEST_NAME in existing else []
+    ours += glob.glob(os.path.join(out_dir, "shard-*.tar")) + glob.glob(os.path.join(out_dir, "*" + TEMP_SUFFIX))
+    for path in ours:  # other files (not ours) are left alone
         os.remove(path)
 
 
