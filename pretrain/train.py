@@ -49,6 +49,8 @@ def train(cfg: Config) -> int:
     env = init_distributed(cfg, vocab)
     run_dir = Path(cfg.checkpoint.dir)
     chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)  # before building: a bad one fails fast
+    if chosen is not None:
+        same_layout(checkpoint.read_meta(chosen), env.layout, chosen)
     loader = make_loader(cfg, cfg.data.path, env, epochs=None)
     engine = build_engine(cfg, env)
 
@@ -109,6 +111,17 @@ def train(cfg: Config) -> int:
 
 
 # --------------------------------------------------------------------------------------------- ingredients
+
+
+def same_layout(meta: checkpoint.Meta, layout: Any, where: Path) -> None:
+    """DeepSpeed's files are per TP/PP/DP rank: resuming them under another layout is refused, not guessed."""
+    keys = ("world", "tp", "pp", "dp", "padded_vocab_size")
+    saved = {k: meta.layout.get(k) for k in keys}
+    now = {k: getattr(layout, k) for k in keys}
+    if saved != now:
+        diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in keys if saved[k] != now[k])
+        raise checkpoint.CheckpointError(f"checkpoint {where} was saved with another parallel layout ({diff}); "
+                                         "resume with the same layout, or start over with checkpoint.resume=none")
 
 
 def say(msg: str) -> None:
