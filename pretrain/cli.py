@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 2 -m pretrain train --config configs/debug.yaml
     pretrain plan --config configs/7b.yaml --nodes 4 --gpus-per-node 8 [--set model.vocab_size=32000]
     pretrain generate --checkpoint runs/demo/run --prompt "Once upon a time" [--max-new-tokens 64]
+    pretrain export-hf --checkpoint runs/demo/run --out hf/
 
 Errors a user can fix (config, data, checkpoint) print one line and exit 2; see pretrain/train.py for the
 other exit codes (42 = stopped by a signal after checkpointing: requeue).
@@ -51,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
+    x = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM directory (safetensors)",
+                       description="Export the consolidated weights of a finished run for transformers.")
+    x.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`) or a step_<N> dir")
+    x.add_argument("--out", required=True, help="new (or empty) output directory")
+    x.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     return p
 
 
@@ -68,6 +74,41 @@ def _dry_run(cfg, world: int) -> int:
     return 0
 
 
+def _load_final(path: str):
+    """(step dir, its config, its meta, the consolidated reference state dict) of a finished run's checkpoint."""
+    import torch
+
+    from pretrain import checkpoint
+
+    step_dir = checkpoint.resolve_checkpoint_arg(path)
+    weights = step_dir / checkpoint.CONSOLIDATED
+    if not weights.is_file():
+        raise checkpoint.CheckpointError(f"{step_dir} has no {checkpoint.CONSOLIDATED} (written at a run's final "
+                                         "checkpoint only); pass the final step_<N> of a finished run")
+    cfg = load_config(step_dir / checkpoint.CONFIG)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    return step_dir, cfg, checkpoint.read_meta(step_dir), state
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """The consolidated weights -> Hugging Face LlamaForCausalLM directory (engineer B's `export_hf`)."""
+    import torch
+
+    from pretrain import checkpoint
+    from pretrain.export_hf import export_hf
+
+    step_dir, cfg, meta, state = _load_final(args.checkpoint)
+    margs = cfg.model.args(state["tok_embeddings.weight"].shape[0])
+    try:
+        out = export_hf(state, margs, args.out, tokenizer_dir=step_dir / checkpoint.TOKENIZER_DIR,
+                        bos_token_id=meta.tokenizer.get("bos_id"), eos_token_id=meta.tokenizer.get("eos_id"),
+                        dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+    except FileExistsError as e:
+        raise ConfigError(str(e)) from None
+    print(f"exported {step_dir} -> {out} (transformers.LlamaForCausalLM.from_pretrained('{out}'))")
+    return 0
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Consolidated reference weights + the tokenizer copied into the checkpoint -> KV-cache sampling.
 
@@ -76,26 +117,17 @@ def run_generate(args: argparse.Namespace) -> int:
     that world. The final checkpoint of a run therefore also holds `consolidated.pt` (reference parameter names,
     gathered by the engine, written by rank 0).
     """
-    import torch
-
     from data_pipeline.tokenizer import load_tokenizer
     from pretrain import checkpoint
     from pretrain.model.generate import Sampling, generate
     from pretrain.model.transformer import Transformer
 
-    step_dir = checkpoint.resolve_checkpoint_arg(args.checkpoint)
-    weights = step_dir / checkpoint.CONSOLIDATED
-    if not weights.is_file():
-        raise checkpoint.CheckpointError(f"{step_dir} has no {checkpoint.CONSOLIDATED} (written at a run's final "
-                                         "checkpoint only); pass the final step_<N> of a finished run")
-    cfg = load_config(step_dir / checkpoint.CONFIG)
-    meta = checkpoint.read_meta(step_dir)
+    step_dir, cfg, meta, state = _load_final(args.checkpoint)
     copied = step_dir / checkpoint.TOKENIZER_DIR
     tok = load_tokenizer(str(copied if copied.exists() else meta.tokenizer.get("path", "")))
     if meta.tokenizer.get("identity") and getattr(tok, "identity", None) != meta.tokenizer["identity"]:
         raise checkpoint.CheckpointError(f"tokenizer at {copied} does not match the one the model was trained "
                                          "with (identity hash differs)")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
     model = Transformer(cfg.model.args(state["tok_embeddings.weight"].shape[0]))
     model.load_state_dict(state)
     # Documents were packed as ...<eos>doc<eos>...: an eos in front of the prompt reads as "a document starts".
@@ -122,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "export-hf":
+            return run_export(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "plan":
             return _dry_run(cfg, args.nodes * args.gpus_per_node)

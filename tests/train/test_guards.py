@@ -5,7 +5,7 @@ train.max_nonfinite_steps=2 the run skips step 3, goes on, and aborts at step 6 
 step from a bad streak. Then the newest checkpoint is corrupted: `resume: auto` refuses it, says so, falls back
 to the previous complete one, and the finished metrics.jsonl -- and the MLflow run in the embedded local store --
 still hold every step exactly once. Last,
-`pretrain generate` samples from the finished run.
+`pretrain generate` samples from the finished run and `pretrain export-hf` writes it for transformers.
 """
 from __future__ import annotations
 
@@ -61,3 +61,6 @@ def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
     assert g.returncode == 0 and g.stdout.startswith("the model"), g.stderr[-2000:]
     g = run_train(["-m", "pretrain", "generate", "--checkpoint", str(run / "step_9"), "--prompt", "x"])
     assert g.returncode == 2 and "has no consolidated.pt" in g.stderr
+    x = run_train(["-m", "pretrain", "export-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")])
+    assert x.returncode == 0, x.stderr[-2000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
