@@ -23,9 +23,7 @@ from launch.preflight import check_world
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    if "--" not in argv:
-        raise LaunchError("usage: python -m launch [options] -- <training command>; the `--` is missing")
-    split = argv.index("--")
+    split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc-per-node", type=int, default=None,
@@ -35,10 +33,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--master-port", type=int, default=None,
                         help="override the port derived from the SLURM job id")
     parser.add_argument("--dry-run", action="store_true", help="print the launch line and exit")
-    args = parser.parse_args(argv[:split])
+    args = parser.parse_args(argv[:split])  # --help works without a command
     command = argv[split + 1:]
     if not command:
-        raise LaunchError("no training command after `--`")
+        raise LaunchError("usage: python -m launch [options] -- <training command>; no command after `--`")
     return args, command
 
 
