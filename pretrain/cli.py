@@ -141,6 +141,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    stop = None
+    if args.command == "train" and not args.dry_run:
+        from pretrain.signals import StopRequest
+        # Before torch/DeepSpeed imports (seconds): a preemption signal during start-up must not kill the rank.
+        stop = StopRequest().install()
     from pretrain.checkpoint import CheckpointError
 
     user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError)
@@ -162,6 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
         from pretrain.train import train
-        return train(cfg)
+        return train(cfg, stop)
     except user_errors as e:
         return _fail(str(e))

@@ -31,6 +31,7 @@ METRICS_FILE = "metrics.jsonl"
 PEAK_TFLOPS: list[tuple[str, float]] = [
     ("H200", 989.0),
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),   # SXM / NVL
     ("GH200", 989.0),
     ("B200", 2250.0),

@@ -39,11 +39,12 @@ class NonFiniteAbort(RuntimeError):
     """Too many non-finite steps in a row: the run stops without checkpointing the bad streak."""
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, stop: StopRequest | None = None) -> int:
+    """`stop`: handlers installed by the caller as early as possible (the CLI does it before importing torch)."""
+    stop = stop or StopRequest().install()
     from pretrain.distributed import init_distributed
     from pretrain.engine import build_engine
 
-    stop = StopRequest().install()  # first: a preemption signal during start-up must not kill the rank
     vocab = cfg.model.vocab_size or dataset_vocab(cfg)
     os.environ.setdefault("LOCAL_RANK", "0")  # plain `pretrain train` (no torchrun): DeepSpeed asserts it is set
     env = init_distributed(cfg, vocab)
@@ -63,6 +64,8 @@ def train(cfg: Config) -> int:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
         say(f"{'resuming from ' + str(chosen) if chosen else 'starting fresh'} at step {start}; "
             f"layout {env.layout}")
+    if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
+        return requeue(env, stop, start, None, saved=False)
     tracker = open_tracker(cfg, env.layout, env.rank, resume_run_id=run_id, resume_step=start)
     log = StepLog(cfg, env, engine, tracker, start)
     poison = _poisoned_steps()
@@ -182,11 +185,12 @@ def copy_tokenizer(identity: dict[str, Any], dest: Path) -> None:
         shutil.copy2(f, out / f.name)
 
 
-def requeue(env: Any, stop: StopRequest, step: int, tracker: Any) -> int:
+def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, saved: bool = True) -> int:
     """After the stop checkpoint committed: say so once, mark the MLflow run, hand back the requeue code."""
     if env.rank == 0:
         who = f"signal {signal.Signals(stop.signum).name}" if stop.signum else "a signal on another rank"
-        say(f"stopped by {who} at step {step}; checkpoint committed; exit {REQUEUE_EXIT_CODE} (requeue)")
+        what = "checkpoint committed" if saved else "before the first step, nothing to save"
+        say(f"stopped by {who} at step {step}; {what}; exit {REQUEUE_EXIT_CODE} (requeue)")
     if tracker:
         tracker.finish("KILLED")
     env.destroy()
