@@ -180,8 +180,13 @@ class Engine:
         step_dir = Path(step_dir)
         if not (step_dir / "model").is_dir():
             raise CheckpointLoadError(f"{step_dir}: no DeepSpeed checkpoint directory 'model' to load")
-        path, client = self.ds.load_checkpoint(str(step_dir), tag="model", load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
+        try:
+            path, client = self.ds.load_checkpoint(str(step_dir), tag="model", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        except (RuntimeError, KeyError, ValueError, AssertionError, FileNotFoundError, IndexError) as e:
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointLoadError(f"{step_dir}/model: DeepSpeed could not load it ({type(e).__name__}: "
+                                      f"{reason}); was it written with this layout (tp/pp/dp, ZeRO stage)?") from e
         if path is None:
             raise CheckpointLoadError(f"{step_dir}/model: DeepSpeed found no loadable checkpoint")
         if not client or "global_step" not in client:

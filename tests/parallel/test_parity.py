@@ -43,7 +43,7 @@ LAYOUTS: list[tuple[str, dict, float]] = [
     ("dp2_zero3", {"zero": 3}, DP_TOL),
     ("tp2", {"tp": 2}, TP_PP_TOL),
     ("pp2", {"pp": 2}, TP_PP_TOL),
-    ("tp2_zero1", {"tp": 2, "zero": 1}, TP_PP_TOL),
+    ("tp2_zero1", {"tp": 2, "zero": 1, "refuse": "dp2_zero1"}, TP_PP_TOL),
     ("pp2_zero1", {"pp": 2, "zero": 1}, TP_PP_TOL),
     # Features that must not change the numbers: activation recompute (selective: in the bf16 case below).
     ("dp2_zero2_ckpt_full", {"zero": 2, "set": ["model.activation_checkpointing=full"]}, DP_TOL),
@@ -152,3 +152,10 @@ def test_tensor_parallel_gradients_match_reference(table):
                 "row_input_grad", "model_loss", "model_grad"):
         assert r[key] < 1e-6, f"{key}: max difference {r[key]:.3e} (relative to the largest entry)"
     assert r["model_init"] == 0.0  # the seeded init is exactly layout-independent
+
+
+@pytest.mark.distributed
+def test_checkpoint_of_another_layout_is_refused(table):
+    """A TP=2 engine asked to load a DP=2 checkpoint: one-line CheckpointLoadError naming the directory."""
+    err = _result(table, "tp2_zero1")["foreign_load_error"]
+    assert err.startswith("CheckpointLoadError: ") and "ckpt_dp2_zero1/model" in err and "\n" not in err, err

@@ -50,6 +50,12 @@ def run_case(case: dict, out: Path) -> dict:
             fresh.load(out / "no_such_step")
         except Exception as e:  # must be a one-line refusal, never a silent start from random weights
             result["missing_load_error"] = f"{type(e).__name__}: {e}"
+        if "refuse" in case:  # a checkpoint written by another layout earlier in this launch
+            try:
+                fresh.load(out / f"ckpt_{case['refuse']}")
+                result["foreign_load_error"] = "loaded a checkpoint of another layout"
+            except Exception as e:
+                result["foreign_load_error"] = f"{type(e).__name__}: {e}"
         fresh.load(ckpt)
         # Every rank must resume at the same step (DeepSpeed writes client_state from DP rank 0 only).
         steps = (env.all_reduce_max(fresh.global_step), -env.all_reduce_max(-fresh.global_step))
