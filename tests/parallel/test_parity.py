@@ -55,7 +55,8 @@ LAYOUTS: list[tuple[str, dict, float]] = [
      {"zero": 2, "set": ["train.dtype=bf16", "model.activation_checkpointing=selective", "model.document_mask=true"]},
      BF16_TOL),
     ("tp2_zero3", {"tp": 2, "zero": 3}, TP_PP_TOL),
-    ("tp2_tied", {"tp": 2, "set": ["model.tie_embeddings=true"]}, TP_PP_TOL),
+    ("tp2_tied_selective", {"tp": 2, "set": ["model.tie_embeddings=true", "model.activation_checkpointing=selective"]},
+     TP_PP_TOL),
 ]
 # 4 ranks (a second launch, ~40 s on 2 cores): DeepSpeed's pipeline grid and megatron-core's TP groups together.
 LAYOUTS_4: list[tuple[str, dict, float]] = [
