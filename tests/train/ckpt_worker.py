@@ -1,6 +1,6 @@
 """Run under torchrun (2 gloo ranks): the checkpoint commit protocol with a stand-in save callback.
 
-Prints one JSON line per rank with what it observed; tests/train/test_checkpoint.py asserts on it.
+Writes result_<rank>.json beside the run dir with what each rank observed; tests/train/test_checkpoint.py asserts on it.
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def main(run_dir: Path) -> None:
         out["explicit"] = "loaded"
     except ckpt.CheckpointError as e:
         out["explicit"] = str(e)
-    print("RESULT " + json.dumps(out), flush=True)
+    # One file per rank: two ranks printing to torchrun's shared stdout can interleave.
+    (run_dir.parent / f"result_{env.rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
 
