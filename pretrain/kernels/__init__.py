@@ -5,10 +5,15 @@ Each op has an eager PyTorch reference (the ground truth every fused path is par
 """
 from __future__ import annotations
 
+import importlib
+import logging
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 
 _FUSED = False
+log = logging.getLogger(__name__)
 
 
 def use_fused(enabled: bool) -> None:
@@ -18,11 +23,29 @@ def use_fused(enabled: bool) -> None:
 
 
 def fused_enabled(x: torch.Tensor) -> bool:
-    return _FUSED and x.is_cuda
+    return _FUSED and x.is_cuda and _triton_available()
+
+
+def _triton_available() -> bool:
+    global _FUSED
+    try:
+        importlib.import_module("triton")
+        return True
+    except ImportError:
+        log.warning("fused kernels requested but triton is not importable; using the eager ops")
+        _FUSED = False
+        return False
+
+
+def _fused(name: str) -> ModuleType:
+    """The Triton module for an op, imported on first use (TRITON_INTERPRET is read at import time)."""
+    return importlib.import_module(f"pretrain.kernels.triton_{name}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight, computed in fp32 whatever the input dtype (LLaMA's RMSNorm)."""
+    if fused_enabled(x):
+        return _fused("rmsnorm").rms_norm(x, weight, eps)
     xf = x.float()
     out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return out.type_as(x) * weight
@@ -43,6 +66,8 @@ def rope_cache(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, H, hd) by position; cos/sin are (T, hd) or (B, T, hd) for per-sample positions."""
+    if fused_enabled(x):
+        return _fused("rope").apply_rope(x, cos, sin)
     if cos.dim() == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:
@@ -55,9 +80,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up: the SwiGLU feed-forward's nonlinearity."""
+    if fused_enabled(gate):
+        return _fused("swiglu").swiglu(gate, up)
     return F.silu(gate) * up
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token loss over non-ignored targets, computed in fp32. logits (N, V), targets (N,)."""
+    if fused_enabled(logits):
+        return _fused("cross_entropy").cross_entropy(logits, targets, ignore_index)
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
