@@ -32,7 +32,7 @@ from pretrain.config import Config
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
+EXIT_OK, EXIT_NONFINITE = 0, 3  # 2 (bad input) is the CLI's: pretrain/cli.py
 
 
 class NonFiniteAbort(RuntimeError):
@@ -62,8 +62,10 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         start, run_id = loaded.step, loaded.meta.mlflow_run_id
     if env.rank == 0:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
-        say(f"{'resuming from ' + str(chosen) if chosen else 'starting fresh'} at step {start}; "
-            f"layout {env.layout}")
+        lay = env.layout
+        say(f"{'resuming from ' + str(chosen) if chosen else 'starting fresh'} at step {start}; world {lay.world}"
+            f" = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{cfg.parallel.zero_stage}, global batch "
+            f"{lay.global_batch} x {cfg.train.seq_len} tokens")
     if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
         return requeue(env, stop, start, None, saved=False)
     tracker = open_tracker(cfg, env.layout, env.rank, resume_run_id=run_id, resume_step=start)
