@@ -12,8 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import reference_run  # noqa: E402
-from conftest import child_env, torchrun  # noqa: E402
+from parallel_common import reference_run  # noqa: E402
+from spawn import child_env, torchrun  # noqa: E402
 
 GPU = ["train.device=cuda", "train.backend=nccl"]
 # GPU fp32 matmuls (TF32 off by default for matmul) and NCCL reductions round differently from the CPU reference.

@@ -1,7 +1,7 @@
 """Every layout trains like the single-process reference: the parity table, checkpoint round trip, NaN guard.
 
 One torchrun launch (2 ranks, gloo, CPU) runs the whole table (DeepSpeed + megatron-core imports dominate).
-Reference: the plain model + torch AdamW on the whole global batch in this process (tests/parallel/common.py).
+Reference: the plain model + torch AdamW on the whole global batch in this process (tests/parallel/parallel_common.py).
 
 Tolerances, and why they are not zero:
 - DP/ZeRO layouts (fp32): the gradient is the same mean, but summed in a different order (micro-batches, then an
@@ -24,8 +24,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import STEPS, reference_run  # noqa: E402
-from conftest import torchrun  # noqa: E402
+from parallel_common import STEPS, reference_run  # noqa: E402
+from spawn import torchrun  # noqa: E402
 
 DP_TOL = 1e-6  # relative, loss (seen: <= 1.2e-7)
 TP_PP_TOL = 2e-6  # relative, loss (seen: <= 1.9e-7)

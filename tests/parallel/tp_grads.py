@@ -55,7 +55,7 @@ def single_layers(factory: TensorParallelFactory) -> dict[str, float]:
 
 
 def whole_model() -> dict[str, float]:
-    from common import VOCAB, case_config, global_batch
+    from parallel_common import VOCAB, case_config, global_batch
 
     cfg = load_config(None, case_config({"tp": 2}))
     env = init_distributed(cfg, VOCAB)

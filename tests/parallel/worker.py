@@ -20,7 +20,7 @@ from pretrain.distributed import init_distributed
 from pretrain.engine import build_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import STEPS, VOCAB, batches_for, case_config  # noqa: E402
+from parallel_common import STEPS, VOCAB, batches_for, case_config  # noqa: E402
 
 
 def run_case(case: dict, out: Path) -> dict:

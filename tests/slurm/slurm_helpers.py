@@ -1,17 +1,14 @@
-"""Helpers for the SLURM tests: the cluster handle, submit/wait, and the repo's shared child environment.
-
-A module with a unique name (not imported from `conftest`): several test directories have a conftest.py, and
-`from conftest import ...` would pick whichever was imported last.
-"""
+"""Helpers for the SLURM tests: the cluster handle and submit/wait."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from spawn import child_env, torchrun  # noqa: F401  (re-exported to the slurm tests)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
@@ -21,16 +18,6 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
                 "DEADLINE", "PREEMPTED"}
 
 
-def _root_conftest():
-    spec = importlib.util.spec_from_file_location("_tests_root_conftest", REPO / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_root = _root_conftest()
-child_env = _root.child_env
-torchrun = _root.torchrun
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import torchrun
+from spawn import torchrun
 from pretrain import checkpoint as ckpt
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, child_env
+from spawn import REPO, child_env
 
 
 def pretrain(*args: str) -> subprocess.CompletedProcess:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from common import losses, tiny_shards, train_args
-from conftest import REPO, child_env
+from train_common import losses, tiny_shards, train_args
+from spawn import REPO, child_env
 
 
 def run_train(args: list[str], **env: str) -> subprocess.CompletedProcess:

@@ -17,8 +17,8 @@ import time
 import psutil
 import pytest
 
-from common import losses, tiny_shards, train_args
-from conftest import REPO, child_env, torchrun
+from train_common import losses, tiny_shards, train_args
+from spawn import REPO, child_env, torchrun
 from pretrain.signals import REQUEUE_EXIT_CODE
 
 K = 30

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, child_env
+from spawn import REPO, child_env
 
 _WORDS = ("the a model data token train loss step rank shard layer head query key value norm gradient batch "
           "sequence learning rate warm cosine decay checkpoint resume signal metric run tensor pipeline zero "
