@@ -42,19 +42,28 @@ def env() -> dict[str, str]:
 
 
 def run(cmd: list[str], *, log: Path, allow: tuple[int, ...] = (0,), on_start=None) -> int:
-    """Run a step, echo its stdout and our own stderr lines ([train] ...), keep the full log in `log`."""
+    """Run a step, echo its stdout and our own stderr lines ([train] ...) as they come, keep stderr in `log`."""
+    import threading
+
     print("$ " + " ".join(cmd), flush=True)
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+
+        def pump_stderr() -> None:
+            for line in proc.stderr:
+                err.write(line)
+                if line.startswith(_KEEP):
+                    print("  " + line, end="", flush=True)
+
+        pump = threading.Thread(target=pump_stderr, daemon=True)
+        pump.start()
         if on_start:
             on_start(proc)
         for line in proc.stdout:
-            if not any(noise in line for noise in _NOISE):
+            if line.strip() and not any(noise in line for noise in _NOISE):
                 print("  " + line, end="", flush=True)
         proc.wait()
-    for line in log.read_text().splitlines():
-        if line.startswith(_KEEP):
-            print("  " + line, flush=True)
+        pump.join()
     if proc.returncode not in allow:
         print(log.read_text()[-4000:], file=sys.stderr)
         raise SystemExit(f"demo: step failed with exit {proc.returncode} (full log: {log})")

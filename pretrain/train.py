@@ -46,7 +46,6 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     from pretrain.engine import build_engine
 
     vocab = cfg.model.vocab_size or dataset_vocab(cfg)
-    os.environ.setdefault("LOCAL_RANK", "0")  # plain `pretrain train` (no torchrun): DeepSpeed asserts it is set
     env = init_distributed(cfg, vocab)
     run_dir = Path(cfg.checkpoint.dir)
     chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)  # before building: a bad one fails fast
