@@ -2,7 +2,7 @@
 
     pretrain train --config configs/debug.yaml [--set train.max_steps=20 ...] [--dry-run [--world-size N]]
     torchrun --nproc-per-node 2 -m pretrain train --config configs/debug.yaml
-    pretrain plan --config configs/7b.yaml --nodes 4 --gpus-per-node 8 [--set model.vocab_size=32000]
+    pretrain plan --config configs/7b.yaml --nodes 4 --gpus-per-node 8 [--set model.vocab_size=128256]
     pretrain generate --checkpoint runs/demo/run --prompt "Once upon a time" [--max-new-tokens 64]
     pretrain export-hf --checkpoint runs/demo/run --out hf/
 
@@ -65,13 +65,40 @@ def _fail(msg: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def _dry_run(cfg, world: int) -> int:
-    from pretrain.parallel.describe import describe  # engineer B's estimator: imports no torch
-    from pretrain.train import dataset_vocab
+PLAN_DEFAULT_VOCAB = 32000
 
-    print(describe(cfg, world, cfg.model.vocab_size or dataset_vocab(cfg)))
+
+def _dry_run(cfg, world: int, *, assume_vocab: bool = False) -> int:
+    """`assume_vocab` (plan): planning a cluster before any data exists is normal, so an unknown vocabulary
+    becomes a stated assumption instead of an error."""
+    from pretrain.parallel.describe import describe  # imports no torch
+    from pretrain.train import MissingDataError, checked_vocab
+
+    try:
+        vocab = checked_vocab(cfg)
+    except MissingDataError:
+        if cfg.model.vocab_size is not None:
+            vocab = cfg.model.vocab_size
+        elif assume_vocab:
+            vocab = PLAN_DEFAULT_VOCAB
+            print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary (set model.vocab_size=N)")
+        else:
+            raise
+    print(describe(cfg, world, vocab))
     print("dry run: config and layout are valid; nothing was built")
     return 0
+
+
+def _quiet_libraries(cfg) -> None:
+    """Silence two start-up notices that say nothing about the run: megatron-core's "Transformer Engine and
+    Apex are not installed" (we use neither) and DeepSpeed's "Setting accelerator to CPU" (we asked for CPU)."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    if cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available()):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _load_final(path: str):
@@ -163,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_export(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "plan":
-            return _dry_run(cfg, args.nodes * args.gpus_per_node)
+            return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True)
         if args.dry_run:
             return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        _quiet_libraries(cfg)
         from pretrain.train import train
         return train(cfg, stop)
     except user_errors as e:

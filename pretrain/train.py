@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain import checkpoint, metrics
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
@@ -45,7 +45,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     from pretrain.distributed import init_distributed
     from pretrain.engine import build_engine
 
-    vocab = cfg.model.vocab_size or dataset_vocab(cfg)
+    vocab = checked_vocab(cfg)
     env = init_distributed(cfg, vocab)
     run_dir = Path(cfg.checkpoint.dir)
     chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)  # before building: a bad one fails fast
@@ -152,20 +152,32 @@ class _Solo:  # the loader's view of a single rank, to read the manifest before 
     dp_size: int = 1
 
 
+class MissingDataError(ConfigError):
+    """data.path names no shards (a dry run or plan may proceed from model.vocab_size instead)."""
+
+
 def dataset_vocab(cfg: Config) -> int:
     """The tokenizer's vocabulary size recorded in the shards' manifest (so the config need not repeat it)."""
-    from pretrain.config import ConfigError
-
     path = cfg.data.path
     if not path:
-        raise ConfigError("data.path is empty: point it at a shard directory made by `pretrain-data prepare`")
+        raise MissingDataError("data.path is empty: point it at a shard directory made by `pretrain-data prepare`")
     if isinstance(path, str) and Path(path).is_dir():  # the common case, without building a loader
         from data_pipeline.manifest import read_manifest
         return read_manifest(path).vocab_size
     if isinstance(path, str) and not any(c in path for c in "*?{[") and ":" not in path and not Path(path).exists():
-        raise ConfigError(f"data.path: {path} does not exist (make shards with `pretrain-data prepare`, or set "
+        raise MissingDataError(f"data.path: {path} does not exist (make shards with `pretrain-data prepare`, or set "
                           "model.vocab_size to plan without data)")
     return int(make_loader(cfg, cfg.data.path, _Solo(), epochs=None).manifest.vocab_size)
+
+
+def checked_vocab(cfg: Config) -> int:
+    """The model's vocabulary: the tokenizer's, or a larger model.vocab_size; a smaller one would let token ids
+    index past the embedding (on TP ranks, silently: a vocab-parallel embedding zeroes ids it does not hold)."""
+    data_vocab = dataset_vocab(cfg)
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < data_vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data_vocab} "
+                          f"recorded in the shard manifest ({cfg.data.path}); remove it or make it >= {data_vocab}")
+    return cfg.model.vocab_size or data_vocab
 
 
 def tokenizer_identity(loader: Any) -> dict[str, Any]:

@@ -50,3 +50,20 @@ def test_presets_resolve_on_their_cluster(preset, nodes):
     from pretrain.cli import main
     assert main(["plan", "--config", f"configs/{preset}.yaml", "--nodes", str(nodes),
                  "--set", "model.vocab_size=32000"]) == 0
+
+
+def test_vocab_smaller_than_the_tokenizer_is_refused(tmp_path):
+    """Token ids past the embedding would fail on one rank and be silently zeroed on vocab-parallel ranks."""
+    from train_common import tiny_shards
+
+    shards = tiny_shards(tmp_path / "data") / "shards"
+    p = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--set", f"data.path={shards}",
+                 "--set", "model.vocab_size=100")
+    assert p.returncode == 2
+    assert f"model.vocab_size=100 is smaller than the tokenizer's" in p.stderr and str(shards) in p.stderr
+
+
+def test_plan_without_data_states_its_vocabulary_assumption():
+    p = pretrain("plan", "--config", "configs/7b.yaml", "--nodes", "4", "--gpus-per-node", "8")
+    assert p.returncode == 0, p.stderr
+    assert "assuming a 32000-token vocabulary" in p.stdout and "world=32" in p.stdout
