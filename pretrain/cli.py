@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--gpus-per-node", type=int, default=8)
+    pl.add_argument("--gpu", default="H100", help="GPU model for the peak TFLOP/s (a name in pretrain/metrics.py's "
+                    "table, e.g. H100, H200, A100) (default: H100)")
+    pl.add_argument("--mfu", type=float, default=0.4,
+                    help="model FLOPs utilisation to assume, 0-1 (default 0.4; measure it with benchmarks/mfu.py)")
     g = sub.add_parser("generate", help="sample text from a checkpoint with the KV-cache reference model",
                        description="Generate from the consolidated weights of a finished run (single process).")
     g.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`) or a step_<N> dir")
@@ -68,12 +72,13 @@ def _fail(msg: str) -> int:
 PLAN_DEFAULT_VOCAB = 32000
 
 
-def _dry_run(cfg, world: int, *, assume_vocab: bool = False) -> int:
+def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4) -> int:
     """`assume_vocab` (plan): planning a cluster before any data exists is normal, so an unknown vocabulary
     becomes a stated assumption instead of an error."""
-    from pretrain.parallel.describe import describe  # imports no torch
+    from pretrain.parallel.describe import describe, estimate, throughput  # imports no torch
     from pretrain.train import MissingDataError, checked_vocab
 
+    peak = _peak_tflops(gpu) if gpu is not None else None  # a bad --gpu fails before anything is printed
     try:
         vocab = checked_vocab(cfg)
     except MissingDataError:
@@ -85,8 +90,19 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False) -> int:
         else:
             raise
     print(describe(cfg, world, vocab))
+    if peak is not None:
+        print(throughput(cfg, estimate(cfg, world, vocab), peak, mfu))
     print("dry run: config and layout are valid; nothing was built")
     return 0
+
+
+def _peak_tflops(gpu: str) -> float:
+    from pretrain.metrics import PEAK_TFLOPS
+
+    for name, peak in PEAK_TFLOPS:
+        if name.lower() == gpu.lower():
+            return peak
+    raise ConfigError(f"--gpu {gpu}: unknown GPU; one of {', '.join(n for n, _ in PEAK_TFLOPS)}")
 
 
 def _quiet_libraries(cfg) -> None:
@@ -190,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_export(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "plan":
-            return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True)
+            if not 0 < args.mfu <= 1:
+                raise ConfigError(f"--mfu {args.mfu}: a fraction in (0, 1]")
+            return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True, gpu=args.gpu, mfu=args.mfu)
         if args.dry_run:
             return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
         _quiet_libraries(cfg)

@@ -232,6 +232,8 @@ def build_engine(cfg: Config, env: DistEnv) -> Engine:
     optimizer = GuardedAdamW(
         param_groups(module.named_parameters(), o.weight_decay), lr=lr_at(0, o, cfg.train.max_steps),
         betas=(o.beta1, o.beta2), eps=o.eps, grad_clip=o.grad_clip, own_clipping=own_clipping,
+        # One multi-tensor kernel per step on GPU (torch's fused AdamW); CPU keeps the reference's for-each path.
+        fused=env.device.type == "cuda" or None,
         norm_fn=lambda params: global_grad_norm(params, lay.dp, count_replicated=env.tp_rank == 0))
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,
                                               config=deepspeed_config(cfg, lay.dp), dist_init_required=False)

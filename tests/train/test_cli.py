@@ -67,3 +67,24 @@ def test_plan_without_data_states_its_vocabulary_assumption():
     p = pretrain("plan", "--config", "configs/7b.yaml", "--nodes", "4", "--gpus-per-node", "8")
     assert p.returncode == 0, p.stderr
     assert "assuming a 32000-token vocabulary" in p.stdout and "world=32" in p.stdout
+
+
+def test_plan_predicts_throughput_from_the_assumed_mfu():
+    """tokens/s x model FLOPs per token = MFU x peak x GPUs: the prediction is the PaLM arithmetic, stated."""
+    import re
+
+    from pretrain.config import load_config
+    from pretrain.metrics import flops_per_token
+    from pretrain.parallel.describe import estimate
+
+    p = pretrain("plan", "--config", "configs/8b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "A100",
+                 "--mfu", "0.5", "--set", "model.vocab_size=128256")
+    assert p.returncode == 0, p.stderr
+    line = next(x for x in p.stdout.splitlines() if x.startswith("throughput"))
+    tokens_per_s = float(re.search(r"MFU of 312 TFLOP/s per GPU: ([\d,]+) tokens/s", line).group(1).replace(",", ""))
+    cfg = load_config("configs/8b.yaml", ["model.vocab_size=128256"])
+    e = estimate(cfg, 64, 128256)
+    assert tokens_per_s * flops_per_token(e.args, cfg.train.seq_len, 128256) == pytest.approx(0.5 * 312e12 * 64,
+                                                                                              rel=1e-5)
+    bad = pretrain("plan", "--config", "configs/8b.yaml", "--gpu", "B300")
+    assert bad.returncode == 2 and bad.stdout == "" and "--gpu B300: unknown GPU" in bad.stderr
