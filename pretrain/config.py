@@ -120,6 +120,7 @@ class CheckpointSection(_Section):
     every: int = Field(0, ge=0, description="checkpoint every N steps (and always at the end); 0: end only")
     keep: int = Field(3, gt=0, description="complete checkpoints kept")
     resume: str = Field("auto", description="auto (from `latest` if any) | none | a step_N directory")
+    final: bool = Field(True, description="checkpoint at the end of the run (benchmarks turn it off)")
 
 
 class TrackingSection(_Section):

@@ -88,7 +88,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
             stopping = stop.should_stop(env)  # collective: every rank stops at this same step
             # A stop saves even inside a non-finite streak: skipped steps changed no weights, and the requeued
             # run must resume from here. Periodic saves wait for a finite step.
-            if stopping or step == cfg.train.max_steps or (_due(step, cfg.checkpoint.every) and streak == 0):
+            last = step == cfg.train.max_steps and cfg.checkpoint.final
+            if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0):
                 save(cfg, env, engine, loader, tracker, step, final=step == cfg.train.max_steps)
                 log.committed()
             if stopping:
@@ -299,20 +300,24 @@ class StepLog:
         run_dir = Path(self.cfg.checkpoint.dir).resolve()
         summary = {"final_step": step, "final_loss": self.last.loss if self.last else None,
                    "skipped_steps": self.skipped, "wall_s": time.time() - self.t0,
-                   "tokens": self.meter.tokens, "checkpoint": str(run_dir / (run_dir / checkpoint.LATEST)
-                                                                   .read_text().strip()),
+                   "tokens": self.meter.tokens, "checkpoint": _latest(run_dir),
                    "metrics": str(run_dir / metrics.METRICS_FILE)}
         if self.tracker:
             summary.update(mlflow_uri=self.tracker.uri, mlflow_run_id=self.tracker.run_id)
             self.tracker.artifact_text(json.dumps(summary, indent=1), "summary.json")
         lines = [f"done: step {step}, final loss {summary['final_loss']}, {self.skipped} skipped step(s), "
                  f"{summary['wall_s']:.1f} s",
-                 f"checkpoints: {run_dir} (latest: {summary['checkpoint']})",
+                 f"checkpoints: {run_dir} (latest: {summary['checkpoint'] or 'none written'})",
                  f"metrics:     {summary['metrics']}"]
         if self.tracker:
             lines += [f"mlflow:      {self.tracker.uri} run {self.tracker.run_id}",
                       f"             {ui_hint(self.tracker.uri)}"]
         print("\n".join(lines), flush=True)
+
+
+def _latest(run_dir: Path) -> str | None:
+    latest = run_dir / checkpoint.LATEST
+    return str(run_dir / latest.read_text().strip()) if latest.exists() else None
 
 
 # ------------------------------------------------------------------------------------------ fault injection
