@@ -141,6 +141,15 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> "Config":
+        if self.train.dtype == "bf16" and self.parallel.zero_stage == 0:
+            # DeepSpeed 0.19 without ZeRO either refuses bf16 weights with fp32 gradient accumulation or steps the
+            # bf16 weights directly: no fp32 master copy.
+            raise ValueError("train.dtype=bf16 needs parallel.zero_stage >= 1: DeepSpeed keeps fp32 master "
+                             "weights only in its ZeRO optimizers (ZeRO-1 costs no extra memory); set "
+                             "parallel.zero_stage=1")
+        if self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp != 0:
+            raise ValueError(f"train.seq_len={self.train.seq_len} is not divisible by parallel.tp="
+                             f"{self.parallel.tp}: sequence parallelism splits the sequence evenly over TP ranks")
         if self.data.weights is not None:
             paths = self.data.path if isinstance(self.data.path, list) else [self.data.path]
             if len(self.data.weights) != len(paths):
@@ -196,11 +205,11 @@ def _check_keys(raw: dict[str, Any], where: str) -> None:
 
 def _one_line(err: ValidationError, where: str) -> ConfigError:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return ConfigError(f"{where}: {loc}: {msg}{shown}")
+    return ConfigError(f"{where}: {loc}: {msg}{shown}" if loc else f"{where}: {msg}{shown}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

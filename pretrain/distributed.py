@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config, ConfigError, Layout, resolve_layout
-from pretrain.parallel.rules import check_engine_rules
 
 
 @dataclass
@@ -91,7 +90,6 @@ def init_distributed(cfg: Config, vocab_size: int | None = None) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     layout = resolve_layout(cfg, world, vocab_size)  # every rule that needs no process group: fail first
-    check_engine_rules(cfg)
     device = _pick_device(cfg, local_rank)
     backend = cfg.train.backend
     if backend == "auto":

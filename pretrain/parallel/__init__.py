@@ -7,7 +7,7 @@
 - mpu.py: DeepSpeed's six "model parallel unit" questions answered from megatron-core's `parallel_state`.
 - optimizer.py: AdamW param groups (no decay on vectors) and the ZeRO-0/fp32 norm/clip/skip guard.
 - consolidate.py: TP shards + PP stages + ZeRO-3 partitions -> one reference-named state dict on rank 0.
-- rules.py / describe.py: engine rules checked before anything is built, and the dry-run description.
+- describe.py: the dry-run / plan description and memory estimate (the rules live in pretrain/config.py).
 
 `pretrain.engine` puts these together behind `build_engine`; `pretrain.distributed` creates the groups.
 """

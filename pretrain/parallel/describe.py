@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from pretrain.config import Config, Layout, resolve_layout
 from pretrain.model.args import ModelArgs
-from pretrain.parallel.rules import check_engine_rules
 
 GiB = 1024**3
 
@@ -43,7 +42,6 @@ class Estimate:
 
 def estimate(cfg: Config, world_size: int, vocab_size: int | None = None) -> Estimate:
     lay = resolve_layout(cfg, world_size, vocab_size)  # raises ConfigError on any invalid layout
-    check_engine_rules(cfg)
     args = cfg.model.args(vocab_size).replace(vocab_size=lay.padded_vocab_size)
     total = args.num_params()
     # Per-rank share: blocks split over PP and TP; embeddings/head split over TP and sit on first/last stage.
