@@ -31,11 +31,8 @@ class VerifyResult:
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_shards(directory: str, tokenizer=None, *, checksums: bool = True) -> VerifyResult:

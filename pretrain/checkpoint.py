@@ -110,11 +110,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_manifest(root: Path, meta: Meta, world_size: int) -> None:
