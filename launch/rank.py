@@ -17,8 +17,6 @@ import os
 import runpy
 import signal
 import sys
-import threading
-import time
 from types import FrameType
 
 DEFERRED = (signal.SIGUSR1,)  # the preemption notice; SIGTERM keeps its default (torchrun stops ranks with it)
@@ -29,24 +27,24 @@ def _remember(signum: int, _frame: FrameType | None) -> None:
     _pending.add(signum)
 
 
-def _redeliver_when_handled() -> None:
-    """Poll until the training replaced our handler, then re-send what arrived before it did."""
-    while True:
-        time.sleep(0.1)
-        replaced = [s for s in DEFERRED if signal.getsignal(s) is not _remember]
-        for signum in replaced:
-            if signum in _pending:
-                _pending.discard(signum)
-                os.kill(os.getpid(), signum)
-        if len(replaced) == len(DEFERRED):
-            return
+_install = signal.signal
+
+
+def _install_then_redeliver(signum, handler):
+    """`signal.signal` for the training: once it handles a deferred signal, a notice held so far is re-sent at
+    once, so the training sees it before it runs a step (polling for the new handler would let a step slip by)."""
+    previous = _install(signum, handler)
+    if signum in DEFERRED and handler is not _remember and signum in _pending:
+        _pending.discard(signum)
+        os.kill(os.getpid(), signum)  # handled now: Python runs the handler at the next bytecode boundary
+    return previous
 
 
 def main() -> None:
     for signum in DEFERRED:
         signal.signal(signum, _remember)
+    signal.signal = _install_then_redeliver  # the training's own handler installation triggers the re-delivery
     signal.pthread_sigmask(signal.SIG_UNBLOCK, set(DEFERRED))  # a notice pending since startup lands in _remember
-    threading.Thread(target=_redeliver_when_handled, name="launch-signal-deferral", daemon=True).start()
 
     command = sys.argv[1:]
     if not command:

@@ -45,7 +45,7 @@ def test_usr1_to_the_launcher_checkpoints_exits_42_and_a_relaunch_resumes(tmp_pa
     os.kill(proc.pid, signal.SIGUSR1)
     code, out = _finish(proc)
     assert code == 42, out
-    assert "stopped by signal at step 0" in out and not read_jsonl(run / "metrics.jsonl")
+    assert "stopped by signal at step 0" in out and not read_jsonl(run / "metrics.jsonl"), out
 
     # 2. Notice mid-run.
     proc = _launch(cfg, FAKE_TRAIN_STEP_SECONDS="0.2")
