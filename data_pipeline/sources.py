@@ -108,6 +108,14 @@ def _lines(path: str) -> Iterator[bytes]:
         yield from f
 
 
+def _reject(skip: SkipCounter | None, reason: str, msg: str, unit: str | None) -> None:
+    """The one policy for a bad record: a one-line error naming it, or (with --skip-bad) a counted skip."""
+    if skip is None:
+        hint = f" (pass --skip-bad to skip and count such {unit})" if unit else ""
+        raise SourceError(msg + hint) from None
+    skip.skip(reason, msg)
+
+
 def _check_text(text: object, where: str, text_key: str, skip: SkipCounter | None) -> str | None:
     """Return the text if it is a usable document; else raise (or count and return None)."""
     if not isinstance(text, str):
@@ -121,9 +129,7 @@ def _check_text(text: object, where: str, text_key: str, skip: SkipCounter | Non
             return text
         except UnicodeEncodeError as e:
             reason, msg = "invalid_utf8", f"{where}: invalid UTF-8 (lone surrogate at character {e.start})"
-    if skip is None:
-        raise SourceError(msg + " (pass --skip-bad to skip and count such documents)")
-    skip.skip(reason, msg)
+    _reject(skip, reason, msg, "documents")
     return None
 
 
@@ -137,24 +143,15 @@ def _read_jsonl(path: str, text_key: str, skip: SkipCounter | None) -> Iterator[
             try:
                 line = raw.rstrip(b"\r\n").decode("utf-8")
             except UnicodeDecodeError as e:
-                msg = f"{where}: invalid UTF-8 at byte {e.start}"
-                if skip is None:
-                    raise SourceError(msg + " (pass --skip-bad to skip and count such lines)") from None
-                skip.skip("invalid_utf8", msg)
+                _reject(skip, "invalid_utf8", f"{where}: invalid UTF-8 at byte {e.start}", "lines")
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                msg = f"{where}: malformed JSON: {e.msg} (column {e.colno})"
-                if skip is None:
-                    raise SourceError(msg + " (pass --skip-bad to skip and count such lines)") from None
-                skip.skip("malformed_json", msg)
+                _reject(skip, "malformed_json", f"{where}: malformed JSON: {e.msg} (column {e.colno})", "lines")
                 continue
             if not isinstance(record, dict):
-                msg = f"{where}: expected a JSON object, got {type(record).__name__}"
-                if skip is None:
-                    raise SourceError(msg)
-                skip.skip("not_object", msg)
+                _reject(skip, "not_object", f"{where}: expected a JSON object, got {type(record).__name__}", None)
                 continue
             text = _check_text(record.get(text_key), where, text_key, skip)
             if text is not None:
@@ -196,10 +193,7 @@ def _read_txt(path: str, skip: SkipCounter | None) -> Iterator[Document]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        msg = f"{path}: invalid UTF-8 at byte {e.start}"
-        if skip is None:
-            raise SourceError(msg + " (pass --skip-bad to skip and count such files)") from None
-        skip.skip("invalid_utf8", msg)
+        _reject(skip, "invalid_utf8", f"{path}: invalid UTF-8 at byte {e.start}", "files")
         return
     text = _check_text(text, path, "text", skip)
     if text is not None:

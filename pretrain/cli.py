@@ -97,12 +97,12 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
 
 
 def _peak_tflops(gpu: str) -> float:
-    from pretrain.metrics import PEAK_TFLOPS
+    from pretrain.metrics import PEAK_TFLOPS, peak_tflops_for
 
-    for name, peak in PEAK_TFLOPS:
-        if name.lower() == gpu.lower():
-            return peak
-    raise ConfigError(f"--gpu {gpu}: unknown GPU; one of {', '.join(n for n, _ in PEAK_TFLOPS)}")
+    peak = peak_tflops_for(gpu)
+    if peak is None:
+        raise ConfigError(f"--gpu {gpu}: unknown GPU; one of {', '.join(n for n, _ in PEAK_TFLOPS)}")
+    return peak
 
 
 def _quiet_libraries(cfg) -> None:

@@ -56,9 +56,13 @@ def device_peak_tflops(override: float | None = None) -> float | None:
         return override
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
+    return peak_tflops_for(torch.cuda.get_device_name())
+
+
+def peak_tflops_for(name: str) -> float | None:
+    """The table's peak for a GPU name ("NVIDIA H100 80GB HBM3", or just "h100"); None when unknown."""
     for key, peak in PEAK_TFLOPS:
-        if key in name:
+        if key.lower() in name.lower():
             return peak
     return None
 
