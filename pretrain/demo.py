@@ -129,7 +129,7 @@ def main() -> int:
     extra: list[str] = []
     if rc == 0:  # the machine was fast enough to finish before the signal: continue to more steps instead
         extra = ["--set", "train.max_steps=400"]
-        print(f"  [demo] finished before the preemption; the next command continues to step 400")
+        print("  [demo] finished before the preemption; the next command continues to step 400")
     elif f"exit {REQUEUE_EXIT_CODE} (requeue)" not in (logs / "train_1.log").read_text():
         raise SystemExit(f"demo: training failed (exit {rc}); see {logs / 'train_1.log'}")
     else:

@@ -18,7 +18,6 @@ from typing import Any, Iterator
 
 import deepspeed
 import torch
-import torch.distributed as dist
 
 from pretrain import kernels
 from pretrain.config import Config
@@ -28,7 +27,6 @@ from pretrain.model.init import init_model
 from pretrain.model.layers import REFERENCE, LayerFactory
 from pretrain.model.transformer import Transformer
 from pretrain.parallel.consolidate import consolidate
-from pretrain.parallel.describe import describe  # noqa: F401  (re-exported: `pretrain train --dry-run`)
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
 from pretrain.parallel.pipeline import build_pipeline, reference_name

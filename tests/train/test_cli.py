@@ -60,7 +60,7 @@ def test_vocab_smaller_than_the_tokenizer_is_refused(tmp_path):
     p = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--set", f"data.path={shards}",
                  "--set", "model.vocab_size=100")
     assert p.returncode == 2
-    assert f"model.vocab_size=100 is smaller than the tokenizer's" in p.stderr and str(shards) in p.stderr
+    assert "model.vocab_size=100 is smaller than the tokenizer's" in p.stderr and str(shards) in p.stderr
 
 
 def test_plan_without_data_states_its_vocabulary_assumption():
