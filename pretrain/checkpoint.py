@@ -67,6 +67,7 @@ class Meta:
     mlflow_run_id: str | None = None
     tokenizer: dict[str, Any] = field(default_factory=dict)  # identity of the shards' tokenizer (hash, dir, eos)
     layout: dict[str, Any] = field(default_factory=dict)
+    resolved: dict[str, Any] = field(default_factory=dict)  # pretrain.resolved.ResolvedRun.to_dict()
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -72,6 +72,16 @@ def _fail(msg: str) -> int:
 PLAN_DEFAULT_VOCAB = 32000
 
 
+def _assumed_vocab(flavor: str) -> tuple[int, str]:
+    """The vocabulary `plan` assumes without data: the flavor's published tokenizer, else 32000; and the reason."""
+    from pretrain.model.args import PUBLISHED_VOCAB
+
+    if flavor in PUBLISHED_VOCAB:
+        vocab, family = PUBLISHED_VOCAB[flavor]
+        return vocab, f"the {flavor} flavor's {family} tokenizer"
+    return PLAN_DEFAULT_VOCAB, f"the {flavor} flavor names no tokenizer; a LLaMA-2-sized default"
+
+
 def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4) -> int:
     """`assume_vocab` (plan): planning a cluster before any data exists is normal, so an unknown vocabulary
     becomes a stated assumption instead of an error."""
@@ -85,8 +95,9 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
         if cfg.model.vocab_size is not None:
             vocab = cfg.model.vocab_size
         elif assume_vocab:
-            vocab = PLAN_DEFAULT_VOCAB
-            print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary (set model.vocab_size=N)")
+            vocab, why = _assumed_vocab(cfg.model.flavor)
+            print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary ({why}; "
+                  "set model.vocab_size=N)")
         else:
             raise
     print(describe(cfg, world, vocab))

@@ -4,9 +4,15 @@ metrics.jsonl is the run's ground truth without a tracking server: one JSON obje
 written with `json` (shortest repr that round-trips, i.e. full precision), so two runs can be compared bitwise.
 On resume the file is cut back to the resumed step, so it never holds a step twice.
 
-MFU follows PaLM (Chowdhery et al. 2022, appendix B): model FLOPs per token = 6N + 12*L*H*Q*T, with N the
-non-embedding parameters, L layers, H heads, Q head dim, T sequence length (the second term is attention's
-QK^T and AV, forward + backward). MFU = achieved model FLOP/s per device / the device's dense bf16 peak.
+MFU (the headline, logged as `mfu`) follows PaLM (Chowdhery et al. 2022, appendix B), as torchtitan and
+llm-foundry count it: model FLOPs per token = 6*N + 12*L*H*Q*T, with N the parameters that take part in a
+matmul (every block weight and the output head, V*D, counted even when tied to the embedding because the head
+matmul runs; the embedding lookup is a gather and is not counted), L layers, H query heads, Q head dim, T
+sequence length; 12*L*H*Q*T is attention's QK^T and AV, forward + backward, over the full T x T square.
+Megatron-LM (Narayanan et al. 2021) counts the same matmuls but halves attention for a causal mask
+(`causal=True`: 6*N + 6*L*H*Q*T): on LLaMA-2 7B at T=4096 that reads 7% lower, at 8B / T=8192 11% lower.
+Recomputation is never counted (that would be hardware FLOPs, not model FLOPs).
+MFU = achieved model FLOP/s per device / the device's dense bf16 peak.
 """
 from __future__ import annotations
 
@@ -44,10 +50,17 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
 ]
 
 
-def flops_per_token(args: ModelArgs, seq_len: int, vocab_size: int) -> float:
-    """PaLM's model FLOPs per trained token (forward + backward, no recomputation counted)."""
-    n = args.num_params(vocab_size, embeddings=False)
-    return 6.0 * n + 12.0 * args.n_layers * args.n_heads * args.head_dim * seq_len
+def matmul_params(args: ModelArgs, vocab_size: int) -> int:
+    """N of the FLOPs formula: block weights + final norm + the output head (V x D), no embedding table."""
+    return args.num_params(vocab_size, embeddings=False) + vocab_size * args.dim
+
+
+def flops_per_token(args: ModelArgs, seq_len: int, vocab_size: int, causal: bool = False) -> float:
+    """Model FLOPs per trained token, forward + backward (PaLM's 6N + 12LHQT; `causal`: Megatron's 6N + 6LHQT).
+
+    `vocab_size` is the vocabulary the head really computes (the padded one)."""
+    attention = (6.0 if causal else 12.0) * args.n_layers * args.n_heads * args.head_dim * seq_len
+    return 6.0 * matmul_params(args, vocab_size) + attention
 
 
 def device_peak_tflops(override: float | None = None) -> float | None:

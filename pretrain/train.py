@@ -30,6 +30,7 @@ from typing import Any
 
 from pretrain import checkpoint, metrics
 from pretrain.config import Config, ConfigError
+from pretrain.resolved import ResolvedRun, resolve_run
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
@@ -46,8 +47,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     from pretrain.distributed import init_distributed, lost_peer
     from pretrain.engine import build_engine
 
-    vocab = checked_vocab(cfg)
-    env = init_distributed(cfg, vocab)
+    run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    env = init_distributed(cfg, layout=run.layout)
     run_dir = Path(cfg.checkpoint.dir)
     chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)  # before building: a bad one fails fast
     if chosen is not None:
@@ -92,7 +93,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
             # run must resume from here. Periodic saves wait for a finite step.
             last = step == cfg.train.max_steps and cfg.checkpoint.final
             if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0):
-                save(cfg, env, engine, loader, tracker, step, final=step == cfg.train.max_steps)
+                save(cfg, run, env, engine, loader, tracker, step, final=step == cfg.train.max_steps)
                 log.committed()
             if stopping:
                 return requeue(env, stop, step, tracker)
@@ -227,7 +228,7 @@ def evaluate(cfg: Config, env: Any, engine: Any) -> float | None:
     return sum(engine.eval_step(batches) for _ in range(cfg.train.eval_steps)) / cfg.train.eval_steps
 
 
-def save(cfg: Config, env: Any, engine: Any, loader: Any, tracker: Any, step: int, *, final: bool) -> Path:
+def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any, step: int, *, final: bool) -> Path:
     """Commit step_<step>/ (collective). The final checkpoint also holds a consolidated reference state dict
     (`consolidated.pt`, rank 0) so `pretrain generate` needs no DeepSpeed and no world of the training size."""
     import torch
@@ -242,7 +243,8 @@ def save(cfg: Config, env: Any, engine: Any, loader: Any, tracker: Any, step: in
                 torch.save(state, d / checkpoint.CONSOLIDATED)
 
     meta = checkpoint.Meta(step=step, mlflow_run_id=tracker.run_id if tracker else None,
-                           tokenizer=tokenizer_identity(loader), layout=vars(env.layout).copy())
+                           tokenizer=tokenizer_identity(loader), layout=vars(env.layout).copy(),
+                           resolved=run.to_dict())
     path = checkpoint.save(cfg.checkpoint.dir, step, env, save_model=save_model,
                            rank_state={"loader": loader.state_dict()}, meta=meta, config_yaml=cfg.to_yaml(),
                            keep=cfg.checkpoint.keep)

@@ -83,3 +83,10 @@ FLAVORS: dict[str, ModelArgs] = {
     "70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3,
                      rope_theta=500000.0, max_seq_len=8192),
 }
+
+# The vocabulary each published model was trained with (LLaMA-2's sentencepiece 32000, LLaMA-3's tiktoken 128256).
+# The model takes its vocabulary from the tokenizer; only `pretrain plan`, before any data exists, assumes these.
+PUBLISHED_VOCAB: dict[str, tuple[int, str]] = {
+    "1b": (128256, "LLaMA-3"), "3b": (128256, "LLaMA-3"), "8b": (128256, "LLaMA-3"), "70b": (128256, "LLaMA-3"),
+    "7b": (32000, "LLaMA-2"), "13b": (32000, "LLaMA-2"),
+}

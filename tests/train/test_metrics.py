@@ -7,12 +7,24 @@ from pretrain import metrics
 from pretrain.model.args import FLAVORS
 
 
-def test_palm_flops_per_token_for_llama2_7b():
-    # LLaMA-2 7B, T=4096: N_non_emb = 6.476e9 -> 6N = 3.886e10; 12*L*H*Q*T = 12*32*32*128*4096 = 6.44e9
-    args = FLAVORS["7b"]
-    fpt = metrics.flops_per_token(args, 4096, 32000)
-    assert fpt == 6 * args.num_params(32000, embeddings=False) + 12 * 32 * 32 * 128 * 4096
-    assert 4.5e10 < fpt < 4.6e10  # 3.886e10 + 6.44e9
+def test_flops_per_token_of_7b_and_8b_pinned_to_hand_computed_values():
+    """PaLM's 6N + 12LHQT with the output head in N (the headline MFU), and Megatron's causal 6N + 6LHQT.
+
+    LLaMA-2 7B, V=32000, T=4096: a block holds 4*4096^2 (attention) + 3*4096*11008 (SwiGLU) + 2*4096 (norms)
+    = 202,383,360 weights; 32 blocks + final norm 4096 + head 32000*4096 = 131,072,000 -> N = 6,607,343,616;
+    6N = 39,644,061,696; 12*32*32*128*4096 = 6,442,450,944 -> 46,086,512,640 FLOPs per token.
+    LLaMA-3 8B, V=128256, T=8192: a block holds 2*4096^2 + 2*4096*1024 (GQA k/v) + 3*4096*14336 + 8192
+    = 218,112,000; 32 blocks + 4096 + head 128256*4096 = 525,336,576 -> N = 7,504,924,672;
+    6N = 45,029,548,032; 12*32*32*128*8192 = 12,884,901,888 -> 57,914,449,920.
+    """
+    assert metrics.flops_per_token(FLAVORS["7b"], 4096, 32000) == 46_086_512_640
+    assert metrics.flops_per_token(FLAVORS["8b"], 8192, 128256) == 57_914_449_920
+    # Megatron's convention halves attention for the causal mask: 39,644,061,696 + 3,221,225,472.
+    assert metrics.flops_per_token(FLAVORS["7b"], 4096, 32000, causal=True) == 42_865_287_168
+    assert metrics.flops_per_token(FLAVORS["8b"], 8192, 128256, causal=True) == 45_029_548_032 + 6_442_450_944
+    # Tied embeddings (1b): the head matmul still runs, so it is still counted.
+    tied = FLAVORS["1b"]
+    assert metrics.matmul_params(tied, 128256) == tied.num_params(128256)  # the one V x D table, as the head
 
 
 def test_mfu_is_achieved_over_peak_and_null_without_peak():

@@ -1,0 +1,27 @@
+"""`pretrain plan` before any data exists: the vocabulary it assumes and says, and what it then prints."""
+from __future__ import annotations
+
+import pytest
+
+from pretrain.cli import main
+
+
+def plan(capsys, *args: str) -> str:
+    assert main(["plan", *args]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset, vocab, params, why", [
+    ("8b", 128256, "8,030,261,248 (8.030 B)", "the 8b flavor's LLaMA-3 tokenizer"),   # Meta: 8.03B
+    ("7b", 32000, "6,738,415,616 (6.738 B)", "the 7b flavor's LLaMA-2 tokenizer"),    # Meta: 6.74B
+    ("125m", 32000, "", "the 125m flavor names no tokenizer"),
+])
+def test_plan_without_data_takes_the_flavors_vocabulary_and_says_so(capsys, preset, vocab, params, why):
+    out = plan(capsys, "--config", f"configs/{preset}.yaml", "--nodes", "1", "--set", "parallel.tp=1")
+    assert f"assuming a {vocab}-token vocabulary ({why}" in out
+    assert f"vocab={vocab} (padded)" in out and params in out
+
+
+def test_an_explicit_vocabulary_wins_over_the_flavors(capsys):
+    out = plan(capsys, "--config", "configs/8b.yaml", "--nodes", "1", "--set", "model.vocab_size=32000")
+    assert "assuming" not in out and "vocab=32000 (padded)" in out
