@@ -2,9 +2,9 @@
 
 What a dead node looks like to its peers: its sockets stay open and nothing arrives (a killed *process* closes its
 sockets and gloo fails at once; a lost node, a hung GPU or a stopped process does not). SIGSTOP is that case on
-one machine. PP=2 puts the blocked transfer on DeepSpeed's own pipeline groups, which DeepSpeed creates without
-a timeout (torch's 30-minute default) -- the groups `DistEnv.apply_collective_timeout` exists for.
-The ranks are plain processes (no torchrun agent that could clean up for them): only the timeout can end rank 0.
+one machine. The ranks are plain processes (no torchrun agent that could clean up for them): only the timeout can
+end rank 0. (With PP=2 the rank blocks in DeepSpeed's pipeline send/recv, which gloo runs on the default group;
+the groups DeepSpeed creates itself, with torch's 30-minute default, are checked by the second test.)
 """
 from __future__ import annotations
 
