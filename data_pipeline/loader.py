@@ -16,7 +16,8 @@ and the mixture draw count. The main process keeps the cursor of the last batch 
 plus which worker is next, so `state_dict()` describes exactly what the caller has consumed, never what
 workers prefetched. On resume each worker jumps to its cursor; at most the current shard segment is re-read
 (without decoding) to rebuild the shuffle buffer, and the DataLoader's worker ids are rotated so the
-round-robin continues with the right worker.
+round-robin continues with the right worker. On another dp_size or worker count, the states of all old ranks
+re-split the rest of the epoch exactly (partition.py, loader_state.py; see `TokenLoader.load_state_dict`).
 
 With a finite `epochs`, a slot's last incomplete batch is dropped and the number of dropped tokens is logged.
 With several sources, the stream ends when the first source runs out of epochs.
