@@ -54,6 +54,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     if chosen is not None:
         same_layout(checkpoint.read_meta(chosen), env.layout, chosen)
     loader = make_loader(cfg, cfg.data.path, env, epochs=None)
+    held_out = HeldOut(cfg, env)  # built once: manifests read and batches taken at the first eval only
     engine = build_engine(cfg, env)
     env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
 
@@ -82,7 +83,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
                 engine.inject_nonfinite()  # test hook: this step's loss becomes NaN inside the engine
             res = engine.train_step(batches)
             streak = streak + 1 if res.skipped else 0
-            val = evaluate(cfg, env, engine) if _due(step, cfg.train.eval_every) else None
+            val = held_out.evaluate(engine) if _due(step, cfg.train.eval_every) else None
             log.step(step, res, val)
             if streak >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
@@ -220,12 +221,27 @@ def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, saved: bool
     return REQUEUE_EXIT_CODE
 
 
-def evaluate(cfg: Config, env: Any, engine: Any) -> float | None:
-    """Mean loss over `train.eval_steps` micro-batches from the start of the held-out shards (same ones each time)."""
-    if not cfg.data.val_path:
-        return None
-    batches = iter(make_loader(cfg, cfg.data.val_path, env, epochs=None))
-    return sum(engine.eval_step(batches) for _ in range(cfg.train.eval_steps)) / cfg.train.eval_steps
+class HeldOut:
+    """The validation set: the first `train.eval_steps` micro-batches of the held-out shards, the same ones for
+    every eval. They are read once, at the first eval, and kept (eval_steps x micro_batch x (seq_len + 1) tokens:
+    kilobytes to a few MB), so an eval neither re-reads manifests nor restarts loader workers."""
+
+    def __init__(self, cfg: Config, env: Any) -> None:
+        self.steps = cfg.train.eval_steps
+        self.loader = make_loader(cfg, cfg.data.val_path, env, epochs=None) if cfg.data.val_path else None
+        self.batches: list[Any] | None = None
+
+    def evaluate(self, engine: Any) -> float | None:
+        """Mean loss over the held-out micro-batches (collective: every rank calls it at the same step)."""
+        if self.batches is None:
+            if self.loader is None:  # no data.val_path
+                return None
+            stream = iter(self.loader)
+            self.batches = [next(stream) for _ in range(self.steps)]
+            stream.close()  # stops the loader's workers now
+            self.loader = None
+        batches = iter(self.batches)
+        return sum(engine.eval_step(batches) for _ in range(self.steps)) / self.steps
 
 
 def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any, step: int, *, final: bool) -> Path:
