@@ -196,3 +196,20 @@ def test_refusals_name_the_problem(corpus):
     restarted.load_state_dict(states[0])
     assert "restarting at the start of epoch(s) [0]" in restarted.resume_note
     assert torch.is_tensor(next(iter(restarted))["tokens"])
+
+
+def test_the_layout_history_in_the_state_stays_short(corpus):
+    """A change made after the previous change's epoch is over forgets the older layout: states stay small."""
+    olds = [loader(corpus["c"], r, 2, 2, None) for r in range(2)]
+    take(olds[0], 5), take(olds[1], 5)
+    once = loader(corpus["c"], 0, 1, 0, None)
+    once.load_state_dict(checkpoint(olds))
+    take(once, 30)
+    assert len(once.state_dict()["history"]) == 1
+    twice_early = loader(corpus["c"], 0, 2, 1, None)
+    twice_early.load_state_dict(checkpoint([once]))  # still inside the re-split epoch: both layouts kept
+    assert len(twice_early.state_dict()["history"]) == 2
+    take(once, 600)  # well into epoch 1 (the corpus is ~460 batches)
+    twice_late = loader(corpus["c"], 0, 2, 1, None)
+    twice_late.load_state_dict(checkpoint([once]))
+    assert [c["dp_size"] for c in twice_late.state_dict()["history"]] == [1]
