@@ -136,7 +136,8 @@ def same_layout(meta: checkpoint.Meta, layout: Any, where: Path) -> None:
     if saved != now:
         diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in keys if saved[k] != now[k])
         raise checkpoint.CheckpointError(f"checkpoint {where} was saved with another parallel layout ({diff}); "
-                                         "resume with the same layout, or start over with checkpoint.resume=none")
+                                         "resume with the same layout, start over with checkpoint.resume=none, or train "
+                                         "into another checkpoint.dir")
 
 
 def say(msg: str) -> None:
