@@ -109,7 +109,7 @@ def _assumed_vocab(flavor: str) -> tuple[int, str]:
 def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4) -> int:
     """`assume_vocab` (plan): planning a cluster before any data exists is normal, so an unknown vocabulary
     becomes a stated assumption instead of an error."""
-    from pretrain.parallel.describe import describe, estimate, throughput  # imports no torch
+    from pretrain.parallel.describe import describe, estimate, fits, throughput  # imports no torch
     from pretrain.train import MissingDataError, checked_vocab
 
     peak = _peak_tflops(gpu) if gpu is not None else None  # a bad --gpu fails before anything is printed
@@ -124,11 +124,28 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
                   "set model.vocab_size=N)")
         else:
             raise
-    print(describe(cfg, world, vocab))
+    print(describe(cfg, world, vocab, gpu=gpu))
+    e = estimate(cfg, world, vocab)
     if peak is not None:
-        print(throughput(cfg, estimate(cfg, world, vocab), peak, mfu))
-    print("dry run: config and layout are valid; nothing was built")
+        print(throughput(cfg, e, peak, mfu))
+    if gpu is not None and not fits(e, gpu):
+        print(f"dry run: config and layout are valid but do not fit {gpu} memory (see above); nothing was built")
+    else:
+        print("dry run: config and layout are valid; nothing was built")
     return 0
+
+
+def _local_gpu() -> str | None:
+    """This machine's GPU name for --dry-run's fit verdict, when it is one the tables know; else None."""
+    import torch
+
+    from pretrain.metrics import peak_tflops_for
+    from pretrain.parallel.describe import gpu_memory_gib
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return name if peak_tflops_for(name) and gpu_memory_gib(name) else None
 
 
 def _peak_tflops(gpu: str) -> float:
@@ -278,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--mfu {args.mfu}: a fraction in (0, 1]")
             return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True, gpu=args.gpu, mfu=args.mfu)
         if args.dry_run:
-            return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+            return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), gpu=_local_gpu())
         _quiet_libraries(cfg)
         from pretrain.train import train
         return train(cfg, stop)

@@ -6,7 +6,8 @@ rank, averages the per-token loss over them and over DP, and takes one optimizer
 `skipped=True`, when the loss or grad norm is not finite). Step numbers count optimizer steps from 1.
 
 Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1 after a committed checkpoint (requeue me); 3 aborted after
-`train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 2 bad
+`train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 4 another rank
+died or stopped answering (a collective failed or waited past `train.collective_timeout_s`); 2 bad
 config/data/checkpoint (one line on stderr).
 
 Fault injection for tests (documented, env only, off by default): PRETRAIN_INJECT_NONFINITE="5,6" makes the loss
@@ -33,7 +34,7 @@ from pretrain.resolved import ResolvedRun, resolve_run
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
-EXIT_OK, EXIT_NONFINITE = 0, 3  # 2 (bad input) is the CLI's: pretrain/cli.py
+EXIT_OK, EXIT_NONFINITE, EXIT_LOST_PEER = 0, 3, 4  # 2 (bad input) is the CLI's: pretrain/cli.py
 
 
 class NonFiniteAbort(RuntimeError):
@@ -43,7 +44,7 @@ class NonFiniteAbort(RuntimeError):
 def train(cfg: Config, stop: StopRequest | None = None) -> int:
     """`stop`: handlers installed by the caller as early as possible (the CLI does it before importing torch)."""
     stop = stop or StopRequest().install()
-    from pretrain.distributed import init_distributed
+    from pretrain.distributed import init_distributed, lost_peer
     from pretrain.engine import build_engine
     from pretrain.weights import init_source
 
@@ -55,7 +56,9 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         same_layout(checkpoint.read_meta(chosen), env.layout, chosen)
     init = init_source(cfg, run) if chosen is None and cfg.model.init_from else None  # weights to start from
     loader = make_loader(cfg, cfg.data.path, env, epochs=None)
+    held_out = HeldOut(cfg, env)  # built once: manifests read and batches taken at the first eval only
     engine = build_engine(cfg, env, init)
+    env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
 
     start, run_id = 0, None
     if chosen is not None:
@@ -84,7 +87,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
                 engine.inject_nonfinite()  # test hook: this step's loss becomes NaN inside the engine
             res = engine.train_step(batches)
             streak = streak + 1 if res.skipped else 0
-            val = evaluate(cfg, env, engine) if _due(step, cfg.train.eval_every) else None
+            val = held_out.evaluate(engine) if _due(step, cfg.train.eval_every) else None
             log.step(step, res, val)
             if streak >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
@@ -106,10 +109,16 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
             tracker.discard()
             tracker.finish("FAILED")
         return EXIT_NONFINITE
-    except BaseException:
+    except BaseException as e:
         if tracker:
             tracker.discard()  # never-checkpointed steps: the resumed run logs them
             tracker.finish("FAILED")
+        if lost_peer(e):  # one line instead of a library traceback per rank
+            reason = str(e).splitlines()[0].rsplit("] ", 1)[-1]  # gloo's message without its source location
+            say(f"rank {env.rank}: a collective failed ({reason}): another rank died or "
+                f"stopped answering (train.collective_timeout_s={cfg.train.collective_timeout_s:g}); exit "
+                f"{EXIT_LOST_PEER}, resume from the last checkpoint")
+            return EXIT_LOST_PEER
         raise
     finally:
         log.close()
@@ -216,12 +225,27 @@ def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, saved: bool
     return REQUEUE_EXIT_CODE
 
 
-def evaluate(cfg: Config, env: Any, engine: Any) -> float | None:
-    """Mean loss over `train.eval_steps` micro-batches from the start of the held-out shards (same ones each time)."""
-    if not cfg.data.val_path:
-        return None
-    batches = iter(make_loader(cfg, cfg.data.val_path, env, epochs=None))
-    return sum(engine.eval_step(batches) for _ in range(cfg.train.eval_steps)) / cfg.train.eval_steps
+class HeldOut:
+    """The validation set: the first `train.eval_steps` micro-batches of the held-out shards, the same ones for
+    every eval. They are read once, at the first eval, and kept (eval_steps x micro_batch x (seq_len + 1) tokens:
+    kilobytes to a few MB), so an eval neither re-reads manifests nor restarts loader workers."""
+
+    def __init__(self, cfg: Config, env: Any) -> None:
+        self.steps = cfg.train.eval_steps
+        self.loader = make_loader(cfg, cfg.data.val_path, env, epochs=None) if cfg.data.val_path else None
+        self.batches: list[Any] | None = None
+
+    def evaluate(self, engine: Any) -> float | None:
+        """Mean loss over the held-out micro-batches (collective: every rank calls it at the same step)."""
+        if self.batches is None:
+            if self.loader is None:  # no data.val_path
+                return None
+            stream = iter(self.loader)
+            self.batches = [next(stream) for _ in range(self.steps)]
+            stream.close()  # stops the loader's workers now
+            self.loader = None
+        batches = iter(self.batches)
+        return sum(engine.eval_step(batches) for _ in range(self.steps)) / self.steps
 
 
 def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any, step: int, *, final: bool) -> Path:
