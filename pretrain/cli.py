@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
                     "table, e.g. H100, H200, A100) (default: H100)")
     pl.add_argument("--mfu", type=float, default=0.4,
                     help="model FLOPs utilisation to assume, 0-1 (default 0.4; measure it with benchmarks/mfu.py)")
+    pl.add_argument("--efficiency", type=float, default=0.6,
+                    help="layout ranking: fraction of the GPU's peak its matmuls sustain while computing (default "
+                    "0.6); recompute, the pipeline bubble and communication come on top")
+    pl.add_argument("--nvlink-gbs", type=float, default=450.0, help="GB/s per GPU inside a node (default 450)")
+    pl.add_argument("--ib-gbs", type=float, default=50.0, help="GB/s per GPU between nodes (default 50: 400 Gb/s)")
+    pl.add_argument("--top", type=int, default=10, help="layouts listed in the ranking (default 10)")
     g = sub.add_parser("generate", help="sample text from a checkpoint with the KV-cache reference model",
                        description="Generate from any committed checkpoint (a step_<N>, a run's latest, or an "
                        "imported one) in one process: no DeepSpeed world, the fp32 master weights read tensor by "
@@ -106,7 +112,8 @@ def _assumed_vocab(flavor: str) -> tuple[int, str]:
     return PLAN_DEFAULT_VOCAB, f"the {flavor} flavor names no tokenizer; a LLaMA-2-sized default"
 
 
-def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4) -> int:
+def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4,
+             ranking: argparse.Namespace | None = None) -> int:
     """`assume_vocab` (plan): planning a cluster before any data exists is normal, so an unknown vocabulary
     becomes a stated assumption instead of an error."""
     from pretrain.parallel.describe import describe, estimate, fits, throughput  # imports no torch
@@ -128,6 +135,12 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
     e = estimate(cfg, world, vocab)
     if peak is not None:
         print(throughput(cfg, e, peak, mfu))
+    if ranking is not None and gpu is not None:
+        from pretrain.parallel.describe import Links, rank_layouts, ranking_lines
+
+        ranked = rank_layouts(cfg, ranking.nodes, ranking.gpus_per_node, vocab, gpu, peak, ranking.efficiency,
+                              Links(nvlink=ranking.nvlink_gbs, ib=ranking.ib_gbs))
+        print("\n".join(ranking_lines(ranked, ranking.top)))
     if gpu is not None and not fits(e, gpu):
         print(f"dry run: config and layout are valid but do not fit {gpu} memory (see above); nothing was built")
     else:
@@ -293,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             if not 0 < args.mfu <= 1:
                 raise ConfigError(f"--mfu {args.mfu}: a fraction in (0, 1]")
-            return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True, gpu=args.gpu, mfu=args.mfu)
+            if not 0 < args.efficiency <= 1:
+                raise ConfigError(f"--efficiency {args.efficiency}: a fraction in (0, 1]")
+            return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True, gpu=args.gpu, mfu=args.mfu,
+                            ranking=args)
         if args.dry_run:
             return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), gpu=_local_gpu())
         _quiet_libraries(cfg)
