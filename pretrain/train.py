@@ -46,6 +46,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest().install()
     from pretrain.distributed import init_distributed, lost_peer
     from pretrain.engine import build_engine
+    from pretrain.weights import init_source
 
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     env = init_distributed(cfg, layout=run.layout)
@@ -53,9 +54,10 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)  # before building: a bad one fails fast
     if chosen is not None:
         same_layout(checkpoint.read_meta(chosen), env.layout, chosen)
+    init = init_source(cfg, run) if chosen is None and cfg.model.init_from else None  # weights to start from
     loader = make_loader(cfg, cfg.data.path, env, epochs=None)
     held_out = HeldOut(cfg, env)  # built once: manifests read and batches taken at the first eval only
-    engine = build_engine(cfg, env)
+    engine = build_engine(cfg, env, init)
     env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
 
     start, run_id = 0, None
@@ -66,7 +68,9 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     if env.rank == 0:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
         lay = env.layout
-        say(f"{'resuming from ' + str(chosen) if chosen else 'starting fresh'} at step {start}; world {lay.world}"
+        how = f"resuming from {chosen}" if chosen else (f"starting from {cfg.model.init_from} (weights only)"
+                                                        if init else "starting fresh")
+        say(f"{how} at step {start}; world {lay.world}"
             f" = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{cfg.parallel.zero_stage}, global batch "
             f"{lay.global_batch} x {cfg.train.seq_len} tokens")
     if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)

@@ -43,7 +43,7 @@ Ring collectives move 2(n-1)/n (all-reduce) or (n-1)/n of the bytes over the slo
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pretrain.config import Config, ConfigError, Layout
 from pretrain.model.args import ModelArgs
@@ -259,3 +259,106 @@ def throughput(cfg: Config, e: Estimate, peak_tflops: float, mfu: float) -> str:
             f"({tokens_per_s / e.layout.world:,.0f} per GPU), {step_tokens / tokens_per_s:.2f} s per step; "
             f"train.max_steps={cfg.train.max_steps:,} = {run_tokens / 1e9:,.1f} B tokens in "
             f"{run_tokens / tokens_per_s / 86400:.1f} days")
+
+
+# ------------------------------------------------------------------------------------- layout ranking
+
+
+@dataclass(frozen=True)
+class Links:
+    """Per-GPU bandwidths in GB/s, one direction: NVLink inside a node, InfiniBand (or RoCE) between nodes."""
+    nvlink: float = 450.0   # H100 SXM NVLink 4: 900 GB/s both directions
+    ib: float = 50.0        # one 400 Gb/s NDR port per GPU
+
+
+@dataclass(frozen=True)
+class Ranked:
+    tp: int
+    pp: int
+    zero: int
+    recompute: str
+    micro: int
+    step_s: float
+    mfu: float
+    memory: float
+
+
+def step_time(cfg: Config, e: Estimate, peak_tflops: float, efficiency: float, gpus_per_node: int,
+              links: Links) -> float:
+    """Predicted seconds per optimizer step of this layout (module docstring: what is counted)."""
+    from pretrain.metrics import flops_per_token, matmul_params
+
+    lay, args, T = e.layout, e.args, cfg.train.seq_len
+    S, m, a = lay.micro_batch_size * T, lay.grad_accum, (2 if cfg.train.dtype == "bf16" else 4)
+    attn_fwd = 4.0 * args.n_layers * args.n_heads * args.head_dim * T  # per token, QK^T and AV forward
+    block_params = matmul_params(args, args.vocab_size) - args.vocab_size * args.dim
+    attn_params = args.n_layers * (2 * args.dim * args.n_heads * args.head_dim + 2 * args.dim * args.kv_heads
+                                   * args.head_dim)
+    extra = {"full": 2.0 * block_params + attn_fwd, "selective": 2.0 * attn_params + attn_fwd}.get(
+        cfg.model.activation_checkpointing, 0.0)
+    per_mb_flops = (flops_per_token(args, T, args.vocab_size) + extra) * S / (lay.tp * lay.pp)
+    compute = per_mb_flops / (peak_tflops * 1e12 * efficiency)
+    single_node = lay.world <= gpus_per_node
+    tp_bw = (links.nvlink if lay.tp <= gpus_per_node else links.ib) * 1e9
+    all_reduces = args.n_layers / lay.pp * (4 + {"full": 2, "selective": 1}.get(cfg.model.activation_checkpointing, 0))
+    tp_comm = all_reduces * 2 * (lay.tp - 1) / lay.tp * S * args.dim * a / tp_bw if lay.tp > 1 else 0.0
+    pp_bw = (links.nvlink if single_node else links.ib) * 1e9
+    pp_comm = 2 * S * args.dim * a / lay.tp / pp_bw if lay.pp > 1 else 0.0
+    per_mb = compute + tp_comm + pp_comm
+    dp, z = lay.dp, cfg.parallel.zero_stage
+    params = (e.params - args.vocab_size * args.dim * (0 if args.tie_embeddings else 1)) / lay.pp / lay.tp
+    dp_bw = (links.nvlink if lay.tp * dp <= gpus_per_node else links.ib) * 1e9
+    frac = (dp - 1) / dp
+    dp_bytes = 2 * frac * params * 4 if z == 0 else frac * params * (4 + a)
+    if z == 3:
+        dp_bytes += m * 2 * frac * params * a  # weights gathered for every forward and backward
+    return (m + lay.pp - 1) * per_mb + dp_bytes / dp_bw
+
+
+def rank_layouts(cfg: Config, nodes: int, gpus_per_node: int, vocab_size: int, gpu: str, peak_tflops: float,
+                 efficiency: float, links: Links = Links()) -> list[Ranked]:
+    """Every (tp, pp, zero, recompute, micro-batch) that keeps the config's global batch, passes the layout rules
+    and fits the GPU, fastest first."""
+    from pretrain.metrics import flops_per_token
+
+    world = nodes * gpus_per_node
+    base = estimate(cfg, world, vocab_size).layout
+    global_batch = base.global_batch
+    out = []
+    pows = [1, 2, 4, 8, 16, 32, 64]
+    for tp, pp, zero, recompute, micro in itertools.product(pows[:4], pows, (1, 2, 3), ("none", "selective", "full"),
+                                                            (1, 2, 4, 8)):
+        if tp > gpus_per_node or world % (tp * pp) or (pp > 1 and zero >= 2):
+            continue
+        dp = world // (tp * pp)
+        if global_batch % (micro * dp):
+            continue
+        try:
+            c = cfg.model_copy(update={
+                "parallel": cfg.parallel.model_copy(update={"tp": tp, "pp": pp, "zero_stage": zero,
+                                                            "sequence_parallel": cfg.parallel.sequence_parallel
+                                                            and tp > 1}),
+                "model": cfg.model.model_copy(update={"activation_checkpointing": recompute}),
+                "train": cfg.train.model_copy(update={"micro_batch_size": micro,
+                                                      "grad_accum": global_batch // (micro * dp)})})
+            e = estimate(c, world, vocab_size)
+        except ConfigError:
+            continue
+        if not fits(e, gpu):
+            continue
+        t = step_time(c, e, peak_tflops, efficiency, gpus_per_node, links)
+        mfu = flops_per_token(e.args, c.train.seq_len, e.args.vocab_size) * global_batch * c.train.seq_len / (
+            t * world * peak_tflops * 1e12)
+        out.append(Ranked(tp, pp, zero, recompute, micro, t, mfu, e.total))
+    return sorted(out, key=lambda r: r.step_s)
+
+
+def ranking_lines(ranked: list[Ranked], limit: int = 10) -> list[str]:
+    if not ranked:
+        return ["no layout of this global batch fits: fewer tokens per step, more nodes, or a larger GPU"]
+    lines = [f"{len(ranked)} fitting layouts, fastest first (predicted; top {min(limit, len(ranked))}):",
+             "   tp  pp  zero  recompute  micro  step s   MFU  GiB/rank"]
+    for r in ranked[:limit]:
+        lines.append(f"  {r.tp:3d} {r.pp:3d} {r.zero:5d}  {r.recompute:9s} {r.micro:6d} {r.step_s:7.2f} "
+                     f"{r.mfu:5.1%} {r.memory / GiB:9.1f}")
+    return lines
