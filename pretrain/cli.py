@@ -1,7 +1,7 @@
 """`pretrain`: train (or --dry-run a config), and generate text from a checkpoint.
 
     pretrain train --config configs/debug.yaml [--set train.max_steps=20 ...] [--dry-run [--world-size N]]
-    torchrun --nproc-per-node 2 -m pretrain train --config configs/debug.yaml
+    python -m launch --nproc-per-node 2 -- -m pretrain train --config configs/debug.yaml
     pretrain plan --config configs/7b.yaml --nodes 4 --gpus-per-node 8 [--set model.vocab_size=128256]
     pretrain generate --checkpoint runs/demo/run --prompt "Once upon a time" [--max-new-tokens 64]
     pretrain export-hf --checkpoint runs/demo/run --out hf/ [--dtype fp32] [--max-shard-size 5GB]
@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config (one process, or one per rank under torchrun)",
                        description="Train. Under torchrun every rank runs this same command. Resumes from "
                        "<checkpoint.dir>/latest unless checkpoint.resume=none. Exit 0 done, 42 stopped by "
-                       "SIGTERM/SIGUSR1 after a checkpoint (requeue), 3 too many non-finite steps, 2 bad input.")
+                       "Ctrl-C/SIGTERM/SIGUSR1 after a checkpoint (requeue; a second Ctrl-C exits 130 at once), 3 "
+                       "too many non-finite steps, 4 another rank died or hung, 2 bad input.")
     t.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.max_steps=20")

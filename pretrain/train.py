@@ -5,7 +5,8 @@ What a step means: `engine.train_step` consumes `grad_accum` micro-batches of `m
 rank, averages the per-token loss over them and over DP, and takes one optimizer step (or none, with
 `skipped=True`, when the loss or grad norm is not finite). Step numbers count optimizer steps from 1.
 
-Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1 after a committed checkpoint (requeue me); 3 aborted after
+Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1/SIGINT after a committed checkpoint (requeue me; a second
+SIGINT exits 130 at once, see pretrain/signals.py); 3 aborted after
 `train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 4 another rank
 died or stopped answering (a collective failed or waited past `train.collective_timeout_s`); 2 bad
 config/data/checkpoint (one line on stderr).
@@ -140,8 +141,8 @@ def same_layout(meta: checkpoint.Meta, layout: Any, where: Path) -> None:
     if saved != now:
         diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in keys if saved[k] != now[k])
         raise checkpoint.CheckpointError(f"checkpoint {where} was saved with another parallel layout ({diff}); "
-                                         "resume with the same layout, start over with checkpoint.resume=none, or train "
-                                         "into another checkpoint.dir")
+                                         "resume with the same layout, start over with checkpoint.resume=none, or "
+                                         "train into another checkpoint.dir")
 
 
 def say(msg: str) -> None:
