@@ -119,7 +119,7 @@ def main() -> int:
              "--out", str(ROOT / out), "--shard-size-mb", "0.1", "--no-progress"], log=logs / f"prepare_{out}.log")
 
     train_cmd = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
-                 "-m", "pretrain", "train", "--config", CONFIG]
+                 "-m", "pretrain", "train", "--config", CONFIG, "--set", f"data.val_path={ROOT / 'val_shards'}"]
     run_dir = ROOT / "run"
     banner(f"3. train `debug` on {RANKS} CPU ranks, ZeRO-2; preempted by SIGUSR1 at step {PREEMPT_AT}")
     # torchrun itself reports a worker's non-zero exit as its own failure (exit 1); the workers' 42 is in the log.

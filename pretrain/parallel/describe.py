@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.config import Config, Layout, resolve_layout
+from pretrain.config import Config, Layout
 from pretrain.model.args import ModelArgs
+from pretrain.resolved import ResolvedRun
 
 GiB = 1024**3
 
@@ -40,9 +41,10 @@ class Estimate:
         return self.weights + self.grads + self.optimizer + self.activations
 
 
-def estimate(cfg: Config, world_size: int, vocab_size: int | None = None) -> Estimate:
-    lay = resolve_layout(cfg, world_size, vocab_size)  # raises ConfigError on any invalid layout
-    args = cfg.model.args(vocab_size).replace(vocab_size=lay.padded_vocab_size)
+def estimate(cfg: Config, run: ResolvedRun) -> Estimate:
+    """The resolved run's layout and model (padded vocabulary); `cfg` for what the run does not fix
+    (activation checkpointing)."""
+    lay, args = run.layout, run.model
     total = args.num_params()
     # Per-rank share: blocks split over PP and TP; embeddings/head split over TP and sit on first/last stage.
     embed = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
@@ -66,8 +68,8 @@ def estimate(cfg: Config, world_size: int, vocab_size: int | None = None) -> Est
     return Estimate(lay, args, total, weights, grads, optim, act)
 
 
-def describe(cfg: Config, world_size: int, vocab_size: int | None = None) -> str:
-    e = estimate(cfg, world_size, vocab_size)
+def describe(cfg: Config, run: ResolvedRun) -> str:
+    e = estimate(cfg, run)
     lay, args, T = e.layout, e.args, cfg.train.seq_len
     lines = [
         f"layout: world={lay.world} = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}; ZeRO-{cfg.parallel.zero_stage}; "

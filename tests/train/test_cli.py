@@ -15,10 +15,13 @@ def pretrain(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_prints_layout_params_memory_and_builds_nothing(tmp_path):
+    from train_common import tiny_shards
+
+    shards = tiny_shards(tmp_path / "data") / "shards"
     run_dir = tmp_path / "run"
     p = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--world-size", "4",
-                 "--set", "model.vocab_size=1000", "--set", "parallel.tp=2", "--set", "parallel.zero_stage=1",
-                 "--set", f"checkpoint.dir={run_dir}")
+                 "--set", f"data.path={shards}", "--set", "model.vocab_size=1000", "--set", "parallel.tp=2",
+                 "--set", "parallel.zero_stage=1", "--set", f"checkpoint.dir={run_dir}")
     assert p.returncode == 0, p.stderr
     assert "world=4 = tp 2 x pp 1 x dp 2" in p.stdout
     assert "vocab=1024 (padded)" in p.stdout  # 128 x tp rule
@@ -76,6 +79,7 @@ def test_plan_predicts_throughput_from_the_assumed_mfu():
     from pretrain.config import load_config
     from pretrain.metrics import flops_per_token
     from pretrain.parallel.describe import estimate
+    from pretrain.resolved import resolve_run
 
     p = pretrain("plan", "--config", "configs/8b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "A100",
                  "--mfu", "0.5", "--set", "model.vocab_size=128256")
@@ -83,7 +87,7 @@ def test_plan_predicts_throughput_from_the_assumed_mfu():
     line = next(x for x in p.stdout.splitlines() if x.startswith("throughput"))
     tokens_per_s = float(re.search(r"MFU of 312 TFLOP/s per GPU: ([\d,]+) tokens/s", line).group(1).replace(",", ""))
     cfg = load_config("configs/8b.yaml", ["model.vocab_size=128256"])
-    e = estimate(cfg, 64, 128256)
+    e = estimate(cfg, resolve_run(cfg, 64, require_data=False))
     assert tokens_per_s * flops_per_token(e.args, cfg.train.seq_len, 128256) == pytest.approx(0.5 * 312e12 * 64,
                                                                                               rel=1e-5)
     bad = pretrain("plan", "--config", "configs/8b.yaml", "--gpu", "B300")
