@@ -10,6 +10,9 @@ computes its share independently, with no communication, and a resume can jump s
 - In-shard shuffle: within each (shard, range) segment, the order a streaming shuffle buffer of size B would
   produce. The permutation is computed on indices, without reading data, so a reader positioned at offset k
   of a segment knows exactly which samples were already emitted (perm[:k]) and which are in the buffer.
+
+This is the plan of a loader that has always had one layout; partition.py builds on it the plan that
+follows a change of DP size or worker count (the unconsumed rest of the epoch, re-split).
 """
 from __future__ import annotations
 
@@ -22,13 +25,39 @@ from data_pipeline.errors import DataError
 
 @dataclass(frozen=True)
 class Segment:
+    """Samples of one shard read back to back by one slot: all of [start, stop), or only `members` of it.
+
+    `members` (ascending tar indices) appears only after a layout change, when part of a shard range was
+    already consumed (see partition.py); the normal split always reads whole ranges.
+    """
     shard: int  # index into the source's shard list
     start: int  # first sample (in tar order) of the range
     stop: int   # one past the last sample
+    members: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
-        return self.stop - self.start
+        return self.stop - self.start if self.members is None else len(self.members)
+
+    def index(self, k: int) -> int:
+        """Tar index of the segment's k-th sample (in tar order)."""
+        return self.start + k if self.members is None else self.members[k]
+
+    def take(self, ks: list[int]) -> Segment:
+        """The segment of this one's samples number `ks` (ascending)."""
+        return make_segment(self.shard, [self.index(k) for k in ks])
+
+    def slice(self, a: int, b: int) -> Segment:
+        if self.members is None:
+            return Segment(self.shard, self.start + a, self.start + b)
+        return make_segment(self.shard, list(self.members[a:b]))
+
+
+def make_segment(shard: int, indices: list[int]) -> Segment:
+    """A segment reading the (ascending, non-empty) tar indices; a plain range when they are contiguous."""
+    if indices[-1] - indices[0] + 1 == len(indices):
+        return Segment(shard, indices[0], indices[-1] + 1)
+    return Segment(shard, indices[0], indices[-1] + 1, tuple(indices))
 
 
 def _rng(*key: int) -> np.random.Generator:

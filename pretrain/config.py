@@ -88,6 +88,9 @@ class TrainSection(_Section):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on cuda, gloo on cpu")
     max_nonfinite_steps: int = Field(3, gt=0, description="abort after this many non-finite steps in a row")
     peak_tflops: float | None = Field(None, description="per-device peak for MFU; None: looked up by GPU name")
+    collective_timeout_s: float = Field(600.0, gt=0, description="a collective waiting longer than this for a dead "
+                                        "or hung rank fails the run (every process group, torch's own and the "
+                                        "libraries'), instead of hanging until the job's wall-clock limit")
 
 
 class OptimSection(_Section):

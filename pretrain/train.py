@@ -6,7 +6,8 @@ rank, averages the per-token loss over them and over DP, and takes one optimizer
 `skipped=True`, when the loss or grad norm is not finite). Step numbers count optimizer steps from 1.
 
 Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1 after a committed checkpoint (requeue me); 3 aborted after
-`train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 2 bad
+`train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 4 another rank
+died or stopped answering (a collective failed or waited past `train.collective_timeout_s`); 2 bad
 config/data/checkpoint (one line on stderr).
 
 Fault injection for tests (documented, env only, off by default): PRETRAIN_INJECT_NONFINITE="5,6" makes the loss
@@ -32,7 +33,7 @@ from pretrain.resolved import ResolvedRun, TokenizerFacts, resolve_run
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
-EXIT_OK, EXIT_NONFINITE = 0, 3  # 2 (bad input) is the CLI's: pretrain/cli.py
+EXIT_OK, EXIT_NONFINITE, EXIT_LOST_PEER = 0, 3, 4  # 2 (bad input) is the CLI's: pretrain/cli.py
 
 
 class NonFiniteAbort(RuntimeError):
@@ -42,7 +43,7 @@ class NonFiniteAbort(RuntimeError):
 def train(cfg: Config, stop: StopRequest | None = None) -> int:
     """`stop`: handlers installed by the caller as early as possible (the CLI does it before importing torch)."""
     stop = stop or StopRequest().install()
-    from pretrain.distributed import init_distributed
+    from pretrain.distributed import init_distributed, lost_peer
     from pretrain.engine import build_engine
 
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
@@ -53,6 +54,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         same_layout(checkpoint.read_meta(chosen), env.layout, chosen)
     loader = make_loader(cfg, run, env)
     engine = build_engine(cfg, env, run)
+    env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
 
     start, run_id = 0, None
     if chosen is not None:
@@ -101,10 +103,16 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
             tracker.discard()
             tracker.finish("FAILED")
         return EXIT_NONFINITE
-    except BaseException:
+    except BaseException as e:
         if tracker:
             tracker.discard()  # never-checkpointed steps: the resumed run logs them
             tracker.finish("FAILED")
+        if lost_peer(e):  # one line instead of a library traceback per rank
+            reason = str(e).splitlines()[0].rsplit("] ", 1)[-1]  # gloo's message without its source location
+            say(f"rank {env.rank}: a collective failed ({reason}): another rank died or "
+                f"stopped answering (train.collective_timeout_s={cfg.train.collective_timeout_s:g}); exit "
+                f"{EXIT_LOST_PEER}, resume from the last checkpoint")
+            return EXIT_LOST_PEER
         raise
     finally:
         log.close()
