@@ -18,6 +18,8 @@ carries, and it is dropped at the next change once no position can reach an epoc
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 
 from data_pipeline.plan import Segment, buffer_order, slot_segments
@@ -117,17 +119,17 @@ class Partition:
 
 def _cut(pieces: list[Segment], num_slots: int) -> list[list[Segment]]:
     """Split the concatenated pieces into num_slots contiguous ranges [t*N//S, (t+1)*N//S)."""
-    total = sum(p.size for p in pieces)
+    ends = list(itertools.accumulate(p.size for p in pieces))  # ends[i]: one past piece i's last sample
+    total = ends[-1] if ends else 0
     out = []
     for t in range(num_slots):
         lo, hi = t * total // num_slots, (t + 1) * total // num_slots
-        segs, offset = [], 0
-        for p in pieces:
-            a, b = max(lo, offset), min(hi, offset + p.size)
-            if a < b:
-                segs.append(p.slice(a - offset, b - offset))
-            offset += p.size
-            if offset >= hi:
-                break
+        segs = []
+        i = bisect.bisect_right(ends, lo)  # the piece holding sample `lo`
+        while lo < hi:
+            start = ends[i] - pieces[i].size
+            b = min(hi, ends[i])
+            segs.append(pieces[i].slice(lo - start, b - start))
+            lo, i = b, i + 1
         out.append(segs)
     return out

@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
                     "table, e.g. H100, H200, A100) (default: H100)")
     pl.add_argument("--mfu", type=float, default=0.4,
                     help="model FLOPs utilisation to assume, 0-1 (default 0.4; measure it with benchmarks/mfu.py)")
+    pl.add_argument("--efficiency", type=float, default=0.6,
+                    help="layout ranking: fraction of the GPU's peak its matmuls sustain while computing (default "
+                    "0.6); recompute, the pipeline bubble and communication come on top")
+    pl.add_argument("--nvlink-gbs", type=float, default=450.0, help="GB/s per GPU inside a node (default 450)")
+    pl.add_argument("--ib-gbs", type=float, default=50.0, help="GB/s per GPU between nodes (default 50: 400 Gb/s)")
+    pl.add_argument("--top", type=int, default=10, help="layouts listed in the ranking (default 10)")
     g = sub.add_parser("generate", help="sample text from a checkpoint with the KV-cache reference model",
                        description="Generate from the consolidated weights of a finished run (single process).")
     g.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`) or a step_<N> dir")
@@ -82,25 +88,38 @@ def _assumed_vocab(flavor: str) -> tuple[int, str]:
     return PLAN_DEFAULT_VOCAB, f"the {flavor} flavor names no tokenizer; a LLaMA-2-sized default"
 
 
-def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4) -> int:
+def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4,
+             ranking: argparse.Namespace | None = None) -> int:
     """Resolve the run exactly as `pretrain train` does at start (the same checks, data included) and describe
     it, building nothing and importing no torch. `assume_vocab` (plan): planning a cluster before any data exists
     is normal, so an unknown vocabulary becomes a stated assumption instead of an error."""
-    from pretrain.parallel.describe import describe, estimate, throughput
+    from pretrain.parallel.describe import describe, estimate, fits, throughput
     from pretrain.resolved import resolve_run
 
     peak = _peak_tflops(gpu) if gpu is not None else None  # a bad --gpu fails before anything is printed
-    vocab, why = _assumed_vocab(cfg.model.flavor) if assume_vocab else (None, "")
-    run = resolve_run(cfg, world, require_data=not assume_vocab, vocab_without_data=vocab)
+    assumed, why = _assumed_vocab(cfg.model.flavor) if assume_vocab else (None, "")
+    run = resolve_run(cfg, world, require_data=not assume_vocab, vocab_without_data=assumed)
+    vocab = cfg.model.vocab_size or (run.tokenizer.vocab_size if run.tokenizer else assumed)  # before padding
     if run.tokenizer is None and cfg.model.vocab_size is None:
         print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary ({why}; "
               "set model.vocab_size=N)")
-    print(describe(cfg, run))
+    print(describe(cfg, world, gpu=gpu, run=run))
     for line in _data_lines(run):
         print(line)
+    e = estimate(cfg, world, run=run)
     if peak is not None:
-        print(throughput(cfg, estimate(cfg, run), peak, mfu))
-    print("dry run: config, layout and data are valid; nothing was built")
+        print(throughput(cfg, e, peak, mfu))
+    if ranking is not None and gpu is not None:
+        from pretrain.parallel.describe import Links, rank_layouts, ranking_lines
+
+        ranked = rank_layouts(cfg, ranking.nodes, ranking.gpus_per_node, vocab, gpu, peak, ranking.efficiency,
+                              Links(nvlink=ranking.nvlink_gbs, ib=ranking.ib_gbs))
+        print("\n".join(ranking_lines(ranked, ranking.top)))
+    if gpu is not None and not fits(e, gpu):
+        print(f"dry run: config, layout and data are valid but do not fit {gpu} memory (see above); nothing was "
+              "built")
+    else:
+        print("dry run: config, layout and data are valid; nothing was built")
     return 0
 
 
@@ -115,6 +134,24 @@ def _data_lines(run) -> list[str]:
         t = run.tokenizer
         lines.append(f"tokenizer: {t.path} ({t.kind}, {t.vocab_size} tokens, identity {t.identity[:12]})")
     return lines
+
+
+def _local_gpu() -> str | None:
+    """This machine's GPU name for --dry-run's fit verdict, when it is one the tables know; else None.
+    Asked of nvidia-smi, not torch: a dry run imports no torch (seconds per call on a login node)."""
+    import subprocess
+
+    from pretrain.metrics import peak_tflops_for
+    from pretrain.parallel.describe import gpu_memory_gib
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    name = names[0].strip() if names else ""
+    return name if name and peak_tflops_for(name) and gpu_memory_gib(name) else None
 
 
 def _peak_tflops(gpu: str) -> float:
@@ -225,9 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             if not 0 < args.mfu <= 1:
                 raise ConfigError(f"--mfu {args.mfu}: a fraction in (0, 1]")
-            return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True, gpu=args.gpu, mfu=args.mfu)
+            if not 0 < args.efficiency <= 1:
+                raise ConfigError(f"--efficiency {args.efficiency}: a fraction in (0, 1]")
+            return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True, gpu=args.gpu, mfu=args.mfu,
+                            ranking=args)
         if args.dry_run:
-            return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+            return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), gpu=_local_gpu())
         _quiet_libraries(cfg)
         from pretrain.train import train
         return train(cfg, stop)

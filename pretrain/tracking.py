@@ -23,6 +23,10 @@ from pretrain.config import Config
 from pretrain.resolved import ResolvedRun
 
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
+# The experiment tag MLflow 3's UI reads to choose an experiment's page: without it the UI opens on the GenAI
+# overview (traces, evaluations), not on the runs table and charts. "custom_model_development" is what its
+# "Machine learning" choice writes (mlflow/server/js: the experiment-kind enum; no Python constant exists).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML = "mlflow.experimentKind", "custom_model_development"
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -87,9 +91,12 @@ class Tracker:
             artifacts = None
             if self.uri.startswith("sqlite:///"):  # keep artifacts inside the run dir, not in the cwd
                 artifacts = (Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-            exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+            exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts,
+                                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_ML})
         else:
             exp_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made elsewhere without a kind; a kind someone chose stays
+                self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML)
         name = cfg.tracking.run_name or Path(cfg.checkpoint.dir).resolve().name
         self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
         self._tags(tags)

@@ -53,6 +53,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     if chosen is not None:
         same_layout(checkpoint.read_meta(chosen), env.layout, chosen)
     loader = make_loader(cfg, run, env)
+    held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
     engine = build_engine(cfg, env, run)
     env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
 
@@ -81,7 +82,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
                 engine.inject_nonfinite()  # test hook: this step's loss becomes NaN inside the engine
             res = engine.train_step(batches)
             streak = streak + 1 if res.skipped else 0
-            val = evaluate(cfg, run, env, engine) if _due(step, cfg.train.eval_every) else None
+            val = held_out.evaluate(engine) if _due(step, cfg.train.eval_every) else None
             log.step(step, res, val)
             if streak >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
@@ -185,12 +186,29 @@ def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, saved: bool
     return REQUEUE_EXIT_CODE
 
 
-def evaluate(cfg: Config, run: ResolvedRun, env: Any, engine: Any) -> float | None:
-    """Mean loss over `train.eval_steps` micro-batches from the start of the held-out shards (same ones each time)."""
-    if run.val_data is None:
-        return None
-    batches = iter(make_loader(cfg, run, env, validation=True))
-    return sum(engine.eval_step(batches) for _ in range(cfg.train.eval_steps)) / cfg.train.eval_steps
+class HeldOut:
+    """The validation set: the first `train.eval_steps` micro-batches of the held-out shards, the same ones for
+    every eval. They are read once, at the first eval, and kept (eval_steps x micro_batch x (seq_len + 1) tokens:
+    kilobytes to a few MB), so an eval neither re-reads manifests nor restarts loader workers. The shards were
+    checked at start (`resolve_run`: they exist, share the training tokenizer, suffice for every DP rank x
+    worker)."""
+
+    def __init__(self, cfg: Config, run: ResolvedRun, env: Any) -> None:
+        self.steps = cfg.train.eval_steps
+        self.loader = make_loader(cfg, run, env, validation=True) if run.val_data is not None else None
+        self.batches: list[Any] | None = None
+
+    def evaluate(self, engine: Any) -> float | None:
+        """Mean loss over the held-out micro-batches (collective: every rank calls it at the same step)."""
+        if self.batches is None:
+            if self.loader is None:  # no data.val_path
+                return None
+            stream = iter(self.loader)
+            self.batches = [next(stream) for _ in range(self.steps)]
+            stream.close()  # stops the loader's workers now
+            self.loader = None
+        batches = iter(self.batches)
+        return sum(engine.eval_step(batches) for _ in range(self.steps)) / self.steps
 
 
 def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any, step: int, *, final: bool) -> Path:
@@ -218,8 +236,13 @@ def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, trac
     return path
 
 
+SEGMENTS_FILE = "segments.jsonl"  # one line per launch of the run: its steps and wall time (summary.json sums them)
+SUMMARY_FILE = "summary.json"
+
+
 class StepLog:
-    """Rank 0's outputs per step: metrics.jsonl, MLflow buffer, and a progress bar or plain log lines."""
+    """Rank 0's outputs per step: metrics.jsonl, MLflow buffer, and a progress bar or plain log lines; per
+    segment (one launch: a requeue or resume starts the next), a line in segments.jsonl; at the end summary.json."""
 
     def __init__(self, cfg: Config, run: ResolvedRun, env: Any, tracker: Any, start: int) -> None:
         self.cfg, self.env, self.tracker, self.start = cfg, env, tracker, start
@@ -238,12 +261,16 @@ class StepLog:
         self.last: metrics.StepRecord | None = None
         self.skipped = 0
         self.t0 = time.time()
+        self.at = start  # the last step this segment ran
+        self.segments = Path(cfg.checkpoint.dir) / SEGMENTS_FILE
+        if self.on and start == 0:
+            self.segments.unlink(missing_ok=True)  # a fresh start: earlier segments belong to another run
 
     def step(self, step: int, res: Any, val: float | None) -> None:
         rec = self.meter.record(step, float(res.loss), float(res.lr), float(res.grad_norm), bool(res.skipped))
         if val is not None:
             rec.val_loss, rec.val_ppl = val, math.exp(min(val, 50.0))
-        self.last, self.skipped = rec, self.skipped + int(rec.skipped)
+        self.last, self.skipped, self.at = rec, self.skipped + int(rec.skipped), step
         if not self.on:
             return
         self.file.append(rec)
@@ -262,24 +289,39 @@ class StepLog:
         self.meter.restart_clock()  # a checkpoint's time is not a step's time
 
     def close(self) -> None:
+        """End of this segment however it ends (done, stopped, aborted, failed): appended to segments.jsonl."""
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.on:
+            with open(self.segments, "a") as f:
+                f.write(json.dumps({"start_step": self.start, "end_step": self.at,
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.t0)),
+                                    "wall_s": round(time.time() - self.t0, 3)}) + "\n")
+
+    def _segments(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.segments.read_text().splitlines() if line.strip()]
 
     def summary(self, step: int) -> None:
         if not self.on:
             return
         run_dir = Path(self.cfg.checkpoint.dir).resolve()
+        segments = self._segments()  # this one included: close() ran first
         summary = {"final_step": step, "final_loss": self.last.loss if self.last else None,
-                   "skipped_steps": self.skipped, "wall_s": time.time() - self.t0,
-                   "tokens": self.meter.tokens, "checkpoint": _latest(run_dir),
+                   "skipped_steps": self.skipped, "wall_s": round(sum(s["wall_s"] for s in segments), 3),
+                   "segments": segments, "tokens": self.meter.tokens, "checkpoint": _latest(run_dir),
                    "metrics": str(run_dir / metrics.METRICS_FILE)}
         if self.tracker:
             summary.update(mlflow_uri=self.tracker.uri, mlflow_run_id=self.tracker.run_id)
-            self.tracker.artifact_text(json.dumps(summary, indent=1), "summary.json")
-        lines = [f"done: step {step}, final loss {summary['final_loss']}, {self.skipped} skipped step(s), "
-                 f"{summary['wall_s']:.1f} s",
+            self.tracker.artifact_text(json.dumps(summary, indent=1), SUMMARY_FILE)
+        tmp = run_dir / f".{SUMMARY_FILE}.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(run_dir / SUMMARY_FILE)
+        this = segments[-1]["wall_s"]
+        wall = f"{this:.1f} s" if len(segments) == 1 else \
+            f"{this:.1f} s this segment, {summary['wall_s']:.1f} s over {len(segments)} segments"
+        lines = [f"done: step {step}, final loss {summary['final_loss']}, {self.skipped} skipped step(s), {wall}",
                  f"checkpoints: {run_dir} (latest: {summary['checkpoint'] or 'none written'})",
                  f"metrics:     {summary['metrics']}"]
         if self.tracker:

@@ -110,7 +110,7 @@ def test_the_log_line_counts_what_is_re_split(corpus, caplog):
     partly = sum(values[v] < lengths[v] for v in values)
     new = loader(corpus["a"], 0, 1, 0, 1)
     with caplog.at_level("WARNING", logger="data_pipeline.loader"):
-        new.load_state_dict(checkpoint(olds))
+        new.load_state_dict(checkpoint(olds) * 2)  # TP/PP peers' files hold the same states: accepted
     line = f"({150 - consumed} of epoch 0) and {partly} partly packed document(s) from dp 2 x 2 worker(s) to dp 1 x 1"
     assert line in new.resume_note and new.resume_note in caplog.text and "\n" not in new.resume_note
     assert partly >= 1, "the test must cover documents cut at the change"
@@ -143,6 +143,19 @@ def test_a_second_resume_after_the_change_is_exact_too(corpus):
     again = loader(corpus["a"], 0, 1, 2, 1)
     again.load_state_dict(checkpoint([first]))
     assert head + take(again, None) == full
+
+
+def test_a_version_1_state_from_before_layout_changes_still_resumes(corpus):
+    full = take(loader(corpus["a"], 0, 1, 2, None), 30)
+    old = loader(corpus["a"], 0, 1, 2, None)
+    head = take(old, 11)
+    state = checkpoint([old])[0]
+    del state["history"]
+    for c in state["cursors"]:
+        del c["carry"]
+    resumed = loader(corpus["a"], 0, 1, 2, None)
+    resumed.load_state_dict(dict(state, version=1))
+    assert head + take(resumed, 19) == full
 
 
 def test_mixture_dp_change_repeats_nothing_and_keeps_mixing(corpus):
@@ -183,3 +196,20 @@ def test_refusals_name_the_problem(corpus):
     restarted.load_state_dict(states[0])
     assert "restarting at the start of epoch(s) [0]" in restarted.resume_note
     assert torch.is_tensor(next(iter(restarted))["tokens"])
+
+
+def test_the_layout_history_in_the_state_stays_short(corpus):
+    """A change made after the previous change's epoch is over forgets the older layout: states stay small."""
+    olds = [loader(corpus["c"], r, 2, 2, None) for r in range(2)]
+    take(olds[0], 5), take(olds[1], 5)
+    once = loader(corpus["c"], 0, 1, 0, None)
+    once.load_state_dict(checkpoint(olds))
+    take(once, 30)
+    assert len(once.state_dict()["history"]) == 1
+    twice_early = loader(corpus["c"], 0, 2, 1, None)
+    twice_early.load_state_dict(checkpoint([once]))  # still inside the re-split epoch: both layouts kept
+    assert len(twice_early.state_dict()["history"]) == 2
+    take(once, 600)  # well into epoch 1 (the corpus is ~460 batches)
+    twice_late = loader(corpus["c"], 0, 2, 1, None)
+    twice_late.load_state_dict(checkpoint([once]))
+    assert [c["dp_size"] for c in twice_late.state_dict()["history"]] == [1]

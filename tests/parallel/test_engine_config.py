@@ -5,7 +5,6 @@ import pytest
 
 from pretrain.config import ConfigError, load_config
 from pretrain.parallel.describe import describe
-from pretrain.resolved import resolve_run
 
 
 def test_deepspeed_config_follows_typed_config():
@@ -26,11 +25,11 @@ def test_deepspeed_config_follows_typed_config():
 def test_describe_reports_layout_params_and_memory():
     cfg = load_config(None, ["model.flavor=7b", "parallel.tp=8", "parallel.zero_stage=1", "train.dtype=bf16",
                              "train.seq_len=4096", "train.micro_batch_size=1"])
-    text = describe(cfg, resolve_run(cfg, 64, require_data=False, vocab_without_data=32000))
+    text = describe(cfg, 64, 32000)
     assert "tp 8 x pp 1 x dp 8" in text and "ZeRO-1" in text
     assert "params=6,744,707,072" in text  # LLaMA-2 7B with the vocab padded to 32768 (128 x tp)
-    zero3_cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"zero_stage": 3})})
-    zero3 = describe(zero3_cfg, resolve_run(zero3_cfg, 64, require_data=False, vocab_without_data=32000))
+    zero3 = describe(cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"zero_stage": 3})}),
+                     64, 32000)
 
     def weights_gib(t: str) -> float:
         value, unit = t.split("weights ")[1].split(",")[0].split()
@@ -38,4 +37,4 @@ def test_describe_reports_layout_params_and_memory():
 
     assert weights_gib(zero3) < weights_gib(text) / 4  # ZeRO-3 partitions weights over the 8 DP ranks
     with pytest.raises(ConfigError, match="not divisible by tp x pp"):
-        resolve_run(cfg, 60, require_data=False, vocab_without_data=32000)
+        describe(cfg, 60, 32000)

@@ -79,7 +79,6 @@ def test_plan_predicts_throughput_from_the_assumed_mfu():
     from pretrain.config import load_config
     from pretrain.metrics import flops_per_token
     from pretrain.parallel.describe import estimate
-    from pretrain.resolved import resolve_run
 
     p = pretrain("plan", "--config", "configs/8b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "A100",
                  "--mfu", "0.5", "--set", "model.vocab_size=128256")
@@ -87,7 +86,7 @@ def test_plan_predicts_throughput_from_the_assumed_mfu():
     line = next(x for x in p.stdout.splitlines() if x.startswith("throughput"))
     tokens_per_s = float(re.search(r"MFU of 312 TFLOP/s per GPU: ([\d,]+) tokens/s", line).group(1).replace(",", ""))
     cfg = load_config("configs/8b.yaml", ["model.vocab_size=128256"])
-    e = estimate(cfg, resolve_run(cfg, 64, require_data=False))
+    e = estimate(cfg, 64, 128256)
     assert tokens_per_s * flops_per_token(e.args, cfg.train.seq_len, 128256) == pytest.approx(0.5 * 312e12 * 64,
                                                                                               rel=1e-5)
     bad = pretrain("plan", "--config", "configs/8b.yaml", "--gpu", "B300")
