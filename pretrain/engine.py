@@ -32,6 +32,7 @@ from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_gr
 from pretrain.parallel.pipeline import build_pipeline, reference_name
 from pretrain.resolved import ResolvedRun
 from pretrain.schedule import lr_at
+from pretrain.weights import WeightSource
 
 Batch = dict[str, torch.Tensor]
 
@@ -204,9 +205,11 @@ class Engine:
         return sd
 
 
-def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun) -> Engine:
+def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource | None = None) -> Engine:
     """The resolved run's model (padded vocab, max_seq_len covering train.seq_len) built for this rank's slice of
-    the layout, seeded init (layout-independent), wrapped by DeepSpeed."""
+    the layout, wrapped by DeepSpeed. Its starting weights are the seeded init, or `init` (`model.init_from`,
+    already checked against this run): both layout-independent, each rank copying its slice of every whole tensor
+    before DeepSpeed makes the master weights and optimizer state."""
     lay, args = run.layout, run.model
     if env.layout != lay:
         raise RuntimeError(f"process groups were made for {env.layout}, the run was resolved for {lay}")
@@ -214,13 +217,15 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun) -> Engine:
     torch.manual_seed(cfg.train.seed)
     factory = _factory(cfg, run)
     ckpt = cfg.model.activation_checkpointing
+    weights = init.tensor if init is not None else None
     if lay.pp > 1:
         module = build_pipeline(args, factory, lay.pp, lay.tp, lay.dp, ckpt)
-        init_model(module, args, cfg.train.seed, env.tp_rank, rename=lambda n: reference_name(n, args.n_layers))
+        init_model(module, args, cfg.train.seed, env.tp_rank, rename=lambda n: reference_name(n, args.n_layers),
+                   weights=weights)
         mpu = None  # the pipeline engine uses the PipelineModule's own grid (same groups, checked)
     else:
         module = Transformer(args, factory, ckpt)
-        init_model(module, args, cfg.train.seed, env.tp_rank)
+        init_model(module, args, cfg.train.seed, env.tp_rank, weights=weights)
         mpu = MegatronMpu()
     if factory.sequence_parallel:
         from pretrain.parallel.tensor import all_reduce_sequence_parallel_grads
