@@ -43,6 +43,11 @@ class ModelSection(_Section):
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="recompute activations in backward: every block (full) or attention only (selective)")
     fused_kernels: bool = Field(True, description="use the Triton kernels on CUDA (always eager on CPU)")
+    init_from: str | None = Field(None, description="start from these weights (a step_N dir, a run dir or a "
+                                  "`pretrain import-hf` output): weights only, fresh optimizer, step 0; the model "
+                                  "shape must match; ignored when resuming")
+    init_from_any_tokenizer: bool = Field(False, description="allow init_from with shards made by another "
+                                          "tokenizer (token ids then change meaning)")
 
     @model_validator(mode="after")
     def _known_flavor(self) -> "ModelSection":

@@ -31,6 +31,7 @@ from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
 from pretrain.parallel.pipeline import build_pipeline, reference_name
 from pretrain.schedule import lr_at
+from pretrain.weights import WeightSource
 
 Batch = dict[str, torch.Tensor]
 
@@ -201,8 +202,10 @@ class Engine:
         return sd
 
 
-def build_engine(cfg: Config, env: DistEnv) -> Engine:
-    """Model built for this rank's slice of the layout, seeded init (layout-independent), wrapped by DeepSpeed."""
+def build_engine(cfg: Config, env: DistEnv, init: WeightSource | None = None) -> Engine:
+    """Model built for this rank's slice of the layout, wrapped by DeepSpeed. Its starting weights are the seeded
+    init, or `init` (`model.init_from`, already checked against this run): both layout-independent, each rank
+    copying its slice of every whole tensor before DeepSpeed makes the master weights and optimizer state."""
     lay = env.layout
     vocab_size = cfg.model.args().vocab_size or lay.padded_vocab_size
     args = cfg.model.args(vocab_size).replace(vocab_size=lay.padded_vocab_size)
@@ -212,13 +215,15 @@ def build_engine(cfg: Config, env: DistEnv) -> Engine:
     torch.manual_seed(cfg.train.seed)
     factory = _factory(cfg, env)
     ckpt = cfg.model.activation_checkpointing
+    weights = init.tensor if init is not None else None
     if lay.pp > 1:
         module = build_pipeline(args, factory, lay.pp, lay.tp, lay.dp, ckpt)
-        init_model(module, args, cfg.train.seed, env.tp_rank, rename=lambda n: reference_name(n, args.n_layers))
+        init_model(module, args, cfg.train.seed, env.tp_rank, rename=lambda n: reference_name(n, args.n_layers),
+                   weights=weights)
         mpu = None  # the pipeline engine uses the PipelineModule's own grid (same groups, checked)
     else:
         module = Transformer(args, factory, ckpt)
-        init_model(module, args, cfg.train.seed, env.tp_rank)
+        init_model(module, args, cfg.train.seed, env.tp_rank, weights=weights)
         mpu = MegatronMpu()
     if factory.sequence_parallel:
         from pretrain.parallel.tensor import all_reduce_sequence_parallel_grads

@@ -5,7 +5,8 @@ What a step means: `engine.train_step` consumes `grad_accum` micro-batches of `m
 rank, averages the per-token loss over them and over DP, and takes one optimizer step (or none, with
 `skipped=True`, when the loss or grad norm is not finite). Step numbers count optimizer steps from 1.
 
-Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1 after a committed checkpoint (requeue me); 3 aborted after
+Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1/SIGINT after a committed checkpoint (requeue me; a second
+SIGINT exits 130 at once, see pretrain/signals.py); 3 aborted after
 `train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 4 another rank
 died or stopped answering (a collective failed or waited past `train.collective_timeout_s`); 2 bad
 config/data/checkpoint (one line on stderr).
@@ -46,6 +47,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest().install()
     from pretrain.distributed import init_distributed, lost_peer
     from pretrain.engine import build_engine
+    from pretrain.weights import init_source
 
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     env = init_distributed(cfg, layout=run.layout)
@@ -53,9 +55,10 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)  # before building: a bad one fails fast
     if chosen is not None:
         same_layout(checkpoint.read_meta(chosen), env.layout, chosen)
+    init = init_source(cfg, run) if chosen is None and cfg.model.init_from else None  # weights to start from
     loader = make_loader(cfg, cfg.data.path, env, epochs=None)
     held_out = HeldOut(cfg, env)  # built once: manifests read and batches taken at the first eval only
-    engine = build_engine(cfg, env)
+    engine = build_engine(cfg, env, init)
     env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
 
     start, run_id = 0, None
@@ -66,7 +69,9 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     if env.rank == 0:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
         lay = env.layout
-        say(f"{'resuming from ' + str(chosen) if chosen else 'starting fresh'} at step {start}; world {lay.world}"
+        how = f"resuming from {chosen}" if chosen else (f"starting from {cfg.model.init_from} (weights only)"
+                                                        if init else "starting fresh")
+        say(f"{how} at step {start}; world {lay.world}"
             f" = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{cfg.parallel.zero_stage}, global batch "
             f"{lay.global_batch} x {cfg.train.seq_len} tokens")
     if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
@@ -136,7 +141,8 @@ def same_layout(meta: checkpoint.Meta, layout: Any, where: Path) -> None:
     if saved != now:
         diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in keys if saved[k] != now[k])
         raise checkpoint.CheckpointError(f"checkpoint {where} was saved with another parallel layout ({diff}); "
-                                         "resume with the same layout, or start over with checkpoint.resume=none")
+                                         "resume with the same layout, start over with checkpoint.resume=none, or "
+                                         "train into another checkpoint.dir")
 
 
 def say(msg: str) -> None:
