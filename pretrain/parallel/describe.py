@@ -353,7 +353,7 @@ def rank_layouts(cfg: Config, nodes: int, gpus_per_node: int, vocab_size: int, g
         mfu = flops_per_token(e.args, c.train.seq_len, e.args.vocab_size) * global_batch * c.train.seq_len / (
             t * world * peak_tflops * 1e12)
         out.append(Ranked(tp, pp, zero, recompute, micro, t, mfu, e.total))
-    return sorted(out, key=lambda r: r.step_s)
+    return sorted(out, key=lambda r: (round(r.step_s, 3), r.memory))  # equal times: the smaller footprint first
 
 
 def ranking_lines(ranked: list[Ranked], limit: int = 10) -> list[str]:
