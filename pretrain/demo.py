@@ -98,7 +98,7 @@ def preempt_when_halfway(run_dir: Path):
 def train_command(py: str) -> list[str]:
     """Step 3's command: the launcher, 2 ranks, the debug config, into the demo's own run dir."""
     return [py, "-m", "launch", "--nproc-per-node", str(RANKS), "--", "-m", "pretrain", "train", "--config", CONFIG,
-            "--set", f"checkpoint.dir={ROOT / 'run'}"]
+            "--set", f"checkpoint.dir={ROOT / 'run'}", "--set", f"data.val_path={ROOT / 'val_shards'}"]
 
 
 def main() -> int:
