@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--world-size", type=int, default=None,
                    help="--dry-run only: ranks to plan for (default $WORLD_SIZE or 1)")
     pl = sub.add_parser("plan", help="layout + memory estimate for a cluster shape (no GPU needed)",
-                        description="The --dry-run of `train` for a world of nodes x gpus-per-node ranks.")
+                        description="The --dry-run of `train` for a world of nodes x gpus-per-node ranks, with "
+                        "a fit verdict for --gpu and every fitting layout ranked by predicted step time.")
     pl.add_argument("--config", required=True)
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pl.add_argument("--nodes", type=int, default=1)
