@@ -16,13 +16,15 @@ and the mixture draw count. The main process keeps the cursor of the last batch 
 plus which worker is next, so `state_dict()` describes exactly what the caller has consumed, never what
 workers prefetched. On resume each worker jumps to its cursor; at most the current shard segment is re-read
 (without decoding) to rebuild the shuffle buffer, and the DataLoader's worker ids are rotated so the
-round-robin continues with the right worker.
+round-robin continues with the right worker. On another dp_size or worker count, the states of all old ranks
+re-split the rest of the epoch exactly (partition.py, loader_state.py; see `TokenLoader.load_state_dict`).
 
 With a finite `epochs`, a slot's last incomplete batch is dropped and the number of dropped tokens is logged.
 With several sources, the stream ends when the first source runs out of epochs.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -36,14 +38,15 @@ from data_pipeline import errors
 from data_pipeline.errors import DataError, LoaderStateError, ShardError
 from data_pipeline.handlers import CountingHandler
 from data_pipeline.manifest import Manifest
-from data_pipeline.plan import Segment, buffer_order, mixture_draws, slot_segments
+from data_pipeline.loader_state import (MERGED, STATE_FORMAT, STATE_VERSION, check_state, history_of,
+                                        merge_states, plain_cursor, resplit, workers_of)
+from data_pipeline.partition import Change, Partition
+from data_pipeline.plan import Segment, check_split, mixture_draws
 from data_pipeline.shard_reader import decode_tokens, iter_raw_samples
 from data_pipeline.shardset import ShardSet, resolve
 
-__all__ = ["TokenLoader", "LoaderStateError"]
+__all__ = ["TokenLoader", "LoaderStateError", "merge_states"]
 log = logging.getLogger(__name__)
-STATE_FORMAT = "token-loader-state"
-STATE_VERSION = 1
 _DRAW_BLOCK = 4096
 
 
@@ -62,16 +65,22 @@ class _Plan:
     document_mask: bool
     epochs: int | None
     max_bad_shards: int
+    history: tuple[Change, ...] = ()  # earlier layouts whose unconsumed samples this one re-split
 
     @property
     def num_slots(self) -> int:
         return self.dp_size * self.workers
+
+    def partition(self) -> Partition:
+        return Partition([ss.samples for ss in self.sources], self.seed, self.shuffle_buffer, self.history,
+                         self.num_slots)
 
 
 # ---- reading one slot's documents ---------------------------------------------------------------------------
 def _read_segment(url: str, seg: Segment, perm: list[int], offset: int, total: int) -> Iterator[tuple[int, bytes]]:
     """Yield (offset, tokens.npy bytes) for perm[offset:], reading the shard once from its start."""
     emitted = set(perm[:offset])
+    local = None if seg.members is None else {m: k for k, m in enumerate(seg.members)}
     held: dict[int, dict] = {}
     p, n, i = offset, len(perm), -1
     for i, (key, parts) in enumerate(iter_raw_samples(url)):
@@ -79,8 +88,8 @@ def _read_segment(url: str, seg: Segment, perm: list[int], offset: int, total: i
             continue
         if i >= seg.stop:
             break
-        k = i - seg.start
-        if k in emitted:
+        k = i - seg.start if local is None else local.get(i)
+        if k is None or k in emitted:
             continue
         held[k] = parts
         while p < n and perm[p] in held:
@@ -92,11 +101,22 @@ def _read_segment(url: str, seg: Segment, perm: list[int], offset: int, total: i
                          "file; run `pretrain-data verify`)")
 
 
+def _read_one(shards: ShardSet, shard: int, index: int) -> np.ndarray:
+    """The tokens of sample `index` (tar order) of one shard: a document carried over a layout change."""
+    url = shards.urls[shard]
+    for i, (_, parts) in enumerate(iter_raw_samples(url)):
+        if i == index:
+            return decode_tokens(parts.get("tokens.npy"), f"{url}[sample {index}]")
+    raise ShardError(f"{url}: has no sample {index} (manifest says {shards.shards[shard].samples}; run "
+                     "`pretrain-data verify`)")
+
+
 class _DocStream:
     """One source's documents for one slot, across epochs; `pos` = (epoch, segment, offset) of the next doc."""
 
-    def __init__(self, plan: _Plan, source: int, slot: int, pos: tuple[int, int, int], bad_shards: CountingHandler):
-        self.plan, self.source, self.slot, self.bad_shards = plan, source, slot, bad_shards
+    def __init__(self, plan: _Plan, partition: Partition, source: int, slot: int, pos: tuple[int, int, int],
+                 bad_shards: CountingHandler):
+        self.plan, self.partition, self.source, self.slot, self.bad_shards = plan, partition, source, slot, bad_shards
         self.shards = plan.sources[source]
         self.pos = tuple(pos)
         self._segments: dict[int, list[Segment]] = {}
@@ -104,8 +124,7 @@ class _DocStream:
 
     def segments(self, epoch: int) -> list[Segment]:
         if epoch not in self._segments:
-            self._segments = {epoch: slot_segments(self.shards.samples, self.plan.seed, self.source, epoch,
-                                                   self.slot, self.plan.num_slots)}
+            self._segments = {epoch: self.partition.segments(self.source, epoch, self.slot)}
         return self._segments[epoch]
 
     def _gen(self):
@@ -115,7 +134,7 @@ class _DocStream:
             segs = self.segments(e)
             while g < len(segs):
                 seg = segs[g]
-                perm = buffer_order(seg.size, plan.shuffle_buffer, plan.seed, self.source, e, self.slot, g).tolist()
+                perm = self.partition.order(self.source, e, self.slot, g, seg.size)
                 url = self.shards.urls[seg.shard]
                 try:
                     for off, blob in _read_segment(url, seg, perm, o, self.shards.shards[seg.shard].samples):
@@ -126,11 +145,11 @@ class _DocStream:
                             self.pos = (e, g + 1, 0)
                         else:
                             self.pos = (e + 1, 0, 0)
-                        yield here, decode_tokens(blob, f"{url}[sample {seg.start + perm[off]}]")
+                        yield here, decode_tokens(blob, f"{url}[sample {seg.index(perm[off])}]")
                 except ShardError as err:  # raises past max_bad_shards; else the segment's rest is skipped
                     if self.bad_shards.max_errors == 0:
                         raise
-                    self.bad_shards(ShardError(f"{err} [its samples {seg.start}-{seg.stop - 1} not yet read in "
+                    self.bad_shards(ShardError(f"{err} [its samples in {seg.start}-{seg.stop - 1} not yet read in "
                                                f"epoch {e} are lost for this epoch]"))
                     if g + 1 < len(segs):
                         self.pos = (e, g + 1, 0)
@@ -153,11 +172,13 @@ def _slot_batches(plan: _Plan, slot: int, cursor: dict | None) -> Iterator[tuple
     pend = cursor["pending"]
     streams = []
     bad_shards = CountingHandler(plan.max_bad_shards, what="bad shards")
+    partition = plan.partition()
     for s in range(n_src):
         pos = pend["pos"] if pend is not None and pend["source"] == s else cursor["streams"][s]
-        streams.append(_DocStream(plan, s, slot, tuple(pos), bad_shards))
+        streams.append(_DocStream(plan, partition, s, slot, tuple(pos), bad_shards))
     draws = int(cursor["draws"])
-    pending = None  # [source, pos, tokens, taken]
+    carry = [list(c) for c in cursor.get("carry") or []]  # handed over by a layout change: packed first
+    pending = None  # [source, pos (None: carry[0]), tokens, taken]
     if pend is not None:
         item = streams[pend["source"]].next()
         if item is None:
@@ -173,6 +194,9 @@ def _slot_batches(plan: _Plan, slot: int, cursor: dict | None) -> Iterator[tuple
         starts = np.zeros(need, dtype=bool) if plan.document_mask else None
         filled = 0
         while filled < need:
+            if pending is None and carry:
+                src, shard, index, taken = carry[0]
+                pending = [src, None, _read_one(plan.sources[src], shard, index), taken]
             if pending is None:
                 src = 0
                 if n_src > 1:
@@ -195,17 +219,25 @@ def _slot_batches(plan: _Plan, slot: int, cursor: dict | None) -> Iterator[tuple
                 starts[filled] = True
             filled += take
             taken += take
-            pending = None if taken == len(tokens) else [src, pos, tokens, taken]
+            if taken < len(tokens):
+                pending = [src, pos, tokens, taken]
+            else:
+                pending = None
+                if pos is None:
+                    carry.pop(0)
         batch = {"tokens": torch.from_numpy(out.reshape(plan.batch_size, row))}
         if starts is not None:
             starts = starts.reshape(plan.batch_size, row)
             starts[:, 0] = False  # each row numbers its documents from 0
             batch["doc_ids"] = torch.from_numpy(np.cumsum(starts, axis=1, dtype=np.int64))
+        if pending is not None and pending[1] is None:
+            carry[0][3] = pending[3]
         new_cursor = {
             "streams": [list(s.pos) for s in streams],
-            "pending": None if pending is None else {"source": pending[0], "pos": list(pending[1]),
-                                                     "taken": pending[3]},
+            "pending": None if pending is None or pending[1] is None else {
+                "source": pending[0], "pos": list(pending[1]), "taken": pending[3]},
             "draws": draws,
+            "carry": [list(c) for c in carry],
         }
         yield batch, new_cursor
 
@@ -271,9 +303,7 @@ class TokenLoader:
         probs = tuple(p / sum(per_doc) for p in per_doc)
         workers = max(num_workers, 1)
         for ss, n in zip(sets, samples):
-            if n < dp_size * workers:
-                raise DataError(f"{ss.spec}: {n} documents cannot be split over dp_size {dp_size} x "
-                                f"{workers} worker(s); use fewer workers or more data")
+            check_split(ss.spec, n, dp_size, num_workers)
         self._plan = _Plan(tuple(sets), probs, seq_len, batch_size, dp_rank, workers, dp_size, seed,
                            shuffle_buffer, document_mask, epochs, max_bad_shards)
         self.num_workers = num_workers
@@ -285,6 +315,7 @@ class TokenLoader:
         self._cursors: list[dict | None] = [None] * workers
         self._next_worker = 0
         self._delivered = 0
+        self.resume_note: str | None = None  # what the last load_state_dict did, when it was not a plain resume
 
     # -- iteration --
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -324,53 +355,92 @@ class TokenLoader:
 
     # -- resume --
     def state_dict(self) -> dict:
-        """JSON-serialisable position after the last batch handed to the caller."""
+        """This rank's position after the last batch handed to the caller (JSON types only)."""
         p = self._plan
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": self.fingerprint,
                 "dp_rank": p.dp_rank, "dp_size": p.dp_size, "num_workers": self.num_workers, "seed": p.seed,
                 "shuffle_buffer": p.shuffle_buffer, "next_worker": self._next_worker,
-                "cursors": [None if c is None else _plain(c) for c in self._cursors],
-                "batches_delivered": self._delivered}
+                "cursors": [plain_cursor(c) for c in self._cursors], "batches_delivered": self._delivered,
+                "history": [c.to_json() for c in p.history]}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue the identical token stream from `state`; LoaderStateError if it belongs to another layout."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise LoaderStateError("loader state: not a TokenLoader state_dict")
-        if state.get("version") != STATE_VERSION:
-            raise LoaderStateError(f"loader state: version {state.get('version')} is not supported "
-                                   f"(this code reads {STATE_VERSION})")
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Resume from this rank's state, or from every old DP rank's states (a list, or `merge_states` of it).
+
+        - Same dp_size and workers per rank (num_workers 0 and 1 count as one): this rank's own state is
+          taken and the identical token stream continues.
+        - Another dp_size or worker count, with the states of ALL old DP ranks: the rest of the interrupted
+          epoch(s) is re-split exactly over the new ranks x workers (logged in one line, also kept in
+          `self.resume_note`). Exact means: over each epoch of each source, every document is packed exactly
+          once across the old and the new layout -- none lost, none repeated -- and a document the old packers
+          were in the middle of continues, from the token where it stopped, in exactly one new slot (first
+          thing it packs). What differs from a run that never changed layout: which rank reads which document,
+          their order, where rows and batches cut documents, and the mixture draws. Not covered (as without a
+          change): each slot's last incomplete batch dropped at the end of a finite `epochs`, and the unread
+          rest of a shard skipped under max_bad_shards. Later epochs use the normal split of the new layout.
+        - Refused with a one-line LoaderStateError: another dataset fingerprint (shards, manifest, mixture
+          weights), seed or shuffle buffer; another layout with only some old ranks' states; another dp_rank's
+          state alone. With `reshard=True` these restart the earliest saved epoch on the new layout instead
+          (logged: documents of that epoch already seen may be seen again).
+        """
+        given = [check_state(s) for s in (state if isinstance(state, (list, tuple)) else [state])]
+        flat = [r for s in given for r in (s["ranks"] if s.get("kind") == MERGED else [s])]
+        if not flat:
+            raise LoaderStateError("loader state: an empty list of states")
         p = self._plan
+        first = flat[0]
         mismatches = []
-        if state["fingerprint"] != self.fingerprint:
-            mismatches.append(f"dataset changed (fingerprint {state['fingerprint'][:12]} -> {self.fingerprint[:12]}:"
-                              " other shards, manifest or weights)")
-        for key, now in (("dp_size", p.dp_size), ("num_workers", self.num_workers), ("dp_rank", p.dp_rank),
-                         ("seed", p.seed), ("shuffle_buffer", p.shuffle_buffer)):
-            if state[key] != now:
-                mismatches.append(f"{key} {state[key]} -> {now}")
-        if mismatches and not self.reshard:
-            raise LoaderStateError("cannot resume the data loader exactly: " + "; ".join(mismatches)
-                                   + " (pass reshard=True to restart the current epoch with the new layout)")
+        if any(s["fingerprint"] != self.fingerprint for s in flat):
+            mismatches.append(f"dataset changed (fingerprint {first['fingerprint'][:12]} -> "
+                              f"{self.fingerprint[:12]}: other shards, manifest or weights)")
+        for key, now in (("seed", p.seed), ("shuffle_buffer", p.shuffle_buffer)):
+            if first[key] != now:
+                mismatches.append(f"{key} {first[key]} -> {now}")
         if mismatches:
-            seen = [pos[0] for c in state["cursors"] if c is not None for pos in c["streams"]]
-            epochs = [min(seen, default=0)] * len(p.sources)  # the sources may differ from the saved ones
-            log.warning("data loader reshard (%s): restarting at the start of epoch(s) %s with the new layout; "
-                        "documents of that epoch already seen may be seen again", "; ".join(mismatches), epochs)
-            start = {"streams": [[e, 0, 0] for e in epochs], "pending": None, "draws": 0}
-            self._cursors = [dict(start) for _ in range(p.workers)]
-            self._next_worker = 0
-            self._delivered = int(state.get("batches_delivered", 0))
-            return
-        self._cursors = [None if c is None else _plain(c) for c in state["cursors"]]
-        self._next_worker = int(state["next_worker"])
-        self._delivered = int(state.get("batches_delivered", 0))
+            return self._restart(flat, mismatches)
+        self.resume_note = None
+        if int(first["dp_size"]) == p.dp_size and workers_of(first) == p.workers:
+            own = [s for s in flat if int(s["dp_rank"]) == p.dp_rank]
+            if not own:
+                return self._restart(flat, [f"dp_rank {first['dp_rank']} -> {p.dp_rank}"])
+            if len(own) > 1:
+                merge_states(own)  # refuses two different states of one rank
+            own = own[0]
+            self._plan = dataclasses.replace(p, history=history_of(own))
+            self._cursors = [plain_cursor(c) for c in own["cursors"]]
+            self._next_worker = int(own["next_worker"])
+            self._delivered = int(own.get("batches_delivered", 0))
+            return None
+        change = ", ".join(([f"dp_size {first['dp_size']} -> {p.dp_size}"] if first["dp_size"] != p.dp_size else [])
+                           + ([f"num_workers {first['num_workers']} -> {self.num_workers}"]
+                              if workers_of(first) != p.workers else []))
+        try:
+            merged = merge_states(flat)
+        except LoaderStateError as e:
+            return self._restart(flat, [f"{change}: an exact re-split needs the loader states of all old DP ranks "
+                                        f"as a list ({e})"])
+        split = resplit(merged, [ss.samples for ss in p.sources], dp_rank=p.dp_rank, dp_size=p.dp_size,
+                        workers=p.workers, epochs=p.epochs)
+        (log.warning if p.dp_rank == 0 else log.info)("%s", split.message)
+        self.resume_note = split.message
+        self._plan = dataclasses.replace(p, history=split.history)
+        self._cursors = split.cursors
+        self._next_worker = 0
+        self._delivered = 0
+        return None
 
-
-def _plain(cursor: dict) -> dict:
-    """A cursor with only JSON types (lists, ints, None), so state_dict() survives json.dumps/loads unchanged."""
-    pend = cursor["pending"]
-    return {"streams": [[int(x) for x in pos] for pos in cursor["streams"]],
-            "pending": None if pend is None else {"source": int(pend["source"]),
-                                                  "pos": [int(x) for x in pend["pos"]],
-                                                  "taken": int(pend["taken"])},
-            "draws": int(cursor["draws"])}
+    def _restart(self, states: list[dict], reasons: list[str]) -> None:
+        """An inexact resume: refused, or with reshard=True the earliest saved epoch starts again."""
+        if not self.reshard:
+            raise LoaderStateError("cannot resume the data loader exactly: " + "; ".join(reasons)
+                                   + " (pass reshard=True to restart the current epoch with the new layout)")
+        p = self._plan
+        seen = [pos[0] for s in states for c in s["cursors"] if c is not None for pos in c["streams"]]
+        epochs = [min(seen, default=0)] * len(p.sources)  # the sources may differ from the saved ones
+        self.resume_note = (f"data loader reshard ({'; '.join(reasons)}): restarting at the start of epoch(s) "
+                            f"{epochs} with the new layout; documents of that epoch already seen may be seen again")
+        log.warning("%s", self.resume_note)
+        self._plan = dataclasses.replace(p, history=())
+        self._cursors = [{"streams": [[e, 0, 0] for e in epochs], "pending": None, "draws": 0, "carry": []}
+                         for _ in range(p.workers)]
+        self._next_worker = 0
+        self._delivered = 0

@@ -10,6 +10,9 @@ computes its share independently, with no communication, and a resume can jump s
 - In-shard shuffle: within each (shard, range) segment, the order a streaming shuffle buffer of size B would
   produce. The permutation is computed on indices, without reading data, so a reader positioned at offset k
   of a segment knows exactly which samples were already emitted (perm[:k]) and which are in the buffer.
+
+This is the plan of a loader that has always had one layout; partition.py builds on it the plan that
+follows a change of DP size or worker count (the unconsumed rest of the epoch, re-split).
 """
 from __future__ import annotations
 
@@ -17,20 +20,65 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_pipeline.errors import DataError
+
 
 @dataclass(frozen=True)
 class Segment:
+    """Samples of one shard read back to back by one slot: all of [start, stop), or only `members` of it.
+
+    `members` (ascending tar indices) appears only after a layout change, when part of a shard range was
+    already consumed (see partition.py); the normal split always reads whole ranges.
+    """
     shard: int  # index into the source's shard list
     start: int  # first sample (in tar order) of the range
     stop: int   # one past the last sample
+    members: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
-        return self.stop - self.start
+        return self.stop - self.start if self.members is None else len(self.members)
+
+    def index(self, k: int) -> int:
+        """Tar index of the segment's k-th sample (in tar order)."""
+        return self.start + k if self.members is None else self.members[k]
+
+    def take(self, ks: list[int]) -> Segment:
+        """The segment of this one's samples number `ks` (ascending)."""
+        return make_segment(self.shard, [self.index(k) for k in ks])
+
+    def slice(self, a: int, b: int) -> Segment:
+        if self.members is None:
+            return Segment(self.shard, self.start + a, self.start + b)
+        return make_segment(self.shard, list(self.members[a:b]))
+
+
+def make_segment(shard: int, indices: list[int]) -> Segment:
+    """A segment reading the (ascending, non-empty) tar indices; a plain range when they are contiguous."""
+    if indices[-1] - indices[0] + 1 == len(indices):
+        return Segment(shard, indices[0], indices[-1] + 1)
+    return Segment(shard, indices[0], indices[-1] + 1, tuple(indices))
 
 
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+
+
+def num_slots(dp_size: int, num_workers: int) -> int:
+    """Readers of one epoch: each DP rank's max(num_workers, 1) loader workers."""
+    return dp_size * max(num_workers, 1)
+
+
+def check_split(where: str, samples: int, dp_size: int, num_workers: int) -> None:
+    """Every slot must get at least one document of the epoch: with N < S samples some slot's range
+    [s*N//S, (s+1)*N//S) is empty and it would have nothing to read. DataError (one line) otherwise.
+
+    The loader calls this when it is built, `pretrain.resolved.resolve_run` before anything starts (and in
+    `--dry-run`), so a corpus too small for the layout fails in seconds, not at the first step."""
+    workers = max(num_workers, 1)
+    if samples < num_slots(dp_size, num_workers):
+        raise DataError(f"{where}: {samples} documents cannot be split over dp_size {dp_size} x {workers} "
+                        "worker(s); use fewer workers or more data")
 
 
 def shard_order(num_shards: int, seed: int, source: int, epoch: int) -> np.ndarray:

@@ -1,17 +1,21 @@
-"""`python -m launch [--nproc-per-node N] [--expect-world W] [--dry-run] -- <training command>`.
+"""`python -m launch [--nproc-per-node N] [--expect-world W] [--dry-run] [--verbose] -- <training command>`.
 
 Under `srun --ntasks-per-node=1` (one launcher per node) it derives the node rank, node count, master address
 and port from SLURM and runs torchrun's agent with a static rendezvous; outside SLURM it runs a standalone
 single-node torchrun. The training command is what torchrun takes after its own options, e.g.
 `-m pretrain train --config configs/debug.yaml` or `path/to/script.py --flag`.
+
+Signals: SIGUSR1 (a preemption notice) and SIGINT (Ctrl-C) are forwarded to the ranks, which checkpoint and exit
+42; the launcher exits with the ranks' code. A second Ctrl-C makes the ranks exit at once (130). Plain `torchrun`
+does neither: it kills the ranks on Ctrl-C and dies of SIGUSR1, orphaning them.
 """
 from __future__ import annotations
 
 import signal
 
-# First thing, before the slow imports: a preemption notice (SIGUSR1) that arrives now must stay pending, not
-# kill the launcher (launch/agent.py explains the signal path).
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+# First thing, before the slow imports: a preemption notice (SIGUSR1) or a Ctrl-C (SIGINT) that arrives now must
+# stay pending for the ranks, not kill the launcher (launch/agent.py explains the signal path).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGINT})
 
 import argparse  # noqa: E402
 import os  # noqa: E402
@@ -33,6 +37,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--master-port", type=int, default=None,
                         help="override the port derived from the SLURM job id")
     parser.add_argument("--dry-run", action="store_true", help="print the launch line and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep torchrun's own log lines (each rank's start and exit); by default the launcher "
+                             "prints one line per node")
     args = parser.parse_args(argv[:split])  # --help works without a command
     command = argv[split + 1:]
     if not command:
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     os.environ.update(plan.env)
-    return run_torchrun(plan.torchrun_args(command))
+    return run_torchrun(plan.torchrun_args(command), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """`pretrain`: train (or --dry-run a config), and generate text from a checkpoint.
 
     pretrain train --config configs/debug.yaml [--set train.max_steps=20 ...] [--dry-run [--world-size N]]
-    torchrun --nproc-per-node 2 -m pretrain train --config configs/debug.yaml
+    python -m launch --nproc-per-node 2 -- -m pretrain train --config configs/debug.yaml
     pretrain plan --config configs/7b.yaml --nodes 4 --gpus-per-node 8 [--set model.vocab_size=128256]
     pretrain generate --checkpoint runs/demo/run --prompt "Once upon a time" [--max-new-tokens 64]
-    pretrain export-hf --checkpoint runs/demo/run --out hf/
+    pretrain export-hf --checkpoint runs/demo/run --out hf/ [--dtype fp32] [--max-shard-size 5GB]
+    pretrain import-hf --model hf/ --out ckpt/     # then train with --set model.init_from=ckpt/
 
 Errors a user can fix (config, data, checkpoint) print one line and exit 2; see pretrain/train.py for the
 other exit codes (42 = stopped by a signal after checkpointing: requeue).
@@ -15,9 +16,9 @@ import argparse
 import os
 import sys
 
+from data_pipeline.errors import EXIT_BAD_INPUT
 from pretrain.config import ConfigError, load_config
 
-EXIT_BAD_INPUT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,17 +29,22 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config (one process, or one per rank under torchrun)",
                        description="Train. Under torchrun every rank runs this same command. Resumes from "
                        "<checkpoint.dir>/latest unless checkpoint.resume=none. Exit 0 done, 42 stopped by "
-                       "SIGTERM/SIGUSR1 after a checkpoint (requeue), 3 too many non-finite steps, 2 bad input.")
+                       "Ctrl-C/SIGTERM/SIGUSR1 after a checkpoint (requeue; a second Ctrl-C exits 130 at once), 3 "
+                       "too many non-finite steps, 4 another rank died or hung, 2 bad input.")
     t.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.max_steps=20")
     t.add_argument("--dry-run", action="store_true",
                    help="validate config + parallel layout, print layout, parameter count and a per-rank memory "
                         "estimate, build nothing, exit 0")
+    t.add_argument("--verbose", action="store_true",
+                   help="also show the libraries' start-up logging and warnings (DeepSpeed, MLflow, torch, "
+                        "megatron-core), hidden by default")
     t.add_argument("--world-size", type=int, default=None,
                    help="--dry-run only: ranks to plan for (default $WORLD_SIZE or 1)")
     pl = sub.add_parser("plan", help="layout + memory estimate for a cluster shape (no GPU needed)",
-                        description="The --dry-run of `train` for a world of nodes x gpus-per-node ranks.")
+                        description="The --dry-run of `train` for a world of nodes x gpus-per-node ranks, with "
+                        "a fit verdict for --gpu and every fitting layout ranked by predicted step time.")
     pl.add_argument("--config", required=True)
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pl.add_argument("--nodes", type=int, default=1)
@@ -47,20 +53,49 @@ def _parser() -> argparse.ArgumentParser:
                     "table, e.g. H100, H200, A100) (default: H100)")
     pl.add_argument("--mfu", type=float, default=0.4,
                     help="model FLOPs utilisation to assume, 0-1 (default 0.4; measure it with benchmarks/mfu.py)")
+    pl.add_argument("--efficiency", type=float, default=0.6,
+                    help="layout ranking: fraction of the GPU's peak its matmuls sustain while computing (default "
+                    "0.6); recompute, the pipeline bubble and communication come on top")
+    pl.add_argument("--nvlink-gbs", type=float, default=450.0, help="GB/s per GPU inside a node (default 450)")
+    pl.add_argument("--ib-gbs", type=float, default=50.0, help="GB/s per GPU between nodes (default 50: 400 Gb/s)")
+    pl.add_argument("--top", type=int, default=10, help="layouts listed in the ranking (default 10)")
     g = sub.add_parser("generate", help="sample text from a checkpoint with the KV-cache reference model",
-                       description="Generate from the consolidated weights of a finished run (single process).")
-    g.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`) or a step_<N> dir")
+                       description="Generate from any committed checkpoint (a step_<N>, a run's latest, or an "
+                       "imported one) in one process: no DeepSpeed world, the fp32 master weights read tensor by "
+                       "tensor. The prompt is preceded by eos (documents were packed as ...<eos>doc<eos>...).")
+    g.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`), a step_<N> dir, or an "
+                   "import-hf output")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="compute dtype (default: the training dtype, as the exported model's)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer file/dir to use instead of the checkpoint's copy "
+                   "(must be the same tokenizer: identity hash checked)")
     x = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM directory (safetensors)",
-                       description="Export the consolidated weights of a finished run for transformers.")
-    x.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`) or a step_<N> dir")
+                       description="Export any committed checkpoint for transformers, streamed tensor by tensor "
+                       "(memory: about one tensor plus one output shard). Writes config.json, "
+                       "generation_config.json, model.safetensors or model-0000i-of-0000n.safetensors + "
+                       "model.safetensors.index.json, and the tokenizer.")
+    x.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`), a step_<N> dir, or an "
+                   "import-hf output")
     x.add_argument("--out", required=True, help="new (or empty) output directory")
-    x.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    x.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="weights dtype (default: the training dtype; cast from the fp32 master weights)")
+    x.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    x.add_argument("--tokenizer", default=None, help="tokenizer file/dir to export when the checkpoint has none "
+                   "(must be the training tokenizer: identity hash checked)")
+    i = sub.add_parser("import-hf", help="turn a transformers LlamaForCausalLM directory into a checkpoint "
+                       "to start training from (model.init_from)",
+                       description="Read config.json, (sharded) safetensors and the tokenizer of a "
+                       "LlamaForCausalLM directory; write a checkpoint for `--set model.init_from=OUT`.")
+    i.add_argument("--model", required=True, help="directory written by transformers' save_pretrained")
+    i.add_argument("--out", required=True, help="new (or empty) output directory")
+    i.add_argument("--tokenizer", default=None, help="tokenizer file/dir, when the model directory has none")
+    i.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     return p
 
 
@@ -82,29 +117,70 @@ def _assumed_vocab(flavor: str) -> tuple[int, str]:
     return PLAN_DEFAULT_VOCAB, f"the {flavor} flavor names no tokenizer; a LLaMA-2-sized default"
 
 
-def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4) -> int:
-    """`assume_vocab` (plan): planning a cluster before any data exists is normal, so an unknown vocabulary
-    becomes a stated assumption instead of an error."""
-    from pretrain.parallel.describe import describe, estimate, throughput  # imports no torch
-    from pretrain.train import MissingDataError, checked_vocab
+def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4,
+             ranking: argparse.Namespace | None = None) -> int:
+    """Resolve the run exactly as `pretrain train` does at start (the same checks, data included) and describe
+    it, building nothing and importing no torch. `assume_vocab` (plan): planning a cluster before any data exists
+    is normal, so an unknown vocabulary becomes a stated assumption instead of an error."""
+    from pretrain.parallel.describe import describe, estimate, fits, throughput
+    from pretrain.resolved import resolve_run
 
     peak = _peak_tflops(gpu) if gpu is not None else None  # a bad --gpu fails before anything is printed
-    try:
-        vocab = checked_vocab(cfg)
-    except MissingDataError:
-        if cfg.model.vocab_size is not None:
-            vocab = cfg.model.vocab_size
-        elif assume_vocab:
-            vocab, why = _assumed_vocab(cfg.model.flavor)
-            print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary ({why}; "
-                  "set model.vocab_size=N)")
-        else:
-            raise
-    print(describe(cfg, world, vocab))
+    assumed, why = _assumed_vocab(cfg.model.flavor) if assume_vocab else (None, "")
+    run = resolve_run(cfg, world, require_data=not assume_vocab, vocab_without_data=assumed)
+    vocab = cfg.model.vocab_size or (run.tokenizer.vocab_size if run.tokenizer else assumed)  # before padding
+    if run.tokenizer is None and cfg.model.vocab_size is None:
+        print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary ({why}; "
+              "set model.vocab_size=N)")
+    print(describe(cfg, world, gpu=gpu, run=run))
+    for line in _data_lines(run):
+        print(line)
+    e = estimate(cfg, world, run=run)
     if peak is not None:
-        print(throughput(cfg, estimate(cfg, world, vocab), peak, mfu))
-    print("dry run: config and layout are valid; nothing was built")
+        print(throughput(cfg, e, peak, mfu))
+    if ranking is not None and gpu is not None:
+        from pretrain.parallel.describe import Links, rank_layouts, ranking_lines
+
+        ranked = rank_layouts(cfg, ranking.nodes, ranking.gpus_per_node, vocab, gpu, peak, ranking.efficiency,
+                              Links(nvlink=ranking.nvlink_gbs, ib=ranking.ib_gbs))
+        print("\n".join(ranking_lines(ranked, ranking.top)))
+    if gpu is not None and not fits(e, gpu):
+        print(f"dry run: config, layout and data are valid but do not fit {gpu} memory (see above); nothing was "
+              "built")
+    else:
+        print("dry run: config, layout and data are valid; nothing was built")
     return 0
+
+
+def _data_lines(run) -> list[str]:
+    """What the run will read: the resolved data facts and the tokenizer every checkpoint will carry."""
+    lines = []
+    for key, facts in (("data.path", run.train_data), ("data.val_path", run.val_data)):
+        if facts is not None:
+            lines.append(f"{key}: {facts.samples:,} documents, {facts.tokens:,} tokens "
+                         f"(~{facts.tokens / run.tokens_per_step:,.1f} steps per epoch) in {', '.join(facts.sources)}")
+    if run.tokenizer is not None:
+        t = run.tokenizer
+        lines.append(f"tokenizer: {t.path} ({t.kind}, {t.vocab_size} tokens, identity {t.identity[:12]})")
+    return lines
+
+
+def _local_gpu() -> str | None:
+    """This machine's GPU name for --dry-run's fit verdict, when it is one the tables know; else None.
+    Asked of nvidia-smi, not torch: a dry run imports no torch (seconds per call on a login node)."""
+    import subprocess
+
+    from pretrain.metrics import peak_tflops_for
+    from pretrain.parallel.describe import gpu_memory_gib
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    name = names[0].strip() if names else ""
+    return name if name and peak_tflops_for(name) and gpu_memory_gib(name) else None
 
 
 def _peak_tflops(gpu: str) -> float:
@@ -116,47 +192,75 @@ def _peak_tflops(gpu: str) -> float:
     return peak
 
 
-def _quiet_libraries(cfg) -> None:
-    """Silence two start-up notices that say nothing about the run: megatron-core's "Transformer Engine and
-    Apex are not installed" (we use neither) and DeepSpeed's "Setting accelerator to CPU" (we asked for CPU)."""
-    import warnings
-
+def _quiet_libraries(cfg, verbose: bool) -> None:
+    """Library start-up chatter off unless --verbose (pretrain/console.py says what and why)."""
     import torch
 
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    if cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available()):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from pretrain import console
+
+    cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    console.quiet(verbose=verbose, cpu=cpu)
 
 
-def _load_final(path: str):
-    """(step dir, its config, its meta, the consolidated reference state dict) of a finished run's checkpoint."""
+def _dtype(name: str):
     import torch
 
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def _tokenizer_path(step_dir, run, override: str | None) -> str:
+    """The tokenizer to use with a checkpoint: --tokenizer, else the checkpoint's copy, else the path training
+    recorded; the same tokenizer the model was trained with (identity hash) or a one-line error."""
+    from data_pipeline.tokenizer import load_tokenizer
     from pretrain import checkpoint
 
-    step_dir = checkpoint.resolve_checkpoint_arg(path)
-    weights = step_dir / checkpoint.CONSOLIDATED
-    if not weights.is_file():
-        raise checkpoint.CheckpointError(f"{step_dir} has no {checkpoint.CONSOLIDATED} (written at a run's final "
-                                         "checkpoint only); pass the final step_<N> of a finished run")
-    cfg = load_config(step_dir / checkpoint.CONFIG)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    return step_dir, cfg, checkpoint.read_meta(step_dir), state
+    copied = step_dir / checkpoint.TOKENIZER_DIR
+    recorded = run.tokenizer.path if run.tokenizer else ""
+    path = override or (str(copied) if copied.exists() else recorded if recorded and os.path.exists(recorded)
+                        else None)
+    if path is None:
+        raise checkpoint.CheckpointError(f"{step_dir} holds no tokenizer (and {recorded or 'no path'} recorded at "
+                                         "training is gone); pass --tokenizer PATH")
+    tok = load_tokenizer(path)
+    if run.tokenizer is not None and tok.identity != run.tokenizer.identity:
+        raise checkpoint.CheckpointError(f"tokenizer {path} is not the one {step_dir} was trained with (identity "
+                                         f"{tok.identity[:12]} vs {run.tokenizer.identity[:12]})")
+    return path
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from pretrain.hf_format import HFFormatError
+    from pretrain.import_hf import import_hf
+    from pretrain.safetensors_dir import parse_size
+
+    try:
+        out = import_hf(args.model, args.out, tokenizer=args.tokenizer,
+                        max_shard_bytes=parse_size(args.max_shard_size))
+    except (HFFormatError, FileExistsError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    print(f"imported {args.model} -> {out} (train from it: --set model.init_from={out})")
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """The consolidated weights -> Hugging Face LlamaForCausalLM directory (engineer B's `export_hf`)."""
-    import torch
-
-    from pretrain import checkpoint
+    """Any committed checkpoint -> Hugging Face LlamaForCausalLM directory, tensor by tensor."""
     from pretrain.export_hf import export_hf
+    from pretrain.safetensors_dir import parse_size
+    from pretrain.weights import named_tensors, open_weights
 
-    step_dir, cfg, meta, state = _load_final(args.checkpoint)
-    margs = cfg.model.args(state["tok_embeddings.weight"].shape[0])
     try:
-        out = export_hf(state, margs, args.out, tokenizer_dir=step_dir / checkpoint.TOKENIZER_DIR,
-                        bos_token_id=meta.tokenizer.get("bos_id"), eos_token_id=meta.tokenizer.get("eos_id"),
-                        dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+        max_shard = parse_size(args.max_shard_size)
+    except ValueError as e:
+        raise ConfigError(f"--max-shard-size: {e}") from None
+    step_dir, source = open_weights(args.checkpoint)
+    run = source.run
+    tokenizer = _tokenizer_path(step_dir, run, args.tokenizer)
+    tok = run.tokenizer
+    try:
+        out = export_hf(named_tensors(source), run.model, args.out, tokenizer=tokenizer, vocab_size=run.vocab_size,
+                        bos_token_id=tok.bos_id if tok else None, eos_token_id=tok.eos_id if tok else None,
+                        pad_token_id=tok.pad_id if tok else None, dtype=_dtype(args.dtype or run.dtype),
+                        max_shard_bytes=max_shard)
     except FileExistsError as e:
         raise ConfigError(str(e)) from None
     print(f"exported {step_dir} -> {out} (transformers.LlamaForCausalLM.from_pretrained('{out}'))")
@@ -164,32 +268,33 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Consolidated reference weights + the tokenizer copied into the checkpoint -> KV-cache sampling.
+    """Any committed checkpoint + its tokenizer -> KV-cache sampling in one process.
 
-    Why a consolidated file rather than reading DeepSpeed's shards: the DeepSpeed layout depends on the training
-    world (ZeRO partitions, TP/PP shards, `mp_rank_*` files), and generation should need neither DeepSpeed nor
-    that world. The final checkpoint of a run therefore also holds `consolidated.pt` (reference parameter names,
-    gathered by the engine, written by rank 0).
+    The weights are read offline from DeepSpeed's files (or an imported checkpoint) tensor by tensor, so
+    generation needs neither DeepSpeed's world nor a consolidated copy; the model shape, context length included,
+    is the one training resolved (meta.json), not the flavor's default.
     """
+    import torch
+
     from data_pipeline.tokenizer import load_tokenizer
-    from pretrain import checkpoint
     from pretrain.model.generate import Sampling, generate
     from pretrain.model.transformer import Transformer
+    from pretrain.weights import open_weights
 
-    step_dir, cfg, meta, state = _load_final(args.checkpoint)
-    copied = step_dir / checkpoint.TOKENIZER_DIR
-    tok = load_tokenizer(str(copied if copied.exists() else meta.tokenizer.get("path", "")))
-    if meta.tokenizer.get("identity") and getattr(tok, "identity", None) != meta.tokenizer["identity"]:
-        raise checkpoint.CheckpointError(f"tokenizer at {copied} does not match the one the model was trained "
-                                         "with (identity hash differs)")
-    model = Transformer(cfg.model.args(state["tok_embeddings.weight"].shape[0]))
-    model.load_state_dict(state)
+    step_dir, source = open_weights(args.checkpoint)
+    run = source.run
+    tok = load_tokenizer(_tokenizer_path(step_dir, run, args.tokenizer))
+    model = Transformer(run.model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(source.tensor(name))
+    model.to(_dtype(args.dtype or run.dtype))
     # Documents were packed as ...<eos>doc<eos>...: an eos in front of the prompt reads as "a document starts".
-    prompt = [meta.tokenizer["eos_id"]] + tok.encode_batch([args.prompt])[0]
+    prompt = [tok.eos_id] + tok.encode_batch([args.prompt])[0]
     out = generate(model, prompt, args.max_new_tokens,
                    Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
-                   eos_id=meta.tokenizer["eos_id"], seed=args.seed, vocab_size=meta.tokenizer["vocab_size"])
-    print(args.prompt + tok.decode([t for t in out if t != meta.tokenizer["eos_id"]]))
+                   eos_id=tok.eos_id, seed=args.seed, vocab_size=run.vocab_size)
+    print(args.prompt + tok.decode([t for t in out if t != tok.eos_id]))
     return 0
 
 
@@ -200,29 +305,30 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.signals import StopRequest
         # Before torch/DeepSpeed imports (seconds): a preemption signal during start-up must not kill the rank.
         stop = StopRequest().install()
-    from pretrain.checkpoint import CheckpointError
+    from data_pipeline.errors import DataError  # LoaderStateError, TokenizerError, ... are DataErrors
 
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError)
-    try:
-        from data_pipeline.errors import DataError
-        user_errors += (DataError,)
-        from data_pipeline.loader import LoaderStateError
-        user_errors += (LoaderStateError,)
-    except ImportError:
-        pass
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError)
+    if args.command != "plan" and not getattr(args, "dry_run", False):  # plan and dry runs import no torch
+        from pretrain.checkpoint import CheckpointError
+        user_errors += (CheckpointError,)
     try:
         if args.command == "generate":
             return run_generate(args)
         if args.command == "export-hf":
             return run_export(args)
+        if args.command == "import-hf":
+            return run_import(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "plan":
             if not 0 < args.mfu <= 1:
                 raise ConfigError(f"--mfu {args.mfu}: a fraction in (0, 1]")
-            return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True, gpu=args.gpu, mfu=args.mfu)
+            if not 0 < args.efficiency <= 1:
+                raise ConfigError(f"--efficiency {args.efficiency}: a fraction in (0, 1]")
+            return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True, gpu=args.gpu, mfu=args.mfu,
+                            ranking=args)
         if args.dry_run:
-            return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
-        _quiet_libraries(cfg)
+            return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), gpu=_local_gpu())
+        _quiet_libraries(cfg, args.verbose)
         from pretrain.train import train
         return train(cfg, stop)
     except user_errors as e:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from pretrain.console import library_stdout
 from pretrain.config import Config, ConfigError, Layout, resolve_layout
 
 
@@ -27,6 +29,7 @@ class DistEnv:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    collective_timeout: timedelta
 
     @property
     def dp_size(self) -> int:
@@ -58,12 +61,37 @@ class DistEnv:
     def all_reduce_sum(self, value: float) -> float:
         return self._all_reduce(value, dist.ReduceOp.SUM)
 
+    def apply_collective_timeout(self) -> None:
+        """Give every process group this rank is in the run's timeout, including the ones created after
+        `init_distributed`.
+
+        Why: DeepSpeed makes its own groups (PipelineModule's grid, its tensor/data groups) with
+        `torch.distributed.new_group(ranks)` and no timeout, so torch's 30-minute default applies to them, not the
+        default group's. `_set_pg_timeout` is the function megatron-core's `update_pg_timeout` uses for the same
+        job (that helper itself only walks megatron-core's groups and calls torch.cuda.synchronize). Call it once
+        the engine is built; it is local (no collective).
+        """
+        from torch.distributed.distributed_c10d import _set_pg_timeout, _world
+
+        for group in list(_world.pg_map):
+            _set_pg_timeout(self.collective_timeout, group)
+
     def destroy(self) -> None:
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# What gloo raises when a peer is gone: its sockets closed (a killed process) or silent past the timeout (a lost node,
+# a stopped or hung process). NCCL with TORCH_NCCL_ASYNC_ERROR_HANDLING tears the process down itself instead.
+_LOST_PEER_MESSAGES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """True when `error` is a collective failing because another rank died or stopped answering."""
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _LOST_PEER_MESSAGES)
 
 
 def _free_port() -> int:
@@ -104,6 +132,8 @@ def init_distributed(cfg: Config, vocab_size: int | None = None, *, layout: Layo
         raise ConfigError("parallel.sequence_parallel needs CUDA (megatron-core's sequence-parallel path calls "
                           "torch.cuda); set it to false on CPU")
 
+    # One timeout for every collective (launch/plan.py relies on it: a dead peer fails the run instead of hanging it).
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     if not dist.is_initialized():
         if world == 1 and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -111,17 +141,20 @@ def init_distributed(cfg: Config, vocab_size: int | None = None, *, layout: Layo
         # DeepSpeed asserts these exist (torchrun sets them); a plain single process gets torchrun's values.
         for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
             os.environ.setdefault(key, str(value))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
 
     import deepspeed
     from megatron.core import parallel_state
 
-    deepspeed.init_distributed(dist_backend=backend)  # adopts the existing default group
+    with library_stdout():  # DeepSpeed prints its shared-memory op build to stdout
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the existing default group
     if not parallel_state.model_parallel_is_initialized():
+        # megatron-core passes timedelta(minutes=distributed_timeout_minutes) to each group it creates.
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
-                                                 pipeline_model_parallel_size=layout.pp)
+                                                 pipeline_model_parallel_size=layout.pp,
+                                                 distributed_timeout_minutes=timeout.total_seconds() / 60)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
                    layout=layout, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                    pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-                   dp_rank=parallel_state.get_data_parallel_rank())
+                   dp_rank=parallel_state.get_data_parallel_rank(), collective_timeout=timeout)

@@ -5,8 +5,10 @@ What a step means: `engine.train_step` consumes `grad_accum` micro-batches of `m
 rank, averages the per-token loss over them and over DP, and takes one optimizer step (or none, with
 `skipped=True`, when the loss or grad norm is not finite). Step numbers count optimizer steps from 1.
 
-Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1 after a committed checkpoint (requeue me); 3 aborted after
-`train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 2 bad
+Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1/SIGINT after a committed checkpoint (requeue me; a second
+SIGINT exits 130 at once, see pretrain/signals.py); 3 aborted after
+`train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 4 another rank
+died or stopped answering (a collective failed or waited past `train.collective_timeout_s`); 2 bad
 config/data/checkpoint (one line on stderr).
 
 Fault injection for tests (documented, env only, off by default): PRETRAIN_INJECT_NONFINITE="5,6" makes the loss
@@ -23,17 +25,16 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pretrain import checkpoint, metrics
-from pretrain.config import Config, ConfigError
-from pretrain.resolved import ResolvedRun, resolve_run
+from pretrain.config import Config
+from pretrain.resolved import ResolvedRun, TokenizerFacts, resolve_run
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
-EXIT_OK, EXIT_NONFINITE = 0, 3  # 2 (bad input) is the CLI's: pretrain/cli.py
+EXIT_OK, EXIT_NONFINITE, EXIT_LOST_PEER = 0, 3, 4  # 2 (bad input) is the CLI's: pretrain/cli.py
 
 
 class NonFiniteAbort(RuntimeError):
@@ -43,8 +44,9 @@ class NonFiniteAbort(RuntimeError):
 def train(cfg: Config, stop: StopRequest | None = None) -> int:
     """`stop`: handlers installed by the caller as early as possible (the CLI does it before importing torch)."""
     stop = stop or StopRequest().install()
-    from pretrain.distributed import init_distributed
+    from pretrain.distributed import init_distributed, lost_peer
     from pretrain.engine import build_engine
+    from pretrain.weights import init_source
 
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     env = init_distributed(cfg, layout=run.layout)
@@ -52,8 +54,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)  # before building: a bad one fails fast
     if chosen is not None:
         same_layout(checkpoint.read_meta(chosen), env.layout, chosen)
-    loader = make_loader(cfg, cfg.data.path, env, epochs=None)
-    engine = build_engine(cfg, env)
+    init = init_source(cfg, run) if chosen is None and cfg.model.init_from else None  # weights to start from
+    loader = make_loader(cfg, run, env)
+    held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
+    engine = build_engine(cfg, env, run, init)
+    env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
 
     start, run_id = 0, None
     if chosen is not None:
@@ -62,14 +67,16 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         start, run_id = loaded.step, loaded.meta.mlflow_run_id
     if env.rank == 0:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
-        lay = env.layout
-        say(f"{'resuming from ' + str(chosen) if chosen else 'starting fresh'} at step {start}; world {lay.world}"
-            f" = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{cfg.parallel.zero_stage}, global batch "
-            f"{lay.global_batch} x {cfg.train.seq_len} tokens")
+        lay = run.layout
+        how = f"resuming from {chosen}" if chosen else (f"starting from {cfg.model.init_from} (weights only)"
+                                                        if init else "starting fresh")
+        say(f"{how} at step {start}; world {lay.world}"
+            f" = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch "
+            f"{lay.global_batch} x {run.seq_len} tokens")
     if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
         return requeue(env, stop, start, None, saved=False)
-    tracker = open_tracker(cfg, env.layout, env.rank, resume_run_id=run_id, resume_step=start)
-    log = StepLog(cfg, env, engine, tracker, start)
+    tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start)
+    log = StepLog(cfg, run, env, tracker, start)
     poison = _poisoned_steps()
 
     batches, streak, step = iter(loader), 0, start
@@ -80,7 +87,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
                 engine.inject_nonfinite()  # test hook: this step's loss becomes NaN inside the engine
             res = engine.train_step(batches)
             streak = streak + 1 if res.skipped else 0
-            val = evaluate(cfg, env, engine) if _due(step, cfg.train.eval_every) else None
+            val = held_out.evaluate(engine) if _due(step, cfg.train.eval_every) else None
             log.step(step, res, val)
             if streak >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
@@ -102,10 +109,16 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
             tracker.discard()
             tracker.finish("FAILED")
         return EXIT_NONFINITE
-    except BaseException:
+    except BaseException as e:
         if tracker:
             tracker.discard()  # never-checkpointed steps: the resumed run logs them
             tracker.finish("FAILED")
+        if lost_peer(e):  # one line instead of a library traceback per rank
+            reason = str(e).splitlines()[0].rsplit("] ", 1)[-1]  # gloo's message without its source location
+            say(f"rank {env.rank}: a collective failed ({reason}): another rank died or "
+                f"stopped answering (train.collective_timeout_s={cfg.train.collective_timeout_s:g}); exit "
+                f"{EXIT_LOST_PEER}, resume from the last checkpoint")
+            return EXIT_LOST_PEER
         raise
     finally:
         log.close()
@@ -127,7 +140,8 @@ def same_layout(meta: checkpoint.Meta, layout: Any, where: Path) -> None:
     if saved != now:
         diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in keys if saved[k] != now[k])
         raise checkpoint.CheckpointError(f"checkpoint {where} was saved with another parallel layout ({diff}); "
-                                         "resume with the same layout, or start over with checkpoint.resume=none")
+                                         "resume with the same layout, start over with checkpoint.resume=none, or "
+                                         "train into another checkpoint.dir")
 
 
 def say(msg: str) -> None:
@@ -138,60 +152,26 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def make_loader(cfg: Config, path: str | list[str], env: Any, *, epochs: int | None):
-    """This rank's data: TP and PP peers of one DP group read the same stream."""
+def make_loader(cfg: Config, run: ResolvedRun, env: Any, *, validation: bool = False):
+    """This rank's data: TP and PP peers of one DP group read the same stream. The sources are the resolved ones
+    (local paths absolute). Validation reads data.val_path in its sources' own token proportions: data.weights
+    is the training mixture, one weight per entry of data.path, and means nothing for the held-out shards."""
     from data_pipeline.loader import TokenLoader
 
-    return TokenLoader(path, seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch_size,
+    facts, weights = (run.val_data, None) if validation else (run.train_data, cfg.data.weights)
+    return TokenLoader(list(facts.sources), seq_len=run.seq_len, batch_size=cfg.train.micro_batch_size,
                        dp_rank=env.dp_rank, dp_size=env.dp_size, num_workers=cfg.data.num_workers,
-                       seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, weights=cfg.data.weights,
-                       document_mask=cfg.model.document_mask, reshard=cfg.data.reshard, epochs=epochs)
+                       seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, weights=weights,
+                       document_mask=cfg.model.document_mask, reshard=cfg.data.reshard)
 
 
-@dataclass
-class _Solo:  # the loader's view of a single rank, to read the manifest before process groups exist
-    dp_rank: int = 0
-    dp_size: int = 1
-
-
-class MissingDataError(ConfigError):
-    """data.path names no shards (a dry run or plan may proceed from model.vocab_size instead)."""
-
-
-def dataset_vocab(cfg: Config) -> int:
-    """The tokenizer's vocabulary size recorded in the shards' manifest (so the config need not repeat it)."""
-    path = cfg.data.path
-    if not path:
-        raise MissingDataError("data.path is empty: point it at a shard directory made by `pretrain-data prepare`")
-    if isinstance(path, str) and Path(path).is_dir():  # the common case, without building a loader
-        from data_pipeline.manifest import read_manifest
-        return read_manifest(path).vocab_size
-    if isinstance(path, str) and not any(c in path for c in "*?{[") and ":" not in path and not Path(path).exists():
-        raise MissingDataError(f"data.path: {path} does not exist (make shards with `pretrain-data prepare`, or set "
-                          "model.vocab_size to plan without data)")
-    return int(make_loader(cfg, cfg.data.path, _Solo(), epochs=None).manifest.vocab_size)
-
-
-def checked_vocab(cfg: Config) -> int:
-    """The model's vocabulary: the tokenizer's, or a larger model.vocab_size; a smaller one would let token ids
-    index past the embedding (on TP ranks, silently: a vocab-parallel embedding zeroes ids it does not hold)."""
-    data_vocab = dataset_vocab(cfg)
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size < data_vocab:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data_vocab} "
-                          f"recorded in the shard manifest ({cfg.data.path}); remove it or make it >= {data_vocab}")
-    return cfg.model.vocab_size or data_vocab
-
-
-def tokenizer_identity(loader: Any) -> dict[str, Any]:
-    """What a checkpoint records so `pretrain generate` can find and check the tokenizer (identity hash, ids)."""
-    return dataclasses.asdict(loader.manifest.tokenizer)
-
-
-def copy_tokenizer(identity: dict[str, Any], dest: Path) -> None:
-    """Put the tokenizer files inside the checkpoint (a few MB) so it is self-contained for `pretrain generate`;
-    skipped (the manifest's identity is still recorded) when the path the shards were made from is gone."""
-    src = Path(identity.get("path") or "")
-    if not identity.get("path") or not src.exists():
+def copy_tokenizer(tokenizer: TokenizerFacts | None, dest: Path) -> None:
+    """Put the tokenizer files inside the checkpoint (a few MB) so it is self-contained for generate/export.
+    `resolve_run` made the path absolute and refused to start without the files; if they vanished since, the
+    checkpoint is still written (losing the run's progress would be worse) and the log says what is missing."""
+    src = Path(tokenizer.path) if tokenizer and tokenizer.path else None
+    if src is None or not src.exists():
+        say(f"WARNING: tokenizer {src} is gone; {dest} holds no {checkpoint.TOKENIZER_DIR}/ copy")
         return
     out = dest / checkpoint.TOKENIZER_DIR
     out.mkdir()
@@ -212,12 +192,29 @@ def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, saved: bool
     return REQUEUE_EXIT_CODE
 
 
-def evaluate(cfg: Config, env: Any, engine: Any) -> float | None:
-    """Mean loss over `train.eval_steps` micro-batches from the start of the held-out shards (same ones each time)."""
-    if not cfg.data.val_path:
-        return None
-    batches = iter(make_loader(cfg, cfg.data.val_path, env, epochs=None))
-    return sum(engine.eval_step(batches) for _ in range(cfg.train.eval_steps)) / cfg.train.eval_steps
+class HeldOut:
+    """The validation set: the first `train.eval_steps` micro-batches of the held-out shards, the same ones for
+    every eval. They are read once, at the first eval, and kept (eval_steps x micro_batch x (seq_len + 1) tokens:
+    kilobytes to a few MB), so an eval neither re-reads manifests nor restarts loader workers. The shards were
+    checked at start (`resolve_run`: they exist, share the training tokenizer, suffice for every DP rank x
+    worker)."""
+
+    def __init__(self, cfg: Config, run: ResolvedRun, env: Any) -> None:
+        self.steps = cfg.train.eval_steps
+        self.loader = make_loader(cfg, run, env, validation=True) if run.val_data is not None else None
+        self.batches: list[Any] | None = None
+
+    def evaluate(self, engine: Any) -> float | None:
+        """Mean loss over the held-out micro-batches (collective: every rank calls it at the same step)."""
+        if self.batches is None:
+            if self.loader is None:  # no data.val_path
+                return None
+            stream = iter(self.loader)
+            self.batches = [next(stream) for _ in range(self.steps)]
+            stream.close()  # stops the loader's workers now
+            self.loader = None
+        batches = iter(self.batches)
+        return sum(engine.eval_step(batches) for _ in range(self.steps)) / self.steps
 
 
 def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any, step: int, *, final: bool) -> Path:
@@ -228,15 +225,15 @@ def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, trac
     def save_model(d: Path) -> None:
         engine.save(d)
         if env.rank == 0:
-            copy_tokenizer(meta.tokenizer, d)
+            copy_tokenizer(run.tokenizer, d)
         if final:
             state = engine.reference_state_dict()
             if env.rank == 0:
                 torch.save(state, d / checkpoint.CONSOLIDATED)
 
     meta = checkpoint.Meta(step=step, mlflow_run_id=tracker.run_id if tracker else None,
-                           tokenizer=tokenizer_identity(loader), layout=vars(env.layout).copy(),
-                           resolved=run.to_dict())
+                           tokenizer=dataclasses.asdict(run.tokenizer) if run.tokenizer else {},
+                           layout=dataclasses.asdict(run.layout), resolved=run.to_dict())
     path = checkpoint.save(cfg.checkpoint.dir, step, env, save_model=save_model,
                            rank_state={"loader": loader.state_dict()}, meta=meta, config_yaml=cfg.to_yaml(),
                            keep=cfg.checkpoint.keep)
@@ -245,18 +242,21 @@ def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, trac
     return path
 
 
-class StepLog:
-    """Rank 0's outputs per step: metrics.jsonl, MLflow buffer, and a progress bar or plain log lines."""
+SEGMENTS_FILE = "segments.jsonl"  # one line per launch of the run: its steps and wall time (summary.json sums them)
+SUMMARY_FILE = "summary.json"
 
-    def __init__(self, cfg: Config, env: Any, engine: Any, tracker: Any, start: int) -> None:
+
+class StepLog:
+    """Rank 0's outputs per step: metrics.jsonl, MLflow buffer, and a progress bar or plain log lines; per
+    segment (one launch: a requeue or resume starts the next), a line in segments.jsonl; at the end summary.json."""
+
+    def __init__(self, cfg: Config, run: ResolvedRun, env: Any, tracker: Any, start: int) -> None:
         self.cfg, self.env, self.tracker, self.start = cfg, env, tracker, start
         self.on = env.rank == 0
-        layout = env.layout
-        args = cfg.model.args(layout.padded_vocab_size)
-        tokens_per_step = layout.global_batch * cfg.train.seq_len
-        self.meter = metrics.Meter(flops_per_token=metrics.flops_per_token(args, cfg.train.seq_len,
-                                                                           layout.padded_vocab_size),
-                                   tokens_per_step=tokens_per_step, world_size=layout.world,
+        tokens_per_step = run.tokens_per_step
+        self.meter = metrics.Meter(flops_per_token=metrics.flops_per_token(run.model, run.seq_len,
+                                                                           run.model.vocab_size),
+                                   tokens_per_step=tokens_per_step, world_size=run.layout.world,
                                    peak_tflops=metrics.device_peak_tflops(cfg.train.peak_tflops),
                                    start_tokens=start * tokens_per_step)
         self.file = metrics.MetricsFile(cfg.checkpoint.dir) if self.on else None
@@ -267,12 +267,16 @@ class StepLog:
         self.last: metrics.StepRecord | None = None
         self.skipped = 0
         self.t0 = time.time()
+        self.at = start  # the last step this segment ran
+        self.segments = Path(cfg.checkpoint.dir) / SEGMENTS_FILE
+        if self.on and start == 0:
+            self.segments.unlink(missing_ok=True)  # a fresh start: earlier segments belong to another run
 
     def step(self, step: int, res: Any, val: float | None) -> None:
         rec = self.meter.record(step, float(res.loss), float(res.lr), float(res.grad_norm), bool(res.skipped))
         if val is not None:
             rec.val_loss, rec.val_ppl = val, math.exp(min(val, 50.0))
-        self.last, self.skipped = rec, self.skipped + int(rec.skipped)
+        self.last, self.skipped, self.at = rec, self.skipped + int(rec.skipped), step
         if not self.on:
             return
         self.file.append(rec)
@@ -291,24 +295,39 @@ class StepLog:
         self.meter.restart_clock()  # a checkpoint's time is not a step's time
 
     def close(self) -> None:
+        """End of this segment however it ends (done, stopped, aborted, failed): appended to segments.jsonl."""
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.on:
+            with open(self.segments, "a") as f:
+                f.write(json.dumps({"start_step": self.start, "end_step": self.at,
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.t0)),
+                                    "wall_s": round(time.time() - self.t0, 3)}) + "\n")
+
+    def _segments(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.segments.read_text().splitlines() if line.strip()]
 
     def summary(self, step: int) -> None:
         if not self.on:
             return
         run_dir = Path(self.cfg.checkpoint.dir).resolve()
+        segments = self._segments()  # this one included: close() ran first
         summary = {"final_step": step, "final_loss": self.last.loss if self.last else None,
-                   "skipped_steps": self.skipped, "wall_s": time.time() - self.t0,
-                   "tokens": self.meter.tokens, "checkpoint": _latest(run_dir),
+                   "skipped_steps": self.skipped, "wall_s": round(sum(s["wall_s"] for s in segments), 3),
+                   "segments": segments, "tokens": self.meter.tokens, "checkpoint": _latest(run_dir),
                    "metrics": str(run_dir / metrics.METRICS_FILE)}
         if self.tracker:
             summary.update(mlflow_uri=self.tracker.uri, mlflow_run_id=self.tracker.run_id)
-            self.tracker.artifact_text(json.dumps(summary, indent=1), "summary.json")
-        lines = [f"done: step {step}, final loss {summary['final_loss']}, {self.skipped} skipped step(s), "
-                 f"{summary['wall_s']:.1f} s",
+            self.tracker.artifact_text(json.dumps(summary, indent=1), SUMMARY_FILE)
+        tmp = run_dir / f".{SUMMARY_FILE}.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(run_dir / SUMMARY_FILE)
+        this = segments[-1]["wall_s"]
+        wall = f"{this:.1f} s" if len(segments) == 1 else \
+            f"{this:.1f} s this segment, {summary['wall_s']:.1f} s over {len(segments)} segments"
+        lines = [f"done: step {step}, final loss {summary['final_loss']}, {self.skipped} skipped step(s), {wall}",
                  f"checkpoints: {run_dir} (latest: {summary['checkpoint'] or 'none written'})",
                  f"metrics:     {summary['metrics']}"]
         if self.tracker:

@@ -9,12 +9,16 @@ megatron-core's `use_cpu_initialization` also pays, and it makes the parity test
 Scheme (GPT-2 / Megatron): normal(0, init_std) for embeddings and projections; the projections that write into
 the residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers) so the stream's variance does not grow with
 depth; RMSNorm weights are ones.
+
+Starting from existing weights (`model.init_from`) goes through the same path: the whole tensor then comes from
+the checkpoint instead of the generator, and each rank copies its slice of it. Vocabulary rows the checkpoint does
+not have (the padding the new layout adds) keep their seeded values; they are never inputs and never targets.
 """
 from __future__ import annotations
 
 import math
 import zlib
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -48,13 +52,41 @@ def local_slice(full: torch.Tensor, param: torch.Tensor, tp_rank: int) -> torch.
     return full.narrow(dim, tp_rank * size, size)
 
 
+FullTensor = Callable[[str, tuple[int, ...]], torch.Tensor]  # (reference name, full shape) -> whole tensor
+_VOCAB_ROWS = ("tok_embeddings.weight", "output.weight")
+
+
+def seeded(args: ModelArgs, seed: int) -> FullTensor:
+    return lambda name, shape: full_init(name, shape, args, seed)
+
+
+def from_weights(read: Callable[[str], torch.Tensor], args: ModelArgs, seed: int) -> FullTensor:
+    """Whole tensors read by reference name (e.g. `WeightSource.tensor`); a vocabulary matrix with fewer or more
+    rows than this model's padded vocabulary is cut or completed with seeded rows."""
+    def full(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        try:
+            t = read(name)
+        except KeyError:
+            raise KeyError(f"the weights to start from have no tensor {name!r}") from None
+        if tuple(t.shape) == shape:
+            return t
+        if name in _VOCAB_ROWS and tuple(t.shape[1:]) == shape[1:]:
+            out = full_init(name, shape, args, seed)
+            rows = min(t.shape[0], shape[0])
+            out[:rows] = t[:rows]
+            return out
+        raise ValueError(f"{name}: the weights to start from have shape {tuple(t.shape)}, the model {shape}")
+    return full
+
+
 @torch.no_grad()
-def init_weights(named_params: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, seed: int,
-                 full_shapes: dict[str, tuple[int, ...]], tp_rank: int = 0) -> None:
+def init_weights(named_params: Iterable[tuple[str, torch.Tensor]], full_shapes: dict[str, tuple[int, ...]],
+                 full: FullTensor, tp_rank: int = 0) -> None:
     """Initialise parameters given by REFERENCE name; `full_shapes` gives each one's unsharded shape."""
     for name, param in named_params:
-        full = full_init(name, full_shapes[name], args, seed)
-        param.copy_(local_slice(full, param, tp_rank).to(param.dtype))
+        whole = full(name, full_shapes[name])
+        param.copy_(local_slice(whole, param, tp_rank).to(param.dtype))
+        del whole
 
 
 def reference_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -76,8 +108,10 @@ def reference_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def init_model(model: torch.nn.Module, args: ModelArgs, seed: int, tp_rank: int = 0,
-               rename=lambda name: name) -> None:
+               rename=lambda name: name, weights: Callable[[str], torch.Tensor] | None = None) -> None:
     """Initialise a model whose parameter names map to reference names through `rename` (identity for the
-    reference Transformer, the pipeline's map for a PipelineModule)."""
+    reference Transformer, the pipeline's map for a PipelineModule): seeded, or from `weights` (a reader of
+    whole reference-named tensors) when given."""
     shapes = reference_shapes(args)
-    init_weights(((rename(n), p) for n, p in model.named_parameters()), args, seed, shapes, tp_rank)
+    full = seeded(args, seed) if weights is None else from_weights(weights, args, seed)
+    init_weights(((rename(n), p) for n, p in model.named_parameters()), shapes, full, tp_rank)

@@ -119,13 +119,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, S, K, hd), S = start_pos + T
         S = k.shape[1]
-        # Each group of H/K query heads reads the same key/value head (query head h uses kv head h // rep).
-        rep = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)  # (B, S, H, hd)
-
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd), (B, K, S, hd)
         mask = attention_mask(T, S, start_pos, doc_ids, x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        # Each group of H/K query heads reads the same key/value head (query head h uses kv head h // (H/K)).
+        # SDPA does the grouping itself, so K/V (and what autograd saves of them) stay K heads wide; expanding
+        # them to H heads first (repeat_interleave) would save H/K times the bytes for the backward pass.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.wo(y)
 

@@ -1,27 +1,111 @@
-"""`--dry-run`: the resolved layout, parameter count and a per-rank memory estimate, without building anything.
+"""`pretrain plan` / `--dry-run`: layout, parameter count, per-rank memory, fit on a GPU, and a layout ranking.
 
-Estimate (bytes per parameter held by a rank, mixed precision as DeepSpeed does it): weights 4 (fp32) or 2
-(bf16); gradients the same (bf16 runs accumulate in fp32: +4 under ZeRO <= 1 counted with the optimizer);
-optimizer: fp32 master copy (bf16 only) + Adam's two moments = 12 or 8 bytes. ZeRO-1 partitions the optimizer
-over DP, ZeRO-2 also the gradients, ZeRO-3 also the weights. Activations: a rough per-layer count for a
-micro-batch (~34 * B * T * D bytes-equivalents in 16-bit, Korthikanti et al. 2022, without recompute), divided by
-TP, with full recompute keeping only each block's input. Good to ~20%; it ignores fragmentation and buffers.
+Model states (bytes per parameter a rank holds, as DeepSpeed 0.19 allocates them when its step begins): weights
+2 (bf16) or 4 (fp32); gradients 4 (fp32 either way: bf16 runs accumulate in fp32, `data_types.grad_accum_dtype`),
+and under bf16 with ZeRO <= 1 the bf16 `.grad` of every weight besides (+2); optimizer: fp32 master copy (bf16
+only) + Adam's two moments = 12 or 8. ZeRO-1 partitions the optimizer over DP, ZeRO-2 also the gradients (the
+bf16 ones are reduced into the fp32 partition as they come), ZeRO-3 also the weights, and allocates a reduce
+bucket of 5e8 elements in the model dtype (DeepSpeed's default `reduce_bucket_size`, counted in buffers).
+tests/plan/test_measured.py checks this against the tensors DeepSpeed really holds (2 gloo ranks).
+
+Activations: the bytes autograd saves for backward, counted tensor by tensor from this project's block (S = B*T
+tokens of a micro-batch, D dim, F FFN width, H/K query/key-value heads, hd head dim, a = 2 (bf16) or 4 bytes):
+- RMSNorm, eager: an fp32 view/copy of x (4), the normalized x (a), and its product with the weight (a), which
+  the following linears save as their input: (4 + 2a)*S*D, + 4*S for 1/rms. Fused (Triton): x (a) and 1/rms;
+  the output (a) the linears save: 2a*S*D + 4*S.
+- attention: q after RoPE (H heads), k and v (K heads: SDPA's enable_gqa, on CUDA's flash kernel and PyTorch's
+  CPU one alike), the output (H heads), a*S*hd bytes per head each, and the log-sum-exp (4*S per query head).
+  RoPE saves only its cos/sin table (persistent, not counted).
+- SwiGLU, eager: silu's input, silu's output, the up projection, and the product w2 reads: 4a*S*F. Fused: the
+  gate and up projections and the product: 3a*S*F.
+- recompute `selective` (this project's: the whole attention sub-block, norm included, is recomputed): the
+  block input (a*S*D) + the FFN norm + SwiGLU; `full`: the block input only, plus one block's activations
+  re-made during its backward (counted as transient).
+- tensor parallelism splits heads and F over tp; without sequence parallelism the norms and block inputs are
+  held whole on every TP rank, with it they are split along T (megatron-core saves its local, not the gathered,
+  input of a column-parallel linear; our wrappers hand it a transposed copy per linear, counted as such).
+- pipeline: DeepSpeed's 1F1B schedule keeps min(pp - stage, micro-batches) micro-batches in flight on a stage
+  (`TrainSchedule.num_pipe_buffers`); stage 0 holds the most, the last stage holds the head.
+- head (last stage): the final norm + the fp32 (log-)softmax the loss saves (4*S*V/tp; the fused kernel saves the
+  logits, a*S*V); its backward makes the logits' gradient (4 + a)*S*V/tp at once (transient).
+tests/plan/test_activations.py measures all of this with saved-tensor hooks (eager path, CPU, 1 and 2 TP ranks,
+PP=2). Not counted: the CUDA context, NCCL and DeepSpeed communication buffers, allocator fragmentation: the fit
+verdict keeps `HEADROOM` of the GPU's memory for them.
+
+Step time (for ranking layouts): model FLOPs plus recompute at `efficiency` x the GPU's peak, the pipeline bubble
+(pp - 1)/(m + pp - 1) of the compute, and communication at the stated link bandwidths, not overlapped (an upper
+bound): TP all-reduces (or SP all-gather + reduce-scatter, the same bytes) of the block output, 2 per block
+forward and 2 backward (+2 under full recompute, +1 under selective); PP sends of each micro-batch's activation
+forward and its gradient backward; DP all-reduce (ZeRO-0) or reduce-scatter of fp32 gradients + all-gather of the
+updated weights (ZeRO-1/2), ZeRO-3 also gathering the weights for every micro-batch's forward and backward.
+Ring collectives move 2(n-1)/n (all-reduce) or (n-1)/n of the bytes over the slowest link the group spans.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-from pretrain.config import Config, Layout, resolve_layout
+from pretrain.config import Config, ConfigError, Layout
 from pretrain.model.args import ModelArgs
+from pretrain.resolved import ResolvedRun
 
 GiB = 1024**3
+ZERO3_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's reduce_bucket_size default, allocated by ZeRO-3
+HEADROOM = 0.10  # of GPU memory kept for the CUDA context, NCCL/DeepSpeed buffers and fragmentation
+
+# Memory per GPU as torch.cuda.get_device_properties().total_memory reports it (GiB). Matched like metrics.py's
+# peak table: by substring, first match wins.
+GPU_MEMORY_GIB: list[tuple[str, float]] = [
+    ("H200", 139.8), ("H100 PCIe", 79.2), ("H100 NVL", 93.1), ("H100", 79.2), ("GH200", 94.5), ("B200", 178.4),
+    ("A100", 79.2), ("A10G", 22.1), ("L40S", 44.4), ("L4", 22.0), ("V100", 31.7), ("MI300X", 191.5),
+]
 
 
 def _size(n_bytes: float) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", 1024**2)):
-        if n_bytes >= scale or unit == "MiB":
-            return f"{n_bytes / scale:.2f} {unit}"
-    raise AssertionError
+    return f"{n_bytes / GiB:.2f} GiB" if n_bytes >= GiB else f"{n_bytes / 1024**2:.2f} MiB"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which code computes the model's norms, SwiGLU and loss: decides what autograd saves. Attention is SDPA
+    with enable_gqa on every device (CUDA flash, PyTorch's CPU flash), so K/V are saved K heads wide either way."""
+    fused: bool = True  # Triton RMSNorm / SwiGLU / cross-entropy (CUDA with model.fused_kernels); False: eager
+
+    @classmethod
+    def cpu(cls) -> "Kernels":
+        return cls(fused=False)
+
+
+def block_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, recompute: str, a: int,
+                      k: Kernels) -> tuple[float, float]:
+    """(saved, transient) bytes of one block for one micro-batch of `tokens` = B*T on one TP rank."""
+    S, D, F, hd = tokens, args.dim, args.hidden_dim, args.head_dim
+    H, K = args.n_heads / tp, args.kv_heads / tp
+    seq = tp if sp else 1  # the residual stream and norms are split along T only under sequence parallelism
+    norm = (S * D * (a if k.fused else 4 + a) + 4 * S) / seq  # what RMSNorm saves, its output aside
+    # The norm's output is saved by the linears that read it: once (one tensor) without SP; under SP each
+    # column-parallel linear saves its own [T/tp, B, D] transposed copy (pretrain/parallel/tensor.py) and the
+    # row-parallel wo one of the attention output (wq, wk, wv: 3 copies; w1, w3: 2; wo: 1).
+    norm_out = S * D * a / seq
+    attn_in, mlp_in = norm_out * (3 if sp else 1), norm_out * (2 if sp else 1)
+    attention = S * hd * a * (2 * H + 2 * K) + 4 * S * H + (S * D / tp * a if sp else 0)
+    mlp = S * F / tp * a * (3 if k.fused else 4)
+    block_input = S * D * a / seq
+    attention_sub_block = norm + attn_in + attention
+    mlp_sub_block = norm + mlp_in + mlp
+    if recompute == "full":
+        return block_input, attention_sub_block + mlp_sub_block
+    if recompute == "selective":
+        return block_input + mlp_sub_block, attention_sub_block
+    return attention_sub_block + mlp_sub_block, 0.0
+
+
+def head_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, a: int, k: Kernels) -> tuple[float, float]:
+    """(saved, transient) bytes of the final norm + output head + loss for one micro-batch on one TP rank."""
+    S, D, V = tokens, args.dim, args.vocab_size
+    norm = (S * D * (2 * a if k.fused else 4 + 2 * a) + 4 * S) / (tp if sp else 1)
+    fused_loss = k.fused and tp == 1  # with TP the loss is megatron-core's vocab-parallel cross-entropy
+    return norm + S * V / tp * (a if fused_loss else 4), S * V / tp * (4 + a)
 
 
 @dataclass(frozen=True)
@@ -33,42 +117,125 @@ class Estimate:
     weights: float
     grads: float
     optimizer: float
-    activations: float
+    activations: float  # saved for backward, all in-flight micro-batches, the worst pipeline stage
+    transient: float    # made and freed within a backward step (a recomputed block, the logits' gradient)
+    buffers: float      # DeepSpeed's pipeline send/receive buffers
+    in_flight: int      # micro-batches alive on the worst stage
+    worst_stage: int
+
+    @property
+    def model_states(self) -> float:
+        return self.weights + self.grads + self.optimizer
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.model_states + self.activations + self.transient + self.buffers
 
 
-def estimate(cfg: Config, world_size: int, vocab_size: int | None = None) -> Estimate:
-    lay = resolve_layout(cfg, world_size, vocab_size)  # raises ConfigError on any invalid layout
-    args = cfg.model.args(vocab_size).replace(vocab_size=lay.padded_vocab_size)
+def model_states(params_here: float, dp: int, zero: int, weight_bytes: int, grad_bytes: int = 4,
+                 optim_bytes: int = 12) -> tuple[float, float, float]:
+    """(weights, grads, optimizer) bytes on one rank holding `params_here` before ZeRO partitioning."""
+    return (params_here * weight_bytes / (dp if zero >= 3 else 1),
+            params_here * grad_bytes / (dp if zero >= 2 else 1),
+            params_here * optim_bytes / (dp if zero >= 1 else 1))
+
+
+def planned_run(cfg: Config, world_size: int, vocab_size: int | None = None) -> ResolvedRun:
+    """The ResolvedRun of this config at this world size, with `vocab_size` standing in for the tokenizer's when
+    given (planning, and the layout ranking's many candidates: the shards are not read again for each). Layout and
+    padded model shape come from pretrain.resolved, derived once."""
+    from pretrain.resolved import resolve_run
+
+    if vocab_size is None and cfg.model.vocab_size is None:
+        return resolve_run(cfg, world_size)
+    no_data = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": "", "val_path": None})})
+    return resolve_run(no_data, world_size, require_data=False, vocab_without_data=vocab_size)
+
+
+def estimate(cfg: Config, world_size: int, vocab_size: int | None = None, kernels: Kernels | None = None, *,
+             run: ResolvedRun | None = None) -> Estimate:
+    """`run`: the run already resolved (dry run, plan); else resolved here from `vocab_size` (layout ranking)."""
+    run = run or planned_run(cfg, world_size, vocab_size)  # raises ConfigError on any invalid layout
+    lay, args = run.layout, run.model
+    k = kernels or Kernels(fused=cfg.model.fused_kernels)
     total = args.num_params()
     # Per-rank share: blocks split over PP and TP; embeddings/head split over TP and sit on first/last stage.
     embed = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
     blocks = total - embed
-    # With pp > 1 the first stage holds the embedding and the last the head: the worst stage holds one of them.
-    embed_here = embed if lay.pp == 1 else args.vocab_size * args.dim
+    embed_here = embed if lay.pp == 1 else args.vocab_size * args.dim  # the worst stage holds one of them
     per_rank = (blocks / lay.pp + embed_here) / lay.tp
     bf16 = cfg.train.dtype == "bf16"
-    z, dp = cfg.parallel.zero_stage, lay.dp
-    w_bytes = 2 if bf16 else 4
-    weights = per_rank * w_bytes / (dp if z >= 3 else 1)
-    grads = per_rank * 4 / (dp if z >= 2 else 1)  # fp32 either way (bf16 accumulates gradients in fp32)
-    optim = per_rank * ((4 if bf16 else 0) + 8) / (dp if z >= 1 else 1)
-    B, T, D = cfg.train.micro_batch_size, cfg.train.seq_len, args.dim
-    layers_here = args.n_layers / lay.pp
-    if cfg.model.activation_checkpointing == "full":
-        act = layers_here * B * T * D * w_bytes + 34 * B * T * D / lay.tp * (w_bytes / 2)
-    else:
-        act = layers_here * 34 * B * T * D / lay.tp * (w_bytes / 2)
-    act += B * T * args.vocab_size / lay.tp * 4 * 2  # fp32 logits + their grad on the last stage
-    return Estimate(lay, args, total, weights, grads, optim, act)
+    a = 2 if bf16 else 4
+    z = cfg.parallel.zero_stage
+    weights, grads, optim = model_states(per_rank, lay.dp, z, a, 4 + (2 if bf16 and z <= 1 else 0),
+                                         12 if bf16 else 8)
+    worst = max(stage_activations(cfg, lay, args, k), key=lambda s: s.total)
+    bucket = ZERO3_REDUCE_BUCKET * a if z == 3 else 0
+    return Estimate(lay, args, total, weights, grads, optim, worst.saved, worst.transient, worst.buffers + bucket,
+                    worst.in_flight, worst.stage)
 
 
-def describe(cfg: Config, world_size: int, vocab_size: int | None = None) -> str:
-    e = estimate(cfg, world_size, vocab_size)
+@dataclass(frozen=True)
+class StageActivations:
+    stage: int
+    in_flight: int     # micro-batches whose activations are alive at once (1F1B)
+    saved: float
+    transient: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.saved + self.transient + self.buffers
+
+
+def stage_activations(cfg: Config, lay: Layout, args: ModelArgs, k: Kernels) -> list[StageActivations]:
+    """Activation bytes per pipeline stage on one rank (one entry when pp = 1)."""
+    S = lay.micro_batch_size * cfg.train.seq_len
+    sp, a = cfg.parallel.sequence_parallel, (2 if cfg.train.dtype == "bf16" else 4)
+    blk_saved, blk_transient = block_activations(args, S, lay.tp, sp, cfg.model.activation_checkpointing, a, k)
+    head_saved, head_transient = head_activations(args, S, lay.tp, sp, a, k)
+    boundary = S * args.dim * a / (lay.tp if sp else 1)  # one micro-batch's hidden states between stages
+    stages = []
+    for stage in range(lay.pp):
+        in_flight = min(lay.pp - stage, lay.grad_accum)  # DeepSpeed TrainSchedule.num_pipe_buffers
+        last = stage == lay.pp - 1
+        saved = in_flight * (args.n_layers // lay.pp * blk_saved + (head_saved if last else 0))
+        transient = max(blk_transient, head_transient if last else 0)
+        buffers = in_flight * boundary * ((stage > 0) + (not last))
+        stages.append(StageActivations(stage, in_flight, saved, transient, buffers))
+    return stages
+
+
+def gpu_memory_gib(name: str) -> float | None:
+    for key, gib in GPU_MEMORY_GIB:
+        if key.lower() in name.lower():
+            return gib
+    return None
+
+
+def fit_line(e: Estimate, gpu: str) -> str:
+    """Whether the estimate fits the GPU (less HEADROOM), and by how much it does or does not."""
+    cap = gpu_memory_gib(gpu)
+    if cap is None:
+        raise ConfigError(f"--gpu {gpu}: unknown GPU memory; one of {', '.join(n for n, _ in GPU_MEMORY_GIB)}")
+    usable = cap * GiB * (1 - HEADROOM)
+    need = e.total
+    if need <= usable:
+        return (f"fits {gpu} ({cap:g} GiB, {usable / GiB:.1f} GiB usable after {HEADROOM:.0%} headroom): "
+                f"~{_size(need)} per rank, {_size(usable - need)} to spare")
+    return (f"DOES NOT FIT {gpu} ({cap:g} GiB, {usable / GiB:.1f} GiB usable after {HEADROOM:.0%} headroom): "
+            f"~{_size(need)} per rank, {_size(need - usable)} over ({need / usable:.2f}x)")
+
+
+def fits(e: Estimate, gpu: str) -> bool:
+    return e.total <= (gpu_memory_gib(gpu) or 0) * GiB * (1 - HEADROOM)
+
+
+def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: str | None = None, *,
+             run: ResolvedRun | None = None) -> str:
+    e = estimate(cfg, world_size, vocab_size, run=run)
     lay, args, T = e.layout, e.args, cfg.train.seq_len
+    stage = f" on pipeline stage {e.worst_stage} ({e.in_flight} micro-batches in flight)" if lay.pp > 1 else ""
     lines = [
         f"layout: world={lay.world} = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}; ZeRO-{cfg.parallel.zero_stage}; "
         f"{cfg.train.dtype}{'; sequence parallel' if cfg.parallel.sequence_parallel else ''}",
@@ -77,9 +244,13 @@ def describe(cfg: Config, world_size: int, vocab_size: int | None = None) -> str
         f"model: {cfg.model.flavor} dim={args.dim} layers={args.n_layers} heads={args.n_heads}/{args.kv_heads} "
         f"ffn={args.hidden_dim} vocab={lay.padded_vocab_size} (padded) params={e.params:,} ({e.params / 1e9:.3f} B)",
         f"per-rank memory estimate: weights {_size(e.weights)}, grads {_size(e.grads)}, optimizer "
-        f"{_size(e.optimizer)}, activations ~{_size(e.activations)} (checkpointing "
-        f"{cfg.model.activation_checkpointing}); total ~{_size(e.total)}",
+        f"{_size(e.optimizer)}, activations ~{_size(e.activations)} saved + {_size(e.transient)} in backward"
+        f"{' + ' + _size(e.buffers) + ' pipeline buffers' if e.buffers else ''} (recompute "
+        f"{cfg.model.activation_checkpointing}{', fused kernels' if cfg.model.fused_kernels else ', eager ops'})"
+        f"{stage}; total ~{_size(e.total)}",
     ]
+    if gpu is not None:
+        lines.append(fit_line(e, gpu))
     return "\n".join(lines)
 
 
@@ -98,3 +269,106 @@ def throughput(cfg: Config, e: Estimate, peak_tflops: float, mfu: float) -> str:
             f"({tokens_per_s / e.layout.world:,.0f} per GPU), {step_tokens / tokens_per_s:.2f} s per step; "
             f"train.max_steps={cfg.train.max_steps:,} = {run_tokens / 1e9:,.1f} B tokens in "
             f"{run_tokens / tokens_per_s / 86400:.1f} days")
+
+
+# ------------------------------------------------------------------------------------- layout ranking
+
+
+@dataclass(frozen=True)
+class Links:
+    """Per-GPU bandwidths in GB/s, one direction: NVLink inside a node, InfiniBand (or RoCE) between nodes."""
+    nvlink: float = 450.0   # H100 SXM NVLink 4: 900 GB/s both directions
+    ib: float = 50.0        # one 400 Gb/s NDR port per GPU
+
+
+@dataclass(frozen=True)
+class Ranked:
+    tp: int
+    pp: int
+    zero: int
+    recompute: str
+    micro: int
+    step_s: float
+    mfu: float
+    memory: float
+
+
+def step_time(cfg: Config, e: Estimate, peak_tflops: float, efficiency: float, gpus_per_node: int,
+              links: Links) -> float:
+    """Predicted seconds per optimizer step of this layout (module docstring: what is counted)."""
+    from pretrain.metrics import flops_per_token, matmul_params
+
+    lay, args, T = e.layout, e.args, cfg.train.seq_len
+    S, m, a = lay.micro_batch_size * T, lay.grad_accum, (2 if cfg.train.dtype == "bf16" else 4)
+    attn_fwd = 4.0 * args.n_layers * args.n_heads * args.head_dim * T  # per token, QK^T and AV forward
+    block_params = matmul_params(args, args.vocab_size) - args.vocab_size * args.dim
+    attn_params = args.n_layers * (2 * args.dim * args.n_heads * args.head_dim + 2 * args.dim * args.kv_heads
+                                   * args.head_dim)
+    extra = {"full": 2.0 * block_params + attn_fwd, "selective": 2.0 * attn_params + attn_fwd}.get(
+        cfg.model.activation_checkpointing, 0.0)
+    per_mb_flops = (flops_per_token(args, T, args.vocab_size) + extra) * S / (lay.tp * lay.pp)
+    compute = per_mb_flops / (peak_tflops * 1e12 * efficiency)
+    single_node = lay.world <= gpus_per_node
+    tp_bw = (links.nvlink if lay.tp <= gpus_per_node else links.ib) * 1e9
+    all_reduces = args.n_layers / lay.pp * (4 + {"full": 2, "selective": 1}.get(cfg.model.activation_checkpointing, 0))
+    tp_comm = all_reduces * 2 * (lay.tp - 1) / lay.tp * S * args.dim * a / tp_bw if lay.tp > 1 else 0.0
+    pp_bw = (links.nvlink if single_node else links.ib) * 1e9
+    pp_comm = 2 * S * args.dim * a / lay.tp / pp_bw if lay.pp > 1 else 0.0
+    per_mb = compute + tp_comm + pp_comm
+    dp, z = lay.dp, cfg.parallel.zero_stage
+    params = (e.params - args.vocab_size * args.dim * (0 if args.tie_embeddings else 1)) / lay.pp / lay.tp
+    dp_bw = (links.nvlink if lay.tp * dp <= gpus_per_node else links.ib) * 1e9
+    frac = (dp - 1) / dp
+    dp_bytes = 2 * frac * params * 4 if z == 0 else frac * params * (4 + a)
+    if z == 3:
+        dp_bytes += m * 2 * frac * params * a  # weights gathered for every forward and backward
+    return (m + lay.pp - 1) * per_mb + dp_bytes / dp_bw
+
+
+def rank_layouts(cfg: Config, nodes: int, gpus_per_node: int, vocab_size: int, gpu: str, peak_tflops: float,
+                 efficiency: float, links: Links = Links()) -> list[Ranked]:
+    """Every (tp, pp, zero, recompute, micro-batch) that keeps the config's global batch, passes the layout rules
+    and fits the GPU, fastest first."""
+    from pretrain.metrics import flops_per_token
+
+    world = nodes * gpus_per_node
+    base = estimate(cfg, world, vocab_size).layout
+    global_batch = base.global_batch
+    out = []
+    pows = [1, 2, 4, 8, 16, 32, 64]
+    for tp, pp, zero, recompute, micro in itertools.product(pows[:4], pows, (1, 2, 3), ("none", "selective", "full"),
+                                                            (1, 2, 4, 8)):
+        if tp > gpus_per_node or world % (tp * pp) or (pp > 1 and zero >= 2):
+            continue
+        dp = world // (tp * pp)
+        if global_batch % (micro * dp):
+            continue
+        try:
+            c = cfg.model_copy(update={
+                "parallel": cfg.parallel.model_copy(update={"tp": tp, "pp": pp, "zero_stage": zero,
+                                                            "sequence_parallel": cfg.parallel.sequence_parallel
+                                                            and tp > 1}),
+                "model": cfg.model.model_copy(update={"activation_checkpointing": recompute}),
+                "train": cfg.train.model_copy(update={"micro_batch_size": micro,
+                                                      "grad_accum": global_batch // (micro * dp)})})
+            e = estimate(c, world, vocab_size)
+        except ConfigError:
+            continue
+        if not fits(e, gpu):
+            continue
+        t = step_time(c, e, peak_tflops, efficiency, gpus_per_node, links)
+        mfu = flops_per_token(e.args, c.train.seq_len, e.args.vocab_size) * global_batch * c.train.seq_len / (
+            t * world * peak_tflops * 1e12)
+        out.append(Ranked(tp, pp, zero, recompute, micro, t, mfu, e.total))
+    return sorted(out, key=lambda r: (round(r.step_s, 3), r.memory))  # equal times: the smaller footprint first
+
+
+def ranking_lines(ranked: list[Ranked], limit: int = 10) -> list[str]:
+    if not ranked:
+        return ["no layout of this global batch fits: fewer tokens per step, more nodes, or a larger GPU"]
+    lines = [f"{len(ranked)} fitting layouts, fastest first (predicted; top {min(limit, len(ranked))}):",
+             "   tp  pp  zero  recompute  micro  step s   MFU  GiB/rank"]
+    for r in ranked[:limit]:
+        lines.append(f"  {r.tp:3d} {r.pp:3d} {r.zero:5d}  {r.recompute:9s} {r.micro:6d} {r.step_s:7.2f} "
+                     f"{r.mfu:5.1%} {r.memory / GiB:9.1f}")
+    return lines

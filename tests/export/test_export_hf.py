@@ -8,7 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pretrain.export_hf import export_hf, hf_name  # noqa: E402
+from pretrain.export_hf import export_hf  # noqa: E402
+from pretrain.hf_format import hf_name  # noqa: E402
 from pretrain.model import FLAVORS, Transformer, init_model  # noqa: E402
 
 
@@ -18,7 +19,8 @@ def test_transformers_reproduces_our_logits(tmp_path, tied, shard_bytes):
     args = FLAVORS["debug"].replace(vocab_size=256, tie_embeddings=tied)
     model = Transformer(args)
     init_model(model, args, seed=3)
-    out = export_hf(model.state_dict(), args, tmp_path / "hf", dtype=torch.float32, max_shard_bytes=shard_bytes,
+    out = export_hf(model.state_dict(), args, tmp_path / "hf", tokenizer=None, dtype=torch.float32,
+                    max_shard_bytes=shard_bytes,
                     bos_token_id=1, eos_token_id=2)
     if shard_bytes < 2**20:
         index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -37,7 +39,7 @@ def test_refuses_non_empty_dir_and_unknown_names(tmp_path):
     (tmp_path / "hf" / "x").write_text("keep me")
     args = FLAVORS["debug"].replace(vocab_size=256)
     with pytest.raises(FileExistsError, match="not empty"):
-        export_hf(Transformer(args).state_dict(), args, tmp_path / "hf")
+        export_hf(Transformer(args).state_dict(), args, tmp_path / "hf", tokenizer=None)
     assert (tmp_path / "hf" / "x").read_text() == "keep me"
     with pytest.raises(KeyError, match="layers.0.attention.bias"):
         hf_name("layers.0.attention.bias")

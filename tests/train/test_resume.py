@@ -142,3 +142,8 @@ def test_resume_continues_the_exact_loss_curve(tmp_root, mlflow_server, row):
     assert f"resumed_at_step_{stopped_at}" in run.data.tags
     arts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json"} <= arts
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development", "the UI opens on runs, not GenAI"
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert [(g["start_step"], g["end_step"]) for g in summary["segments"]] == [(0, stopped_at), (stopped_at, 2 * K)]
+    assert summary["wall_s"] == pytest.approx(sum(g["wall_s"] for g in summary["segments"]))
+    assert min(g["wall_s"] for g in summary["segments"]) > 0

@@ -1,0 +1,109 @@
+"""Full, reference-named weights from any checkpoint, one tensor at a time, without the training world.
+
+Two kinds of checkpoint hold a model:
+- a training checkpoint `step_<N>/` (DeepSpeed's files, any tp/pp/dp/ZeRO layout), read offline by
+  `pretrain.parallel.checkpoint_reader.CheckpointReader` (fp32 master weights);
+- an imported checkpoint (`pretrain import-hf`): the same meta/manifest/tokenizer files, and the weights as
+  reference-named safetensors under `weights/`.
+Both answer the same three questions (`WeightSource`): what run made them (`run`, the ResolvedRun with the model
+shape and the tokenizer), which tensors there are (`names`), and one full tensor by name (`tensor`). Export,
+generate and `model.init_from` read through this interface only, so each works from either kind.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from pretrain import checkpoint
+from pretrain.config import Config, ConfigError
+from pretrain.resolved import ResolvedRun
+from pretrain.safetensors_dir import SafetensorsDir
+
+IMPORTED_WEIGHTS = "weights"  # an imported checkpoint's reference-named safetensors
+
+
+class WeightSource(Protocol):
+    run: ResolvedRun
+
+    def names(self) -> list[str]: ...
+    def tensor(self, name: str) -> torch.Tensor: ...
+
+
+class ImportedWeights:
+    """An imported checkpoint's weights, stored in the dtype they came in (so export reproduces them exactly)."""
+
+    def __init__(self, step_dir: str | Path):
+        self.step_dir = Path(step_dir)
+        self.run = ResolvedRun.of_checkpoint(self.step_dir)
+        self._files = SafetensorsDir(self.step_dir / IMPORTED_WEIGHTS)
+
+    def names(self) -> list[str]:
+        return self._files.names()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._files.tensor(name)
+
+
+class ConsolidatedWeights:
+    """A run's final checkpoint's `consolidated.pt` (until the offline DeepSpeed reader replaces it)."""
+
+    def __init__(self, step_dir: Path):
+        weights = step_dir / checkpoint.CONSOLIDATED
+        if not weights.is_file():
+            raise checkpoint.CheckpointError(f"{step_dir} has no {checkpoint.CONSOLIDATED} (written at a run's "
+                                             "final checkpoint only); pass the final step_<N> of a finished run")
+        self.run = ResolvedRun.of_checkpoint(step_dir)
+        self._state = torch.load(weights, map_location="cpu", weights_only=True)
+
+    def names(self) -> list[str]:
+        return list(self._state)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+
+def open_weights(path: str | Path) -> tuple[Path, WeightSource]:
+    """A run dir (-> its `latest`), a `step_<N>` dir or an imported checkpoint, verified -> (its dir, weights)."""
+    step_dir = checkpoint.resolve_checkpoint_arg(path)
+    if (step_dir / IMPORTED_WEIGHTS).is_dir():
+        return step_dir, ImportedWeights(step_dir)
+    return step_dir, ConsolidatedWeights(step_dir)
+
+
+def named_tensors(source: WeightSource):
+    """(name, full tensor) in model order, one at a time."""
+    for name in source.names():
+        yield name, source.tensor(name)
+
+
+# Fields of the model shape that decide what the weights mean (vocab and context length are handled apart:
+# the vocabulary is re-padded for the new layout, and RoPE's table for a position does not depend on max_seq_len).
+_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "norm_eps", "rope_theta",
+                 "tie_embeddings")
+_CONFIG_KEY = {"kv_heads": "n_kv_heads", "hidden_dim": "ffn_hidden_dim"}
+
+
+def init_source(cfg: Config, run: ResolvedRun) -> WeightSource:
+    """`model.init_from`, checked against the run about to train: same model shape (one line listing every
+    difference and the --set that fixes it) and shards made with the same tokenizer, unless
+    `model.init_from_any_tokenizer` says the embedding rows may change meaning."""
+    path = cfg.model.init_from
+    try:
+        step_dir, source = open_weights(path)
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.init_from={path}: {e}") from None
+    theirs, ours = source.run.model, run.model
+    diff = [f"{_CONFIG_KEY.get(f, f)} {getattr(ours, f)} (config) vs {getattr(theirs, f)} (checkpoint)"
+            for f in _SHAPE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
+    if diff:
+        fix = " ".join(f"--set model.{_CONFIG_KEY.get(f, f)}={getattr(theirs, f)}" for f in _SHAPE_FIELDS
+                       if getattr(ours, f) != getattr(theirs, f))
+        raise ConfigError(f"model.init_from={step_dir}: model shape differs: {'; '.join(diff)}; fix: {fix}")
+    want, have = source.run.tokenizer, run.tokenizer
+    if (want and have and want.identity != have.identity and not cfg.model.init_from_any_tokenizer):
+        raise ConfigError(f"model.init_from={step_dir}: the shards at data.path were made with another tokenizer "
+                          f"({have.identity[:12]}) than the checkpoint's ({want.identity[:12]}); re-make them with "
+                          f"{step_dir / checkpoint.TOKENIZER_DIR}, or set model.init_from_any_tokenizer=true")
+    return source

@@ -1,0 +1,73 @@
+"""The test oracle for Hugging Face import/export: transformers' own LlamaForCausalLM, built from a config here
+and saved by transformers itself (never a hub download), with a small BPE tokenizer saved the transformers way."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 300  # not a multiple of 128: every layout pads it (384 for tp=1, 512 for tp=2)
+WORDS = ("the a model data token train loss step rank shard layer head query key value norm gradient batch "
+         "sequence learning rate warm cosine decay checkpoint resume signal metric run tensor pipeline").split()
+
+
+def hf_config(*, gqa: bool = True, tied: bool = False):
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2 if gqa else 4, max_position_embeddings=96, rope_theta=50000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def save_tokenizer(out: Path) -> None:
+    """A byte-level BPE (specials <s> </s> <pad> = ids 0 1 2), saved by transformers' PreTrainedTokenizerFast."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], trainer=trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+    fast.save_pretrained(out)
+
+
+def make_hf_model(out: Path, *, gqa: bool = True, tied: bool = False, shard_size: str | None = None,
+                  seed: int = 0, tokenizer: bool = True):
+    """A random LlamaForCausalLM saved to `out` (sharded when `shard_size` is given). RMSNorm weights are made
+    random too (transformers starts them at one), so a norm mapped to the wrong place cannot go unnoticed."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(hf_config(gqa=gqa, tied=tied)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    if tokenizer:
+        save_tokenizer(out)
+    return model
+
+
+def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers-style safetensors directory (single file or index + shards)."""
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        ["model.safetensors"]
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(directory / f))
+    return out
+
+
+def tokens(batch: int = 2, length: int = 40, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))

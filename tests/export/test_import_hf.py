@@ -1,0 +1,128 @@
+"""`pretrain import-hf` and `model.init_from`: transformers' own LlamaForCausalLM (built from a config in the test,
+saved by transformers) is the oracle for what the imported weights compute, under TP=1 and TP=2 layouts."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_oracle import VOCAB, make_hf_model, saved_tensors, tokens  # noqa: E402
+from spawn import REPO, child_env, torchrun  # noqa: E402
+
+from pretrain.cli import main as cli  # noqa: E402
+from pretrain.weights import ImportedWeights  # noqa: E402
+
+
+def pretrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_imported_weights_compute_transformers_logits_on_tp1_and_tp2(tmp_path, tied):
+    """The training engine started from an imported checkpoint (model.init_from) under TP=1 x DP=2 ZeRO-3 and
+    TP=2 ZeRO-1 computes transformers' logits for the real vocabulary (fp32, max abs diff <= 1e-4)."""
+    hf = make_hf_model(tmp_path / "hf", tied=tied, shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # the sharded input path
+    assert cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    x = tokens()
+    torch.save(x, tmp_path / "tokens.pt")
+    torchrun(2, [str(REPO / "tests" / "export" / "init_from_worker.py"), str(tmp_path / "ckpt"),
+                 str(tmp_path / "tokens.pt"), str(tmp_path), "tied" if tied else "untied"], timeout=600)
+    with torch.no_grad():
+        theirs = hf(x).logits
+    for layout, padded in (("tp1_dp2_zero3", 384), ("tp2_zero1", 512)):
+        ours = torch.load(tmp_path / f"{layout}.pt")
+        assert ours.shape[-1] == padded  # the vocabulary padded to 128 x tp for this layout
+        diff = (ours[..., :VOCAB] - theirs).abs().max().item()
+        assert diff <= 1e-4, f"{layout}: max abs logit difference {diff}"
+
+
+@pytest.mark.parametrize("gqa,tied", [(True, False), (False, True)], ids=["gqa", "tied"])
+def test_export_of_import_reproduces_the_tensors_bit_for_bit(tmp_path, gqa, tied):
+    make_hf_model(tmp_path / "hf", gqa=gqa, tied=tied, shard_size="60KB")
+    assert cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"),
+                "--max-shard-size", "50KB"]) == 0
+    imported = ImportedWeights(tmp_path / "ckpt")
+    assert imported.run.model.kv_heads == (2 if gqa else 4) and imported.run.model.tie_embeddings == tied
+    assert cli(["export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "again")]) == 0
+    before, after = saved_tensors(tmp_path / "hf"), saved_tensors(tmp_path / "again")
+    assert sorted(after) == sorted(before)
+    for name, t in before.items():
+        assert after[name].dtype == t.dtype and torch.equal(after[name], t), name
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["num_key_value_heads"] == (2 if gqa else 4) and config["tie_word_embeddings"] == tied
+    assert config["max_position_embeddings"] == 96 and config["rope_theta"] == 50000.0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "again")
+    assert tok.eos_token == "</s>"
+
+
+def test_imported_checkpoint_records_the_resolved_shape_and_tokenizer(tmp_path):
+    make_hf_model(tmp_path / "hf")
+    assert cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    run = ImportedWeights(tmp_path / "ckpt").run
+    m = run.model
+    assert (m.dim, m.n_layers, m.n_heads, m.kv_heads, m.hidden_dim, m.vocab_size, m.max_seq_len, m.rope_theta,
+            m.norm_eps, m.tie_embeddings) == (64, 2, 4, 2, 96, VOCAB, 96, 50000.0, 1e-6, False)
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tmp_path / "hf"))
+    assert run.tokenizer.identity == tok.identity and run.tokenizer.eos_id == 1
+    assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_import_refuses_what_our_model_cannot_express(tmp_path):
+    make_hf_model(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))
+    p = pretrain("import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"))
+    assert p.returncode == 2 and "mlp_bias=true; our model has no biases" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def _shards(tmp_path: Path, tokenizer: Path) -> Path:
+    tmp_path.mkdir()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the model {i} learns a token rate warm step"}) + "\n"
+                              for i in range(200)))
+    p = subprocess.run([sys.executable, "-m", "data_pipeline", "prepare", "--input", str(corpus), "--tokenizer",
+                        str(tokenizer), "--out", str(tmp_path / "shards"), "--workers", "0", "--no-progress"],
+                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return tmp_path / "shards"
+
+
+def test_train_init_from_checks_shape_and_tokenizer(tmp_path):
+    """`pretrain train` with model.init_from: a config whose shape differs, or shards made with another tokenizer,
+    is one line and exit 2 before the model is built."""
+    make_hf_model(tmp_path / "hf")
+    assert cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    from data_pipeline.tokenizer import train_bpe
+
+    train_bpe(["the model learns a token"] * 50, 300, str(tmp_path / "other_tok"), show_progress=False)
+    same, other = _shards(tmp_path / "a", tmp_path / "hf"), _shards(tmp_path / "b", tmp_path / "other_tok")
+    base = ["train", "--config", "configs/debug.yaml"] + [
+        x for kv in ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+                     "model.ffn_hidden_dim=96", "model.norm_eps=1e-6", "model.rope_theta=50000.0",
+                     "model.vocab_size=300", f"model.init_from={tmp_path / 'ckpt'}", "train.seq_len=16",
+                     "train.micro_batch_size=1", "train.max_steps=1", "parallel.zero_stage=0",
+                     "tracking.enabled=false", "data.val_path=null", "train.eval_every=0", "train.device=cpu"]
+        for x in ("--set", kv)]
+
+    p = pretrain(*base, "--set", f"data.path={same}", "--set", "model.rope_theta=10000.0",
+                 "--set", f"checkpoint.dir={tmp_path / 'r1'}")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "model shape differs: rope_theta 10000.0 (config) vs 50000.0 (checkpoint)" in p.stderr
+    assert "--set model.rope_theta=50000.0" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+    p = pretrain(*base, "--set", f"data.path={other}", "--set", f"checkpoint.dir={tmp_path / 'r2'}")
+    assert p.returncode == 2 and "made with another tokenizer" in p.stderr, p.stderr[-3000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
