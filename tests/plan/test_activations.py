@@ -78,3 +78,22 @@ def test_fused_kernels_saved_bytes(monkeypatch, mode):
     eager = (args.n_layers * block_activations(args, BATCH * SEQ, 1, False, mode, 4, Kernels.cpu())[0]
              + head_activations(args, BATCH * SEQ, 1, False, 4, Kernels.cpu())[0])
     assert eager > 1.2 * planned  # what the fused kernels are for
+
+
+def test_gqa_keys_and_values_are_saved_at_kv_head_width():
+    """SDPA's enable_gqa: autograd keeps k and v with K heads; expanding them to H heads first (repeat_interleave)
+    saved H/K times their bytes."""
+    args = block_args()
+    block = TransformerBlock(args, REFERENCE, 0, "none")
+    x = torch.randn(BATCH, SEQ, args.dim, requires_grad=True)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = block(x)  # noqa: F841
+    hd = args.head_dim
+    assert shapes.count((BATCH, args.kv_heads, SEQ, hd)) == 2  # k, v as SDPA saves them
+    assert shapes.count((BATCH, args.n_heads, SEQ, hd)) == 2  # q and the output only
