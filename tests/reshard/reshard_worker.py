@@ -35,7 +35,7 @@ WORLD = int(os.environ.get("WORLD_SIZE", 1))
 def _setup(case: dict, out: Path):
     cfg = load_config(None, case_config({**case, "world": WORLD}) + [f"train.max_steps={STEPS_B}",
                                                                      f"checkpoint.dir={out / case['name']}"])
-    run = resolve_run(cfg, WORLD)
+    run = resolve_run(cfg, WORLD, require_data=False)  # the synthetic batches of parallel_common, no shards
     env = init_distributed(cfg, layout=run.layout)
     return cfg, run, env
 
@@ -70,7 +70,7 @@ def live_state(engine) -> dict[str, dict[str, torch.Tensor]] | None:
 
 def write(case: dict, out: Path) -> dict:
     cfg, run, env = _setup(case, out)
-    engine = build_engine(cfg, env)
+    engine = build_engine(cfg, env, run)
     data = batches_for(env.dp_rank, env.layout, STEPS_B)
     losses = [engine.train_step(data).loss for _ in range(STEPS_A)]
     meta = checkpoint.Meta(step=STEPS_A, layout=vars(env.layout).copy(), resolved=run.to_dict())
