@@ -71,6 +71,19 @@ def test_corpus_too_small_for_dp_x_workers_fails_the_dry_run(one_document):
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_launch_preflight_runs_the_same_checks_for_the_allocation(one_document, tmp_path):
+    """`python -m launch` checks the run on every node before any rendezvous: here, DP 2 of a 1-document corpus."""
+    from launch.plan import LaunchError, plan_from_env
+    from launch.preflight import check_world
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {one_document}\n")
+    command = ["-m", "pretrain", "train", "--config", str(cfg)]
+    check_world(plan_from_env({}, 1), command)
+    with pytest.raises(LaunchError, match="1 documents cannot be split over dp_size 2"):
+        check_world(plan_from_env({}, 2), command)
+
+
 def test_val_path_is_checked_before_step_1(data, one_document, tmp_path):
     """Item 2: the validation shards exist, share the training tokenizer and suffice for every DP rank x worker."""
     shards = data / "shards"
