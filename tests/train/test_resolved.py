@@ -142,13 +142,14 @@ def test_missing_tokenizer_is_refused_at_start_naming_path_and_fix(data, tmp_pat
 
 @pytest.fixture(scope="module")
 def mixture_run(data, tmp_path_factory) -> dict:
-    """2 steps on a weighted two-source mixture with validation every step and MLflow on. The second source is
-    prepared from the data directory with a *relative* tokenizer path; training runs from the repository."""
+    """2 steps on a weighted two-source mixture with validation every step and MLflow on. The first source (whose
+    manifest names the tokenizer) is prepared in another directory with a *relative* tokenizer path; training
+    runs from the repository."""
     work = tmp_path_factory.mktemp("mixture")
     shutil.copytree(data / "tok", work / "tok")
     second = prepare(str(data / "corpus.jsonl"), "tok", "second", cwd=work)  # relative to `work`, not the repo
     run_dir = work / "run"
-    args = train_args(data / "shards", run_dir, f"data.path=[{data / 'shards'},{second}]", "data.weights=[0.7,0.3]",
+    args = train_args(data / "shards", run_dir, f"data.path=[{second},{data / 'shards'}]", "data.weights=[0.7,0.3]",
                       f"data.val_path={second}", "train.eval_every=1", "train.eval_steps=1", "train.max_steps=2",
                       "tracking.enabled=true")
     p = run_py(*args, timeout=400)
