@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pretrain.console import library_stdout
 from pretrain.config import Config, ConfigError, Layout, resolve_layout
 
 
@@ -146,7 +147,8 @@ def init_distributed(cfg: Config, vocab_size: int | None = None, *, layout: Layo
     import deepspeed
     from megatron.core import parallel_state
 
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the existing default group
+    with library_stdout():  # DeepSpeed prints its shared-memory op build to stdout
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the existing default group
     if not parallel_state.model_parallel_is_initialized():
         # megatron-core passes timedelta(minutes=distributed_timeout_minutes) to each group it creates.
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,

@@ -92,3 +92,13 @@ def test_plan_predicts_throughput_from_the_assumed_mfu():
                                                                                               rel=1e-5)
     bad = pretrain("plan", "--config", "configs/8b.yaml", "--gpu", "B300")
     assert bad.returncode == 2 and bad.stdout == "" and "--gpu B300: unknown GPU" in bad.stderr
+
+
+def test_both_clis_exit_2_on_the_same_bad_input(tmp_path):
+    """A directory that holds no shards: `pretrain-data verify` and `pretrain train` say so in one line, exit 2."""
+    data = subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(tmp_path)], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+    train = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--set", f"data.path={tmp_path}")
+    assert (data.returncode, train.returncode) == (2, 2), (data.stderr, train.stderr)
+    for p in (data, train):
+        assert str(tmp_path) in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
