@@ -33,6 +33,7 @@ def test_dry_run_prints_layout_params_memory_and_builds_nothing(tmp_path):
     ("parallel.tp=3", "world size 2 is not divisible by tp x pp = 3 x 1"),
     ("train.max_stepz=3", "unknown key 'train.max_stepz' (did you mean 'max_steps'?)"),
     ("parallel.pp=2", "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"),
+    ("data.weights=[0]", "data.weights [0.0]: token shares must be >= 0 and not all zero"),  # was: at start
 ])
 def test_bad_config_is_one_line_and_exit_2(override, message):
     p = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--world-size", "2",
