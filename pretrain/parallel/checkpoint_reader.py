@@ -55,7 +55,7 @@ class CheckpointReader:
 
     def __init__(self, step_dir: str | Path):
         self.step_dir = Path(step_dir)
-        verify(self.step_dir)
+        self.step = int(verify(self.step_dir)["step"])  # the training step the checkpoint was committed at
         self.run: ResolvedRun = ResolvedRun.of_checkpoint(self.step_dir)
         self.dir = self.step_dir / MODEL_DIR
         if not self.dir.is_dir():

@@ -72,7 +72,7 @@ def write(case: dict, out: Path) -> dict:
     cfg, run, env = _setup(case, out)
     engine = build_engine(cfg, env, run)
     data = batches_for(env.dp_rank, env.layout, STEPS_B)
-    losses = [engine.train_step(data).loss for _ in range(STEPS_A)]
+    losses = _train(engine, data, STEPS_A)
     meta = checkpoint.Meta(step=STEPS_A, layout=vars(env.layout).copy(), resolved=run.to_dict())
     checkpoint.save(cfg.checkpoint.dir, STEPS_A, env, save_model=engine.save, rank_state={}, meta=meta,
                     config_yaml=cfg.to_yaml(), keep=1)
@@ -84,6 +84,44 @@ def write(case: dict, out: Path) -> dict:
     return {"losses": losses}
 
 
+def _train(engine, data, steps: int) -> list[float]:
+    return [engine.train_step(data).loss for _ in range(steps)]
+
+
+def reset_moments(engine) -> None:
+    """The negative control: Adam's moments forgotten (weights and step kept), as a weights-only resume would."""
+    base = engine.ds.optimizer if engine.cfg.parallel.zero_stage == 0 else engine.ds.optimizer.optimizer
+    for state in base.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key].zero_()
+
+
+_straight: dict[str, list[float]] = {}
+
+
+def resume(case: dict, out: Path) -> dict:
+    """Target layout B: STEPS_B straight steps from the seeded init, and the source's step 6 re-sliced onto B then
+    trained to STEPS_B on the same global batches."""
+    from pretrain.parallel.checkpoint_reader import CheckpointReader
+
+    target = case["target"]
+    key = json.dumps(target, sort_keys=True)
+    cfg, run, env = _setup({"name": case["name"], **target}, out)
+    if key not in _straight:
+        engine = build_engine(cfg, env, run)
+        _straight[key] = _train(engine, batches_for(env.dp_rank, env.layout, STEPS_B), STEPS_B)
+    reader = CheckpointReader(out / case["source"] / f"step_{STEPS_A}")
+    engine = build_engine(cfg, env, run, init=reader)
+    engine.load_resliced(reader)
+    if case.get("reset_moments"):
+        reset_moments(engine)
+    data = batches_for(env.dp_rank, env.layout, STEPS_B)
+    for _ in range(STEPS_A * env.layout.grad_accum):  # the global batches of steps 1..6 were the source's
+        next(data)
+    return {"straight": _straight[key], "resumed": _train(engine, data, STEPS_B - STEPS_A),
+            "global_step_after": engine.global_step}
+
+
 def main() -> None:
     from megatron.core import parallel_state
 
@@ -91,7 +129,7 @@ def main() -> None:
     results = {}
     for case in cases:
         try:
-            results[case["name"]] = {"write": write}[mode](case, out)
+            results[case["name"]] = {"write": write, "resume": resume}[mode](case, out)
         except Exception:  # the other ranks may wait in a collective forever: end the launch, loudly
             print(f"case {case['name']} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             os._exit(1)
