@@ -123,7 +123,7 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
     it, building nothing and importing no torch. `assume_vocab` (plan): planning a cluster before any data exists
     is normal, so an unknown vocabulary becomes a stated assumption instead of an error."""
     from pretrain.parallel.describe import describe, estimate, fits, throughput
-    from pretrain.resolved import resolve_run
+    from pretrain.resolved import held_out_note, resolve_run
 
     peak = _peak_tflops(gpu) if gpu is not None else None  # a bad --gpu fails before anything is printed
     assumed, why = _assumed_vocab(cfg.model.flavor) if assume_vocab else (None, "")
@@ -133,8 +133,9 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
         print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary ({why}; "
               "set model.vocab_size=N)")
     print(describe(cfg, world, gpu=gpu, run=run))
-    for line in _data_lines(run):
-        print(line)
+    for line in _data_lines(run) + [held_out_note(cfg, run) or ""]:
+        if line:
+            print(line)
     e = estimate(cfg, world, run=run)
     if peak is not None:
         print(throughput(cfg, e, peak, mfu))

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.console import library_stdout
-from pretrain.config import Config, ConfigError, Layout, resolve_layout
+from pretrain.config import Config, ConfigError, Layout
 
 
 @dataclass
@@ -112,15 +112,13 @@ def _pick_device(cfg: Config, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(cfg: Config, vocab_size: int | None = None, *, layout: Layout | None = None) -> DistEnv:
-    """Validate the layout for this world size (or take the resolved run's), then create every process group the
-    run needs."""
+def init_distributed(cfg: Config, *, layout: Layout) -> DistEnv:
+    """Create every process group the run needs for the resolved run's layout (`pretrain.resolved.resolve_run`,
+    which checked every rule that needs no process group; here only what needs the machine)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if layout is None:
-        layout = resolve_layout(cfg, world, vocab_size)  # every rule that needs no process group: fail first
-    elif layout.world != world:
+    if layout.world != world:
         raise ConfigError(f"the run was resolved for world size {layout.world} but WORLD_SIZE is {world}")
     device = _pick_device(cfg, local_rank)
     backend = cfg.train.backend

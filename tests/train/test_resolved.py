@@ -105,6 +105,10 @@ def test_val_path_is_checked_before_step_1(data, one_document, tmp_path):
 
     ok = dry_run(f"data.path={shards}", f"data.val_path={shards}")
     assert ok.returncode == 0 and "data.val_path: 300 documents" in ok.stdout, ok.stderr
+    assert "documents repeat within an eval" not in ok.stdout
+    small = dry_run(f"data.path={shards}", f"data.val_path={one_document}")  # enough to run, not for one eval
+    assert small.returncode == 0 and "data.val_path holds ~" in small.stdout
+    assert "documents repeat within an eval" in small.stdout, small.stdout
 
 
 def test_a_users_run_does_not_evaluate_on_the_demos_shards(data):
