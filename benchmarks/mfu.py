@@ -60,6 +60,7 @@ def main() -> int:
     from pretrain.config import load_config
     from pretrain.metrics import read
     from pretrain.parallel.describe import estimate
+    from pretrain.resolved import resolve_run
 
     run_dir = args.work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -67,7 +68,8 @@ def main() -> int:
                  "checkpoint.resume=none", "checkpoint.every=0", "checkpoint.final=false", "tracking.enabled=false",
                  "train.eval_every=0", f"train.max_steps={args.steps}", "train.log_every=1", *args.overrides]
     cfg = load_config(args.config, overrides)
-    plan = estimate(cfg, args.nproc, args.vocab)  # validates the layout before anything starts
+    # The training's own start-up checks (layout, shards, tokenizer), then the planner's estimate of that run.
+    plan = estimate(cfg, args.nproc, run=resolve_run(cfg, args.nproc))
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "pretrain", "train", "--config", args.config]

@@ -41,7 +41,7 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.loader_state import (MERGED, STATE_FORMAT, STATE_VERSION, check_state, history_of,
                                         merge_states, plain_cursor, resplit, workers_of)
 from data_pipeline.partition import Change, Partition
-from data_pipeline.plan import Segment, mixture_draws
+from data_pipeline.plan import Segment, check_split, mixture_draws
 from data_pipeline.shard_reader import decode_tokens, iter_raw_samples
 from data_pipeline.shardset import ShardSet, resolve
 
@@ -303,9 +303,7 @@ class TokenLoader:
         probs = tuple(p / sum(per_doc) for p in per_doc)
         workers = max(num_workers, 1)
         for ss, n in zip(sets, samples):
-            if n < dp_size * workers:
-                raise DataError(f"{ss.spec}: {n} documents cannot be split over dp_size {dp_size} x "
-                                f"{workers} worker(s); use fewer workers or more data")
+            check_split(ss.spec, n, dp_size, num_workers)
         self._plan = _Plan(tuple(sets), probs, seq_len, batch_size, dp_rank, workers, dp_size, seed,
                            shuffle_buffer, document_mask, epochs, max_bad_shards)
         self.num_workers = num_workers

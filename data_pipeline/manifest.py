@@ -38,7 +38,7 @@ class TokenizerInfo:
     eos_id: int
     bos_id: int | None = None
     pad_id: int | None = None
-    path: str = ""  # where it was loaded from when the shards were made (informational)
+    path: str = ""  # absolute path it was loaded from when the shards were made (training copies it from there)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_pipeline.errors import DataError
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -60,6 +62,23 @@ def make_segment(shard: int, indices: list[int]) -> Segment:
 
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+
+
+def num_slots(dp_size: int, num_workers: int) -> int:
+    """Readers of one epoch: each DP rank's max(num_workers, 1) loader workers."""
+    return dp_size * max(num_workers, 1)
+
+
+def check_split(where: str, samples: int, dp_size: int, num_workers: int) -> None:
+    """Every slot must get at least one document of the epoch: with N < S samples some slot's range
+    [s*N//S, (s+1)*N//S) is empty and it would have nothing to read. DataError (one line) otherwise.
+
+    The loader calls this when it is built, `pretrain.resolved.resolve_run` before anything starts (and in
+    `--dry-run`), so a corpus too small for the layout fails in seconds, not at the first step."""
+    workers = max(num_workers, 1)
+    if samples < num_slots(dp_size, num_workers):
+        raise DataError(f"{where}: {samples} documents cannot be split over dp_size {dp_size} x {workers} "
+                        "worker(s); use fewer workers or more data")
 
 
 def shard_order(num_shards: int, seed: int, source: int, epoch: int) -> np.ndarray:

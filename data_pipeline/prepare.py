@@ -174,7 +174,8 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_key: str = 
                         + (f" ({skip.summary()})" if skip and skip.total else ""))
     manifest = Manifest(
         tokenizer=TokenizerInfo(identity=tok.identity, kind=tok.kind, vocab_size=tok.vocab_size,
-                                eos_id=tok.eos_id, bos_id=tok.bos_id, pad_id=tok.pad_id, path=tokenizer),
+                                eos_id=tok.eos_id, bos_id=tok.bos_id, pad_id=tok.pad_id,
+                                path=os.path.abspath(tokenizer)),  # training runs from anywhere
         dtype=dtype.name, shards=tuple(shards), command=tuple(command if command is not None else sys.argv),
         skipped=dict(skip.counts) if skip else {}, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_manifest(out_dir, manifest)

@@ -4,14 +4,18 @@ Under `srun --ntasks-per-node=1` (one launcher per node) it derives the node ran
 and port from SLURM and runs torchrun's agent with a static rendezvous; outside SLURM it runs a standalone
 single-node torchrun. The training command is what torchrun takes after its own options, e.g.
 `-m pretrain train --config configs/debug.yaml` or `path/to/script.py --flag`.
+
+Signals: SIGUSR1 (a preemption notice) and SIGINT (Ctrl-C) are forwarded to the ranks, which checkpoint and exit
+42; the launcher exits with the ranks' code. A second Ctrl-C makes the ranks exit at once (130). Plain `torchrun`
+does neither: it kills the ranks on Ctrl-C and dies of SIGUSR1, orphaning them.
 """
 from __future__ import annotations
 
 import signal
 
-# First thing, before the slow imports: a preemption notice (SIGUSR1) that arrives now must stay pending, not
-# kill the launcher (launch/agent.py explains the signal path).
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+# First thing, before the slow imports: a preemption notice (SIGUSR1) or a Ctrl-C (SIGINT) that arrives now must
+# stay pending for the ranks, not kill the launcher (launch/agent.py explains the signal path).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGINT})
 
 import argparse  # noqa: E402
 import os  # noqa: E402

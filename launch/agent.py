@@ -17,6 +17,11 @@ shim (`launch/rank.py`) installs a handler and only then unblocks it. Here a thr
 copies with `sigwait` and re-sends them to the ranks, so the notice also reaches ranks where SLURM (or a plain
 `kill` of the launcher outside SLURM) signals only the launcher. A rank may get the notice twice: handlers that
 only set a flag make that harmless.
+
+SIGINT (Ctrl-C at a terminal) takes the same path. The terminal signals only the launcher's process group (torchrun
+starts each rank in a session of its own), and torchrun's handler would kill the ranks without a checkpoint; here
+the ranks get it and stop as on SIGTERM (checkpoint, exit 42). A second Ctrl-C is forwarded too and the ranks exit
+at once; a second one before any rank exists ends the launcher itself.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ import threading
 import time
 from pathlib import Path
 
-FORWARDED = (signal.SIGUSR1,)
+FORWARDED = (signal.SIGUSR1, signal.SIGINT)
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 
 
 def child_pids(parent: int) -> list[int]:
@@ -46,16 +52,19 @@ def child_pids(parent: int) -> list[int]:
 
 
 def block_forwarded_signals() -> None:
-    """Hold SIGUSR1 pending in this process and every process it starts (see the module docstring)."""
+    """Hold SIGUSR1/SIGINT pending in this process and every process it starts (see the module docstring)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, set(FORWARDED))
 
 
 def _forward_forever() -> None:
-    """Take each blocked SIGUSR1 sent to the agent and re-send it to the ranks (once they exist)."""
+    """Take each blocked SIGUSR1/SIGINT sent to the agent and re-send it to the ranks (once they exist)."""
     while True:
         signum = signal.sigwait(set(FORWARDED))
         targets = child_pids(os.getpid())
         while not targets:  # the notice came before torchrun started the ranks: hold it until it has
+            if signum == signal.SIGINT and signal.SIGINT in signal.sigpending():
+                print("launch: second interrupt before the ranks started; exiting", file=sys.stderr, flush=True)
+                os._exit(INTERRUPTED_EXIT_CODE)
             time.sleep(0.2)
             targets = child_pids(os.getpid())
         print(f"launch: got {signal.Signals(signum).name}, forwarding to ranks {targets}", file=sys.stderr,

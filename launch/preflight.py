@@ -41,19 +41,29 @@ def _allocation(plan: LaunchPlan) -> str:
 
 
 def check_world(plan: LaunchPlan, command: list[str], expect_world: int | None = None) -> None:
-    """Raise LaunchError (one line, both numbers) if the allocation cannot run this command's config."""
+    """Raise LaunchError (one line, both numbers) if the allocation cannot run this command's config.
+
+    The check is the training's own: `resolve_run` for the allocation's world size, i.e. every layout rule and,
+    when data.path names shards here, the data checks (tokenizer, validation shards, enough documents for every
+    DP rank x worker) that the training would otherwise hit after the rendezvous. Without shards (another
+    machine's path, or a command that is not `pretrain train`) only the layout is checked: the vocabulary then
+    only sets the padding, which no rule refuses."""
     if expect_world is not None and expect_world != plan.world_size:
         raise LaunchError(f"--expect-world {expect_world} but the allocation gives world size {_allocation(plan)}")
     config, overrides = config_args(command)
     if config is None:
         return
+    from data_pipeline.errors import DataError
     from pretrain.config import ConfigError, load_config
+    from pretrain.resolved import resolve_run
 
     try:
         cfg = load_config(Path(config), overrides)
     except ConfigError as e:
         raise LaunchError(str(e)) from None
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if plan.world_size % (tp * pp) != 0:
-        raise LaunchError(f"{config}: parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp} does not divide the "
-                          f"allocation's world size {_allocation(plan)}; launch a multiple of {tp * pp} ranks")
+    try:
+        resolve_run(cfg, plan.world_size, require_data=False, vocab_without_data=cfg.model.vocab_size or 1)
+    except ConfigError as e:
+        raise LaunchError(f"{config}: {e} (allocation: {_allocation(plan)})") from None
+    except DataError as e:
+        raise LaunchError(f"{config}: {e}") from None

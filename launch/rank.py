@@ -4,8 +4,9 @@ Why a shim at all: SLURM delivers a step signal to *every* process of the step (
 proctrack/cgroup both signal the whole process tree), so a rank gets SIGUSR1 whether or not anybody forwards it.
 A rank that is still importing torch/DeepSpeed has not installed its handler yet, and the default action of
 SIGUSR1 is to terminate: a preemption notice in the first seconds of a run killed the job instead of requeueing
-it (seen with the stand-in in tests/slurm). The launcher starts ranks with SIGUSR1 blocked (pending, not lost);
-this shim installs a handler, unblocks the signal, remembers a notice that arrived early, and re-delivers it as
+it (seen with the stand-in in tests/slurm). The same holds for a Ctrl-C the launcher forwards (SIGINT: a
+KeyboardInterrupt traceback in the middle of an import). The launcher starts ranks with both blocked (pending,
+not lost); this shim installs a handler, unblocks them, remembers a notice that arrived early, and re-delivers it as
 soon as the training has installed its own handler. After that the shim is out of the way: the training's
 handler is the only one, and the training's exit code is the process's exit code.
 
@@ -19,11 +20,16 @@ import signal
 import sys
 from types import FrameType
 
-DEFERRED = (signal.SIGUSR1,)  # the preemption notice; SIGTERM keeps its default (torchrun stops ranks with it)
+# The preemption notice and Ctrl-C (the launcher forwards both); SIGTERM keeps its default (torchrun stops ranks
+# with it).
+DEFERRED = (signal.SIGUSR1, signal.SIGINT)
 _pending: set[int] = set()
 
 
 def _remember(signum: int, _frame: FrameType | None) -> None:
+    if signum == signal.SIGINT and signum in _pending:  # Ctrl-C twice before the training could take it: die now
+        _install(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     _pending.add(signum)
 
 

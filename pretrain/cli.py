@@ -1,7 +1,7 @@
 """`pretrain`: train (or --dry-run a config), and generate text from a checkpoint.
 
     pretrain train --config configs/debug.yaml [--set train.max_steps=20 ...] [--dry-run [--world-size N]]
-    torchrun --nproc-per-node 2 -m pretrain train --config configs/debug.yaml
+    python -m launch --nproc-per-node 2 -- -m pretrain train --config configs/debug.yaml
     pretrain plan --config configs/7b.yaml --nodes 4 --gpus-per-node 8 [--set model.vocab_size=128256]
     pretrain generate --checkpoint runs/demo/run --prompt "Once upon a time" [--max-new-tokens 64]
     pretrain export-hf --checkpoint runs/demo/run --out hf/ [--dtype fp32] [--max-shard-size 5GB]
@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config (one process, or one per rank under torchrun)",
                        description="Train. Under torchrun every rank runs this same command. Resumes from "
                        "<checkpoint.dir>/latest unless checkpoint.resume=none. Exit 0 done, 42 stopped by "
-                       "SIGTERM/SIGUSR1 after a checkpoint (requeue), 3 too many non-finite steps, 2 bad input.")
+                       "Ctrl-C/SIGTERM/SIGUSR1 after a checkpoint (requeue; a second Ctrl-C exits 130 at once), 3 "
+                       "too many non-finite steps, 4 another rank died or hung, 2 bad input.")
     t.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.max_steps=20")
@@ -114,25 +115,23 @@ def _assumed_vocab(flavor: str) -> tuple[int, str]:
 
 def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4,
              ranking: argparse.Namespace | None = None) -> int:
-    """`assume_vocab` (plan): planning a cluster before any data exists is normal, so an unknown vocabulary
-    becomes a stated assumption instead of an error."""
-    from pretrain.parallel.describe import describe, estimate, fits, throughput  # imports no torch
-    from pretrain.train import MissingDataError, checked_vocab
+    """Resolve the run exactly as `pretrain train` does at start (the same checks, data included) and describe
+    it, building nothing and importing no torch. `assume_vocab` (plan): planning a cluster before any data exists
+    is normal, so an unknown vocabulary becomes a stated assumption instead of an error."""
+    from pretrain.parallel.describe import describe, estimate, fits, throughput
+    from pretrain.resolved import resolve_run
 
     peak = _peak_tflops(gpu) if gpu is not None else None  # a bad --gpu fails before anything is printed
-    try:
-        vocab = checked_vocab(cfg)
-    except MissingDataError:
-        if cfg.model.vocab_size is not None:
-            vocab = cfg.model.vocab_size
-        elif assume_vocab:
-            vocab, why = _assumed_vocab(cfg.model.flavor)
-            print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary ({why}; "
-                  "set model.vocab_size=N)")
-        else:
-            raise
-    print(describe(cfg, world, vocab, gpu=gpu))
-    e = estimate(cfg, world, vocab)
+    assumed, why = _assumed_vocab(cfg.model.flavor) if assume_vocab else (None, "")
+    run = resolve_run(cfg, world, require_data=not assume_vocab, vocab_without_data=assumed)
+    vocab = cfg.model.vocab_size or (run.tokenizer.vocab_size if run.tokenizer else assumed)  # before padding
+    if run.tokenizer is None and cfg.model.vocab_size is None:
+        print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary ({why}; "
+              "set model.vocab_size=N)")
+    print(describe(cfg, world, gpu=gpu, run=run))
+    for line in _data_lines(run):
+        print(line)
+    e = estimate(cfg, world, run=run)
     if peak is not None:
         print(throughput(cfg, e, peak, mfu))
     if ranking is not None and gpu is not None:
@@ -142,23 +141,42 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
                               Links(nvlink=ranking.nvlink_gbs, ib=ranking.ib_gbs))
         print("\n".join(ranking_lines(ranked, ranking.top)))
     if gpu is not None and not fits(e, gpu):
-        print(f"dry run: config and layout are valid but do not fit {gpu} memory (see above); nothing was built")
+        print(f"dry run: config, layout and data are valid but do not fit {gpu} memory (see above); nothing was "
+              "built")
     else:
-        print("dry run: config and layout are valid; nothing was built")
+        print("dry run: config, layout and data are valid; nothing was built")
     return 0
 
 
+def _data_lines(run) -> list[str]:
+    """What the run will read: the resolved data facts and the tokenizer every checkpoint will carry."""
+    lines = []
+    for key, facts in (("data.path", run.train_data), ("data.val_path", run.val_data)):
+        if facts is not None:
+            lines.append(f"{key}: {facts.samples:,} documents, {facts.tokens:,} tokens "
+                         f"(~{facts.tokens / run.tokens_per_step:,.1f} steps per epoch) in {', '.join(facts.sources)}")
+    if run.tokenizer is not None:
+        t = run.tokenizer
+        lines.append(f"tokenizer: {t.path} ({t.kind}, {t.vocab_size} tokens, identity {t.identity[:12]})")
+    return lines
+
+
 def _local_gpu() -> str | None:
-    """This machine's GPU name for --dry-run's fit verdict, when it is one the tables know; else None."""
-    import torch
+    """This machine's GPU name for --dry-run's fit verdict, when it is one the tables know; else None.
+    Asked of nvidia-smi, not torch: a dry run imports no torch (seconds per call on a login node)."""
+    import subprocess
 
     from pretrain.metrics import peak_tflops_for
     from pretrain.parallel.describe import gpu_memory_gib
 
-    if not torch.cuda.is_available():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
         return None
-    name = torch.cuda.get_device_name()
-    return name if peak_tflops_for(name) and gpu_memory_gib(name) else None
+    names = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    name = names[0].strip() if names else ""
+    return name if name and peak_tflops_for(name) and gpu_memory_gib(name) else None
 
 
 def _peak_tflops(gpu: str) -> float:
@@ -299,16 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.signals import StopRequest
         # Before torch/DeepSpeed imports (seconds): a preemption signal during start-up must not kill the rank.
         stop = StopRequest().install()
-    from pretrain.checkpoint import CheckpointError
+    from data_pipeline.errors import DataError  # LoaderStateError, TokenizerError, ... are DataErrors
 
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError)
-    try:
-        from data_pipeline.errors import DataError
-        user_errors += (DataError,)
-        from data_pipeline.loader import LoaderStateError
-        user_errors += (LoaderStateError,)
-    except ImportError:
-        pass
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError)
+    if args.command != "plan" and not getattr(args, "dry_run", False):  # plan and dry runs import no torch
+        from pretrain.checkpoint import CheckpointError
+        user_errors += (CheckpointError,)
     try:
         if args.command == "generate":
             return run_generate(args)

@@ -69,7 +69,11 @@ class ModelSection(_Section):
 class DataSection(_Section):
     path: str | list[str] = Field("", description="shard dir, glob, brace pattern, pipe: URL, or a list of them")
     weights: list[float] | None = Field(None, description="mixture weights, one per entry of `path`")
-    val_path: str | list[str] | None = Field(None, description="held-out shards for validation loss")
+    val_path: str | list[str] | None = Field(None, description="held-out shards for validation loss, made with "
+                                             "the training tokenizer; read in their own token proportions "
+                                             "(data.weights apply to data.path only)")
+    tokenizer: str | None = Field(None, description="the tokenizer the shards were made with (dir or file); None: "
+                                  "the path recorded in the shard manifest. Copied into every checkpoint")
     num_workers: int = Field(0, ge=0, description="dataloader worker processes per rank")
     shuffle_buffer: int = Field(1000, ge=0, description="in-shard shuffle buffer (samples); 0 disables")
     reshard: bool = Field(False, description="allow resuming with a different DP size / workers / dataset")
@@ -274,10 +278,10 @@ def pad_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
     return int(math.ceil(vocab_size / step) * step)
 
 
-def resolve_layout(cfg: Config, world_size: int, vocab_size: int | None = None) -> Layout:
-    """Every divisibility and batch rule that can be checked before a process group exists."""
+def check_layout(cfg: Config, world_size: int) -> None:
+    """The layout rules that need no vocabulary, so they fail before any shard manifest is read."""
     p = cfg.parallel
-    args = cfg.model.args(vocab_size)
+    args = cfg.model.args()
     if world_size % (p.tp * p.pp) != 0:
         raise ConfigError(f"world size {world_size} is not divisible by tp x pp = {p.tp} x {p.pp}; "
                           f"launch a multiple of {p.tp * p.pp} ranks")
@@ -294,11 +298,19 @@ def resolve_layout(cfg: Config, world_size: int, vocab_size: int | None = None) 
         raise ConfigError(f"FFN hidden dim {args.hidden_dim} is not divisible by parallel.tp={p.tp}")
     if args.n_layers % p.pp != 0:
         raise ConfigError(f"model.n_layers={args.n_layers} is not divisible by parallel.pp={p.pp}")
+    if args.tie_embeddings and p.pp > 1:
+        raise ConfigError("model.tie_embeddings with parallel.pp > 1 is not supported; untie or use pp=1")
+
+
+def resolve_layout(cfg: Config, world_size: int, vocab_size: int | None = None) -> Layout:
+    """Every divisibility and batch rule that can be checked before a process group exists, and the padded vocab.
+    The one place the layout is derived: `pretrain.resolved.resolve_run` calls it for the whole run."""
+    check_layout(cfg, world_size)
+    p = cfg.parallel
+    args = cfg.model.args(vocab_size)
     if args.vocab_size is None:
         raise ConfigError("model.vocab_size is unknown: set model.vocab_size or point data.path at shards "
                           "whose manifest.json names the tokenizer")
-    if args.tie_embeddings and p.pp > 1:
-        raise ConfigError("model.tie_embeddings with parallel.pp > 1 is not supported; untie or use pp=1")
     return Layout(world=world_size, tp=p.tp, pp=p.pp, dp=world_size // (p.tp * p.pp),
                   micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                   padded_vocab_size=pad_vocab(args.vocab_size, p.tp))

@@ -2,8 +2,9 @@
 
     1. train a byte-level BPE tokenizer on the sample corpus that ships with data_pipeline (1000 short stories)
     2. tokenize it into webdataset shards (+ a held-out split for validation loss)
-    3. train the `debug` LLaMA on 2 CPU ranks (torchrun, gloo) with DeepSpeed ZeRO-2 -- and preempt it half-way
-       with SIGUSR1, as SLURM would: the ranks agree, checkpoint, and exit 42 (the requeue code)
+    3. train the `debug` LLaMA on 2 CPU ranks (`python -m launch`: torchrun's agent, gloo) with DeepSpeed ZeRO-2 --
+       and preempt it half-way with SIGUSR1 to the launcher, as SLURM would: the launcher forwards it, the ranks
+       agree, checkpoint, and exit 42 (the requeue code), which the launcher exits with
     4. run the same command again: it resumes from `latest` and finishes (a continuation of the same loss curve
        and of the same MLflow run)
     5. sample from the final checkpoint with the KV-cache generator
@@ -78,25 +79,26 @@ def split_corpus(src: str, out: Path) -> tuple[Path, Path]:
 
 
 def preempt_when_halfway(run_dir: Path):
-    """Send SIGUSR1 to the training ranks (not to torchrun) once step PREEMPT_AT is logged, as `scancel
-    --signal=USR1` / SLURM's --signal would. Runs on a thread so the output keeps streaming."""
+    """Send SIGUSR1 to the launcher once step PREEMPT_AT is logged, as `scancel --signal=USR1` / SLURM's --signal
+    would; the launcher forwards it to the ranks. Runs on a thread so the output keeps streaming."""
     import threading
-
-    import psutil
 
     def watch(proc: subprocess.Popen) -> None:
         metrics = run_dir / "metrics.jsonl"
         while proc.poll() is None:
             if metrics.exists() and len(metrics.read_text().splitlines()) >= PREEMPT_AT:
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    if "pretrain" in " ".join(child.cmdline()):
-                        child.send_signal(signal.SIGUSR1)
-                print(f"  [demo] step {PREEMPT_AT} reached: sent SIGUSR1 to the training ranks (a preemption)",
-                      flush=True)
+                proc.send_signal(signal.SIGUSR1)
+                print(f"  [demo] step {PREEMPT_AT} reached: sent SIGUSR1 to the launcher (a preemption)", flush=True)
                 return
             time.sleep(0.05)
 
     return lambda proc: threading.Thread(target=watch, args=(proc,), daemon=True).start()
+
+
+def train_command(py: str) -> list[str]:
+    """Step 3's command: the launcher, 2 ranks, the debug config, into the demo's own run dir."""
+    return [py, "-m", "launch", "--nproc-per-node", str(RANKS), "--", "-m", "pretrain", "train", "--config", CONFIG,
+            "--set", f"checkpoint.dir={ROOT / 'run'}", "--set", f"data.val_path={ROOT / 'val_shards'}"]
 
 
 def main() -> int:
@@ -118,12 +120,10 @@ def main() -> int:
         run([py, "-m", "data_pipeline", "prepare", "--input", str(src), "--tokenizer", str(ROOT / "tok"),
              "--out", str(ROOT / out), "--shard-size-mb", "0.1", "--no-progress"], log=logs / f"prepare_{out}.log")
 
-    train_cmd = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
-                 "-m", "pretrain", "train", "--config", CONFIG]
+    train_cmd = train_command(py)
     run_dir = ROOT / "run"
     banner(f"3. train `debug` on {RANKS} CPU ranks, ZeRO-2; preempted by SIGUSR1 at step {PREEMPT_AT}")
-    # torchrun itself reports a worker's non-zero exit as its own failure (exit 1); the workers' 42 is in the log.
-    rc = run(train_cmd, log=logs / "train_1.log", allow=(0, 1, REQUEUE_EXIT_CODE),
+    rc = run(train_cmd, log=logs / "train_1.log", allow=(0, REQUEUE_EXIT_CODE),
              on_start=preempt_when_halfway(run_dir))
     latest = (run_dir / "latest").read_text().strip()
     extra: list[str] = []
@@ -133,7 +133,7 @@ def main() -> int:
     elif f"exit {REQUEUE_EXIT_CODE} (requeue)" not in (logs / "train_1.log").read_text():
         raise SystemExit(f"demo: training failed (exit {rc}); see {logs / 'train_1.log'}")
     else:
-        print(f"  [demo] checkpoint committed: {run_dir / latest}; workers exited {REQUEUE_EXIT_CODE} (requeue)")
+        print(f"  [demo] checkpoint committed: {run_dir / latest}; the launcher exited {REQUEUE_EXIT_CODE} (requeue)")
     banner("4. the same command again: resumes from `latest` and finishes")
     run(train_cmd + extra, log=logs / "train_2.log")
     banner("5. generate from the final checkpoint (KV cache, top-k sampling)")

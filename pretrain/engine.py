@@ -30,6 +30,7 @@ from pretrain.parallel.consolidate import consolidate
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
 from pretrain.parallel.pipeline import build_pipeline, reference_name
+from pretrain.resolved import ResolvedRun
 from pretrain.schedule import lr_at
 from pretrain.weights import WeightSource
 
@@ -76,21 +77,23 @@ def _deepspeed_clips(cfg: Config) -> bool:
     return cfg.parallel.zero_stage > 0 or cfg.train.dtype == "bf16"
 
 
-def _factory(cfg: Config, env: DistEnv) -> LayerFactory:
-    """The one decision between the reference layers and megatron-core's tensor-parallel ones."""
-    if env.layout.tp == 1:
+def _factory(cfg: Config, run: ResolvedRun) -> LayerFactory:
+    """The one decision between the reference layers and megatron-core's tensor-parallel ones (tp and pp from the
+    resolved layout, handed to megatron-core through its config)."""
+    if run.layout.tp == 1:
         return REFERENCE
     from pretrain.parallel.tensor import TensorParallelFactory, model_parallel_config
 
-    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-    return TensorParallelFactory(model_parallel_config(env.layout.tp, env.layout.pp,
+    dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32
+    return TensorParallelFactory(model_parallel_config(run.layout.tp, run.layout.pp,
                                                       cfg.parallel.sequence_parallel, dtype))
 
 
 class Engine:
-    def __init__(self, cfg: Config, env: DistEnv, ds_engine, args: ModelArgs, vocab_size: int):
-        self.cfg, self.env, self.ds, self.args = cfg, env, ds_engine, args
-        self.vocab_size = vocab_size  # the tokenizer's; args.vocab_size is padded
+    def __init__(self, cfg: Config, env: DistEnv, ds_engine, run: ResolvedRun):
+        self.cfg, self.env, self.ds, self.run = cfg, env, ds_engine, run
+        self.args: ModelArgs = run.model  # vocab_size is the padded one
+        self.vocab_size = run.vocab_size  # the tokenizer's
         self.pipeline = env.layout.pp > 1
         self.global_step = 0
         self._loss_scale = 1.0  # fault injection: set to nan for one step by inject_nonfinite()
@@ -202,18 +205,17 @@ class Engine:
         return sd
 
 
-def build_engine(cfg: Config, env: DistEnv, init: WeightSource | None = None) -> Engine:
-    """Model built for this rank's slice of the layout, wrapped by DeepSpeed. Its starting weights are the seeded
-    init, or `init` (`model.init_from`, already checked against this run): both layout-independent, each rank
-    copying its slice of every whole tensor before DeepSpeed makes the master weights and optimizer state."""
-    lay = env.layout
-    vocab_size = cfg.model.args().vocab_size or lay.padded_vocab_size
-    args = cfg.model.args(vocab_size).replace(vocab_size=lay.padded_vocab_size)
-    # RoPE tables cover max_seq_len: a training context longer than the flavor's default extends it.
-    args = args.replace(max_seq_len=max(args.max_seq_len, cfg.train.seq_len))
+def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource | None = None) -> Engine:
+    """The resolved run's model (padded vocab, max_seq_len covering train.seq_len) built for this rank's slice of
+    the layout, wrapped by DeepSpeed. Its starting weights are the seeded init, or `init` (`model.init_from`,
+    already checked against this run): both layout-independent, each rank copying its slice of every whole tensor
+    before DeepSpeed makes the master weights and optimizer state."""
+    lay, args = run.layout, run.model
+    if env.layout != lay:
+        raise RuntimeError(f"process groups were made for {env.layout}, the run was resolved for {lay}")
     kernels.use_fused(cfg.model.fused_kernels)
     torch.manual_seed(cfg.train.seed)
-    factory = _factory(cfg, env)
+    factory = _factory(cfg, run)
     ckpt = cfg.model.activation_checkpointing
     weights = init.tensor if init is not None else None
     if lay.pp > 1:
@@ -242,4 +244,4 @@ def build_engine(cfg: Config, env: DistEnv, init: WeightSource | None = None) ->
                                               config=deepspeed_config(cfg, lay.dp), dist_init_required=False)
     if own_clipping and ds_engine.optimizer is not optimizer:
         raise RuntimeError("expected DeepSpeed to use GuardedAdamW directly with ZeRO-0/fp32")
-    return Engine(cfg, env, ds_engine, args, vocab_size)
+    return Engine(cfg, env, ds_engine, run)

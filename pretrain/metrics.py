@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pretrain.model.args import ModelArgs
 
 METRICS_FILE = "metrics.jsonl"
@@ -67,6 +65,8 @@ def device_peak_tflops(override: float | None = None) -> float | None:
     """Per-device peak for MFU: the config's value, else looked up by GPU name; None on CPU or unknown GPU."""
     if override is not None:
         return override
+    import torch  # here, not at the top: `pretrain plan` reads the FLOPs formula and the peak table without torch
+
     if not torch.cuda.is_available():
         return None
     return peak_tflops_for(torch.cuda.get_device_name())
@@ -82,6 +82,8 @@ def peak_tflops_for(name: str) -> float | None:
 
 def peak_memory_gib() -> float:
     """Peak allocated GPU memory on CUDA; on CPU the process's max resident set size."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS

@@ -1,23 +1,37 @@
-"""Preemption: SIGTERM/SIGUSR1 ask the run to stop; all ranks agree at a step boundary, checkpoint, exit 42.
+"""Stopping: SIGTERM/SIGUSR1/SIGINT (Ctrl-C) ask the run to stop; all ranks agree at a step boundary, checkpoint,
+exit 42. A second Ctrl-C exits at once (130), without a checkpoint: the last committed one stays.
 
 Why a flag and not work in the handler: a handler runs between two bytecodes of whatever the rank was doing
 (maybe inside a collective), so it only records the request. Why an all-reduce: SLURM may deliver the signal to
 one node a little before another; if each rank checked only its own flag they would stop at different steps and
 deadlock in the checkpoint's collectives.
+
+Ctrl-C is treated like SIGTERM because Python's default (KeyboardInterrupt wherever the rank happens to be) prints
+a traceback per rank and per loader worker and loses the steps since the last checkpoint. On one node the ranks
+should run under `python -m launch`, which forwards Ctrl-C and SIGUSR1 to them (torchrun's own agent answers
+Ctrl-C by killing the ranks, and dies of SIGUSR1, leaving them orphaned).
 """
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 from typing import Protocol
 
 # The sbatch script (slurm/pretrain.sbatch) runs `scontrol requeue` when the training exits with exactly this.
 REQUEUE_EXIT_CODE = 42
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # the shell's code for "killed by SIGINT"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class _Reducer(Protocol):
     def all_reduce_max(self, value: float) -> float: ...
+
+
+def _say(text: str) -> None:
+    """From a signal handler: a raw write, since print() may be in the middle of writing to stderr already."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, f"[train] {text}\n".encode())
 
 
 class StopRequest:
@@ -25,13 +39,22 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._pid = os.getpid()
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = signum
+        if os.getpid() != self._pid:  # a forked loader worker inherited the handler: the rank itself decides
+            return
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                _say(f"second interrupt: exiting now without a checkpoint (exit {INTERRUPTED_EXIT_CODE})")
+                os._exit(INTERRUPTED_EXIT_CODE)
+            _say("interrupt: stopping after the current step, with a checkpoint (Ctrl-C again to exit at once)")
+        if self.signum is None or signum == signal.SIGINT:
+            self.signum = signum
 
     def install(self) -> "StopRequest":
         for sig in STOP_SIGNALS:

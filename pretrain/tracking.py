@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import Config, Layout
+from pretrain.config import Config
+from pretrain.resolved import ResolvedRun
 
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 # The experiment tag MLflow 3's UI reads to choose an experiment's page: without it the UI opens on the GenAI
@@ -54,7 +55,8 @@ def _git_commit() -> str | None:
 class Tracker:
     """One MLflow run. Construct on rank 0 only (see `open_tracker`)."""
 
-    def __init__(self, cfg: Config, layout: Layout, *, resume_run_id: str | None, resume_step: int | None) -> None:
+    def __init__(self, cfg: Config, run: ResolvedRun, *, resume_run_id: str | None,
+                 resume_step: int | None) -> None:
         import mlflow  # imported here: ranks other than 0 never pay for it
         from mlflow.entities import Metric, Param, RunTag
 
@@ -65,6 +67,7 @@ class Tracker:
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
         self._buffer: list[Any] = []
         self._logged_up_to = 0  # steps <= this are already in the run (see `log_step`)
+        layout = run.layout
         tags = {"git_commit": _git_commit(), "hostname": socket.gethostname(),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "layout": f"world={layout.world} tp={layout.tp} pp={layout.pp} dp={layout.dp}",
@@ -97,7 +100,10 @@ class Tracker:
         name = cfg.tracking.run_name or Path(cfg.checkpoint.dir).resolve().name
         self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
         self._tags(tags)
-        params = [self._Param(k, str(v)[:_PARAM_MAX]) for k, v in cfg.flat().items()]
+        # The config as written, then what it resolved to: model.dim/n_layers/vocab_size are the model's real ones
+        # (the config's None means "the flavor's" / "the tokenizer's"), plus layout, tokenizer and data facts.
+        resolved = {**cfg.flat(), **run.flat()}
+        params = [self._Param(k, str(v)[:_PARAM_MAX]) for k, v in resolved.items()]
         for i in range(0, len(params), 100):  # MLflow's batch limit is 100 params
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.client.log_text(self.run_id, cfg.to_yaml(), "config.yaml")
@@ -142,8 +148,8 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def open_tracker(cfg: Config, layout: Layout, rank: int, *, resume_run_id: str | None = None,
+def open_tracker(cfg: Config, run: ResolvedRun, rank: int, *, resume_run_id: str | None = None,
                  resume_step: int | None = None) -> Tracker | None:
     if rank != 0 or not cfg.tracking.enabled:
         return None
-    return Tracker(cfg, layout, resume_run_id=resume_run_id, resume_step=resume_step)
+    return Tracker(cfg, run, resume_run_id=resume_run_id, resume_step=resume_step)

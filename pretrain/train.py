@@ -5,7 +5,8 @@ What a step means: `engine.train_step` consumes `grad_accum` micro-batches of `m
 rank, averages the per-token loss over them and over DP, and takes one optimizer step (or none, with
 `skipped=True`, when the loss or grad norm is not finite). Step numbers count optimizer steps from 1.
 
-Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1 after a committed checkpoint (requeue me); 3 aborted after
+Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1/SIGINT after a committed checkpoint (requeue me; a second
+SIGINT exits 130 at once, see pretrain/signals.py); 3 aborted after
 `train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 4 another rank
 died or stopped answering (a collective failed or waited past `train.collective_timeout_s`); 2 bad
 config/data/checkpoint (one line on stderr).
@@ -24,13 +25,12 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pretrain import checkpoint, metrics
-from pretrain.config import Config, ConfigError
-from pretrain.resolved import ResolvedRun, resolve_run
+from pretrain.config import Config
+from pretrain.resolved import ResolvedRun, TokenizerFacts, resolve_run
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
@@ -55,9 +55,9 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     if chosen is not None:
         same_layout(checkpoint.read_meta(chosen), env.layout, chosen)
     init = init_source(cfg, run) if chosen is None and cfg.model.init_from else None  # weights to start from
-    loader = make_loader(cfg, cfg.data.path, env, epochs=None)
-    held_out = HeldOut(cfg, env)  # built once: manifests read and batches taken at the first eval only
-    engine = build_engine(cfg, env, init)
+    loader = make_loader(cfg, run, env)
+    held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
+    engine = build_engine(cfg, env, run, init)
     env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
 
     start, run_id = 0, None
@@ -67,16 +67,16 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         start, run_id = loaded.step, loaded.meta.mlflow_run_id
     if env.rank == 0:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
-        lay = env.layout
+        lay = run.layout
         how = f"resuming from {chosen}" if chosen else (f"starting from {cfg.model.init_from} (weights only)"
                                                         if init else "starting fresh")
         say(f"{how} at step {start}; world {lay.world}"
-            f" = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{cfg.parallel.zero_stage}, global batch "
-            f"{lay.global_batch} x {cfg.train.seq_len} tokens")
+            f" = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch "
+            f"{lay.global_batch} x {run.seq_len} tokens")
     if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
         return requeue(env, stop, start, None, saved=False)
-    tracker = open_tracker(cfg, env.layout, env.rank, resume_run_id=run_id, resume_step=start)
-    log = StepLog(cfg, env, engine, tracker, start)
+    tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start)
+    log = StepLog(cfg, run, env, tracker, start)
     poison = _poisoned_steps()
 
     batches, streak, step = iter(loader), 0, start
@@ -140,7 +140,8 @@ def same_layout(meta: checkpoint.Meta, layout: Any, where: Path) -> None:
     if saved != now:
         diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in keys if saved[k] != now[k])
         raise checkpoint.CheckpointError(f"checkpoint {where} was saved with another parallel layout ({diff}); "
-                                         "resume with the same layout, or start over with checkpoint.resume=none")
+                                         "resume with the same layout, start over with checkpoint.resume=none, or "
+                                         "train into another checkpoint.dir")
 
 
 def say(msg: str) -> None:
@@ -151,60 +152,26 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def make_loader(cfg: Config, path: str | list[str], env: Any, *, epochs: int | None):
-    """This rank's data: TP and PP peers of one DP group read the same stream."""
+def make_loader(cfg: Config, run: ResolvedRun, env: Any, *, validation: bool = False):
+    """This rank's data: TP and PP peers of one DP group read the same stream. The sources are the resolved ones
+    (local paths absolute). Validation reads data.val_path in its sources' own token proportions: data.weights
+    is the training mixture, one weight per entry of data.path, and means nothing for the held-out shards."""
     from data_pipeline.loader import TokenLoader
 
-    return TokenLoader(path, seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch_size,
+    facts, weights = (run.val_data, None) if validation else (run.train_data, cfg.data.weights)
+    return TokenLoader(list(facts.sources), seq_len=run.seq_len, batch_size=cfg.train.micro_batch_size,
                        dp_rank=env.dp_rank, dp_size=env.dp_size, num_workers=cfg.data.num_workers,
-                       seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, weights=cfg.data.weights,
-                       document_mask=cfg.model.document_mask, reshard=cfg.data.reshard, epochs=epochs)
+                       seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, weights=weights,
+                       document_mask=cfg.model.document_mask, reshard=cfg.data.reshard)
 
 
-@dataclass
-class _Solo:  # the loader's view of a single rank, to read the manifest before process groups exist
-    dp_rank: int = 0
-    dp_size: int = 1
-
-
-class MissingDataError(ConfigError):
-    """data.path names no shards (a dry run or plan may proceed from model.vocab_size instead)."""
-
-
-def dataset_vocab(cfg: Config) -> int:
-    """The tokenizer's vocabulary size recorded in the shards' manifest (so the config need not repeat it)."""
-    path = cfg.data.path
-    if not path:
-        raise MissingDataError("data.path is empty: point it at a shard directory made by `pretrain-data prepare`")
-    if isinstance(path, str) and Path(path).is_dir():  # the common case, without building a loader
-        from data_pipeline.manifest import read_manifest
-        return read_manifest(path).vocab_size
-    if isinstance(path, str) and not any(c in path for c in "*?{[") and ":" not in path and not Path(path).exists():
-        raise MissingDataError(f"data.path: {path} does not exist (make shards with `pretrain-data prepare`, or set "
-                          "model.vocab_size to plan without data)")
-    return int(make_loader(cfg, cfg.data.path, _Solo(), epochs=None).manifest.vocab_size)
-
-
-def checked_vocab(cfg: Config) -> int:
-    """The model's vocabulary: the tokenizer's, or a larger model.vocab_size; a smaller one would let token ids
-    index past the embedding (on TP ranks, silently: a vocab-parallel embedding zeroes ids it does not hold)."""
-    data_vocab = dataset_vocab(cfg)
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size < data_vocab:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data_vocab} "
-                          f"recorded in the shard manifest ({cfg.data.path}); remove it or make it >= {data_vocab}")
-    return cfg.model.vocab_size or data_vocab
-
-
-def tokenizer_identity(loader: Any) -> dict[str, Any]:
-    """What a checkpoint records so `pretrain generate` can find and check the tokenizer (identity hash, ids)."""
-    return dataclasses.asdict(loader.manifest.tokenizer)
-
-
-def copy_tokenizer(identity: dict[str, Any], dest: Path) -> None:
-    """Put the tokenizer files inside the checkpoint (a few MB) so it is self-contained for `pretrain generate`;
-    skipped (the manifest's identity is still recorded) when the path the shards were made from is gone."""
-    src = Path(identity.get("path") or "")
-    if not identity.get("path") or not src.exists():
+def copy_tokenizer(tokenizer: TokenizerFacts | None, dest: Path) -> None:
+    """Put the tokenizer files inside the checkpoint (a few MB) so it is self-contained for generate/export.
+    `resolve_run` made the path absolute and refused to start without the files; if they vanished since, the
+    checkpoint is still written (losing the run's progress would be worse) and the log says what is missing."""
+    src = Path(tokenizer.path) if tokenizer and tokenizer.path else None
+    if src is None or not src.exists():
+        say(f"WARNING: tokenizer {src} is gone; {dest} holds no {checkpoint.TOKENIZER_DIR}/ copy")
         return
     out = dest / checkpoint.TOKENIZER_DIR
     out.mkdir()
@@ -228,11 +195,13 @@ def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, saved: bool
 class HeldOut:
     """The validation set: the first `train.eval_steps` micro-batches of the held-out shards, the same ones for
     every eval. They are read once, at the first eval, and kept (eval_steps x micro_batch x (seq_len + 1) tokens:
-    kilobytes to a few MB), so an eval neither re-reads manifests nor restarts loader workers."""
+    kilobytes to a few MB), so an eval neither re-reads manifests nor restarts loader workers. The shards were
+    checked at start (`resolve_run`: they exist, share the training tokenizer, suffice for every DP rank x
+    worker)."""
 
-    def __init__(self, cfg: Config, env: Any) -> None:
+    def __init__(self, cfg: Config, run: ResolvedRun, env: Any) -> None:
         self.steps = cfg.train.eval_steps
-        self.loader = make_loader(cfg, cfg.data.val_path, env, epochs=None) if cfg.data.val_path else None
+        self.loader = make_loader(cfg, run, env, validation=True) if run.val_data is not None else None
         self.batches: list[Any] | None = None
 
     def evaluate(self, engine: Any) -> float | None:
@@ -255,11 +224,11 @@ def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, trac
     def save_model(d: Path) -> None:
         engine.save(d)
         if env.rank == 0:
-            copy_tokenizer(meta.tokenizer, d)
+            copy_tokenizer(run.tokenizer, d)
 
     meta = checkpoint.Meta(step=step, mlflow_run_id=tracker.run_id if tracker else None,
-                           tokenizer=tokenizer_identity(loader), layout=vars(env.layout).copy(),
-                           resolved=run.to_dict())
+                           tokenizer=dataclasses.asdict(run.tokenizer) if run.tokenizer else {},
+                           layout=dataclasses.asdict(run.layout), resolved=run.to_dict())
     path = checkpoint.save(cfg.checkpoint.dir, step, env, save_model=save_model,
                            rank_state={"loader": loader.state_dict()}, meta=meta, config_yaml=cfg.to_yaml(),
                            keep=cfg.checkpoint.keep)
@@ -276,15 +245,13 @@ class StepLog:
     """Rank 0's outputs per step: metrics.jsonl, MLflow buffer, and a progress bar or plain log lines; per
     segment (one launch: a requeue or resume starts the next), a line in segments.jsonl; at the end summary.json."""
 
-    def __init__(self, cfg: Config, env: Any, engine: Any, tracker: Any, start: int) -> None:
+    def __init__(self, cfg: Config, run: ResolvedRun, env: Any, tracker: Any, start: int) -> None:
         self.cfg, self.env, self.tracker, self.start = cfg, env, tracker, start
         self.on = env.rank == 0
-        layout = env.layout
-        args = cfg.model.args(layout.padded_vocab_size)
-        tokens_per_step = layout.global_batch * cfg.train.seq_len
-        self.meter = metrics.Meter(flops_per_token=metrics.flops_per_token(args, cfg.train.seq_len,
-                                                                           layout.padded_vocab_size),
-                                   tokens_per_step=tokens_per_step, world_size=layout.world,
+        tokens_per_step = run.tokens_per_step
+        self.meter = metrics.Meter(flops_per_token=metrics.flops_per_token(run.model, run.seq_len,
+                                                                           run.model.vocab_size),
+                                   tokens_per_step=tokens_per_step, world_size=run.layout.world,
                                    peak_tflops=metrics.device_peak_tflops(cfg.train.peak_tflops),
                                    start_tokens=start * tokens_per_step)
         self.file = metrics.MetricsFile(cfg.checkpoint.dir) if self.on else None

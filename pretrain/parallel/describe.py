@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 from pretrain.config import Config, ConfigError, Layout
 from pretrain.model.args import ModelArgs
+from pretrain.resolved import ResolvedRun
 
 GiB = 1024**3
 ZERO3_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's reduce_bucket_size default, allocated by ZeRO-3
@@ -132,21 +133,22 @@ def model_states(params_here: float, dp: int, zero: int, weight_bytes: int, grad
             params_here * optim_bytes / (dp if zero >= 1 else 1))
 
 
-def planned_run(cfg: Config, world_size: int, vocab_size: int | None = None):
+def planned_run(cfg: Config, world_size: int, vocab_size: int | None = None) -> ResolvedRun:
     """The ResolvedRun of this config at this world size, with `vocab_size` standing in for the tokenizer's when
-    there is no data yet (planning): layout and padded model shape come from pretrain.resolved, derived once."""
+    given (planning, and the layout ranking's many candidates: the shards are not read again for each). Layout and
+    padded model shape come from pretrain.resolved, derived once."""
     from pretrain.resolved import resolve_run
 
-    if vocab_size is not None and cfg.model.vocab_size is None:
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": vocab_size}),
-                                     "data": cfg.data.model_copy(update={"path": "", "val_path": None})})
-    elif cfg.model.vocab_size is not None:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": "", "val_path": None})})
-    return resolve_run(cfg, world_size)
+    if vocab_size is None and cfg.model.vocab_size is None:
+        return resolve_run(cfg, world_size)
+    no_data = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": "", "val_path": None})})
+    return resolve_run(no_data, world_size, require_data=False, vocab_without_data=vocab_size)
 
 
-def estimate(cfg: Config, world_size: int, vocab_size: int | None = None, kernels: Kernels | None = None) -> Estimate:
-    run = planned_run(cfg, world_size, vocab_size)  # raises ConfigError on any invalid layout
+def estimate(cfg: Config, world_size: int, vocab_size: int | None = None, kernels: Kernels | None = None, *,
+             run: ResolvedRun | None = None) -> Estimate:
+    """`run`: the run already resolved (dry run, plan); else resolved here from `vocab_size` (layout ranking)."""
+    run = run or planned_run(cfg, world_size, vocab_size)  # raises ConfigError on any invalid layout
     lay, args = run.layout, run.model
     k = kernels or Kernels(fused=cfg.model.fused_kernels)
     total = args.num_params()
@@ -222,8 +224,9 @@ def fits(e: Estimate, gpu: str) -> bool:
     return e.total <= (gpu_memory_gib(gpu) or 0) * GiB * (1 - HEADROOM)
 
 
-def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: str | None = None) -> str:
-    e = estimate(cfg, world_size, vocab_size)
+def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: str | None = None, *,
+             run: ResolvedRun | None = None) -> str:
+    e = estimate(cfg, world_size, vocab_size, run=run)
     lay, args, T = e.layout, e.args, cfg.train.seq_len
     stage = f" on pipeline stage {e.worst_stage} ({e.in_flight} micro-batches in flight)" if lay.pp > 1 else ""
     lines = [
@@ -350,7 +353,7 @@ def rank_layouts(cfg: Config, nodes: int, gpus_per_node: int, vocab_size: int, g
         mfu = flops_per_token(e.args, c.train.seq_len, e.args.vocab_size) * global_batch * c.train.seq_len / (
             t * world * peak_tflops * 1e12)
         out.append(Ranked(tp, pp, zero, recompute, micro, t, mfu, e.total))
-    return sorted(out, key=lambda r: r.step_s)
+    return sorted(out, key=lambda r: (round(r.step_s, 3), r.memory))  # equal times: the smaller footprint first
 
 
 def ranking_lines(ranked: list[Ranked], limit: int = 10) -> list[str]:

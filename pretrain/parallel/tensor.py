@@ -85,7 +85,10 @@ class TensorParallelFactory(LayerFactory):
 
     def __init__(self, config: ModelParallelConfig):
         self.config = config
-        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp = config.tensor_model_parallel_size  # the resolved layout's, via the config: one source of tp
+        if parallel_state.get_tensor_model_parallel_world_size() != self.tp:
+            raise RuntimeError(f"model-parallel config says tp={self.tp} but megatron-core's groups have "
+                               f"{parallel_state.get_tensor_model_parallel_world_size()} ranks")
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.sequence_parallel = bool(config.sequence_parallel and self.tp > 1)
 

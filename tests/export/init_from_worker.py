@@ -37,10 +37,10 @@ def main(tokens_file: str, out: str, *checkpoints: str) -> None:
         ckpt, tied = item.rsplit(":", 1)
         for name, overrides in LAYOUTS.items():
             cfg = load_config(None, shape(ckpt, tied == "tied") + overrides)
-            run = resolve_run(cfg, 2)
+            run = resolve_run(cfg, 2, require_data=False)  # batches from the test, not shards
             env = init_distributed(cfg, layout=run.layout)
             try:
-                engine = build_engine(cfg, env, init_source(cfg, run))
+                engine = build_engine(cfg, env, run, init_source(cfg, run))
                 engine.ds.eval()
                 with torch.no_grad():
                     local = engine.ds(tokens)  # (B, T, V / tp): this rank's vocabulary shard

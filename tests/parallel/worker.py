@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed
 from pretrain.engine import build_engine
+from pretrain.resolved import resolve_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parallel_common import STEPS, VOCAB, batches_for, case_config  # noqa: E402
@@ -27,10 +29,12 @@ def run_case(case: dict, out: Path) -> dict:
     from megatron.core import parallel_state
 
     cfg = load_config(None, case_config(case))
-    env = init_distributed(cfg, VOCAB)
+    # The batches come from parallel_common, not from shards: the run is resolved without data.
+    run = resolve_run(cfg, int(os.environ["WORLD_SIZE"]), require_data=False, vocab_without_data=VOCAB)
+    env = init_distributed(cfg, layout=run.layout)
     result: dict = {"losses": [], "grad_norms": [], "lrs": []}
     try:
-        engine = build_engine(cfg, env)
+        engine = build_engine(cfg, env, run)
         data = batches_for(env.dp_rank, env.layout, STEPS + 3, cfg.model.document_mask)
         for _ in range(STEPS):
             r = engine.train_step(data)
@@ -45,7 +49,7 @@ def run_case(case: dict, out: Path) -> dict:
         dist.barrier()
         result["after_save_loss"] = engine.train_step(data).loss  # step STEPS+1 of the uninterrupted run
 
-        fresh = build_engine(cfg, env)
+        fresh = build_engine(cfg, env, run)
         try:
             fresh.load(out / "no_such_step")
         except Exception as e:  # must be a one-line refusal, never a silent start from random weights

@@ -24,6 +24,7 @@ from saved_bytes import SavedBytes  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.distributed import init_distributed  # noqa: E402
 from pretrain.model.transformer import TransformerBlock, _rope_table  # noqa: E402
+from pretrain.parallel.describe import planned_run  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,8 +72,9 @@ def pp2() -> dict:
     for dtype, zero in (("fp32", 0), ("bf16", 1)):
         for mode in ("none", "selective", "full"):
             cfg = load_config(None, case_overrides(pp=2, zero=zero, dtype=dtype, mode=mode))
-            env = init_distributed(cfg, VOCAB)
-            engine = build_engine(cfg, env)
+            run = planned_run(cfg, int(os.environ["WORLD_SIZE"]), VOCAB)
+            env = init_distributed(cfg, layout=run.layout)
+            engine = build_engine(cfg, env, run)
             args = engine.args
             with SavedBytes(exclude=[*engine.ds.module.parameters(), *persistent(args)]) as m:
                 engine.train_step(micro_batches(cfg.train.grad_accum))
@@ -118,8 +120,9 @@ def zero() -> dict:
     out = {}
     for stage, dtype in ((0, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")):
         cfg = load_config(None, case_overrides(zero=stage, dtype=dtype))
-        env = init_distributed(cfg, VOCAB)
-        engine = build_engine(cfg, env)
+        run = planned_run(cfg, int(os.environ["WORLD_SIZE"]), VOCAB)
+        env = init_distributed(cfg, layout=run.layout)
+        engine = build_engine(cfg, env, run)
         engine.train_step(micro_batches(1))
         ds_opt = engine.ds.optimizer
         seen: dict[str, int] = {}

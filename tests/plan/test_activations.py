@@ -53,3 +53,25 @@ def test_selective_is_not_none_and_sequence_parallel_splits_the_norms():
     assert sp == pytest.approx(block_activations(args, S, 1, False, "none", 2, k)[0] / 2)
     assert no_sp > sp * 1.2
     assert block_activations(args, S, 2, True, "full", 2, k)[0] == S * args.dim * 2 / 2
+
+
+@pytest.mark.parametrize("mode", ["none", "selective"])
+def test_fused_kernels_saved_bytes(monkeypatch, mode):
+    """The fused path's figure (Triton RMSNorm, RoPE, SwiGLU, cross-entropy) from the tensors those kernels save:
+    run for real in Triton's interpreter on CPU (fp32, numpy has no bf16), dispatched as on CUDA."""
+    pytest.importorskip("triton")
+    from pretrain import kernels
+
+    monkeypatch.setattr(kernels, "fused_enabled", lambda x: True)  # the CUDA dispatch, on CPU tensors
+    args = block_args()
+    model = Transformer(args, REFERENCE, mode)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
+    with SavedBytes(exclude=[*model.parameters(), *_rope(args)]) as m:
+        loss = model(tokens[:, :-1], tokens[:, 1:])  # noqa: F841 (keeps the graph alive)
+    k = Kernels(fused=True)
+    planned = (args.n_layers * block_activations(args, BATCH * SEQ, 1, False, mode, 4, k)[0]
+               + head_activations(args, BATCH * SEQ, 1, False, 4, k)[0])
+    assert m.now == pytest.approx(planned, rel=0.10), f"measured {m.now} vs planned {planned}"
+    eager = (args.n_layers * block_activations(args, BATCH * SEQ, 1, False, mode, 4, Kernels.cpu())[0]
+             + head_activations(args, BATCH * SEQ, 1, False, 4, Kernels.cpu())[0])
+    assert eager > 1.2 * planned  # what the fused kernels are for

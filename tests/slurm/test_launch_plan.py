@@ -93,9 +93,11 @@ def test_world_size_check_names_both_numbers(tmp_path: Path) -> None:
     p = plan(SRUN_NODE1, nproc=3)  # 2 nodes x 3 = 6, tp x pp = 4
     with pytest.raises(LaunchError) as err:
         check_world(p, ["-m", "pretrain", "train", "--config", str(cfg)])
-    assert "= 4 does not divide" in str(err.value) and "world size 6 (2 nodes x 3 per node)" in str(err.value)
-    check_world(p, ["-m", "pretrain", "train", "--config", str(cfg), "--set", "parallel.pp=1", "--set",
-                    "parallel.tp=3"])  # 6 % 3 == 0: fine
+    assert "world size 6 is not divisible by tp x pp = 2 x 2" in str(err.value)
+    assert "allocation: 6 (2 nodes x 3 per node)" in str(err.value)
+    check_world(p, ["-m", "pretrain", "train", "--config", str(cfg), "--set", "parallel.pp=1"])  # 6 % 2 == 0: fine
+    with pytest.raises(LaunchError, match="model.n_heads=4 is not divisible by parallel.tp=3"):
+        check_world(p, ["train.py", "--config", str(cfg), "--set", "parallel.pp=1", "--set", "parallel.tp=3"])
     with pytest.raises(LaunchError, match=r"--expect-world 8 but the allocation gives world size 6"):
         check_world(p, ["train.py"], expect_world=8)
     with pytest.raises(LaunchError, match="unknown key 'parallel.tq'"):  # a bad config is named, not a traceback

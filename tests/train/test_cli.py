@@ -15,10 +15,13 @@ def pretrain(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_prints_layout_params_memory_and_builds_nothing(tmp_path):
+    from train_common import tiny_shards
+
+    shards = tiny_shards(tmp_path / "data") / "shards"
     run_dir = tmp_path / "run"
     p = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--world-size", "4",
-                 "--set", "model.vocab_size=1000", "--set", "parallel.tp=2", "--set", "parallel.zero_stage=1",
-                 "--set", f"checkpoint.dir={run_dir}")
+                 "--set", f"data.path={shards}", "--set", "model.vocab_size=1000", "--set", "parallel.tp=2",
+                 "--set", "parallel.zero_stage=1", "--set", f"checkpoint.dir={run_dir}")
     assert p.returncode == 0, p.stderr
     assert "world=4 = tp 2 x pp 1 x dp 2" in p.stdout
     assert "vocab=1024 (padded)" in p.stdout  # 128 x tp rule

@@ -73,9 +73,11 @@ from torch.distributed.distributed_c10d import _world
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed
 from pretrain.engine import build_engine
+from pretrain.resolved import resolve_run
 cfg = load_config(sys.argv[1], sys.argv[2:])
-env = init_distributed(cfg, 384)
-build_engine(cfg, env)  # DeepSpeed creates groups of its own here
+run = resolve_run(cfg, 1)
+env = init_distributed(cfg, layout=run.layout)
+build_engine(cfg, env, run)  # DeepSpeed creates groups of its own here
 env.apply_collective_timeout()  # what pretrain.train does right after building the engine
 for group in _world.pg_map:
     print("timeout", group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
