@@ -1,14 +1,14 @@
 """`pretrain-data`: train a tokenizer, turn a corpus into token shards, verify and inspect them.
 
 Every failure caused by input (a bad line, a corrupt shard, a mismatched tokenizer) prints ONE line naming the
-file and line/shard and exits 1; nothing prints a traceback for bad data.
+file and line/shard and exits 2 (EXIT_BAD_INPUT, as `pretrain` does); nothing prints a traceback for bad data.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import EXIT_BAD_INPUT, DataError
 
 EXAMPLES = """examples:
   pretrain-data train-tokenizer --input 'corpus/*.jsonl.zst' --vocab-size 32000 --out tok/
@@ -115,7 +115,7 @@ def _verify(args) -> int:
               f"{r.manifest.total_tokens:,} tokens" + (", checksums verified" if not args.no_checksums else ""))
         return 0
     print(f"FAILED {args.dir}: {len(r.problems)} problem(s), {r.shards_ok}/{total} shards ok", file=sys.stderr)
-    return 1
+    return EXIT_BAD_INPUT
 
 
 def _inspect(args) -> int:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return run[args.command](args)
     except DataError as e:
         print(f"pretrain-data {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"pretrain-data {args.command}: interrupted (no partial shard was left under a final name)",
               file=sys.stderr)

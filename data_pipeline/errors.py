@@ -3,9 +3,13 @@
 Every bad input the pipeline can meet (a malformed JSON line, a corrupt shard, a tokenizer that does not
 match the shards, ...) is reported as ONE line that names the file and the line or shard, so that a user
 looking at a failed SLURM job log knows what to fix without reading a traceback. The CLI prints
-`str(error)` and exits non-zero; Python callers catch `DataError`.
+`str(error)` and exits EXIT_BAD_INPUT; Python callers catch `DataError`.
 """
 from __future__ import annotations
+
+# The exit code of a bad input (config, data, checkpoint) for both CLIs, `pretrain-data` and `pretrain`; argparse
+# uses the same for a bad command line.
+EXIT_BAD_INPUT = 2
 
 
 class DataError(Exception):

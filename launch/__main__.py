@@ -1,4 +1,4 @@
-"""`python -m launch [--nproc-per-node N] [--expect-world W] [--dry-run] -- <training command>`.
+"""`python -m launch [--nproc-per-node N] [--expect-world W] [--dry-run] [--verbose] -- <training command>`.
 
 Under `srun --ntasks-per-node=1` (one launcher per node) it derives the node rank, node count, master address
 and port from SLURM and runs torchrun's agent with a static rendezvous; outside SLURM it runs a standalone
@@ -37,6 +37,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--master-port", type=int, default=None,
                         help="override the port derived from the SLURM job id")
     parser.add_argument("--dry-run", action="store_true", help="print the launch line and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep torchrun's own log lines (each rank's start and exit); by default the launcher "
+                             "prints one line per node")
     args = parser.parse_args(argv[:split])  # --help works without a command
     command = argv[split + 1:]
     if not command:
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     os.environ.update(plan.env)
-    return run_torchrun(plan.torchrun_args(command))
+    return run_torchrun(plan.torchrun_args(command), verbose=args.verbose)
 
 
 if __name__ == "__main__":

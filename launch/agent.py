@@ -93,11 +93,26 @@ def exit_code_of_failures(codes: list[int]) -> int:
     return 1
 
 
-def run_torchrun(torchrun_args: list[str]) -> int:
-    """torchrun's agent with `torchrun_args`; returns the exit code this node should report."""
+def quiet_agent_logs() -> None:
+    """torchrun's agent logs each rank's exit ("Sending process N closing signal SIGTERM", "failed (exitcode: 42)
+    ... of binary") in its own format; the launcher prints one line for the node instead (`run_torchrun`)."""
+    import logging
+
+    name = "torch.distributed.elastic"
+    for logger in [logging.getLogger(name)] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+                                               if n.startswith(name + ".")]:
+        logger.setLevel(logging.CRITICAL)
+
+
+def run_torchrun(torchrun_args: list[str], *, verbose: bool = False) -> int:
+    """torchrun's agent with `torchrun_args`; returns the exit code this node should report. `verbose` keeps the
+    agent's own log lines."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    if not verbose:
+        quiet_agent_logs()
 
     block_forwarded_signals()  # already done by launch/__main__.py; repeated for callers of this function
     threading.Thread(target=_forward_forever, name="launch-signal-forwarder", daemon=True).start()

@@ -64,6 +64,6 @@ def check_world(plan: LaunchPlan, command: list[str], expect_world: int | None =
     try:
         resolve_run(cfg, plan.world_size, require_data=False, vocab_without_data=cfg.model.vocab_size or 1)
     except ConfigError as e:
-        raise LaunchError(f"{config}: {e} (allocation: {_allocation(plan)})") from None
+        raise LaunchError(f"{config}: {e}; the allocation gives world size {_allocation(plan)}") from None
     except DataError as e:
         raise LaunchError(f"{config}: {e}") from None

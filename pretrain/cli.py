@@ -16,9 +16,9 @@ import argparse
 import os
 import sys
 
+from data_pipeline.errors import EXIT_BAD_INPUT
 from pretrain.config import ConfigError, load_config
 
-EXIT_BAD_INPUT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,10 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="validate config + parallel layout, print layout, parameter count and a per-rank memory "
                         "estimate, build nothing, exit 0")
+    t.add_argument("--verbose", action="store_true",
+                   help="also show the libraries' start-up logging and warnings (DeepSpeed, MLflow, torch, "
+                        "megatron-core), hidden by default")
     t.add_argument("--world-size", type=int, default=None,
                    help="--dry-run only: ranks to plan for (default $WORLD_SIZE or 1)")
     pl = sub.add_parser("plan", help="layout + memory estimate for a cluster shape (no GPU needed)",
-                        description="The --dry-run of `train` for a world of nodes x gpus-per-node ranks.")
+                        description="The --dry-run of `train` for a world of nodes x gpus-per-node ranks, with "
+                        "a fit verdict for --gpu and every fitting layout ranked by predicted step time.")
     pl.add_argument("--config", required=True)
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pl.add_argument("--nodes", type=int, default=1)
@@ -119,7 +123,7 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
     it, building nothing and importing no torch. `assume_vocab` (plan): planning a cluster before any data exists
     is normal, so an unknown vocabulary becomes a stated assumption instead of an error."""
     from pretrain.parallel.describe import describe, estimate, fits, throughput
-    from pretrain.resolved import resolve_run
+    from pretrain.resolved import held_out_note, resolve_run
 
     peak = _peak_tflops(gpu) if gpu is not None else None  # a bad --gpu fails before anything is printed
     assumed, why = _assumed_vocab(cfg.model.flavor) if assume_vocab else (None, "")
@@ -129,8 +133,9 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
         print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary ({why}; "
               "set model.vocab_size=N)")
     print(describe(cfg, world, gpu=gpu, run=run))
-    for line in _data_lines(run):
-        print(line)
+    for line in _data_lines(run) + [held_out_note(cfg, run) or ""]:
+        if line:
+            print(line)
     e = estimate(cfg, world, run=run)
     if peak is not None:
         print(throughput(cfg, e, peak, mfu))
@@ -188,16 +193,14 @@ def _peak_tflops(gpu: str) -> float:
     return peak
 
 
-def _quiet_libraries(cfg) -> None:
-    """Silence two start-up notices that say nothing about the run: megatron-core's "Transformer Engine and
-    Apex are not installed" (we use neither) and DeepSpeed's "Setting accelerator to CPU" (we asked for CPU)."""
-    import warnings
-
+def _quiet_libraries(cfg, verbose: bool) -> None:
+    """Library start-up chatter off unless --verbose (pretrain/console.py says what and why)."""
     import torch
 
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    if cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available()):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from pretrain import console
+
+    cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    console.quiet(verbose=verbose, cpu=cpu)
 
 
 def _dtype(name: str):
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                             ranking=args)
         if args.dry_run:
             return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), gpu=_local_gpu())
-        _quiet_libraries(cfg)
+        _quiet_libraries(cfg, args.verbose)
         from pretrain.train import train
         return train(cfg, stop)
     except user_errors as e:

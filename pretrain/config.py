@@ -167,6 +167,8 @@ class Config(_Section):
             if len(self.data.weights) != len(paths):
                 raise ValueError(f"data.weights has {len(self.data.weights)} entries but data.path has "
                                  f"{len(paths)}; give one weight per dataset")
+            if any(w < 0 for w in self.data.weights) or sum(self.data.weights) <= 0:
+                raise ValueError(f"data.weights {self.data.weights}: token shares must be >= 0 and not all zero")
         return self
 
     def to_yaml(self) -> str:

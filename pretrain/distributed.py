@@ -14,7 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pretrain.config import Config, ConfigError, Layout, resolve_layout
+from pretrain.console import library_stdout
+from pretrain.config import Config, ConfigError, Layout
 
 
 @dataclass
@@ -111,15 +112,13 @@ def _pick_device(cfg: Config, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(cfg: Config, vocab_size: int | None = None, *, layout: Layout | None = None) -> DistEnv:
-    """Validate the layout for this world size (or take the resolved run's), then create every process group the
-    run needs."""
+def init_distributed(cfg: Config, *, layout: Layout) -> DistEnv:
+    """Create every process group the run needs for the resolved run's layout (`pretrain.resolved.resolve_run`,
+    which checked every rule that needs no process group; here only what needs the machine)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if layout is None:
-        layout = resolve_layout(cfg, world, vocab_size)  # every rule that needs no process group: fail first
-    elif layout.world != world:
+    if layout.world != world:
         raise ConfigError(f"the run was resolved for world size {layout.world} but WORLD_SIZE is {world}")
     device = _pick_device(cfg, local_rank)
     backend = cfg.train.backend
@@ -146,7 +145,8 @@ def init_distributed(cfg: Config, vocab_size: int | None = None, *, layout: Layo
     import deepspeed
     from megatron.core import parallel_state
 
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the existing default group
+    with library_stdout():  # DeepSpeed prints its shared-memory op build to stdout
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the existing default group
     if not parallel_state.model_parallel_is_initialized():
         # megatron-core passes timedelta(minutes=distributed_timeout_minutes) to each group it creates.
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,

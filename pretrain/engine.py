@@ -26,6 +26,7 @@ from pretrain.model.args import ModelArgs
 from pretrain.model.init import init_model
 from pretrain.model.layers import REFERENCE, LayerFactory
 from pretrain.model.transformer import Transformer
+from pretrain.parallel.checkpoint_reader import CheckpointReader
 from pretrain.parallel.consolidate import consolidate
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
@@ -195,10 +196,22 @@ class Engine:
             raise CheckpointLoadError(f"{step_dir}/model: checkpoint has no global_step (not written by Engine)")
         self.global_step = int(client["global_step"])
 
+    def load_resliced(self, reader: CheckpointReader) -> None:
+        """A checkpoint of another layout (tp/pp/dp/ZeRO/dtype): its fp32 master weights, Adam moments and step,
+        re-sliced for this engine, whose module must have been built from the same checkpoint
+        (`build_engine(init=reader)`). Collective. See pretrain/parallel/reshard.py."""
+        from pretrain.parallel.reshard import check_same_model, load_resliced
+
+        check_same_model(reader.run.model, self.args, reader.step_dir)
+        load_resliced(self.ds, reader, self.args, self.cfg.train.seed, self.env.tp_rank, self._reference_name)
+        self.global_step = reader.step
+
+    def _reference_name(self, name: str) -> str:
+        return reference_name(name, self.args.n_layers) if self.pipeline else name
+
     def reference_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full fp32 weights with the reference model's names on rank 0 (None elsewhere); collective."""
-        rename = (lambda n: reference_name(n, self.args.n_layers)) if self.pipeline else (lambda n: n)
-        sd = consolidate(self.ds.module, rename, zero3=self.cfg.parallel.zero_stage == 3,
+        sd = consolidate(self.ds.module, self._reference_name, zero3=self.cfg.parallel.zero_stage == 3,
                          dp_rank=self.env.dp_rank)
         if sd is not None and self.args.tie_embeddings:
             sd["output.weight"] = sd["tok_embeddings.weight"]

@@ -261,3 +261,16 @@ def resolve_run(cfg: Config, world_size: int, *, require_data: bool = True,
             val_data = _facts(val_sets)
     return ResolvedRun(layout=layout, model=model, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
                        seq_len=cfg.train.seq_len, dtype=cfg.train.dtype, zero_stage=cfg.parallel.zero_stage)
+
+
+def held_out_note(cfg: Config, run: ResolvedRun) -> str | None:
+    """Validation shards smaller than what one eval reads per DP rank are read round and round (the loss is still
+    held-out, but over fewer distinct tokens than the eval's size suggests): a one-line note, else None."""
+    if run.val_data is None or cfg.train.eval_every == 0:
+        return None
+    reads = cfg.train.eval_steps * run.layout.micro_batch_size * (run.seq_len + 1)
+    holds = run.val_data.tokens // run.layout.dp
+    if holds >= reads:
+        return None
+    return (f"note: data.val_path holds ~{holds:,} tokens per DP rank but one eval reads {reads:,} "
+            "(train.eval_steps x train.micro_batch_size x (train.seq_len + 1)): its documents repeat within an eval")

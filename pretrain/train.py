@@ -30,7 +30,7 @@ from typing import Any
 
 from pretrain import checkpoint, metrics
 from pretrain.config import Config
-from pretrain.resolved import ResolvedRun, TokenizerFacts, resolve_run
+from pretrain.resolved import ResolvedRun, TokenizerFacts, held_out_note, resolve_run
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
@@ -73,6 +73,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         say(f"{how} at step {start}; world {lay.world}"
             f" = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch "
             f"{lay.global_batch} x {run.seq_len} tokens")
+        if note := held_out_note(cfg, run):
+            say(note)
     if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
         return requeue(env, stop, start, None, saved=False)
     tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start)

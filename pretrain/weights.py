@@ -64,7 +64,7 @@ def named_tensors(source: WeightSource):
 
 # Fields of the model shape that decide what the weights mean (vocab and context length are handled apart:
 # the vocabulary is re-padded for the new layout, and RoPE's table for a position does not depend on max_seq_len).
-_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "norm_eps", "rope_theta",
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "norm_eps", "rope_theta",
                  "tie_embeddings")
 _CONFIG_KEY = {"kv_heads": "n_kv_heads", "hidden_dim": "ffn_hidden_dim"}
 
@@ -80,9 +80,9 @@ def init_source(cfg: Config, run: ResolvedRun) -> WeightSource:
         raise ConfigError(f"model.init_from={path}: {e}") from None
     theirs, ours = source.run.model, run.model
     diff = [f"{_CONFIG_KEY.get(f, f)} {getattr(ours, f)} (config) vs {getattr(theirs, f)} (checkpoint)"
-            for f in _SHAPE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
+            for f in SHAPE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
     if diff:
-        fix = " ".join(f"--set model.{_CONFIG_KEY.get(f, f)}={getattr(theirs, f)}" for f in _SHAPE_FIELDS
+        fix = " ".join(f"--set model.{_CONFIG_KEY.get(f, f)}={getattr(theirs, f)}" for f in SHAPE_FIELDS
                        if getattr(ours, f) != getattr(theirs, f))
         raise ConfigError(f"model.init_from={step_dir}: model shape differs: {'; '.join(diff)}; fix: {fix}")
     want, have = source.run.tokenizer, run.tokenizer

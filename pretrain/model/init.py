@@ -42,12 +42,13 @@ def full_init(name: str, shape: tuple[int, ...], args: ModelArgs, seed: int) -> 
 def local_slice(full: torch.Tensor, param: torch.Tensor, tp_rank: int) -> torch.Tensor:
     """This rank's piece of `full`: megatron-core marks a TP-split parameter with `partition_dim`; contiguous
     chunks in rank order (ColumnParallel: output rows, RowParallel: input columns, VocabParallel: vocab rows)."""
-    if tuple(full.shape) == tuple(param.shape):
+    shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the real shape in ds_shape
+    if tuple(full.shape) == shape:
         return full
     dim = getattr(param, "partition_dim", None)
     if dim is None or getattr(param, "partition_stride", 1) != 1:
-        raise ValueError(f"cannot map a {tuple(full.shape)} init onto a {tuple(param.shape)} parameter")
-    size = param.shape[dim]
+        raise ValueError(f"cannot map a {tuple(full.shape)} tensor onto a {shape} parameter")
+    size = shape[dim]
     return full.narrow(dim, tp_rank * size, size)
 
 

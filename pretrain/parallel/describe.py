@@ -23,7 +23,7 @@ tokens of a micro-batch, D dim, F FFN width, H/K query/key-value heads, hd head 
   re-made during its backward (counted as transient).
 - tensor parallelism splits heads and F over tp; without sequence parallelism the norms and block inputs are
   held whole on every TP rank, with it they are split along T (megatron-core saves its local, not the gathered,
-  input of a column-parallel linear).
+  input of a column-parallel linear; our wrappers hand it a transposed copy per linear, counted as such).
 - pipeline: DeepSpeed's 1F1B schedule keeps min(pp - stage, micro-batches) micro-batches in flight on a stage
   (`TrainSchedule.num_pipe_buffers`); stage 0 holds the most, the last stage holds the head.
 - head (last stage): the final norm + the fp32 (log-)softmax the loss saves (4*S*V/tp; the fused kernel saves the
@@ -82,15 +82,22 @@ def block_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, recompute
     S, D, F, hd = tokens, args.dim, args.hidden_dim, args.head_dim
     H, K = args.n_heads / tp, args.kv_heads / tp
     seq = tp if sp else 1  # the residual stream and norms are split along T only under sequence parallelism
-    norm = (S * D * (2 * a if k.fused else 4 + 2 * a) + 4 * S) / seq
-    attention = S * hd * a * (2 * H + 2 * K) + 4 * S * H
+    norm = (S * D * (a if k.fused else 4 + a) + 4 * S) / seq  # what RMSNorm saves, its output aside
+    # The norm's output is saved by the linears that read it: once (one tensor) without SP; under SP each
+    # column-parallel linear saves its own [T/tp, B, D] transposed copy (pretrain/parallel/tensor.py) and the
+    # row-parallel wo one of the attention output (wq, wk, wv: 3 copies; w1, w3: 2; wo: 1).
+    norm_out = S * D * a / seq
+    attn_in, mlp_in = norm_out * (3 if sp else 1), norm_out * (2 if sp else 1)
+    attention = S * hd * a * (2 * H + 2 * K) + 4 * S * H + (S * D / tp * a if sp else 0)
     mlp = S * F / tp * a * (3 if k.fused else 4)
     block_input = S * D * a / seq
+    attention_sub_block = norm + attn_in + attention
+    mlp_sub_block = norm + mlp_in + mlp
     if recompute == "full":
-        return block_input, 2 * norm + attention + mlp
+        return block_input, attention_sub_block + mlp_sub_block
     if recompute == "selective":
-        return block_input + norm + mlp, norm + attention
-    return 2 * norm + attention + mlp, 0.0
+        return block_input + mlp_sub_block, attention_sub_block
+    return attention_sub_block + mlp_sub_block, 0.0
 
 
 def head_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, a: int, k: Kernels) -> tuple[float, float]:

@@ -15,12 +15,18 @@ import torch
 import torch.distributed as dist
 
 
+def decays(ndim: int) -> bool:
+    """Matrices (projections, embeddings) decay; vectors (RMSNorm weights, biases) do not. The checkpoint reader
+    uses the same rule to find a parameter's index in a saved torch optimizer state."""
+    return ndim >= 2
+
+
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Matrices (projections, embeddings) decay; vectors (RMSNorm weights, biases) do not."""
+    """Two groups, decayed parameters first (a saved optimizer state indexes parameters in this order)."""
     decay, no_decay = [], []
     for _, p in named_params:
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if decays(p.ndim) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -24,7 +24,7 @@ def _jsonl(tmp_path, name: str, lines: list[bytes]):
 
 
 def _one_line_error(proc) -> str:
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
@@ -123,7 +123,7 @@ def test_truncated_shard_named_by_verify_and_loader(capsys, shard_copy):
     size = os.path.getsize(victim)
     victim.write_bytes(victim.read_bytes()[: size - 3000])
     proc = run_main(capsys, "verify", str(shard_copy))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert (f"BAD shard-000001.tar: {size - 3000} bytes on disk, manifest says {size} (truncated or replaced)"
             in proc.stderr)
     assert proc.stderr.strip().splitlines()[-1].startswith(f"FAILED {shard_copy}: 1 problem(s)")
@@ -140,7 +140,7 @@ def _corrupt(path, offset: int, data: bytes = b"\xde\xad\xbe\xef" * 16) -> None:
 def test_checksum_mismatch_named_by_verify(capsys, shard_copy):
     _corrupt(shard_copy / "shard-000002.tar", 512 + 200)  # inside the first member's data: tar still parses
     proc = run_main(capsys, "verify", str(shard_copy))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "BAD shard-000002.tar: sha256 mismatch (file changed since prepare: corrupt copy?)" in proc.stderr
 
 
@@ -150,7 +150,7 @@ def test_corrupt_tar_is_one_line_from_verify_and_loader_or_a_counted_skip(capsys
     victim = shard_copy / "shard-000001.tar"
     _corrupt(victim, 4 * 1024)  # lands on a tar header a few samples in
     proc = run_main(capsys, "verify", str(shard_copy), "--no-checksums")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert (f"BAD shard-000001.tar: 2 samples / 86 tokens, manifest says {m.shards[1].samples} / "
             f"{m.shards[1].tokens} (corrupt tar header or truncated file" in proc.stderr)
     loader = TokenLoader(str(shard_copy), seq_len=32, batch_size=2, num_workers=workers, epochs=1)
@@ -172,7 +172,7 @@ def test_tokenizer_not_matching_the_manifest(capsys, tmp_path, shards, corpus):
     other = tmp_path / "other_tok"
     train_bpe(iter(make_docs(200, seed=7)), 300, str(other), show_progress=False)
     proc = run_main(capsys, "verify", str(shards), "--tokenizer", str(other))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     bad = [line for line in proc.stderr.splitlines() if line.startswith("BAD")]
     assert len(bad) == 1 and f"tokenizer {other} (hash " in bad[0] and "vocab 300) does not match the manifest's " \
         "tokenizer (hash" in bad[0] and "vocab 400" in bad[0]

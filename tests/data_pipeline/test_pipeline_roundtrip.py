@@ -66,7 +66,7 @@ def test_prepare_refuses_a_non_empty_dir_unless_overwrite(capsys, corpus, tokeni
             "--out", str(out), "--no-progress"]
     assert run_main(capsys, *args).returncode == 0
     proc = run_main(capsys, *args)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"pretrain-data prepare: error: {out}: directory is not empty (2 entries, e.g. manifest.json); "
         "pass --overwrite to replace its shards"]
@@ -84,7 +84,7 @@ def test_failed_run_leaves_no_partial_shard_and_no_manifest(capsys, tokenizer_di
     out = tmp_path / "out"
     proc = run_main(capsys, "prepare", "--input", str(path), "--tokenizer", str(tokenizer_dir), "--out", str(out),
                     "--shard-size-mb", "0.02", "--workers", "1", "--no-progress")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     names = sorted(os.listdir(out))
     assert names and all(n.startswith("shard-") and n.endswith(".tar") for n in names), names
     for n in names:  # every file under a final name is a complete tar

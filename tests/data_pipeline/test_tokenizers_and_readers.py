@@ -63,7 +63,7 @@ def test_unloadable_tokenizers_are_one_line_errors(capsys, tmp_path):
     with pytest.raises(TokenizerError, match=rf"^{bad}: cannot load tokenizer"):
         load_tokenizer(str(tmp_path))
     proc = run_main(capsys, "train-tokenizer", "--input", str(bad), "--vocab-size", "100", "--out", str(tmp_path))
-    assert proc.returncode == 1 and proc.stderr.strip() == (
+    assert proc.returncode == 2 and proc.stderr.strip() == (
         "pretrain-data train-tokenizer: error: --vocab-size 100 is too small: a byte-level BPE needs at least 259 "
         "(256 bytes + bos/eos/pad)")
 

@@ -66,7 +66,8 @@ def test_device_rule(monkeypatch, rule, overrides, world, fragment):
     monkeypatch.setenv("RANK", "0")
     had_group = dist.is_initialized()
     with pytest.raises(ConfigError) as err:
-        init_distributed(load_config(None, overrides), 256)
+        cfg = load_config(None, overrides)
+        init_distributed(cfg, layout=resolve_layout(cfg, world, 256))
     assert fragment in str(err.value) and "\n" not in str(err.value)
     assert dist.is_initialized() == had_group  # refused before any process group was made
 

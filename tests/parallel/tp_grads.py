@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pretrain.config import load_config
+from pretrain.config import load_config, resolve_layout
 from pretrain.distributed import init_distributed
 from pretrain.model import Transformer, init_model
 from pretrain.model.init import local_slice
@@ -58,7 +58,7 @@ def whole_model() -> dict[str, float]:
     from parallel_common import VOCAB, case_config, global_batch
 
     cfg = load_config(None, case_config({"tp": 2}))
-    env = init_distributed(cfg, VOCAB)
+    env = init_distributed(cfg, layout=resolve_layout(cfg, dist.get_world_size(), VOCAB))
     args = cfg.model.args(VOCAB)
     factory = TensorParallelFactory(model_parallel_config(2, 1, False, torch.float32))
     out = single_layers(factory)

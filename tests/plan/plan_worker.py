@@ -44,7 +44,7 @@ def tp2() -> dict:
     from pretrain.parallel.tensor import TensorParallelFactory, model_parallel_config
 
     cfg = load_config(None, case_overrides(tp=2))
-    env = init_distributed(cfg, VOCAB)
+    env = init_distributed(cfg, layout=planned_run(cfg, int(os.environ["WORLD_SIZE"]), VOCAB).layout)
     args = block_args()
     out = {}
     for dtype in DTYPES:

@@ -94,7 +94,7 @@ def test_world_size_check_names_both_numbers(tmp_path: Path) -> None:
     with pytest.raises(LaunchError) as err:
         check_world(p, ["-m", "pretrain", "train", "--config", str(cfg)])
     assert "world size 6 is not divisible by tp x pp = 2 x 2" in str(err.value)
-    assert "allocation: 6 (2 nodes x 3 per node)" in str(err.value)
+    assert "the allocation gives world size 6 (2 nodes x 3 per node)" in str(err.value)
     check_world(p, ["-m", "pretrain", "train", "--config", str(cfg), "--set", "parallel.pp=1"])  # 6 % 2 == 0: fine
     with pytest.raises(LaunchError, match="model.n_heads=4 is not divisible by parallel.tp=3"):
         check_world(p, ["train.py", "--config", str(cfg), "--set", "parallel.pp=1", "--set", "parallel.tp=3"])

@@ -33,6 +33,7 @@ def test_dry_run_prints_layout_params_memory_and_builds_nothing(tmp_path):
     ("parallel.tp=3", "world size 2 is not divisible by tp x pp = 3 x 1"),
     ("train.max_stepz=3", "unknown key 'train.max_stepz' (did you mean 'max_steps'?)"),
     ("parallel.pp=2", "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"),
+    ("data.weights=[0]", "data.weights [0.0]: token shares must be >= 0 and not all zero"),  # was: at start
 ])
 def test_bad_config_is_one_line_and_exit_2(override, message):
     p = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--world-size", "2",
@@ -91,3 +92,13 @@ def test_plan_predicts_throughput_from_the_assumed_mfu():
                                                                                               rel=1e-5)
     bad = pretrain("plan", "--config", "configs/8b.yaml", "--gpu", "B300")
     assert bad.returncode == 2 and bad.stdout == "" and "--gpu B300: unknown GPU" in bad.stderr
+
+
+def test_both_clis_exit_2_on_the_same_bad_input(tmp_path):
+    """A directory that holds no shards: `pretrain-data verify` and `pretrain train` say so in one line, exit 2."""
+    data = subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(tmp_path)], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+    train = pretrain("train", "--config", "configs/debug.yaml", "--dry-run", "--set", f"data.path={tmp_path}")
+    assert (data.returncode, train.returncode) == (2, 2), (data.stderr, train.stderr)
+    for p in (data, train):
+        assert str(tmp_path) in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -36,7 +36,8 @@ def _wait_for_steps(proc: subprocess.Popen, run: Path, n: int, log: Path) -> Non
 def test_ctrl_c_checkpoints_and_exits_42_and_twice_exits_at_once(tmp_path):
     shards = tiny_shards(tmp_path / "data") / "shards"
     run = tmp_path / "run"
-    args = train_args(shards, run, "train.max_steps=100000", "parallel.zero_stage=2")
+    # grad_accum 16: steps long enough (~0.5 s) that a second Ctrl-C lands before the stop has finished
+    args = train_args(shards, run, "train.max_steps=100000", "parallel.zero_stage=2", "train.grad_accum=16")
 
     log = tmp_path / "first.log"
     proc = _launch(args, log)
@@ -53,7 +54,10 @@ def test_ctrl_c_checkpoints_and_exits_42_and_twice_exits_at_once(tmp_path):
     proc = _launch(args, log)  # resumes from that checkpoint
     _wait_for_steps(proc, run, stopped + 2, log)
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while "[train] interrupt: stopping after the current step" not in log.read_text():  # the ranks have it
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGINT)
     sent = time.monotonic()
     try:

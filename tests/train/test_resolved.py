@@ -71,6 +71,19 @@ def test_corpus_too_small_for_dp_x_workers_fails_the_dry_run(one_document):
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_launch_preflight_runs_the_same_checks_for_the_allocation(one_document, tmp_path):
+    """`python -m launch` checks the run on every node before any rendezvous: here, DP 2 of a 1-document corpus."""
+    from launch.plan import LaunchError, plan_from_env
+    from launch.preflight import check_world
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {one_document}\n")
+    command = ["-m", "pretrain", "train", "--config", str(cfg)]
+    check_world(plan_from_env({}, 1), command)
+    with pytest.raises(LaunchError, match="1 documents cannot be split over dp_size 2"):
+        check_world(plan_from_env({}, 2), command)
+
+
 def test_val_path_is_checked_before_step_1(data, one_document, tmp_path):
     """Item 2: the validation shards exist, share the training tokenizer and suffice for every DP rank x worker."""
     shards = data / "shards"
@@ -92,6 +105,10 @@ def test_val_path_is_checked_before_step_1(data, one_document, tmp_path):
 
     ok = dry_run(f"data.path={shards}", f"data.val_path={shards}")
     assert ok.returncode == 0 and "data.val_path: 300 documents" in ok.stdout, ok.stderr
+    assert "documents repeat within an eval" not in ok.stdout
+    small = dry_run(f"data.path={shards}", f"data.val_path={one_document}")  # enough to run, not for one eval
+    assert small.returncode == 0 and "data.val_path holds ~" in small.stdout
+    assert "documents repeat within an eval" in small.stdout, small.stdout
 
 
 def test_a_users_run_does_not_evaluate_on_the_demos_shards(data):
@@ -129,13 +146,14 @@ def test_missing_tokenizer_is_refused_at_start_naming_path_and_fix(data, tmp_pat
 
 @pytest.fixture(scope="module")
 def mixture_run(data, tmp_path_factory) -> dict:
-    """2 steps on a weighted two-source mixture with validation every step and MLflow on. The second source is
-    prepared from the data directory with a *relative* tokenizer path; training runs from the repository."""
+    """2 steps on a weighted two-source mixture with validation every step and MLflow on. The first source (whose
+    manifest names the tokenizer) is prepared in another directory with a *relative* tokenizer path; training
+    runs from the repository."""
     work = tmp_path_factory.mktemp("mixture")
     shutil.copytree(data / "tok", work / "tok")
     second = prepare(str(data / "corpus.jsonl"), "tok", "second", cwd=work)  # relative to `work`, not the repo
     run_dir = work / "run"
-    args = train_args(data / "shards", run_dir, f"data.path=[{data / 'shards'},{second}]", "data.weights=[0.7,0.3]",
+    args = train_args(data / "shards", run_dir, f"data.path=[{second},{data / 'shards'}]", "data.weights=[0.7,0.3]",
                       f"data.val_path={second}", "train.eval_every=1", "train.eval_steps=1", "train.max_steps=2",
                       "tracking.enabled=true")
     p = run_py(*args, timeout=400)

@@ -1,0 +1,53 @@
+"""What a training run prints: the project's own lines; the libraries' start-up chatter only with `--verbose`.
+
+A clean start shows lines that begin with one of PROJECT_PREFIXES. What is quieted says nothing a user can act
+on: DeepSpeed's "deepspeed_shm_comm_op built successfully" (a print to stdout in deepspeed.comm.torch), its
+"ZeRO with an untested optimizer" (our AdamW is chosen on purpose) and "Setting accelerator to CPU" (we asked for
+CPU); MLflow's INFO lines about creating its database tables; warnings raised inside torch, megatron-core,
+DeepSpeed or MLflow about their own internals (e.g. torch's FutureWarning on the all_gather_into_tensor that
+DeepSpeed's ZeRO calls; megatron-core's "Transformer Engine and Apex are not installed"). Errors are not hidden:
+library loggers are raised to ERROR, not switched off, and tracebacks pass.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from typing import Iterator
+
+# Every line a run prints to stdout/stderr without --verbose starts with one of these (tests/train/test_quiet.py).
+PROJECT_PREFIXES = ("[train]", "[checkpoint]", "[tracking]", "[data]", "step ", "done:", "checkpoints:", "metrics:",
+                    "mlflow:", "             ", "error:", "note:", "launch")
+# A warning is the project's own when raised from one of its packages; any other is a library's.
+_NOT_OURS = r"(?!(pretrain|data_pipeline|launch)(\.|$))"
+
+_verbose = True  # library output untouched until `quiet` says otherwise
+
+
+def quiet(*, verbose: bool, cpu: bool) -> None:
+    """Call once, before the libraries are imported by the training (DeepSpeed reads DS_ACCELERATOR at import;
+    MLflow reads MLFLOW_LOGGING_LEVEL when it configures its loggers)."""
+    global _verbose
+    _verbose = verbose
+    if cpu:  # functional, not cosmetic: DeepSpeed would probe for accelerators and warn that it fell back to CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if verbose:
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", module=_NOT_OURS)
+    from deepspeed.utils.logging import logger as deepspeed_logger  # its level is set when it is created
+
+    deepspeed_logger.setLevel(logging.ERROR)
+    for name in ("megatron", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def library_stdout() -> Iterator[None]:
+    """Drop what a library prints to stdout inside this block, unless --verbose."""
+    if _verbose:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield

@@ -1,0 +1,290 @@
+"""Read any committed checkpoint offline: full, un-sliced, reference-named fp32 tensors, one at a time.
+
+A `step_<N>/model/` directory holds DeepSpeed's files for the layout it was written with. What lives where
+(DeepSpeed 0.19; read from deepspeed/runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
+utils/zero_to_fp32.py):
+
+    mp_rank_<m>_model_states.pt        per model-parallel slice m (dp rank 0): 'module' (the module's weights; bf16
+                                       under bf16), 'param_shapes' (ZeRO >= 1), and under ZeRO-0 'optimizer' (the
+                                       torch optimizer's state_dict: Adam moments per parameter, by index)
+    layer_<i>-model_<t>-model_states.pt  PipelineModule: layer i's weights on TP rank t (its own short names)
+    [bf16_]zero_pp_rank_<d>_mp_rank_<m>_optim_states.pt
+                                       ZeRO-1/2 (and the bf16 optimizer): DP rank d's flat fp32 partition per param
+                                       group ('single_partition_of_fp32_groups'), the base optimizer's moments over
+                                       the same flat partition, and 'param_slice_mappings': for each parameter the
+                                       fragment (start, numel) of this partition that holds part of it. A parameter's
+                                       fragments in DP-rank order concatenate to the whole (TP-local) parameter.
+                                       ZeRO-3: 'fp32_flat_groups', every parameter split into ceil(numel/dp)-element
+                                       pieces, one per DP rank, in 'param_shapes' order (zero_pp_rank_<d>_mp_rank_<m>
+                                       _model_states.pt), the last piece zero-padded.
+    m = pp_stage * tp + tp_rank        (the pipeline grid's model-parallel rank; = tp_rank without a pipeline)
+
+So the fp32 master weight is the optimizer's partition under ZeRO >= 1 (never the bf16 module copy), and the module
+itself under ZeRO-0 (fp32 only: the config refuses bf16 without ZeRO). TP pieces are concatenated along the one
+dimension where the local shape differs from the full shape that the resolved run's model gives
+(`reference_shapes`); megatron-core splits in contiguous chunks in TP-rank order (`pretrain.model.init.local_slice`
+is the inverse). Parameter names become the reference model's ("layers.2.attention.wq.weight") through the
+pipeline's `reference_name`.
+
+Memory: every file is opened with `torch.load(mmap=True)` (the pickles hold DeepSpeed's own classes, so
+weights_only=False: these are files our own training wrote), and `tensor()` copies out only the pieces of one
+parameter, so a read costs about one full parameter, whatever the model size.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.checkpoint import CheckpointError, verify
+from pretrain.model.init import reference_shapes
+from pretrain.parallel.optimizer import decays
+from pretrain.parallel.pipeline import reference_name
+from pretrain.resolved import ResolvedRun
+
+KINDS = ("param", "exp_avg", "exp_avg_sq")
+MODEL_DIR = "model"  # Engine.save's DeepSpeed tag
+_LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+
+
+class CheckpointReader:
+    """A committed step dir, read without a process group or a DeepSpeed engine."""
+
+    def __init__(self, step_dir: str | Path):
+        self.step_dir = Path(step_dir)
+        self.step = int(verify(self.step_dir)["step"])  # the training step the checkpoint was committed at
+        self.run: ResolvedRun = ResolvedRun.of_checkpoint(self.step_dir)
+        self.dir = self.step_dir / MODEL_DIR
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.step_dir}: no DeepSpeed directory '{MODEL_DIR}'")
+        lay = self.run.layout
+        self.tp, self.pp, self.dp, self.zero = lay.tp, lay.pp, lay.dp, self.run.zero_stage
+        self._files: dict[str, Any] = {}
+        self._full = reference_shapes(self.run.model)
+        # Per TP rank: reference name -> (engine name, local shape, model-parallel slice), in model order.
+        self._local: list[dict[str, tuple[str, torch.Size, int]]] = [self._local_params(t) for t in range(self.tp)]
+        self._names = list(self._local[0])
+        missing = set(self._full) - set(self._names)
+        if missing or set(self._names) - set(self._full):
+            raise CheckpointError(f"{self.dir}: parameters do not match the recorded model "
+                                  f"(missing {sorted(missing)[:3]}, unexpected {sorted(set(self._names) - set(self._full))[:3]})")
+        self._where = [self._locate(t) for t in range(self.tp)]
+
+    # ---------------------------------------------------------------------------------------------- public
+
+    def names(self) -> list[str]:
+        """Reference names of the model's parameters in model order (a tied head is not a parameter)."""
+        return list(self._names)
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._full[self._alias(name)])
+
+    def tensor(self, name: str, kind: str = "param") -> torch.Tensor:
+        """The whole fp32 tensor (padded vocabulary rows included, as trained): the master weight for "param",
+        Adam's first/second moment for "exp_avg"/"exp_avg_sq"."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        name = self._alias(name)
+        full = self._full[name]
+        pieces = [self._read_local(t, name, kind) for t in range(self.tp)]
+        if tuple(pieces[0].shape) == tuple(full):
+            return pieces[0]  # replicated over TP (norm weights), or tp == 1
+        dims = [d for d, (a, b) in enumerate(zip(pieces[0].shape, full)) if a != b]
+        if len(dims) != 1 or pieces[0].shape[dims[0]] * self.tp != full[dims[0]]:
+            raise CheckpointError(f"{self.dir}: {name} has local shape {tuple(pieces[0].shape)} on TP rank 0, "
+                                  f"which is no 1/{self.tp} split of {tuple(full)}")
+        return torch.cat(pieces, dim=dims[0])
+
+    def optimizer_step(self) -> int:
+        """Adam's step count (optimizer steps taken; skipped non-finite steps do not count)."""
+        if self.zero == 0:
+            state = self._load(self._model_file(0)).get("optimizer") or {}
+            steps = [s["step"] for s in state.get("state", {}).values() if "step" in s]
+        else:
+            osd = self._load(self._optim_file(0, 0))["optimizer_state_dict"]
+            base = osd["optimizer_state_dict"] if self.zero == 3 else osd["base_optimizer_state"]
+            steps = [s["step"] for s in base["state"].values() if "step" in s]
+        return int(steps[0]) if steps else 0
+
+    # --------------------------------------------------------------------------------------------- files
+
+    def _load(self, name: str) -> Any:
+        if name not in self._files:
+            path = self.dir / name
+            if not path.is_file():
+                raise CheckpointError(f"{self.dir}: {name} is missing (written with tp {self.tp} x pp {self.pp} x "
+                                      f"dp {self.dp} ZeRO-{self.zero})")
+            self._files[name] = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return self._files[name]
+
+    def _model_file(self, mp: int) -> str:
+        if self.zero == 3:
+            return f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
+        return f"mp_rank_{mp:02d}_model_states.pt"
+
+    def _optim_file(self, dp: int, mp: int) -> str:
+        name = f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+        bf16 = f"bf16_{name}"  # DeepSpeed prefixes the file when bf16 is on, whatever optimizer class wrote it
+        return bf16 if (self.dir / bf16).is_file() else name
+
+    def _alias(self, name: str) -> str:
+        if name == "output.weight" and self.run.model.tie_embeddings:
+            return "tok_embeddings.weight"
+        if name not in self._full:
+            raise KeyError(f"{name!r} is not a parameter of this model (see names())")
+        return name
+
+    # ----------------------------------------------------------------------------------- which param where
+
+    def _local_params(self, t: int) -> dict[str, tuple[str, torch.Size, int]]:
+        """Reference name -> (the engine's name, TP-local shape, model-parallel slice) on TP rank t."""
+        out: dict[str, tuple[str, torch.Size, int]] = {}
+        if self.pp == 1:
+            sd = self._load(self._model_file(t))
+            shapes = {k: torch.Size(v) for g in (sd.get("param_shapes") or []) for k, v in g.items()}
+            for key, value in sd["module"].items():
+                if key in self._full and (not shapes or key in shapes):
+                    out[key] = (key, shapes.get(key, getattr(value, "shape", None)), t)
+            return out
+        # Pipeline: every layer's weights are in its own file; the stage that owns it is found below.
+        layers = sorted((int(m.group(1)), p.name) for p in self.dir.iterdir()
+                        if (m := _LAYER_FILE.match(p.name)) and int(m.group(2)) == t)
+        owner = self._stage_of_layer(t, [i for i, _ in layers])
+        for i, fname in layers:
+            for rest, value in self._load(fname).items():
+                if isinstance(value, torch.Tensor):
+                    pipe = f"{i}.{rest}"
+                    out[reference_name(pipe, self.run.model.n_layers)] = (pipe, value.shape, owner[i] * self.tp + t)
+        return out
+
+    def _stage_of_layer(self, t: int, layers: list[int]) -> dict[int, int]:
+        """Pipeline stage of each layer index. ZeRO-1 names its parameters in each stage's optimizer file; ZeRO-0's
+        optimizer state is by position, so stages take consecutive layers until their parameter count is met."""
+        if self.zero >= 1:
+            owner = {}
+            for s in range(self.pp):
+                mappings = self._load(self._optim_file(0, s * self.tp + t))["optimizer_state_dict"]
+                for group in mappings["param_slice_mappings"]:
+                    for pipe in group:
+                        owner[int(pipe.split(".", 1)[0])] = s
+            return owner
+        owner, it = {}, iter(layers)
+        for s in range(self.pp):
+            groups = self._load(self._model_file(s * self.tp + t))["optimizer"]["param_groups"]
+            want = sum(len(g["params"]) for g in groups)
+            while want > 0:
+                i = next(it)
+                owner[i] = s
+                want -= sum(isinstance(v, torch.Tensor) for v in
+                            self._load(f"layer_{i:02d}-model_{t:02d}-model_states.pt").values())
+            if want < 0:
+                raise CheckpointError(f"{self.dir}: stage {s}'s optimizer does not cover whole layers")
+        for i in it:
+            owner[i] = self.pp - 1  # layers without parameters
+        return owner
+
+    def _locate(self, t: int) -> dict[str, Any]:
+        """Reference name -> where its TP-local piece lives for the optimizer's kinds (and the weight)."""
+        local = self._local[t]
+        where: dict[str, Any] = {}
+        if self.zero == 0:
+            # The torch optimizer's state is by index over param_groups: decayed matrices first, then vectors, each
+            # in the module's parameter order (pretrain.parallel.optimizer.param_groups).
+            by_mp: dict[int, list[str]] = {}
+            for ref, (_, shape, mp) in local.items():
+                by_mp.setdefault(mp, []).append(ref)
+            for mp, refs in by_mp.items():
+                opt = self._load(self._model_file(mp)).get("optimizer") or {"param_groups": []}
+                ordered = [r for r in refs if decays(len(local[r][1]))] + [r for r in refs if not decays(len(local[r][1]))]
+                ids = [i for g in opt["param_groups"] for i in g["params"]]
+                if len(ids) != len(ordered):
+                    raise CheckpointError(f"{self.dir}/{self._model_file(mp)}: optimizer has {len(ids)} parameters, "
+                                          f"the model slice {len(ordered)}")
+                for ref, idx in zip(ordered, ids):
+                    where[ref] = (mp, idx)
+            return where
+        if self.zero in (1, 2):
+            by_engine = {eng: ref for ref, (eng, _, _) in local.items()}
+            for mp in sorted({mp for _, _, mp in local.values()}):
+                for d in range(self.dp):
+                    osd = self._load(self._optim_file(d, mp))["optimizer_state_dict"]
+                    for g, mapping in enumerate(osd["param_slice_mappings"]):
+                        for eng, frag in mapping.items():
+                            where.setdefault(by_engine[eng], []).append((mp, d, g, frag.start, frag.numel))
+            return where
+        # ZeRO-3: one model-parallel slice per TP rank (no pipeline); pieces in param_shapes order over all groups.
+        sd = self._load(self._model_file(t))
+        offset = 0
+        for group in sd["param_shapes"]:
+            for eng, shape in group.items():
+                piece = math.ceil(math.prod(shape) / self.dp)
+                where[eng] = (t, offset, piece)
+                offset += piece
+        flat = sum(f.numel() for f in self._load(self._optim_file(0, t))["optimizer_state_dict"]["fp32_flat_groups"])
+        if flat != offset:
+            raise CheckpointError(f"{self.dir}: ZeRO-3 partitions hold {flat} elements, the parameters need {offset}")
+        return where
+
+    # ---------------------------------------------------------------------------------------------- reads
+
+    def _read_local(self, t: int, ref: str, kind: str) -> torch.Tensor:
+        eng, shape, mp = self._local[t][ref]
+        numel = math.prod(shape)
+        loc = self._where[t][ref]
+        if self.zero == 0:
+            mp, idx = loc
+            if kind == "param":
+                sd = self._load(self._model_file(mp)) if self.pp == 1 else None
+                value = sd["module"][eng] if sd is not None else self._layer_tensor(eng, t)
+                return value.detach().float().clone().view(shape)
+            state = self._load(self._model_file(mp))["optimizer"]["state"].get(idx, {})
+            return state[kind].float().clone().view(shape) if kind in state else torch.zeros(shape)
+        if self.zero in (1, 2):
+            parts = []
+            for mp, d, g, start, n in loc:
+                osd = self._load(self._optim_file(d, mp))["optimizer_state_dict"]
+                flat = (osd["single_partition_of_fp32_groups"][g] if kind == "param"
+                        else osd["base_optimizer_state"]["state"].get(g, {}).get(kind))
+                parts.append(torch.zeros(n) if flat is None else flat.narrow(0, start, n).float())
+            out = torch.cat(parts)
+        else:
+            mp, offset, piece = loc
+            parts = []
+            for d in range(self.dp):
+                osd = self._load(self._optim_file(d, mp))["optimizer_state_dict"]
+                if kind == "param":
+                    flats = osd["fp32_flat_groups"]
+                else:
+                    state = osd["optimizer_state_dict"]["state"]
+                    flats = [state.get(g, {}).get(kind) for g in range(len(osd["fp32_flat_groups"]))]
+                    flats = [torch.zeros_like(f) if s is None else s for s, f in zip(flats, osd["fp32_flat_groups"])]
+                parts.append(_flat_slice(flats, offset, piece))
+            out = torch.cat(parts).narrow(0, 0, numel)  # the last DP piece is zero-padded
+        if out.numel() != numel:
+            raise CheckpointError(f"{self.dir}: {ref} has {out.numel()} elements in the optimizer files, expected "
+                                  f"{numel} ({tuple(shape)})")
+        return out.clone().view(shape)
+
+    def _layer_tensor(self, pipe: str, t: int) -> torch.Tensor:
+        layer, rest = pipe.split(".", 1)
+        return self._load(f"layer_{int(layer):02d}-model_{t:02d}-model_states.pt")[rest]
+
+
+def _flat_slice(flats: list[torch.Tensor], offset: int, numel: int) -> torch.Tensor:
+    """[offset, offset + numel) of the concatenation of `flats` (ZeRO-3 sub-groups), without concatenating them."""
+    parts = []
+    for f in flats:
+        n = f.numel()
+        if offset < n and numel > 0:
+            take = min(numel, n - offset)
+            parts.append(f.narrow(0, offset, take).float())
+            numel -= take
+            offset = 0
+        else:
+            offset -= n
+    if numel:
+        raise CheckpointError("a ZeRO-3 partition ends before its parameters do")
+    return torch.cat(parts) if len(parts) != 1 else parts[0]

@@ -1,0 +1,117 @@
+"""Resume a checkpoint written with another layout (tp / pp / dp / ZeRO stage / dtype): re-slice, then load.
+
+Why not DeepSpeed's Universal Checkpointing load path (`checkpoint.load_universal`), read in
+deepspeed/checkpoint/universal_checkpoint.py and the ZeRO optimizers' `_load_universal_checkpoint`:
+- it finds each parameter's folder by the *target* engine's own parameter name; a PipelineModule names a block
+  "3.attention.wq.weight" and the plain model "layers.2.attention.wq.weight", so PP <-> no-PP never matches;
+- it lives inside the ZeRO optimizers only: ZeRO-0 (fp32, our GuardedAdamW) has no universal load at all;
+- `ds_to_universal` needs megatron's `universal_checkpoint_info` (which patterns are row/column/vocab parallel)
+  inside the checkpoint, which our engine does not write.
+So this module is the smallest own re-slicer over reference names. It reads each full fp32 tensor (master
+weight, exp_avg, exp_avg_sq) with `CheckpointReader`, fits the vocabulary rows (padding is 128 x tp, so it
+differs between layouts; padded rows are never targets), cuts this rank's TP piece (`local_slice`, the same cut
+the seeded init makes) and writes it through DeepSpeed's own setters (`safe_set_full_fp32_param`,
+`safe_set_full_optimizer_state`), which place it in whatever ZeRO partition this rank owns. `pretrain
+convert-checkpoint --to universal` still writes DeepSpeed's universal format for other tools.
+
+Memory per rank: one full parameter at a time (plus its TP piece), never the whole model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint import CheckpointError
+from pretrain.model.args import ModelArgs
+from pretrain.model.init import from_weights, local_slice, reference_shapes
+from pretrain.parallel.checkpoint_reader import CheckpointReader
+from pretrain.resolved import ResolvedRun
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+VOCAB_PARAMS = ("tok_embeddings.weight", "output.weight")
+
+
+def layout_words(run: ResolvedRun) -> str:
+    lay = run.layout
+    return f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp} ZeRO-{run.zero_stage}" + (" bf16" if run.dtype == "bf16" else "")
+
+
+def needs_reslicing(saved: ResolvedRun, now: ResolvedRun) -> bool:
+    """DeepSpeed's own load needs the very same files: same tp, pp, dp, ZeRO stage, dtype and padded vocabulary."""
+    a, b = saved.layout, now.layout
+    return ((a.tp, a.pp, a.dp, a.padded_vocab_size, saved.zero_stage, saved.dtype)
+            != (b.tp, b.pp, b.dp, b.padded_vocab_size, now.zero_stage, now.dtype))
+
+
+def check_same_model(saved: ModelArgs, now: ModelArgs, where: Path) -> None:
+    """Only the layout may change: the same network (the vocabulary padding and max_seq_len aside)."""
+    from pretrain.weights import SHAPE_FIELDS
+
+    diff = [f"{k} {getattr(saved, k)} -> {getattr(now, k)}" for k in SHAPE_FIELDS if getattr(saved, k) != getattr(now, k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {where} holds another model ({', '.join(diff)}); only the parallel "
+                              "layout can change on resume")
+
+
+def fit_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
+    """A moment of a vocabulary matrix for the new padding: cut, or completed with zeros (rows never trained)."""
+    if full.shape[0] >= rows:
+        return full[:rows]
+    return torch.cat([full, full.new_zeros((rows - full.shape[0], *full.shape[1:]))])
+
+
+@torch.no_grad()
+def load_resliced(ds_engine, reader: CheckpointReader, args: ModelArgs, seed: int, tp_rank: int,
+                  rename: Callable[[str], str]) -> int:
+    """Put the checkpoint's fp32 master weights and Adam moments into a DeepSpeed engine of another layout, whose
+    module was built from the same checkpoint (`build_engine(init=reader)`: the module copy, bf16 or fp32, and the
+    vocabulary rows the new padding adds). Returns Adam's step count. Collective: every rank calls it."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    shapes = reference_shapes(args)
+    zero = int(ds_engine.zero_optimization_stage())
+    base = ds_engine.optimizer if zero == 0 else ds_engine.optimizer.optimizer  # the torch AdamW that steps
+    step = reader.optimizer_step()
+    # What AdamW steps: the module's parameters (ZeRO-0), the flat fp32 partitions (ZeRO-1/2, bf16), or ZeRO-3's
+    # flat sub-group partitions (stage 3 empties the optimizer's param_groups between steps).
+    flats = getattr(ds_engine.optimizer, "fp32_partitioned_groups_flat", None)
+    _materialise_adam_state(base, flats or [p for g in base.param_groups for p in g["params"]], step)
+    master = from_weights(reader.tensor, args, seed)  # seeded rows where the new padding adds some
+    for name, param in ds_engine.module.named_parameters():
+        ref = rename(name)
+        moments = {key: reader.tensor(ref, key) for key in MOMENTS}
+        if ref in VOCAB_PARAMS:
+            moments = {key: fit_rows(value, shapes[ref][0]) for key, value in moments.items()}
+        moments = {key: local_slice(value, param, tp_rank) for key, value in moments.items()}
+        if zero == 0:  # the module's parameters are the master weights (already loaded) and the optimizer's own
+            for key in MOMENTS:
+                base.state[param][key].copy_(moments[key])
+            continue
+        safe_set_full_fp32_param(param, local_slice(master(ref, shapes[ref]), param, tp_rank))
+        mapping = getattr(param, "_hp_mapping", None)
+        if zero in (1, 2) and mapping is not None:
+            # ZeRO-1/2 and the bf16 optimizer link a parameter to its fragment of the moments only after their
+            # first step (and DeepSpeed 0.19 links only the first param group then); link it to the state made
+            # above so the setter finds it. The optimizer's own later link finds the same tensors.
+            flat = base.param_groups[mapping.param_group_index]["params"][0]
+            mapping.set_optim_state_fragment(flat, base.state[flat])
+        if zero == 3 or mapping is not None:
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(param, moments[key], key)
+    if dist.is_initialized():
+        dist.barrier()
+    return step
+
+
+def _materialise_adam_state(base: torch.optim.Optimizer, params: list[torch.Tensor], step: int) -> None:
+    """torch's AdamW creates its state at the first step; the moments are written into it before that, so create
+    it here (zeros), with Adam's step count (its bias correction) set to the checkpoint's."""
+    for p in params:
+        state = base.state[p]
+        for key in MOMENTS:
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] = torch.tensor(float(step), dtype=torch.float32)
