@@ -40,7 +40,6 @@ META = "meta.json"
 CONFIG = "config.yaml"
 LATEST = "latest"
 TOKENIZER_DIR = "tokenizer"  # a copy of the tokenizer files, so a checkpoint is self-contained
-CONSOLIDATED = "consolidated.pt"  # reference-named full state dict, written at the final checkpoint only
 _STEP_RE = re.compile(r"^step_(\d+)$")
 # Files up to this size get a sha256 in the manifest (cheap); bigger ones (model/optimizer shards) get sizes only,
 # because hashing hundreds of GB on every save would cost more than the save.

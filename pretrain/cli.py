@@ -209,6 +209,18 @@ def _dtype(name: str):
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
+def _quiet_offline() -> None:
+    """Reading DeepSpeed's files imports DeepSpeed and megatron-core; on a machine without CUDA their start-up
+    notices (accelerator fallback, no Transformer Engine) would land in generate's output."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _tokenizer_path(step_dir, run, override: str | None) -> str:
     """The tokenizer to use with a checkpoint: --tokenizer, else the checkpoint's copy, else the path training
     recorded; the same tokenizer the model was trained with (identity hash) or a one-line error."""
@@ -253,6 +265,7 @@ def run_export(args: argparse.Namespace) -> int:
         max_shard = parse_size(args.max_shard_size)
     except ValueError as e:
         raise ConfigError(f"--max-shard-size: {e}") from None
+    _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)
     run = source.run
     tokenizer = _tokenizer_path(step_dir, run, args.tokenizer)
@@ -282,6 +295,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from pretrain.model.transformer import Transformer
     from pretrain.weights import open_weights
 
+    _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)
     run = source.run
     tok = load_tokenizer(_tokenizer_path(step_dir, run, args.tokenizer))

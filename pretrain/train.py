@@ -112,7 +112,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
             # run must resume from here. Periodic saves wait for a finite step.
             last = step == cfg.train.max_steps and cfg.checkpoint.final
             if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0):
-                save(cfg, run, env, engine, loader, tracker, step, final=step == cfg.train.max_steps)
+                save(cfg, run, env, engine, loader, tracker, step)
                 log.committed()
             if stopping:
                 return requeue(env, stop, step, tracker)
@@ -247,19 +247,14 @@ class HeldOut:
         return sum(engine.eval_step(batches) for _ in range(self.steps)) / self.steps
 
 
-def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any, step: int, *, final: bool) -> Path:
-    """Commit step_<step>/ (collective). The final checkpoint also holds a consolidated reference state dict
-    (`consolidated.pt`, rank 0) so `pretrain generate` needs no DeepSpeed and no world of the training size."""
-    import torch
+def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any, step: int) -> Path:
+    """Commit step_<step>/ (collective). Generate and export read any step offline from DeepSpeed's files
+    (pretrain/parallel/checkpoint_reader.py), so no consolidated copy of the model is written."""
 
     def save_model(d: Path) -> None:
         engine.save(d)
         if env.rank == 0:
             copy_tokenizer(run.tokenizer, d)
-        if final:
-            state = engine.reference_state_dict()
-            if env.rank == 0:
-                torch.save(state, d / checkpoint.CONSOLIDATED)
 
     meta = checkpoint.Meta(step=step, mlflow_run_id=tracker.run_id if tracker else None,
                            tokenizer=dataclasses.asdict(run.tokenizer) if run.tokenizer else {},

@@ -98,7 +98,7 @@ def test_world_size_that_does_not_fit_fails_fast_with_one_line(slurm_cluster: Cl
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
     errors = [line for line in log.splitlines() if line.startswith("launch: error:")]
     assert len(errors) == 2 and len(set(errors)) == 1, log  # one line, identical on each node
-    assert "= 4 does not divide" in errors[0] and "world size 2 (2 nodes x 1 per node)" in errors[0]
+    assert "not divisible by tp x pp = 2 x 2" in errors[0] and "world size 2 (2 nodes x 1 per node)" in errors[0]
     # Nothing started: no rank wrote anything, torchrun never ran a rendezvous.
     assert not (tmp_path / "run").exists()
     assert "torch.distributed.run" not in log and "rendezvous" not in log.lower()
