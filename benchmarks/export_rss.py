@@ -102,6 +102,11 @@ def main() -> int:
         "command": "python benchmarks/export_rss.py --checkpoint " + args.checkpoint + " --max-shard-size "
                    + " ".join(args.max_shard_size) + (f" --json {args.json}" if args.json else ""),
         "runs": runs,
+        "notes": "peak_rss = VmRSS (= /usr/bin/time -v maximum resident set size). peak_rss_anon: memory the export "
+                 "allocated (interpreter + libraries + one output shard + the tensor being converted). "
+                 "peak_rss_file: pages of the checkpoint files that CheckpointReader memory-maps (torch.load "
+                 "mmap=True) and of the shared libraries: clean page cache the kernel drops under pressure, "
+                 "not memory the export needs. baseline_imports_rss: a process that only imports the same modules.",
     }
     text = json.dumps(result, indent=1)
     print(text)
