@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--max-shard-size", nargs="+", default=["5GB"])
     ap.add_argument("--json", default=None, help="write the result here")
+    ap.add_argument("--made-by", default=None, help="the command that made the checkpoint (recorded as given)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -95,7 +96,8 @@ def main() -> int:
         "device": f"CPU ({platform.processor() or platform.machine()}), {Path('/proc/cpuinfo').read_text().count('processor')} cores",
         "checkpoint": {"path": str(step_dir), "layout": f"tp {run.layout.tp} x pp {run.layout.pp} x dp "
                        f"{run.layout.dp}, ZeRO-{run.zero_stage}", "dtype": run.dtype, "params": params,
-                       "vocab_padded": run.model.vocab_size, "dim": run.model.dim, "n_layers": run.model.n_layers},
+                       "vocab_padded": run.model.vocab_size, "dim": run.model.dim, "n_layers": run.model.n_layers,
+                       "made_by": args.made_by},
         "weights_fp32_bytes": params * 4, "weights_export_dtype_bytes": params * export_bytes_per,
         "largest_tensor_fp32_bytes": largest * 4,
         "baseline_imports_rss_bytes": baseline["VmRSS"],
