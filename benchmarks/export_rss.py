@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--max-shard-size", nargs="+", default=["5GB"])
     ap.add_argument("--json", default=None, help="write the result here")
+    ap.add_argument("--made-by", default=None, help="the command that made the checkpoint (recorded as given)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -95,13 +96,19 @@ def main() -> int:
         "device": f"CPU ({platform.processor() or platform.machine()}), {Path('/proc/cpuinfo').read_text().count('processor')} cores",
         "checkpoint": {"path": str(step_dir), "layout": f"tp {run.layout.tp} x pp {run.layout.pp} x dp "
                        f"{run.layout.dp}, ZeRO-{run.zero_stage}", "dtype": run.dtype, "params": params,
-                       "vocab_padded": run.model.vocab_size, "dim": run.model.dim, "n_layers": run.model.n_layers},
+                       "vocab_padded": run.model.vocab_size, "dim": run.model.dim, "n_layers": run.model.n_layers,
+                       "made_by": args.made_by},
         "weights_fp32_bytes": params * 4, "weights_export_dtype_bytes": params * export_bytes_per,
         "largest_tensor_fp32_bytes": largest * 4,
         "baseline_imports_rss_bytes": baseline["VmRSS"],
         "command": "python benchmarks/export_rss.py --checkpoint " + args.checkpoint + " --max-shard-size "
                    + " ".join(args.max_shard_size) + (f" --json {args.json}" if args.json else ""),
         "runs": runs,
+        "notes": "peak_rss = VmRSS (= /usr/bin/time -v maximum resident set size). peak_rss_anon: memory the export "
+                 "allocated (interpreter + libraries + one output shard + the tensor being converted). "
+                 "peak_rss_file: pages of the checkpoint files that CheckpointReader memory-maps (torch.load "
+                 "mmap=True) and of the shared libraries: clean page cache the kernel drops under pressure, "
+                 "not memory the export needs. baseline_imports_rss: a process that only imports the same modules.",
     }
     text = json.dumps(result, indent=1)
     print(text)
