@@ -24,7 +24,7 @@ from pretrain.cli import main as cli  # noqa: E402
 def test_any_step_exports_fp32_master_weights_and_bf16_by_default(tmp_path):
     """A bf16 ZeRO-1 run checkpointed every step: step_2 (not the last) exports without the training world; the
     default dtype is the training dtype (bf16), and --dtype fp32 gives the optimizer's fp32 master weights, which
-    the bf16 module copy cannot hold."""
+    the bf16 module copy cannot hold. step_1 generates; step_2 starts another run (model.init_from)."""
     from pretrain.parallel.checkpoint_reader import CheckpointReader
 
     shards = tiny_shards(tmp_path / "data") / "shards"
@@ -61,6 +61,19 @@ def test_any_step_exports_fp32_master_weights_and_bf16_by_default(tmp_path):
                           "--prompt", "the model", "--max-new-tokens", "8", "--temperature", "0"],
                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("the model"), out.stderr[-2000:]
+
+    # model.init_from takes a training step too: a new fp32 ZeRO-0 run starts from step_2's fp32 master weights;
+    # one step at lr 1e-30 cannot move an fp32 weight, so what it exports is exactly step_2's masters.
+    p = subprocess.run([sys.executable, *train_args(shards, tmp_path / "again", "train.max_steps=1",
+                                                    f"model.init_from={step}", "optim.lr=1e-30")],
+                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"starting from {step} (weights only) at step 0" in p.stderr
+    assert cli(["export-hf", "--checkpoint", str(tmp_path / "again"), "--out", str(tmp_path / "again_hf"),
+                "--dtype", "fp32"]) == 0
+    again = saved_tensors(tmp_path / "again_hf")
+    for name in reader.names():
+        assert torch.equal(again[hf_name(name)], reader.tensor(name)), name
 
 
 def test_train_from_imported_model_on_a_pipeline_layout(tmp_path):
