@@ -4,7 +4,8 @@ Each case: 6 steps on A (tests/reshard/conftest.py SOURCES), commit step_6; on B
 (tests/parallel/parallel_common.batches_for: layout-independent) train 12 steps straight from the same seeded
 init, and step_6 re-sliced onto B trains steps 7..12. Per-step loss of the resumed run vs the straight run,
 within the parity-table tolerance of the target layout (tests/parallel/test_parity.py: why they are not zero).
-Measured (max relative loss deviation over steps 7..12, CPU/gloo, this machine):
+Measured (max relative loss deviation over steps 7..12, CPU/gloo; `pytest tests/reshard/test_reshard.py -s` prints
+them):
 
     source (A)              target (B)                  measured   tolerance
     dp2 ZeRO-2              dp1 ZeRO-1 (1 rank)         4.9e-08    1e-6
@@ -13,6 +14,7 @@ Measured (max relative loss deviation over steps 7..12, CPU/gloo, this machine):
     pp2 (ZeRO-0)            dp2 ZeRO-0 (pp1)            7.3e-08    1e-6
     dp2 ZeRO-1              dp2 ZeRO-3                  9.7e-08    1e-6
     pp2 x tp2 (4 ranks)     dp2 ZeRO-2 (2 ranks)        1.9e-07    1e-6
+    dp2 ZeRO-2              pp2 ZeRO-1                  9.7e-08    2e-6
     dp2 ZeRO-3 bf16         dp2 ZeRO-1 bf16             2.0e-03    5e-3
     dp2 ZeRO-1 -> dp2 ZeRO-3 with Adam's moments reset  1.9e-02    (must FAIL the 1e-6 tolerance)
 """
@@ -36,6 +38,7 @@ CASES = [
     ("pp2_to_pp1", "pp2", {"zero": 0}, 2, DP_TOL),
     ("zero1_to_zero3", "dp2_zero1", {"zero": 3}, 2, DP_TOL),
     ("pp2tp2_4ranks_to_dp2", "pp2_tp2", {"zero": 2}, 2, DP_TOL),
+    ("dp2_zero2_to_pp2_zero1", "dp2_zero2", {"pp": 2, "zero": 1}, 2, TP_PP_TOL),
     ("bf16_zero3_to_zero1", "dp2_zero3_bf16", {"zero": 1, "set": ["train.dtype=bf16"]}, 2, BF16_TOL),
 ]
 RESET = ("zero1_to_zero3_moments_reset", "dp2_zero1", {"zero": 3}, 2, DP_TOL)
@@ -64,7 +67,7 @@ def test_resume_on_another_layout_continues_the_curve(resumed, name, source, tar
     r = resumed[name]
     assert r["global_step_after"] == 12
     dev = _deviation(r)
-    print(f"{name}: max relative loss deviation {dev:.2e} (tolerance {tol:g})")
+    print(f"{name}: max relative loss deviation {dev:.2e} (tolerance {tol:g})", file=sys.stderr)
     assert dev <= tol, f"{name}: resumed losses {r['resumed']} vs straight {r['straight'][6:]}"
     # The curve still moves over the compared steps, so agreement is not vacuous.
     assert abs(r["straight"][11] - r["straight"][6]) > 100 * tol * r["straight"][6] or tol == BF16_TOL
@@ -74,4 +77,5 @@ def test_resume_on_another_layout_continues_the_curve(resumed, name, source, tar
 def test_forgetting_adam_moments_fails_the_comparison(resumed):
     """The comparison can fail: the same resume with the moments zeroed (weights and step kept) is far off."""
     dev = _deviation(resumed[RESET[0]])
+    print(f"{RESET[0]}: max relative loss deviation {dev:.2e}", file=sys.stderr)
     assert dev > 100 * RESET[4], f"moments reset deviates only {dev:.2e}: the test could not tell"
