@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pretrain.parallel.checkpoint_reader import KINDS, CheckpointReader
-from pretrain.parallel.reshard import VOCAB_PARAMS
+from pretrain.model.init import VOCAB_ROWS
 
 _FILE = {"param": "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}  # DeepSpeed's file names
 
@@ -47,10 +47,10 @@ def to_universal(step_dir: str | Path, out: str | Path) -> Path:
         dim = reader.tp_split_dim(name)
         for kind in KINDS:
             tensor = reader.tensor(name, kind)
-            entry: dict = {"param": tensor[:rows].clone() if name in VOCAB_PARAMS else tensor}
+            entry: dict = {"param": tensor[:rows].clone() if name in VOCAB_ROWS else tensor}
             if dim is not None:
                 entry["cat_dim"] = dim
-            if name in VOCAB_PARAMS:
+            if name in VOCAB_ROWS:
                 entry["vocab_tensor"] = True
             torch.save(entry, folder / f"{_FILE[kind]}.pt")
             del tensor, entry

@@ -53,7 +53,7 @@ def local_slice(full: torch.Tensor, param: torch.Tensor, tp_rank: int) -> torch.
 
 
 FullTensor = Callable[[str, tuple[int, ...]], torch.Tensor]  # (reference name, full shape) -> whole tensor
-_VOCAB_ROWS = ("tok_embeddings.weight", "output.weight")
+VOCAB_ROWS = ("tok_embeddings.weight", "output.weight")  # rows padded to 128 x tp: differ between layouts
 
 
 def seeded(args: ModelArgs, seed: int) -> FullTensor:
@@ -70,7 +70,7 @@ def from_weights(read: Callable[[str], torch.Tensor], args: ModelArgs, seed: int
             raise KeyError(f"the weights to start from have no tensor {name!r}") from None
         if tuple(t.shape) == shape:
             return t
-        if name in _VOCAB_ROWS and tuple(t.shape[1:]) == shape[1:]:
+        if name in VOCAB_ROWS and tuple(t.shape[1:]) == shape[1:]:
             out = full_init(name, shape, args, seed)
             rows = min(t.shape[0], shape[0])
             out[:rows] = t[:rows]

@@ -26,12 +26,11 @@ import torch.distributed as dist
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.model.args import ModelArgs
-from pretrain.model.init import from_weights, local_slice, reference_shapes
+from pretrain.model.init import VOCAB_ROWS, from_weights, local_slice, reference_shapes
 from pretrain.parallel.checkpoint_reader import CheckpointReader
 from pretrain.resolved import ResolvedRun
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-VOCAB_PARAMS = ("tok_embeddings.weight", "output.weight")
 
 
 def layout_words(run: ResolvedRun) -> str:
@@ -83,7 +82,7 @@ def load_resliced(ds_engine, reader: CheckpointReader, args: ModelArgs, seed: in
     for name, param in ds_engine.module.named_parameters():
         ref = rename(name)
         moments = {key: reader.tensor(ref, key) for key in MOMENTS}
-        if ref in VOCAB_PARAMS:
+        if ref in VOCAB_ROWS:
             moments = {key: fit_rows(value, shapes[ref][0]) for key, value in moments.items()}
         moments = {key: local_slice(value, param, tp_rank) for key, value in moments.items()}
         if zero == 0:  # the module's parameters are the master weights (already loaded) and the optimizer's own
