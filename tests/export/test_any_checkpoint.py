@@ -24,7 +24,8 @@ from pretrain.cli import main as cli  # noqa: E402
 def test_any_step_exports_fp32_master_weights_and_bf16_by_default(tmp_path):
     """A bf16 ZeRO-1 run checkpointed every step: step_2 (not the last) exports without the training world; the
     default dtype is the training dtype (bf16), and --dtype fp32 gives the optimizer's fp32 master weights, which
-    the bf16 module copy cannot hold. step_1 generates; step_2 starts another run (model.init_from)."""
+    the bf16 module copy cannot hold. step_1 generates; step_2 starts another bf16 run (model.init_from) from
+    its exact fp32 masters."""
     from pretrain.parallel.checkpoint_reader import CheckpointReader
 
     shards = tiny_shards(tmp_path / "data") / "shards"
@@ -62,10 +63,12 @@ def test_any_step_exports_fp32_master_weights_and_bf16_by_default(tmp_path):
                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("the model"), out.stderr[-2000:]
 
-    # model.init_from takes a training step too: a new fp32 ZeRO-0 run starts from step_2's fp32 master weights;
-    # one step at lr 1e-30 cannot move an fp32 weight, so what it exports is exactly step_2's masters.
+    # model.init_from takes a training step too: a new bf16 run starts from step_2's fp32 master weights, exactly
+    # (not rounded through the bf16 module copy DeepSpeed builds its masters from); one step at lr 1e-30 cannot
+    # move an fp32 weight, so what it exports is exactly step_2's masters.
     p = subprocess.run([sys.executable, *train_args(shards, tmp_path / "again", "train.max_steps=1",
-                                                    f"model.init_from={step}", "optim.lr=1e-30")],
+                                                    f"model.init_from={step}", "optim.lr=1e-30",
+                                                    "train.dtype=bf16", "parallel.zero_stage=1")],
                        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"starting from {step} (weights only) at step 0" in p.stderr
