@@ -203,7 +203,7 @@ class Engine:
         from pretrain.parallel.reshard import check_same_model, load_resliced
 
         check_same_model(reader.run.model, self.args, reader.step_dir)
-        load_resliced(self.ds, reader, self.args, self.cfg.train.seed, self.env.tp_rank, self._reference_name)
+        load_resliced(self.ds, reader, self.args, self.env.tp_rank, self._reference_name)
         self.global_step = reader.step
 
     def _reference_name(self, name: str) -> str:

@@ -7,12 +7,15 @@ deepspeed/checkpoint/universal_checkpoint.py and the ZeRO optimizers' `_load_uni
 - it lives inside the ZeRO optimizers only: ZeRO-0 (fp32, our GuardedAdamW) has no universal load at all;
 - `ds_to_universal` needs megatron's `universal_checkpoint_info` (which patterns are row/column/vocab parallel)
   inside the checkpoint, which our engine does not write.
-So this module is the smallest own re-slicer over reference names. It reads each full fp32 tensor (master
-weight, exp_avg, exp_avg_sq) with `CheckpointReader`, fits the vocabulary rows (padding is 128 x tp, so it
-differs between layouts; padded rows are never targets), cuts this rank's TP piece (`local_slice`, the same cut
-the seeded init makes) and writes it through DeepSpeed's own setters (`safe_set_full_fp32_param`,
-`safe_set_full_optimizer_state`), which place it in whatever ZeRO partition this rank owns. `pretrain
-convert-checkpoint --to universal` still writes DeepSpeed's universal format for other tools.
+So this module is the smallest own re-slicer over reference names, in two halves:
+- weights: `build_engine(init=CheckpointReader(step_dir))` builds the new layout's module from the checkpoint's
+  fp32 master weights (each rank copies its TP slice of every whole tensor, like the seeded init; vocabulary rows
+  cut or completed with seeded rows, since padding is 128 x tp and padded rows are never targets) and, under
+  bf16, writes the exact fp32 masters with DeepSpeed's `safe_set_full_fp32_param`;
+- optimizer (`load_resliced` here): Adam's moments, whole from the reader, fitted to the new vocabulary padding
+  (zeros for new rows), cut to this rank's TP piece (`local_slice`) and written through DeepSpeed's
+  `safe_set_full_optimizer_state` into whatever ZeRO partition this rank owns; and Adam's step.
+`pretrain convert-checkpoint --to universal` still writes DeepSpeed's universal format for other tools.
 
 Memory per rank: one full parameter at a time (plus its TP piece), never the whole model.
 """
@@ -26,7 +29,7 @@ import torch.distributed as dist
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.model.args import ModelArgs
-from pretrain.model.init import VOCAB_ROWS, from_weights, local_slice, reference_shapes
+from pretrain.model.init import VOCAB_ROWS, local_slice, reference_shapes
 from pretrain.parallel.checkpoint_reader import CheckpointReader
 from pretrain.resolved import ResolvedRun
 
@@ -63,12 +66,13 @@ def fit_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_resliced(ds_engine, reader: CheckpointReader, args: ModelArgs, seed: int, tp_rank: int,
+def load_resliced(ds_engine, reader: CheckpointReader, args: ModelArgs, tp_rank: int,
                   rename: Callable[[str], str]) -> int:
-    """Put the checkpoint's fp32 master weights and Adam moments into a DeepSpeed engine of another layout, whose
-    module was built from the same checkpoint (`build_engine(init=reader)`: the module copy, bf16 or fp32, and the
-    vocabulary rows the new padding adds). Returns Adam's step count. Collective: every rank calls it."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    """Put the checkpoint's Adam moments and step into a DeepSpeed engine of another layout that was built from the
+    same checkpoint (`build_engine(init=reader)`: the module copy and the fp32 master weights, exact under bf16
+    too, with seeded rows where the new vocabulary padding adds some). Returns Adam's step count. Collective:
+    every rank calls it."""
+    from deepspeed.utils import safe_set_full_optimizer_state
 
     shapes = reference_shapes(args)
     zero = int(ds_engine.zero_optimization_stage())
@@ -78,18 +82,16 @@ def load_resliced(ds_engine, reader: CheckpointReader, args: ModelArgs, seed: in
     # flat sub-group partitions (stage 3 empties the optimizer's param_groups between steps).
     flats = getattr(ds_engine.optimizer, "fp32_partitioned_groups_flat", None)
     _materialise_adam_state(base, flats or [p for g in base.param_groups for p in g["params"]], step)
-    master = from_weights(reader.tensor, args, seed)  # seeded rows where the new padding adds some
     for name, param in ds_engine.module.named_parameters():
         ref = rename(name)
         moments = {key: reader.tensor(ref, key) for key in MOMENTS}
         if ref in VOCAB_ROWS:
             moments = {key: fit_rows(value, shapes[ref][0]) for key, value in moments.items()}
         moments = {key: local_slice(value, param, tp_rank) for key, value in moments.items()}
-        if zero == 0:  # the module's parameters are the master weights (already loaded) and the optimizer's own
+        if zero == 0:  # the optimizer holds the module's own parameters
             for key in MOMENTS:
                 base.state[param][key].copy_(moments[key])
             continue
-        safe_set_full_fp32_param(param, local_slice(master(ref, shapes[ref]), param, tp_rank))
         mapping = getattr(param, "_hp_mapping", None)
         if zero in (1, 2) and mapping is not None:
             # ZeRO-1/2 and the bf16 optimizer link a parameter to its fragment of the moments only after their

@@ -113,13 +113,18 @@ def resume(case: dict, out: Path) -> dict:
     reader = CheckpointReader(out / case["source"] / f"step_{STEPS_A}")
     engine = build_engine(cfg, env, run, init=reader)
     engine.load_resliced(reader)
+    exact = None
+    if env.layout.tp == 1 and env.layout.pp == 1:  # the loaded state itself, through DeepSpeed's getters
+        live = live_state(engine)
+        if live is not None:
+            exact = all(torch.equal(live[n][k], reader.tensor(n, k)) for n in live for k in live[n])
     if case.get("reset_moments"):
         reset_moments(engine)
     data = batches_for(env.dp_rank, env.layout, STEPS_B)
     for _ in range(STEPS_A * env.layout.grad_accum):  # the global batches of steps 1..6 were the source's
         next(data)
     return {"straight": _straight[key], "resumed": _train(engine, data, STEPS_B - STEPS_A),
-            "global_step_after": engine.global_step}
+            "global_step_after": engine.global_step, "state_exact": exact}
 
 
 def main() -> None:

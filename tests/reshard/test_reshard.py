@@ -66,6 +66,10 @@ def _deviation(r: dict) -> float:
 def test_resume_on_another_layout_continues_the_curve(resumed, name, source, target, world, tol):
     r = resumed[name]
     assert r["global_step_after"] == 12
+    if "tp" not in target and "pp" not in target:
+        # Right after the load, DeepSpeed's own getters give back the checkpoint's fp32 master weights and Adam
+        # moments bit for bit (bf16 included: the masters are not rounded through the bf16 module copy).
+        assert r["state_exact"] is True
     dev = _deviation(r)
     print(f"{name}: max relative loss deviation {dev:.2e} (tolerance {tol:g})", file=sys.stderr)
     assert dev <= tol, f"{name}: resumed losses {r['resumed']} vs straight {r['straight'][6:]}"
