@@ -40,7 +40,6 @@ META = "meta.json"
 CONFIG = "config.yaml"
 LATEST = "latest"
 TOKENIZER_DIR = "tokenizer"  # a copy of the tokenizer files, so a checkpoint is self-contained
-CONSOLIDATED = "consolidated.pt"  # reference-named full state dict, written at the final checkpoint only
 _STEP_RE = re.compile(r"^step_(\d+)$")
 # Files up to this size get a sha256 in the manifest (cheap); bigger ones (model/optimizer shards) get sizes only,
 # because hashing hundreds of GB on every save would cost more than the save.
@@ -240,9 +239,7 @@ def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
                 if loud:
                     _say(f"refusing: {e}")
                 continue
-            if not (cand / rank_file(env.rank)).is_file():
-                error = f"checkpoint {cand} has no state for rank {env.rank} (saved with another world size?)"
-            chosen = cand
+            chosen = cand  # another world size is fine: the layout change is re-sliced (pretrain.parallel.reshard)
             if skipped and loud:
                 _say(f"falling back to the previous complete checkpoint {cand}")
             break
@@ -253,8 +250,6 @@ def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
         try:
             verify(resume)
             chosen = Path(resume)
-            if not (chosen / rank_file(env.rank)).is_file():
-                error = f"checkpoint {chosen} has no state for rank {env.rank} (saved with another world size?)"
         except CheckpointError as e:
             error = str(e)
     # Agreement: the step each rank chose (-1: fresh, -2: error) must be the same everywhere.
@@ -282,11 +277,14 @@ class Loaded:
     rank_state: dict[str, Any]
 
 
-def load(step_dir: str | Path, env: Collective, *, load_model: Callable[[Path], None]) -> Loaded:
-    """Load a chosen (verified) checkpoint: engine state via callback, this rank's state, RNG restored last."""
+def load(step_dir: str | Path, env: Collective, *, load_model: Callable[[Path], None],
+         saved_rank: int | None = None) -> Loaded:
+    """Load a chosen (verified) checkpoint: engine state via callback, a rank's state (this rank's, or
+    `saved_rank`'s when the layout changed), RNG restored last."""
     step_dir = Path(step_dir)
     load_model(step_dir)
-    state = torch.load(step_dir / rank_file(env.rank), map_location="cpu", weights_only=False)  # our own file
+    rank = env.rank if saved_rank is None else saved_rank
+    state = torch.load(step_dir / rank_file(rank), map_location="cpu", weights_only=False)  # our own file
     meta = Meta(**json.loads((step_dir / META).read_text()))
     set_rng_state(state.pop("rng"))
     return Loaded(step=meta.step, meta=meta, rank_state=state)

@@ -6,6 +6,7 @@
     pretrain generate --checkpoint runs/demo/run --prompt "Once upon a time" [--max-new-tokens 64]
     pretrain export-hf --checkpoint runs/demo/run --out hf/ [--dtype fp32] [--max-shard-size 5GB]
     pretrain import-hf --model hf/ --out ckpt/     # then train with --set model.init_from=ckpt/
+    pretrain convert-checkpoint --checkpoint runs/demo/run/step_300 --to universal --out ucp/
 
 Errors a user can fix (config, data, checkpoint) print one line and exit 2; see pretrain/train.py for the
 other exit codes (42 = stopped by a signal after checkpointing: requeue).
@@ -96,7 +97,31 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, help="new (or empty) output directory")
     i.add_argument("--tokenizer", default=None, help="tokenizer file/dir, when the model directory has none")
     i.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    c = sub.add_parser("convert-checkpoint", help="write a checkpoint of any layout in another format "
+                       "(DeepSpeed universal)",
+                       description="Read a committed step_<N> (any tp/pp/dp, ZeRO stage, dtype) parameter by "
+                       "parameter and write DeepSpeed's universal checkpoint: zero/<name>/{fp32,exp_avg,"
+                       "exp_avg_sq,step}.pt with whole fp32 tensors under the reference names, plus universal.json. "
+                       "Not needed to resume on another layout: `pretrain train` re-slices a checkpoint of another "
+                       "layout by itself.")
+    c.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`) or a step_<N> dir")
+    c.add_argument("--to", required=True, choices=("universal",), help="output format")
+    c.add_argument("--out", required=True, help="new (or empty) output directory")
     return p
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    _quiet_offline()
+    from pretrain.checkpoint import resolve_checkpoint_arg
+    from pretrain.convert import to_universal
+
+    step_dir = resolve_checkpoint_arg(args.checkpoint)
+    try:
+        out = to_universal(step_dir, args.out)
+    except FileExistsError as e:
+        raise ConfigError(str(e)) from None
+    print(f"converted {step_dir} -> {out} (DeepSpeed universal checkpoint, {args.to})")
+    return 0
 
 
 def _fail(msg: str) -> int:
@@ -209,6 +234,18 @@ def _dtype(name: str):
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
+def _quiet_offline() -> None:
+    """Reading DeepSpeed's files imports DeepSpeed and megatron-core; on a machine without CUDA their start-up
+    notices (accelerator fallback, no Transformer Engine) would land in generate's output."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _tokenizer_path(step_dir, run, override: str | None) -> str:
     """The tokenizer to use with a checkpoint: --tokenizer, else the checkpoint's copy, else the path training
     recorded; the same tokenizer the model was trained with (identity hash) or a one-line error."""
@@ -253,6 +290,7 @@ def run_export(args: argparse.Namespace) -> int:
         max_shard = parse_size(args.max_shard_size)
     except ValueError as e:
         raise ConfigError(f"--max-shard-size: {e}") from None
+    _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)
     run = source.run
     tokenizer = _tokenizer_path(step_dir, run, args.tokenizer)
@@ -282,6 +320,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from pretrain.model.transformer import Transformer
     from pretrain.weights import open_weights
 
+    _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)
     run = source.run
     tok = load_tokenizer(_tokenizer_path(step_dir, run, args.tokenizer))
@@ -319,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_export(args)
         if args.command == "import-hf":
             return run_import(args)
+        if args.command == "convert-checkpoint":
+            return run_convert(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "plan":
             if not 0 < args.mfu <= 1:

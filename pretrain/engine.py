@@ -23,7 +23,7 @@ from pretrain import kernels
 from pretrain.config import Config
 from pretrain.distributed import DistEnv
 from pretrain.model.args import ModelArgs
-from pretrain.model.init import init_model
+from pretrain.model.init import FullTensor, from_weights, init_model, local_slice, reference_shapes
 from pretrain.model.layers import REFERENCE, LayerFactory
 from pretrain.model.transformer import Transformer
 from pretrain.parallel.checkpoint_reader import CheckpointReader
@@ -257,4 +257,20 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
                                               config=deepspeed_config(cfg, lay.dp), dist_init_required=False)
     if own_clipping and ds_engine.optimizer is not optimizer:
         raise RuntimeError("expected DeepSpeed to use GuardedAdamW directly with ZeRO-0/fp32")
+    if init is not None and cfg.train.dtype == "bf16":
+        rename = (lambda n: reference_name(n, args.n_layers)) if lay.pp > 1 else (lambda n: n)
+        _exact_masters(ds_engine, from_weights(init.tensor, args, cfg.train.seed), args, env.tp_rank, rename)
     return Engine(cfg, env, ds_engine, run)
+
+
+@torch.no_grad()
+def _exact_masters(ds_engine, full: FullTensor, args: ModelArgs, tp_rank: int, rename) -> None:
+    """DeepSpeed's bf16 optimizers make the fp32 master weights from the bf16 module copy, which would round the
+    weights a run starts from to bf16; write each one's full-precision slice into its master partition instead
+    (DeepSpeed's own setter, whatever the ZeRO stage). Collective under ZeRO-3."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    shapes = reference_shapes(args)
+    for name, param in ds_engine.module.named_parameters():
+        ref = rename(name)
+        safe_set_full_fp32_param(param, local_slice(full(ref, shapes[ref]), param, tp_rank).float())

@@ -46,15 +46,22 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest().install()
     from pretrain.distributed import init_distributed, lost_peer
     from pretrain.engine import build_engine
+    from pretrain.parallel.checkpoint_reader import CheckpointReader
+    from pretrain.parallel.reshard import layout_words
     from pretrain.weights import init_source
 
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     env = init_distributed(cfg, layout=run.layout)
     run_dir = Path(cfg.checkpoint.dir)
     chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)  # before building: a bad one fails fast
-    if chosen is not None:
-        same_layout(checkpoint.read_meta(chosen), env.layout, chosen)
-    init = init_source(cfg, run) if chosen is None and cfg.model.init_from else None  # weights to start from
+    saved = saved_run(chosen, run) if chosen is not None else None  # the run that wrote it, if another layout
+    if saved is not None:
+        reader = CheckpointReader(chosen)  # the module is built from its fp32 master weights, re-sliced
+        if env.rank == 0:
+            say(f"checkpoint {chosen.name} was written with {layout_words(saved)}; re-slicing weights and optimizer "
+                f"state for {layout_words(run)}")
+    init = (reader if saved is not None else  # weights to start from
+            init_source(cfg, run) if chosen is None and cfg.model.init_from else None)
     loader = make_loader(cfg, run, env)
     held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
     engine = build_engine(cfg, env, run, init)
@@ -62,8 +69,13 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
 
     start, run_id = 0, None
     if chosen is not None:
-        loaded = checkpoint.load(chosen, env, load_model=engine.load)
-        loader.load_state_dict(loaded.rank_state["loader"])
+        if saved is None:
+            loaded = checkpoint.load(chosen, env, load_model=engine.load)
+            loader.load_state_dict(loaded.rank_state["loader"])
+        else:
+            loaded = checkpoint.load(chosen, env, load_model=lambda _: engine.load_resliced(reader),
+                                     saved_rank=peer_rank(saved.layout, env.dp_rank))
+            loader.load_state_dict(old_loader_states(chosen, saved.layout))
         start, run_id = loaded.step, loaded.meta.mlflow_run_id
     if env.rank == 0:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
@@ -100,7 +112,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
             # run must resume from here. Periodic saves wait for a finite step.
             last = step == cfg.train.max_steps and cfg.checkpoint.final
             if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0):
-                save(cfg, run, env, engine, loader, tracker, step, final=step == cfg.train.max_steps)
+                save(cfg, run, env, engine, loader, tracker, step)
                 log.committed()
             if stopping:
                 return requeue(env, stop, step, tracker)
@@ -134,16 +146,32 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
 # --------------------------------------------------------------------------------------------- ingredients
 
 
-def same_layout(meta: checkpoint.Meta, layout: Any, where: Path) -> None:
-    """DeepSpeed's files are per TP/PP/DP rank: resuming them under another layout is refused, not guessed."""
-    keys = ("world", "tp", "pp", "dp", "padded_vocab_size")
-    saved = {k: meta.layout.get(k) for k in keys}
-    now = {k: getattr(layout, k) for k in keys}
-    if saved != now:
-        diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in keys if saved[k] != now[k])
-        raise checkpoint.CheckpointError(f"checkpoint {where} was saved with another parallel layout ({diff}); "
-                                         "resume with the same layout, start over with checkpoint.resume=none, or "
-                                         "train into another checkpoint.dir")
+def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:
+    """The run that wrote `step_dir` when its layout (tp/pp/dp, ZeRO stage, dtype, vocabulary padding) differs
+    from this one's, so that DeepSpeed's own per-rank files cannot be loaded as they are; None when they can."""
+    from pretrain.parallel.reshard import needs_reslicing
+
+    try:
+        saved = ResolvedRun.of_checkpoint(step_dir)
+    except checkpoint.CheckpointError:  # written before runs were recorded: DeepSpeed's own load decides (loudly)
+        return None
+    return saved if needs_reslicing(saved, run) else None
+
+
+def peer_rank(saved: Any, dp_rank: int) -> int:
+    """A rank of the saved layout whose loader stream (and RNG) this rank continues: one with the same DP index
+    (megatron-core's rank order is tp fastest, then dp, then pp; TP/PP peers of a DP rank read the same stream)."""
+    return (dp_rank % saved.dp) * saved.tp
+
+
+def old_loader_states(step_dir: Path, saved: Any) -> list[dict]:
+    """Every old DP rank's loader state (from one of its ranks' files): with them the loader continues this DP
+    rank's stream exactly when the DP size is the same, or re-splits the samples not yet consumed exactly over the
+    new ranks when it changed (data_pipeline.loader.TokenLoader.load_state_dict)."""
+    import torch
+
+    return [torch.load(step_dir / checkpoint.rank_file(peer_rank(saved, d)), map_location="cpu",
+                       weights_only=False)["loader"] for d in range(saved.dp)]
 
 
 def say(msg: str) -> None:
@@ -219,19 +247,14 @@ class HeldOut:
         return sum(engine.eval_step(batches) for _ in range(self.steps)) / self.steps
 
 
-def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any, step: int, *, final: bool) -> Path:
-    """Commit step_<step>/ (collective). The final checkpoint also holds a consolidated reference state dict
-    (`consolidated.pt`, rank 0) so `pretrain generate` needs no DeepSpeed and no world of the training size."""
-    import torch
+def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any, step: int) -> Path:
+    """Commit step_<step>/ (collective). Generate and export read any step offline from DeepSpeed's files
+    (pretrain/parallel/checkpoint_reader.py), so no consolidated copy of the model is written."""
 
     def save_model(d: Path) -> None:
         engine.save(d)
         if env.rank == 0:
             copy_tokenizer(run.tokenizer, d)
-        if final:
-            state = engine.reference_state_dict()
-            if env.rank == 0:
-                torch.save(state, d / checkpoint.CONSOLIDATED)
 
     meta = checkpoint.Meta(step=step, mlflow_run_id=tracker.run_id if tracker else None,
                            tokenizer=dataclasses.asdict(run.tokenizer) if run.tokenizer else {},

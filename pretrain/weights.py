@@ -46,30 +46,14 @@ class ImportedWeights:
         return self._files.tensor(name)
 
 
-class ConsolidatedWeights:
-    """A run's final checkpoint's `consolidated.pt` (until the offline DeepSpeed reader replaces it)."""
-
-    def __init__(self, step_dir: Path):
-        weights = step_dir / checkpoint.CONSOLIDATED
-        if not weights.is_file():
-            raise checkpoint.CheckpointError(f"{step_dir} has no {checkpoint.CONSOLIDATED} (written at a run's "
-                                             "final checkpoint only); pass the final step_<N> of a finished run")
-        self.run = ResolvedRun.of_checkpoint(step_dir)
-        self._state = torch.load(weights, map_location="cpu", weights_only=True)
-
-    def names(self) -> list[str]:
-        return list(self._state)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._state[name]
-
-
 def open_weights(path: str | Path) -> tuple[Path, WeightSource]:
     """A run dir (-> its `latest`), a `step_<N>` dir or an imported checkpoint, verified -> (its dir, weights)."""
     step_dir = checkpoint.resolve_checkpoint_arg(path)
     if (step_dir / IMPORTED_WEIGHTS).is_dir():
         return step_dir, ImportedWeights(step_dir)
-    return step_dir, ConsolidatedWeights(step_dir)
+    from pretrain.parallel.checkpoint_reader import CheckpointReader
+
+    return step_dir, CheckpointReader(step_dir)
 
 
 def named_tensors(source: WeightSource):

@@ -88,15 +88,22 @@ class CheckpointReader:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         name = self._alias(name)
-        full = self._full[name]
-        pieces = [self._read_local(t, name, kind) for t in range(self.tp)]
-        if tuple(pieces[0].shape) == tuple(full):
-            return pieces[0]  # replicated over TP (norm weights), or tp == 1
-        dims = [d for d, (a, b) in enumerate(zip(pieces[0].shape, full)) if a != b]
-        if len(dims) != 1 or pieces[0].shape[dims[0]] * self.tp != full[dims[0]]:
-            raise CheckpointError(f"{self.dir}: {name} has local shape {tuple(pieces[0].shape)} on TP rank 0, "
-                                  f"which is no 1/{self.tp} split of {tuple(full)}")
-        return torch.cat(pieces, dim=dims[0])
+        dim = self.tp_split_dim(name)
+        pieces = [self._read_local(t, name, kind) for t in range(self.tp if dim is not None else 1)]
+        return pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+
+    def tp_split_dim(self, name: str) -> int | None:
+        """The dimension the checkpoint's TP ranks split `name` along (megatron-core's partition_dim: 0 for
+        column-parallel and vocabulary matrices, 1 for row-parallel); None when replicated or tp == 1."""
+        name = self._alias(name)
+        local, full = self._local[0][name][1], self._full[name]
+        dims = [d for d, (a, b) in enumerate(zip(local, full)) if a != b]
+        if not dims:
+            return None
+        if len(dims) != 1 or local[dims[0]] * self.tp != full[dims[0]]:
+            raise CheckpointError(f"{self.dir}: {name} has local shape {tuple(local)} on TP rank 0, which is no "
+                                  f"1/{self.tp} split of {tuple(full)}")
+        return dims[0]
 
     def optimizer_step(self) -> int:
         """Adam's step count (optimizer steps taken; skipped non-finite steps do not count)."""

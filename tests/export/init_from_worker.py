@@ -1,7 +1,8 @@
 """Runs inside torchrun (2 ranks, gloo): builds the training engine with `model.init_from` = an imported
 checkpoint under several layouts and saves the full-vocabulary logits of fixed tokens, before any step.
 
-Usage: python -m torch.distributed.run --nproc-per-node 2 tests/export/init_from_worker.py CKPT TOKENS OUT TIED
+Usage: python -m torch.distributed.run --nproc-per-node 2 tests/export/init_from_worker.py TOKENS OUT CKPT:TIED...
+(TIED is "tied" or "untied"; one launch serves several checkpoints: importing DeepSpeed costs more than the model.)
 """
 from __future__ import annotations
 
@@ -28,28 +29,30 @@ def shape(ckpt: str, tied: bool) -> list[str]:
             "train.micro_batch_size=1", "train.seq_len=40"]
 
 
-def main(ckpt: str, tokens_file: str, out: str, tied: str) -> None:
+def main(tokens_file: str, out: str, *checkpoints: str) -> None:
     from megatron.core import parallel_state
 
     tokens = torch.load(tokens_file)
-    for name, overrides in LAYOUTS.items():
-        cfg = load_config(None, shape(ckpt, tied == "tied") + overrides)
-        run = resolve_run(cfg, 2, require_data=False)  # batches from the test, not shards
-        env = init_distributed(cfg, layout=run.layout)
-        try:
-            engine = build_engine(cfg, env, run, init_source(cfg, run))
-            engine.ds.eval()
-            with torch.no_grad():
-                local = engine.ds(tokens)  # (B, T, V / tp): this rank's vocabulary shard
-            # megatron-core's gather helper calls torch.cuda; on gloo, all_gather over the TP group instead.
-            group = parallel_state.get_tensor_model_parallel_group()
-            parts = [torch.empty_like(local) for _ in range(env.layout.tp)]
-            torch.distributed.all_gather(parts, local.contiguous(), group=group)
-            logits = torch.cat(parts, dim=-1)  # (B, T, padded V)
-            if env.rank == 0:
-                torch.save(logits, Path(out) / f"{name}.pt")
-        finally:
-            parallel_state.destroy_model_parallel()
+    for item in checkpoints:
+        ckpt, tied = item.rsplit(":", 1)
+        for name, overrides in LAYOUTS.items():
+            cfg = load_config(None, shape(ckpt, tied == "tied") + overrides)
+            run = resolve_run(cfg, 2, require_data=False)  # batches from the test, not shards
+            env = init_distributed(cfg, layout=run.layout)
+            try:
+                engine = build_engine(cfg, env, run, init_source(cfg, run))
+                engine.ds.eval()
+                with torch.no_grad():
+                    local = engine.ds(tokens)  # (B, T, V / tp): this rank's vocabulary shard
+                # megatron-core's gather helper calls torch.cuda; on gloo, all_gather over the TP group instead.
+                group = parallel_state.get_tensor_model_parallel_group()
+                parts = [torch.empty_like(local) for _ in range(env.layout.tp)]
+                torch.distributed.all_gather(parts, local.contiguous(), group=group)
+                logits = torch.cat(parts, dim=-1)  # (B, T, padded V)
+                if env.rank == 0:
+                    torch.save(logits, Path(out) / f"{tied}_{name}.pt")
+            finally:
+                parallel_state.destroy_model_parallel()
 
 
 if __name__ == "__main__":

@@ -43,3 +43,26 @@ def test_refuses_non_empty_dir_and_unknown_names(tmp_path):
     assert (tmp_path / "hf" / "x").read_text() == "keep me"
     with pytest.raises(KeyError, match="layers.0.attention.bias"):
         hf_name("layers.0.attention.bias")
+
+
+def test_sentencepiece_tokenizer_exports_for_autotokenizer(tmp_path):
+    """A sentencepiece .model travels as tokenizer.model; transformers' tokenizer gives our ids and our eos."""
+    import random
+
+    import sentencepiece as spm
+
+    from data_pipeline.tokenizer import load_tokenizer
+
+    words = "the a model data token train loss step rank shard layer head query key value norm".split()
+    rng = random.Random(0)
+    (tmp_path / "t.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(30)) for _ in range(300)))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "t.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=120,
+                                   model_type="bpe", bos_id=1, eos_id=2, pad_id=3, unk_id=0, minloglevel=2)
+    args = FLAVORS["debug"].replace(vocab_size=128)
+    export_hf(Transformer(args).state_dict(), args, tmp_path / "hf", tokenizer=tmp_path / "sp.model",
+              vocab_size=120, bos_token_id=1, eos_token_id=2)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = load_tokenizer(str(tmp_path / "sp.model"))
+    text = "the model data token"
+    assert theirs(text, add_special_tokens=False).input_ids == ours.encode_batch([text])[0]
+    assert theirs.eos_token_id == ours.eos_id == 2

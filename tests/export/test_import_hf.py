@@ -25,24 +25,28 @@ def pretrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_imported_weights_compute_transformers_logits_on_tp1_and_tp2(tmp_path, tied):
+def test_imported_weights_compute_transformers_logits_on_tp1_and_tp2(tmp_path):
     """The training engine started from an imported checkpoint (model.init_from) under TP=1 x DP=2 ZeRO-3 and
-    TP=2 ZeRO-1 computes transformers' logits for the real vocabulary (fp32, max abs diff <= 1e-4)."""
-    hf = make_hf_model(tmp_path / "hf", tied=tied, shard_size="100KB")
-    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # the sharded input path
-    assert cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    TP=2 ZeRO-1 computes transformers' logits for the real vocabulary (fp32, max abs diff <= 1e-4); a GQA model
+    with its own head and a tied-embedding one, both read from sharded safetensors."""
+    models, args = {}, []
+    for tied in ("untied", "tied"):
+        models[tied] = make_hf_model(tmp_path / f"hf_{tied}", tied=tied == "tied", shard_size="100KB")
+        assert (tmp_path / f"hf_{tied}" / "model.safetensors.index.json").is_file()  # the sharded input path
+        assert cli(["import-hf", "--model", str(tmp_path / f"hf_{tied}"), "--out", str(tmp_path / tied)]) == 0
+        args.append(f"{tmp_path / tied}:{tied}")
     x = tokens()
     torch.save(x, tmp_path / "tokens.pt")
-    torchrun(2, [str(REPO / "tests" / "export" / "init_from_worker.py"), str(tmp_path / "ckpt"),
-                 str(tmp_path / "tokens.pt"), str(tmp_path), "tied" if tied else "untied"], timeout=600)
-    with torch.no_grad():
-        theirs = hf(x).logits
-    for layout, padded in (("tp1_dp2_zero3", 384), ("tp2_zero1", 512)):
-        ours = torch.load(tmp_path / f"{layout}.pt")
-        assert ours.shape[-1] == padded  # the vocabulary padded to 128 x tp for this layout
-        diff = (ours[..., :VOCAB] - theirs).abs().max().item()
-        assert diff <= 1e-4, f"{layout}: max abs logit difference {diff}"
+    torchrun(2, [str(REPO / "tests" / "export" / "init_from_worker.py"), str(tmp_path / "tokens.pt"),
+                 str(tmp_path), *args], timeout=600)
+    for tied, hf in models.items():
+        with torch.no_grad():
+            theirs = hf(x).logits
+        for layout, padded in (("tp1_dp2_zero3", 384), ("tp2_zero1", 512)):
+            ours = torch.load(tmp_path / f"{tied}_{layout}.pt")
+            assert ours.shape[-1] == padded  # the vocabulary padded to 128 x tp for this layout
+            diff = (ours[..., :VOCAB] - theirs).abs().max().item()
+            assert diff <= 1e-4, f"{tied} {layout}: max abs logit difference {diff}"
 
 
 @pytest.mark.parametrize("gqa,tied", [(True, False), (False, True)], ids=["gqa", "tied"])

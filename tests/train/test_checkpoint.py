@@ -84,15 +84,3 @@ def test_latest_points_at_newest_and_resave_replaces(tmp_path):
     ckpt.verify(run / "step_4")
     assert not list(run.glob(".tmp_*")) and not list(run.glob(".latest*"))
     assert ckpt.resolve_checkpoint_arg(run) == run / "step_4"
-
-
-def test_resume_under_another_parallel_layout_is_refused(tmp_path):
-    from pretrain.config import Layout
-    from pretrain.train import same_layout
-
-    saved = Layout(world=2, tp=1, pp=1, dp=2, micro_batch_size=2, grad_accum=1, padded_vocab_size=384)
-    meta = ckpt.Meta(step=5, layout=vars(saved).copy())
-    same_layout(meta, saved, tmp_path)  # same layout: fine
-    tp2 = Layout(world=2, tp=2, pp=1, dp=1, micro_batch_size=2, grad_accum=1, padded_vocab_size=512)
-    with pytest.raises(ckpt.CheckpointError, match=r"another parallel layout \(tp 1 -> 2, dp 2 -> 1"):
-        same_layout(meta, tp2, tmp_path)

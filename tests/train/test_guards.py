@@ -5,7 +5,7 @@ train.max_nonfinite_steps=2 the run skips step 3, goes on, and aborts at step 6 
 step from a bad streak. Then the newest checkpoint is corrupted: `resume: auto` refuses it, says so, falls back
 to the previous complete one, and the finished metrics.jsonl -- and the MLflow run in the embedded local store --
 still hold every step exactly once. Last,
-`pretrain generate` samples from the finished run and `pretrain export-hf` writes it for transformers.
+`pretrain generate` samples from the finished run (and an intermediate step) and `pretrain export-hf` writes it for transformers.
 """
 from __future__ import annotations
 
@@ -55,12 +55,13 @@ def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
     logged = [m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")]
     assert sorted(logged) == list(range(1, 11)), "no step twice, even after falling back past a flushed one"
 
-    # The finished run's final checkpoint is self-contained for sampling; an intermediate one says what to pass.
+    # Any committed checkpoint is self-contained for sampling: the latest, or an intermediate one.
     g = run_train(["-m", "pretrain", "generate", "--checkpoint", str(run), "--prompt", "the model",
                    "--max-new-tokens", "8", "--temperature", "0"])
     assert g.returncode == 0 and g.stdout.startswith("the model"), g.stderr[-2000:]
-    g = run_train(["-m", "pretrain", "generate", "--checkpoint", str(run / "step_9"), "--prompt", "x"])
-    assert g.returncode == 2 and "has no consolidated.pt" in g.stderr
+    g = run_train(["-m", "pretrain", "generate", "--checkpoint", str(run / "step_9"), "--prompt", "x",
+                   "--max-new-tokens", "4"])
+    assert g.returncode == 0 and g.stdout.startswith("x"), g.stderr[-2000:]
     x = run_train(["-m", "pretrain", "export-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")])
     assert x.returncode == 0, x.stderr[-2000:]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}

@@ -1,0 +1,42 @@
+"""What counts as a layout change, and which old rank's files a new rank continues from (no launch needed)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pretrain.checkpoint import CheckpointError
+from pretrain.config import load_config
+from pretrain.parallel.reshard import check_same_model, layout_words, needs_reslicing
+from pretrain.resolved import resolve_run
+from pretrain.train import peer_rank
+
+BASE = ["model.flavor=debug", "model.vocab_size=300", "train.micro_batch_size=2", "train.grad_accum=2"]
+
+
+def _run(world: int, *overrides: str):
+    return resolve_run(load_config(None, BASE + list(overrides)), world, require_data=False)
+
+
+def test_layout_change_is_what_deepspeeds_own_load_cannot_take():
+    dp2 = _run(2, "parallel.zero_stage=2")
+    assert not needs_reslicing(dp2, _run(2, "parallel.zero_stage=2"))
+    assert needs_reslicing(dp2, _run(2, "parallel.zero_stage=1"))  # ZeRO stage
+    assert needs_reslicing(dp2, _run(1, "parallel.zero_stage=2"))  # dp
+    assert needs_reslicing(dp2, _run(2, "parallel.zero_stage=2", "train.dtype=bf16"))  # dtype
+    tp2 = _run(2, "parallel.tp=2")
+    assert needs_reslicing(dp2, tp2) and tp2.layout.padded_vocab_size != dp2.layout.padded_vocab_size
+    assert layout_words(tp2) == "tp 2 x pp 1 x dp 1 ZeRO-0"
+
+
+def test_a_new_rank_continues_an_old_rank_of_its_dp_index():
+    tp2_dp2 = _run(4, "parallel.tp=2").layout  # old ranks: (tp, dp) = 0:(0,0) 1:(1,0) 2:(0,1) 3:(1,1)
+    assert [peer_rank(tp2_dp2, d) for d in range(2)] == [0, 2]
+    assert peer_rank(_run(2, "parallel.pp=2").layout, 0) == 0
+
+
+def test_only_the_layout_may_change(tmp_path):
+    args = _run(1).model
+    check_same_model(args, dataclasses.replace(args, vocab_size=512, max_seq_len=4096), tmp_path)
+    with pytest.raises(CheckpointError, match=r"another model \(dim 64 -> 128, hidden_dim 192 -> 352\)"):
+        check_same_model(args, dataclasses.replace(args, dim=128), tmp_path)
