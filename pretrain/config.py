@@ -76,7 +76,9 @@ class DataSection(_Section):
                                   "the path recorded in the shard manifest. Copied into every checkpoint")
     num_workers: int = Field(0, ge=0, description="dataloader worker processes per rank")
     shuffle_buffer: int = Field(1000, ge=0, description="in-shard shuffle buffer (samples); 0 disables")
-    reshard: bool = Field(False, description="allow resuming with a different DP size / workers / dataset")
+    reshard: bool = Field(False, description="restart the earliest saved epoch when a loader resume cannot be "
+                          "exact (another dataset, seed or shuffle buffer, or some ranks' states missing); a DP or "
+                          "worker change alone is re-split exactly without it")
 
 
 class TrainSection(_Section):
