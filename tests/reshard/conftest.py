@@ -17,7 +17,9 @@ SOURCES: dict[int, list[dict]] = {
     4: [{"name": "pp2_tp2", "pp": 2, "tp": 2}],
     2: [{"name": "dp2_zero2", "zero": 2}, {"name": "dp2_zero1", "zero": 1}, {"name": "tp2", "tp": 2},
         {"name": "pp2", "pp": 2}, {"name": "dp2_zero1_bf16", "zero": 1, "set": ["train.dtype=bf16"]},
-        {"name": "dp2_zero3_bf16", "zero": 3, "set": ["train.dtype=bf16"]}],
+        {"name": "dp2_zero3_bf16", "zero": 3, "set": ["train.dtype=bf16"]},
+        # A vocabulary that is no multiple of 128 x 2: padded to 512 rows at tp 2, to 384 at tp 1.
+        {"name": "tp2_vocab300", "tp": 2, "set": ["model.vocab_size=300"]}],
 }
 
 
