@@ -110,9 +110,10 @@ def load_resliced(ds_engine, reader: CheckpointReader, args: ModelArgs, tp_rank:
 def _materialise_adam_state(base: torch.optim.Optimizer, params: list[torch.Tensor], step: int) -> None:
     """torch's AdamW creates its state at the first step; the moments are written into it before that, so create
     it here (zeros), with Adam's step count (its bias correction) set to the checkpoint's."""
+    on_device = bool(base.defaults.get("fused") or base.defaults.get("capturable"))  # as torch's AdamW keeps it
     for p in params:
         state = base.state[p]
         for key in MOMENTS:
             if key not in state:
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
