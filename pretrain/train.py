@@ -31,6 +31,7 @@ from typing import Any
 from pretrain import checkpoint, metrics
 from pretrain.config import Config
 from pretrain.resolved import ResolvedRun, TokenizerFacts, held_out_note, resolve_run
+from pretrain.resume import choose_start, restore
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
@@ -46,45 +47,21 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest().install()
     from pretrain.distributed import init_distributed, lost_peer
     from pretrain.engine import build_engine
-    from pretrain.parallel.checkpoint_reader import CheckpointReader
-    from pretrain.parallel.reshard import layout_words
-    from pretrain.weights import init_source
 
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     env = init_distributed(cfg, layout=run.layout)
-    run_dir = Path(cfg.checkpoint.dir)
-    chosen = checkpoint.choose(run_dir, cfg.checkpoint.resume, env)  # before building: a bad one fails fast
-    saved = saved_run(chosen, run) if chosen is not None else None  # the run that wrote it, if another layout
-    if saved is not None:
-        reader = CheckpointReader(chosen)  # the module is built from its fp32 master weights, re-sliced
-        if env.rank == 0:
-            say(f"checkpoint {chosen.name} was written with {layout_words(saved)}; re-slicing weights and optimizer "
-                f"state for {layout_words(run)}")
-    init = (reader if saved is not None else  # weights to start from
-            init_source(cfg, run) if chosen is None and cfg.model.init_from else None)
+    begin = choose_start(cfg, run, env, say)  # before building: a bad checkpoint fails fast
     loader = make_loader(cfg, run, env)
     held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
-    engine = build_engine(cfg, env, run, init)
+    engine = build_engine(cfg, env, run, begin.init)
     env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
-
-    start, run_id = 0, None
-    if chosen is not None:
-        if saved is None:
-            loaded = checkpoint.load(chosen, env, load_model=engine.load)
-            loader.load_state_dict(loaded.rank_state["loader"])
-        else:
-            loaded = checkpoint.load(chosen, env, load_model=lambda _: engine.load_resliced(reader),
-                                     saved_rank=peer_rank(saved.layout, env.dp_rank))
-            loader.load_state_dict(old_loader_states(chosen, saved.layout))
-        start, run_id = loaded.step, loaded.meta.mlflow_run_id
+    start, run_id = restore(begin, env, engine, loader)
+    run_dir = Path(cfg.checkpoint.dir)
     if env.rank == 0:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
         lay = run.layout
-        how = f"resuming from {chosen}" if chosen else (f"starting from {cfg.model.init_from} (weights only)"
-                                                        if init else "starting fresh")
-        say(f"{how} at step {start}; world {lay.world}"
-            f" = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch "
-            f"{lay.global_batch} x {run.seq_len} tokens")
+        say(f"{begin.describe(cfg.model.init_from)} at step {start}; world {lay.world} = tp {lay.tp} x pp {lay.pp} "
+            f"x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch {lay.global_batch} x {run.seq_len} tokens")
         if note := held_out_note(cfg, run):
             say(note)
     if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
@@ -144,34 +121,6 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------- ingredients
-
-
-def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:
-    """The run that wrote `step_dir` when its layout (tp/pp/dp, ZeRO stage, dtype, vocabulary padding) differs
-    from this one's, so that DeepSpeed's own per-rank files cannot be loaded as they are; None when they can."""
-    from pretrain.parallel.reshard import needs_reslicing
-
-    try:
-        saved = ResolvedRun.of_checkpoint(step_dir)
-    except checkpoint.CheckpointError:  # written before runs were recorded: DeepSpeed's own load decides (loudly)
-        return None
-    return saved if needs_reslicing(saved, run) else None
-
-
-def peer_rank(saved: Any, dp_rank: int) -> int:
-    """A rank of the saved layout whose loader stream (and RNG) this rank continues: one with the same DP index
-    (megatron-core's rank order is tp fastest, then dp, then pp; TP/PP peers of a DP rank read the same stream)."""
-    return (dp_rank % saved.dp) * saved.tp
-
-
-def old_loader_states(step_dir: Path, saved: Any) -> list[dict]:
-    """Every old DP rank's loader state (from one of its ranks' files): with them the loader continues this DP
-    rank's stream exactly when the DP size is the same, or re-splits the samples not yet consumed exactly over the
-    new ranks when it changed (data_pipeline.loader.TokenLoader.load_state_dict)."""
-    import torch
-
-    return [torch.load(step_dir / checkpoint.rank_file(peer_rank(saved, d)), map_location="cpu",
-                       weights_only=False)["loader"] for d in range(saved.dp)]
 
 
 def say(msg: str) -> None:

@@ -9,7 +9,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.config import load_config
 from pretrain.parallel.reshard import check_same_model, layout_words, needs_reslicing
 from pretrain.resolved import resolve_run
-from pretrain.train import peer_rank
+from pretrain.resume import peer_rank
 
 BASE = ["model.flavor=debug", "model.vocab_size=300", "train.micro_batch_size=2", "train.grad_accum=2"]
 

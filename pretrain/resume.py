@@ -1,0 +1,90 @@
+"""Where a launch of `pretrain train` starts from, and getting there.
+
+Four cases, decided on every rank alike before the engine is built (a bad checkpoint fails before minutes of
+set-up): nothing (a fresh run); `model.init_from` (weights only, step 0); a checkpoint written with this run's
+layout (DeepSpeed's own per-rank files load as they are, bit-exact); a checkpoint of another layout (tp/pp/dp,
+ZeRO stage, dtype or vocabulary padding): the engine is built from its fp32 master weights, Adam's moments and
+step are re-sliced into it (pretrain/parallel/reshard.py), and the data loader re-splits the samples every old
+DP rank had not yet consumed over the new ranks (data_pipeline.loader.TokenLoader.load_state_dict).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pretrain import checkpoint
+from pretrain.config import Config
+from pretrain.resolved import ResolvedRun
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    checkpoint: Path | None       # the step dir to resume from
+    saved: ResolvedRun | None     # the run that wrote it, when its layout differs from this one's
+    init: Any                     # weights the engine is built from (pretrain.weights.WeightSource), or None
+
+    def describe(self, init_from: str | None) -> str:
+        if self.checkpoint is not None:
+            return f"resuming from {self.checkpoint}"
+        return f"starting from {init_from} (weights only)" if self.init is not None else "starting fresh"
+
+
+def choose_start(cfg: Config, run: ResolvedRun, env: Any, say: Any) -> StartPoint:
+    """Collective (checkpoint.choose agrees across ranks). `say` prints on rank 0 what will be re-sliced."""
+    from pretrain.parallel.checkpoint_reader import CheckpointReader
+    from pretrain.parallel.reshard import layout_words
+    from pretrain.weights import init_source
+
+    chosen = checkpoint.choose(Path(cfg.checkpoint.dir), cfg.checkpoint.resume, env)
+    if chosen is None:
+        return StartPoint(None, None, init_source(cfg, run) if cfg.model.init_from else None)
+    saved = saved_run(chosen, run)
+    if saved is None:
+        return StartPoint(chosen, None, None)
+    if env.rank == 0:
+        say(f"checkpoint {chosen.name} was written with {layout_words(saved)}; re-slicing weights and optimizer "
+            f"state for {layout_words(run)}")
+    return StartPoint(chosen, saved, CheckpointReader(chosen))
+
+
+def restore(start: StartPoint, env: Any, engine: Any, loader: Any) -> tuple[int, str | None]:
+    """Load the chosen checkpoint into the built engine and loader; (step, MLflow run id) to continue from."""
+    if start.checkpoint is None:
+        return 0, None
+    if start.saved is None:
+        loaded = checkpoint.load(start.checkpoint, env, load_model=engine.load)
+        loader.load_state_dict(loaded.rank_state["loader"])
+    else:
+        loaded = checkpoint.load(start.checkpoint, env, load_model=lambda _: engine.load_resliced(start.init),
+                                 saved_rank=peer_rank(start.saved.layout, env.dp_rank))
+        loader.load_state_dict(old_loader_states(start.checkpoint, start.saved.layout))
+    return loaded.step, loaded.meta.mlflow_run_id
+
+
+def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:
+    """The run that wrote `step_dir` when its layout (tp/pp/dp, ZeRO stage, dtype, vocabulary padding) differs
+    from this one's, so that DeepSpeed's own per-rank files cannot be loaded as they are; None when they can."""
+    from pretrain.parallel.reshard import needs_reslicing
+
+    try:
+        saved = ResolvedRun.of_checkpoint(step_dir)
+    except checkpoint.CheckpointError:  # written before runs were recorded: DeepSpeed's own load decides (loudly)
+        return None
+    return saved if needs_reslicing(saved, run) else None
+
+
+def peer_rank(saved: Any, dp_rank: int) -> int:
+    """A rank of the saved layout whose loader stream (and RNG) this rank continues: one with the same DP index
+    (megatron-core's rank order is tp fastest, then dp, then pp; TP/PP peers of a DP rank read the same stream)."""
+    return (dp_rank % saved.dp) * saved.tp
+
+
+def old_loader_states(step_dir: Path, saved: Any) -> list[dict]:
+    """Every old DP rank's loader state (from one of its ranks' files): with them the loader continues this DP
+    rank's stream exactly when the DP size is the same, or re-splits the samples not yet consumed exactly over the
+    new ranks when it changed."""
+    import torch
+
+    return [torch.load(step_dir / checkpoint.rank_file(peer_rank(saved, d)), map_location="cpu",
+                       weights_only=False)["loader"] for d in range(saved.dp)]
