@@ -20,14 +20,13 @@ straight from the original files, see pretrain/parallel/reshard.py.)
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from pretrain.parallel.checkpoint_reader import KINDS, CheckpointReader
 from pretrain.model.init import VOCAB_ROWS
+from pretrain.output_dir import refuse_non_empty, written_whole
+from pretrain.parallel.checkpoint_reader import KINDS, CheckpointReader
 
 _FILE = {"param": "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}  # DeepSpeed's file names
 
@@ -35,31 +34,26 @@ _FILE = {"param": "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}  # D
 def to_universal(step_dir: str | Path, out: str | Path) -> Path:
     reader = CheckpointReader(step_dir)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out} exists and is not empty")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    refuse_non_empty(out)
     step = torch.tensor(float(reader.optimizer_step()))
     rows = reader.run.vocab_size  # the tokenizer's vocabulary: rows beyond it are padding
-    for name in reader.names():
-        folder = tmp / "zero" / name
-        folder.mkdir(parents=True)
-        dim = reader.tp_split_dim(name)
-        for kind in KINDS:
-            tensor = reader.tensor(name, kind)
-            entry: dict = {"param": tensor[:rows].clone() if name in VOCAB_ROWS else tensor}
-            if dim is not None:
-                entry["cat_dim"] = dim
-            if name in VOCAB_ROWS:
-                entry["vocab_tensor"] = True
-            torch.save(entry, folder / f"{_FILE[kind]}.pt")
-            del tensor, entry
-        torch.save(step, folder / "step.pt")
-    info = {"format": "deepspeed-universal", "source": str(Path(step_dir).resolve()), "step": reader.step,
-            "optimizer_step": int(step), "vocab_rows": rows, "names": reader.names(),
-            "resolved": reader.run.to_dict()}
-    (tmp / "universal.json").write_text(json.dumps(info, indent=1, default=str))
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    with written_whole(out) as tmp:
+        for name in reader.names():
+            folder = tmp / "zero" / name
+            folder.mkdir(parents=True)
+            dim = reader.tp_split_dim(name)
+            for kind in KINDS:
+                tensor = reader.tensor(name, kind)
+                entry: dict = {"param": tensor[:rows].clone() if name in VOCAB_ROWS else tensor}
+                if dim is not None:
+                    entry["cat_dim"] = dim
+                if name in VOCAB_ROWS:
+                    entry["vocab_tensor"] = True
+                torch.save(entry, folder / f"{_FILE[kind]}.pt")
+                del tensor, entry
+            torch.save(step, folder / "step.pt")
+        info = {"format": "deepspeed-universal", "source": str(Path(step_dir).resolve()), "step": reader.step,
+                "optimizer_step": int(step), "vocab_rows": rows, "names": reader.names(),
+                "resolved": reader.run.to_dict()}
+        (tmp / "universal.json").write_text(json.dumps(info, indent=1, default=str))
     return out

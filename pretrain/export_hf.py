@@ -12,7 +12,6 @@ ids. The tokenizer is exported beside the weights so `AutoTokenizer.from_pretrai
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -22,6 +21,7 @@ import torch
 from pretrain.hf_format import hf_config, hf_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
+from pretrain.output_dir import written_whole
 from pretrain.safetensors_dir import DEFAULT_SHARD_BYTES, write_sharded
 
 Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
@@ -94,12 +94,7 @@ def export_hf(weights: Weights, args: ModelArgs, out_dir: str | Path, *, tokeniz
     `tokenizer`: a tokenizer file or directory, or None to export weights alone (callers decide; the CLI refuses).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty; choose a new directory")
-    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with written_whole(out_dir) as tmp:
         write_sharded(_renamed(weights, args, dtype), tmp, max_shard_bytes)
         config = hf_config(args, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                            dtype=dtype)
@@ -110,10 +105,4 @@ def export_hf(weights: Weights, args: ModelArgs, out_dir: str | Path, *, tokeniz
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             export_tokenizer(tokenizer, tmp, max_len=args.max_seq_len)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
     return out_dir

@@ -26,6 +26,7 @@ from pretrain.export_hf import TOKENIZER_FILES
 from pretrain.hf_format import HFFormatError, model_args, reference_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
+from pretrain.output_dir import refuse_non_empty, written_whole
 from pretrain.resolved import ResolvedRun, TokenizerFacts
 from pretrain.safetensors_dir import DEFAULT_SHARD_BYTES, SafetensorsDir, write_sharded
 from pretrain.weights import IMPORTED_WEIGHTS
@@ -89,8 +90,7 @@ def import_hf(model_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Pa
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write the imported checkpoint `out_dir` (refusing a non-empty one). Raises HFFormatError (one line)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty; choose a new directory")
+    refuse_non_empty(out_dir)  # before reading anything
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise HFFormatError(f"{model_dir}: no config.json (a transformers model directory has one)")
@@ -104,10 +104,8 @@ def import_hf(model_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Pa
     except (FileNotFoundError, ValueError) as e:
         raise HFFormatError(str(e)) from None
 
-    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / IMPORTED_WEIGHTS).mkdir(parents=True)
-    try:
+    with written_whole(out_dir) as tmp:
+        (tmp / IMPORTED_WEIGHTS).mkdir()
         facts = _tokenizer(Path(tokenizer) if tokenizer else model_dir, tmp / checkpoint.TOKENIZER_DIR, args)
         dtypes: set[torch.dtype] = set()
         write_sharded(_weights(files, args, model_dir, dtypes), tmp / IMPORTED_WEIGHTS, max_shard_bytes)
@@ -123,10 +121,4 @@ def import_hf(model_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Pa
                                extra={"imported_from": str(model_dir.resolve()), "hf_config": config})
         (tmp / checkpoint.META).write_text(json.dumps(meta.__dict__, indent=1) + "\n")
         checkpoint._write_manifest(tmp, meta, world_size=1)  # the same integrity record a training step has
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
     return out_dir
