@@ -62,6 +62,7 @@ def main() -> int:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
+    from pretrain.parallel.checkpoint_reader import MAP_BUDGET
     from pretrain.weights import open_weights
 
     step_dir, source = open_weights(args.checkpoint)
@@ -106,9 +107,10 @@ def main() -> int:
         "runs": runs,
         "notes": "peak_rss = VmRSS (= /usr/bin/time -v maximum resident set size). peak_rss_anon: memory the export "
                  "allocated (interpreter + libraries + one output shard + the tensor being converted). "
-                 "peak_rss_file: pages of the checkpoint files that CheckpointReader memory-maps (torch.load "
-                 "mmap=True) and of the shared libraries: clean page cache the kernel drops under pressure, "
-                 "not memory the export needs. baseline_imports_rss: a process that only imports the same modules.",
+                 "peak_rss_file: pages of the shared libraries and of the checkpoint files that CheckpointReader "
+                 "memory-maps (torch.load mmap=True), which it unmaps after every MAP_BUDGET bytes read "
+                 f"({MAP_BUDGET >> 20} MiB), so at most that plus one parameter's pieces. "
+                 "baseline_imports_rss: a process that only imports the same modules.",
     }
     text = json.dumps(result, indent=1)
     print(text)

@@ -28,7 +28,14 @@ pipeline's `reference_name`.
 
 Memory: every file is opened with `torch.load(mmap=True)` (the pickles hold DeepSpeed's own classes, so
 weights_only=False: these are files our own training wrote), and `tensor()` copies out only the pieces of one
-parameter, so a read costs about one full parameter, whatever the model size.
+parameter, so a read costs about one full parameter, whatever the model size. torch maps the whole file once
+(`UntypedStorage.from_file`, MAP_PRIVATE) and every tensor in it is a slice of that one mapping, so each page a read
+touches stays in this process's resident set for as long as any tensor of that file is alive: reading all of a
+1.5 GB checkpoint through kept mappings ends with 1.5 GB resident. So the reader counts the bytes it has read
+through its mappings (`mapped_bytes`) and, once they pass `map_budget` (MAP_BUDGET by default), drops every loaded
+file, which unmaps it; the next read opens the file it needs again (unpickling only the small pickle, not the
+data). Resident checkpoint pages therefore stay under map_budget plus one parameter's pieces; a checkpoint smaller
+than the budget is opened once, as before.
 """
 from __future__ import annotations
 
@@ -48,13 +55,16 @@ from pretrain.resolved import ResolvedRun
 KINDS = ("param", "exp_avg", "exp_avg_sq")
 MODEL_DIR = "model"  # Engine.save's DeepSpeed tag
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+MAP_BUDGET = 64 << 20  # bytes read through the file mappings before they are dropped (see the module docstring)
 
 
 class CheckpointReader:
     """A committed step dir, read without a process group or a DeepSpeed engine."""
 
-    def __init__(self, step_dir: str | Path):
+    def __init__(self, step_dir: str | Path, map_budget: int = MAP_BUDGET):
         self.step_dir = Path(step_dir)
+        self.map_budget = map_budget
+        self.mapped_bytes = 0  # bytes read through the mappings in self._files since they were last dropped
         self.step = int(verify(self.step_dir)["step"])  # the training step the checkpoint was committed at
         self.run: ResolvedRun = ResolvedRun.of_checkpoint(self.step_dir)
         self.dir = self.step_dir / MODEL_DIR
@@ -89,8 +99,14 @@ class CheckpointReader:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         name = self._alias(name)
         dim = self.tp_split_dim(name)
-        pieces = [self._read_local(t, name, kind) for t in range(self.tp if dim is not None else 1)]
-        return pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+        # no_grad: DeepSpeed saved its flat partitions with requires_grad, and an autograd graph from a view would
+        # keep the whole mapped partition alive for as long as the caller keeps the result.
+        with torch.no_grad():
+            pieces = [self._read_local(t, name, kind) for t in range(self.tp if dim is not None else 1)]
+            whole = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+        if self.mapped_bytes > self.map_budget:
+            self._unmap()
+        return whole
 
     def tp_split_dim(self, name: str) -> int | None:
         """The dimension the checkpoint's TP ranks split `name` along (megatron-core's partition_dim: 0 for
@@ -126,6 +142,17 @@ class CheckpointReader:
                                       f"dp {self.dp} ZeRO-{self.zero})")
             self._files[name] = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         return self._files[name]
+
+    def _unmap(self) -> None:
+        """Forget every loaded file: their mappings go (and with them their resident pages) once the last tensor
+        viewing them does; `tensor()` only returns copies, so that is now."""
+        self._files.clear()
+        self.mapped_bytes = 0
+
+    def _mapped(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`, a view into a loaded file, counted against the mapping budget before it is read."""
+        self.mapped_bytes += t.numel() * t.element_size()
+        return t
 
     def _model_file(self, mp: int) -> str:
         if self.zero == 3:
@@ -246,17 +273,17 @@ class CheckpointReader:
             if kind == "param":
                 sd = self._load(self._model_file(mp)) if self.pp == 1 else None
                 value = sd["module"][eng] if sd is not None else self._layer_tensor(eng, t)
-                return value.detach().float().clone().view(shape)
+                return self._mapped(value.detach()).float().clone().view(shape)
             state = self._load(self._model_file(mp))["optimizer"]["state"].get(idx, {})
-            return state[kind].float().clone().view(shape) if kind in state else torch.zeros(shape)
+            return self._mapped(state[kind]).float().clone().view(shape) if kind in state else torch.zeros(shape)
         if self.zero in (1, 2):
             parts = []
             for mp, d, g, start, n in loc:
                 osd = self._load(self._optim_file(d, mp))["optimizer_state_dict"]
                 flat = (osd["single_partition_of_fp32_groups"][g] if kind == "param"
                         else osd["base_optimizer_state"]["state"].get(g, {}).get(kind))
-                parts.append(torch.zeros(n) if flat is None else flat.narrow(0, start, n).float())
-            out = torch.cat(parts)
+                parts.append(torch.zeros(n) if flat is None else self._mapped(flat.narrow(0, start, n)).float())
+            out = torch.cat(parts)  # a fresh tensor, never a view into a file
         else:
             mp, offset, piece = loc
             parts = []
@@ -268,12 +295,12 @@ class CheckpointReader:
                     state = osd["optimizer_state_dict"]["state"]
                     flats = [state.get(g, {}).get(kind) for g in range(len(osd["fp32_flat_groups"]))]
                     flats = [torch.zeros_like(f) if s is None else s for s, f in zip(flats, osd["fp32_flat_groups"])]
-                parts.append(_flat_slice(flats, offset, piece))
-            out = torch.cat(parts).narrow(0, 0, numel)  # the last DP piece is zero-padded
+                parts.append(self._mapped(_flat_slice(flats, offset, piece)))
+            out = torch.cat(parts).narrow(0, 0, numel).clone()  # the last DP piece is zero-padded
         if out.numel() != numel:
             raise CheckpointError(f"{self.dir}: {ref} has {out.numel()} elements in the optimizer files, expected "
                                   f"{numel} ({tuple(shape)})")
-        return out.clone().view(shape)
+        return out.view(shape)
 
     def _layer_tensor(self, pipe: str, t: int) -> torch.Tensor:
         layer, rest = pipe.split(".", 1)

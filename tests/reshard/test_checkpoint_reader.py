@@ -7,6 +7,8 @@ copies bytes, it computes nothing.
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -66,3 +68,46 @@ def test_reader_refuses_an_incomplete_checkpoint(sources, tmp_path):
     next(broken.glob("model/*optim_states.pt")).unlink()
     with pytest.raises(CheckpointError, match="is missing"):
         CheckpointReader(broken)
+
+
+def _resident_file_bytes(directory) -> int:
+    """Resident bytes of this process's mappings of files under `directory` (Linux /proc/self/smaps)."""
+    total, ours = 0, False
+    prefix = str(directory.resolve()) + "/"
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if not head[0].endswith(":"):  # a mapping's header: address perms offset dev inode [path]
+            ours = len(head) >= 6 and head[5].startswith(prefix)
+        elif ours and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["dp2_zero1_bf16", "dp2_zero3_bf16", "pp2"])
+def test_reader_unmaps_the_checkpoint_after_its_budget(sources, name):
+    """A reader that has read its map budget lets go of every file mapping, so reading a checkpoint larger than
+    the budget keeps at most the budget (plus one parameter) of it resident, not the whole checkpoint, even while
+    the caller holds on to what it read; the values are unchanged."""
+    out, results = sources
+    assert "error" not in results[name], results[name].get("error")
+    step_dir = out / name / "step_6"
+    kinds = ("param", "exp_avg", "exp_avg_sq")
+    whole = CheckpointReader(step_dir, map_budget=1 << 40)  # never unmaps: the old behaviour
+    expected = {(k, kind): whole.tensor(k, kind) for k in whole.names() for kind in kinds}
+    kept = _resident_file_bytes(step_dir)
+    assert kept > 0
+    del whole
+    gc.collect()
+    assert _resident_file_bytes(step_dir) == 0
+    budget = sum(t.numel() * 4 for t in expected.values()) // 8
+    reader = CheckpointReader(step_dir, map_budget=budget)
+    held, drops = [], 0
+    for (key, kind), value in expected.items():
+        held.append(reader.tensor(key, kind))
+        assert torch.equal(held[-1], value), f"{name}: {key} {kind}"
+        assert reader.mapped_bytes <= budget
+        if reader.mapped_bytes == 0:  # it has just let go of its files: none of their pages may stay mapped
+            drops += 1
+            assert _resident_file_bytes(step_dir) == 0, f"{name}: a mapping outlived the reader's files"
+    assert drops >= 4, f"{name}: {drops} unmaps while reading 8 budgets' worth"
