@@ -8,6 +8,7 @@ copies bytes, it computes nothing.
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def _resident_file_bytes(directory) -> int:
     """Resident bytes of this process's mappings of files under `directory` (Linux /proc/self/smaps)."""
     total, ours = 0, False
     prefix = str(directory.resolve()) + "/"
-    for line in open("/proc/self/smaps"):
+    for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()
         if not head[0].endswith(":"):  # a mapping's header: address perms offset dev inode [path]
             ours = len(head) >= 6 and head[5].startswith(prefix)
