@@ -49,7 +49,11 @@ def _renamed(weights: Weights, args: ModelArgs, dtype: torch.dtype) -> Iterator[
         raise KeyError(f"no weights for {len(missing)} parameter(s), e.g. {missing[0]!r}")
 
 
-def _tokenizer_files(src: Path) -> list[Path]:
+def tokenizer_files(src: Path) -> list[Path]:
+    """The tokenizer files of a file or directory (what export and import copy); FileNotFoundError naming `src`
+    when it is not there."""
+    if not src.exists():
+        raise FileNotFoundError(f"tokenizer {src} does not exist")
     if src.is_file():
         return [src]
     return [p for p in sorted(src.iterdir()) if p.is_file() and (p.name in TOKENIZER_FILES or p.suffix == ".model")]
@@ -62,7 +66,7 @@ def export_tokenizer(src: str | Path, dest: Path, *, max_len: int) -> None:
 
     src = Path(src)
     tok = load_tokenizer(str(src))
-    files = _tokenizer_files(src)
+    files = tokenizer_files(src)
     for f in files:
         shutil.copy2(f, dest / ("tokenizer.model" if f.suffix == ".model" else f.name))
     cfg_path = dest / "tokenizer_config.json"

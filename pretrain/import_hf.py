@@ -22,7 +22,7 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.config import Layout
-from pretrain.export_hf import TOKENIZER_FILES
+from pretrain.export_hf import tokenizer_files
 from pretrain.hf_format import HFFormatError, model_args, reference_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
@@ -39,8 +39,10 @@ def _tokenizer(src: Path, dest: Path, model: ModelArgs) -> TokenizerFacts:
     from data_pipeline.errors import DataError
     from data_pipeline.tokenizer import load_tokenizer
 
-    files = [src] if src.is_file() else [p for p in sorted(src.iterdir()) if p.is_file() and
-                                         (p.name in TOKENIZER_FILES or p.suffix == ".model")]
+    try:
+        files = tokenizer_files(src)
+    except FileNotFoundError as e:
+        raise HFFormatError(f"{e}; pass --tokenizer PATH") from None
     if not files:
         raise HFFormatError(f"{src}: no tokenizer files (tokenizer.json or a sentencepiece .model); pass "
                             "--tokenizer PATH")
