@@ -199,10 +199,10 @@ class Engine:
     def load_resliced(self, reader: CheckpointReader) -> None:
         """A checkpoint of another layout (tp/pp/dp/ZeRO/dtype): its fp32 master weights, Adam moments and step,
         re-sliced for this engine, whose module must have been built from the same checkpoint
-        (`build_engine(init=reader)`). Collective. See pretrain/parallel/reshard.py."""
-        from pretrain.parallel.reshard import check_same_model, load_resliced
+        (`build_engine(init=reader)`; pretrain.resume checked it is the same model). Collective. See
+        pretrain/parallel/reshard.py."""
+        from pretrain.parallel.reshard import load_resliced
 
-        check_same_model(reader.run.model, self.args, reader.step_dir)
         load_resliced(self.ds, reader, self.args, self.env.tp_rank, self._reference_name)
         self.global_step = reader.step
 

@@ -64,13 +64,16 @@ def restore(start: StartPoint, env: Any, engine: Any, loader: Any) -> tuple[int,
 
 def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:
     """The run that wrote `step_dir` when its layout (tp/pp/dp, ZeRO stage, dtype, vocabulary padding) differs
-    from this one's, so that DeepSpeed's own per-rank files cannot be loaded as they are; None when they can."""
-    from pretrain.parallel.reshard import needs_reslicing
+    from this one's, so that DeepSpeed's own per-rank files cannot be loaded as they are; None when they can.
+    A checkpoint of another model (not only another layout) is refused here, in one line, before the engine is
+    built from it (building would otherwise fail first, with a shape traceback)."""
+    from pretrain.parallel.reshard import check_same_model, needs_reslicing
 
     try:
         saved = ResolvedRun.of_checkpoint(step_dir)
     except checkpoint.CheckpointError:  # written before runs were recorded: DeepSpeed's own load decides (loudly)
         return None
+    check_same_model(saved.model, run.model, step_dir)
     return saved if needs_reslicing(saved, run) else None
 
 
