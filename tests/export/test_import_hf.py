@@ -143,3 +143,11 @@ def test_import_names_a_missing_tokenizer_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and str(missing) in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_import_names_a_bad_max_shard_size(tmp_path, capsys):
+    """A --max-shard-size that is not a size: one line naming the flag (as export-hf says it), exit 2."""
+    code = cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"),
+                "--max-shard-size", "5XB"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--max-shard-size: size '5XB'" in err, err
