@@ -432,7 +432,8 @@ class TokenLoader:
         """An inexact resume: refused, or with reshard=True the earliest saved epoch starts again."""
         if not self.reshard:
             raise LoaderStateError("cannot resume the data loader exactly: " + "; ".join(reasons)
-                                   + " (pass reshard=True to restart the current epoch with the new layout)")
+                                   + " (pass reshard=True, in `pretrain train` data.reshard=true, to restart the "
+                                   "earliest saved epoch with the new layout)")
         p = self._plan
         seen = [pos[0] for s in states for c in s["cursors"] if c is not None for pos in c["streams"]]
         epochs = [min(seen, default=0)] * len(p.sources)  # the sources may differ from the saved ones

@@ -129,6 +129,23 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
+# A tokenizer directory's own files (transformers' names): what a checkpoint, an export and an import copy of it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "chat_template.jinja")
+
+
+def tokenizer_files(src: str) -> list[str]:
+    """The files that make up the tokenizer at `src` (a file, or a directory: its TOKENIZER_FILES and
+    sentencepiece `.model` files, not whatever else lives there, e.g. a model's config.json or weights);
+    TokenizerError naming `src` when it is not there."""
+    if os.path.isfile(src):
+        return [src]
+    if not os.path.isdir(src):
+        raise TokenizerError(f"{src}: no such tokenizer file or directory")
+    return [os.path.join(src, n) for n in sorted(os.listdir(src))
+            if os.path.isfile(os.path.join(src, n)) and (n in TOKENIZER_FILES or n.endswith(".model"))]
+
+
 def load_tokenizer(path: str) -> TextTokenizer:
     """A directory or file holding `tokenizer.json`, or a sentencepiece `.model` file."""
     if path.endswith(".model"):

@@ -239,7 +239,7 @@ def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
                 if loud:
                     _say(f"refusing: {e}")
                 continue
-            chosen = cand  # another world size is fine: the layout change is re-sliced (pretrain.parallel.reshard)
+            chosen = cand  # another world size is fine: pretrain.resume re-slices it (or refuses, for an old step)
             if skipped and loud:
                 _say(f"falling back to the previous complete checkpoint {cand}")
             break

@@ -266,14 +266,23 @@ def _tokenizer_path(step_dir, run, override: str | None) -> str:
     return path
 
 
-def run_import(args: argparse.Namespace) -> int:
-    from pretrain.hf_format import HFFormatError
-    from pretrain.import_hf import import_hf
+def _max_shard_bytes(args: argparse.Namespace) -> int:
+    """--max-shard-size of export-hf and import-hf in bytes; a bad value is a one-line error naming the flag."""
     from pretrain.safetensors_dir import parse_size
 
     try:
-        out = import_hf(args.model, args.out, tokenizer=args.tokenizer,
-                        max_shard_bytes=parse_size(args.max_shard_size))
+        return parse_size(args.max_shard_size)
+    except ValueError as e:
+        raise ConfigError(f"--max-shard-size: {e}") from None
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from pretrain.hf_format import HFFormatError
+    from pretrain.import_hf import import_hf
+
+    max_shard = _max_shard_bytes(args)
+    try:
+        out = import_hf(args.model, args.out, tokenizer=args.tokenizer, max_shard_bytes=max_shard)
     except (HFFormatError, FileExistsError, ValueError) as e:
         raise ConfigError(str(e)) from None
     print(f"imported {args.model} -> {out} (train from it: --set model.init_from={out})")
@@ -283,13 +292,9 @@ def run_import(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Any committed checkpoint -> Hugging Face LlamaForCausalLM directory, tensor by tensor."""
     from pretrain.export_hf import export_hf
-    from pretrain.safetensors_dir import parse_size
     from pretrain.weights import named_tensors, open_weights
 
-    try:
-        max_shard = parse_size(args.max_shard_size)
-    except ValueError as e:
-        raise ConfigError(f"--max-shard-size: {e}") from None
+    max_shard = _max_shard_bytes(args)
     _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)
     run = source.run

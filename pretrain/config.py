@@ -2,8 +2,9 @@
 
 Every field is typed and documented here; unknown keys are rejected with the key's dotted name (and the closest
 valid one). Checks that need only the config live in the section validators; checks that need the world size
-or the vocabulary (the parallel layout) live in `resolve_layout`, which `pretrain train --dry-run` runs before
-any process group or model exists.
+or the vocabulary (the parallel layout) live in `check_layout` / `resolve_layout`, which
+`pretrain.resolved.resolve_run` runs for training, its `--dry-run` and the launcher's preflight alike, before any
+process group or model exists.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import deepspeed
 import torch
@@ -199,15 +199,15 @@ class Engine:
     def load_resliced(self, reader: CheckpointReader) -> None:
         """A checkpoint of another layout (tp/pp/dp/ZeRO/dtype): its fp32 master weights, Adam moments and step,
         re-sliced for this engine, whose module must have been built from the same checkpoint
-        (`build_engine(init=reader)`). Collective. See pretrain/parallel/reshard.py."""
-        from pretrain.parallel.reshard import check_same_model, load_resliced
+        (`build_engine(init=reader)`; pretrain.resume checked it is the same model). Collective. See
+        pretrain/parallel/reshard.py."""
+        from pretrain.parallel.reshard import load_resliced
 
-        check_same_model(reader.run.model, self.args, reader.step_dir)
         load_resliced(self.ds, reader, self.args, self.env.tp_rank, self._reference_name)
         self.global_step = reader.step
 
     def _reference_name(self, name: str) -> str:
-        return reference_name(name, self.args.n_layers) if self.pipeline else name
+        return _to_reference(self.args, self.pipeline)(name)
 
     def reference_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full fp32 weights with the reference model's names on rank 0 (None elsewhere); collective."""
@@ -231,10 +231,10 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
     factory = _factory(cfg, run)
     ckpt = cfg.model.activation_checkpointing
     weights = init.tensor if init is not None else None
+    rename = _to_reference(args, lay.pp > 1)
     if lay.pp > 1:
         module = build_pipeline(args, factory, lay.pp, lay.tp, lay.dp, ckpt)
-        init_model(module, args, cfg.train.seed, env.tp_rank, rename=lambda n: reference_name(n, args.n_layers),
-                   weights=weights)
+        init_model(module, args, cfg.train.seed, env.tp_rank, rename=rename, weights=weights)
         mpu = None  # the pipeline engine uses the PipelineModule's own grid (same groups, checked)
     else:
         module = Transformer(args, factory, ckpt)
@@ -257,14 +257,20 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
                                               config=deepspeed_config(cfg, lay.dp), dist_init_required=False)
     if own_clipping and ds_engine.optimizer is not optimizer:
         raise RuntimeError("expected DeepSpeed to use GuardedAdamW directly with ZeRO-0/fp32")
-    if init is not None and cfg.train.dtype == "bf16":
-        rename = (lambda n: reference_name(n, args.n_layers)) if lay.pp > 1 else (lambda n: n)
+    if init is not None and run.dtype == "bf16":
         _exact_masters(ds_engine, from_weights(init.tensor, args, cfg.train.seed), args, env.tp_rank, rename)
     return Engine(cfg, env, ds_engine, run)
 
 
+def _to_reference(args: ModelArgs, pipeline: bool) -> Callable[[str], str]:
+    """This engine's parameter name -> the reference model's (a PipelineModule numbers its layers "3.attention...");
+    the one mapping init, the bf16 masters, re-slicing and consolidation all use."""
+    return (lambda name: reference_name(name, args.n_layers)) if pipeline else (lambda name: name)
+
+
 @torch.no_grad()
-def _exact_masters(ds_engine, full: FullTensor, args: ModelArgs, tp_rank: int, rename) -> None:
+def _exact_masters(ds_engine, full: FullTensor, args: ModelArgs, tp_rank: int,
+                   rename: Callable[[str], str]) -> None:
     """DeepSpeed's bf16 optimizers make the fp32 master weights from the bf16 module copy, which would round the
     weights a run starts from to bf16; write each one's full-precision slice into its master partition instead
     (DeepSpeed's own setter, whatever the ZeRO stage). Collective under ZeRO-3."""

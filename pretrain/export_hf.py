@@ -25,8 +25,6 @@ from pretrain.output_dir import written_whole
 from pretrain.safetensors_dir import DEFAULT_SHARD_BYTES, write_sharded
 
 Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "chat_template.jinja")
 
 
 def _renamed(weights: Weights, args: ModelArgs, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -49,20 +47,14 @@ def _renamed(weights: Weights, args: ModelArgs, dtype: torch.dtype) -> Iterator[
         raise KeyError(f"no weights for {len(missing)} parameter(s), e.g. {missing[0]!r}")
 
 
-def _tokenizer_files(src: Path) -> list[Path]:
-    if src.is_file():
-        return [src]
-    return [p for p in sorted(src.iterdir()) if p.is_file() and (p.name in TOKENIZER_FILES or p.suffix == ".model")]
-
-
 def export_tokenizer(src: str | Path, dest: Path, *, max_len: int) -> None:
     """Copy the tokenizer files and complete tokenizer_config.json so AutoTokenizer can load `dest`: the class,
     the special tokens by content, and the context length. A sentencepiece model becomes `tokenizer.model`."""
-    from data_pipeline.tokenizer import load_tokenizer
+    from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
 
     src = Path(src)
     tok = load_tokenizer(str(src))
-    files = _tokenizer_files(src)
+    files = [Path(f) for f in tokenizer_files(str(src))]
     for f in files:
         shutil.copy2(f, dest / ("tokenizer.model" if f.suffix == ".model" else f.name))
     cfg_path = dest / "tokenizer_config.json"

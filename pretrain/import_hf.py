@@ -22,7 +22,6 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.config import Layout
-from pretrain.export_hf import TOKENIZER_FILES
 from pretrain.hf_format import HFFormatError, model_args, reference_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
@@ -37,10 +36,12 @@ _KEPT = (torch.float32, torch.bfloat16)  # stored as they are; fp16/fp64 become 
 def _tokenizer(src: Path, dest: Path, model: ModelArgs) -> TokenizerFacts:
     """Copy the tokenizer files into `dest` and describe them (identity hash, special ids) from the copy."""
     from data_pipeline.errors import DataError
-    from data_pipeline.tokenizer import load_tokenizer
+    from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
 
-    files = [src] if src.is_file() else [p for p in sorted(src.iterdir()) if p.is_file() and
-                                         (p.name in TOKENIZER_FILES or p.suffix == ".model")]
+    try:
+        files = [Path(f) for f in tokenizer_files(str(src))]
+    except DataError as e:
+        raise HFFormatError(f"{e}; pass --tokenizer PATH") from None
     if not files:
         raise HFFormatError(f"{src}: no tokenizer files (tokenizer.json or a sentencepiece .model); pass "
                             "--tokenizer PATH")

@@ -64,13 +64,22 @@ def restore(start: StartPoint, env: Any, engine: Any, loader: Any) -> tuple[int,
 
 def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:
     """The run that wrote `step_dir` when its layout (tp/pp/dp, ZeRO stage, dtype, vocabulary padding) differs
-    from this one's, so that DeepSpeed's own per-rank files cannot be loaded as they are; None when they can."""
-    from pretrain.parallel.reshard import needs_reslicing
+    from this one's, so that DeepSpeed's own per-rank files cannot be loaded as they are; None when they can.
+    A checkpoint of another model (not only another layout) is refused here, in one line, before the engine is
+    built from it (building would otherwise fail first, with a shape traceback)."""
+    from pretrain.parallel.reshard import check_same_model, needs_reslicing
 
     try:
         saved = ResolvedRun.of_checkpoint(step_dir)
-    except checkpoint.CheckpointError:  # written before runs were recorded: DeepSpeed's own load decides (loudly)
+    except checkpoint.CheckpointError:  # written before runs were recorded: only its own layout can load it
+        old = checkpoint.read_meta(step_dir).layout
+        if old and any(old.get(k) != getattr(run.layout, k) for k in ("tp", "pp", "dp")):
+            raise checkpoint.CheckpointError(
+                f"{step_dir} was written by an older version (no resolved run in meta.json) with tp {old.get('tp')} "
+                f"x pp {old.get('pp')} x dp {old.get('dp')}; it can resume only on that layout, not on tp "
+                f"{run.layout.tp} x pp {run.layout.pp} x dp {run.layout.dp}") from None
         return None
+    check_same_model(saved.model, run.model, step_dir)
     return saved if needs_reslicing(saved, run) else None
 
 

@@ -152,11 +152,12 @@ def copy_tokenizer(tokenizer: TokenizerFacts | None, dest: Path) -> None:
     if src is None or not src.exists():
         say(f"WARNING: tokenizer {src} is gone; {dest} holds no {checkpoint.TOKENIZER_DIR}/ copy")
         return
+    from data_pipeline.tokenizer import tokenizer_files
+
     out = dest / checkpoint.TOKENIZER_DIR
     out.mkdir()
-    files = [src] if src.is_file() else [p for p in src.iterdir() if p.is_file() and p.suffix in (".json", ".model")]
-    for f in files:
-        shutil.copy2(f, out / f.name)
+    for f in tokenizer_files(str(src)):
+        shutil.copy2(f, out / os.path.basename(f))
 
 
 def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, saved: bool = True) -> int:

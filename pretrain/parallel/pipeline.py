@@ -6,8 +6,8 @@ document masking is on (doc_ids ride along so every stage can build its mask; De
 blocks per stage (`type:PipeBlock`; embedding lands on the first stage, head on the last).
 
 Names: DeepSpeed registers layer i as module "i", so a parameter is "3.attention.wq.weight". `reference_name`
-maps it back to the reference model's "layers.2.attention.wq.weight": checkpoints consolidate to and export from
-the same names whatever the layout.
+maps it back to the reference model's "layers.2.attention.wq.weight": checkpoints are read back (export,
+generate, re-slicing) under the same names whatever the layout.
 """
 from __future__ import annotations
 

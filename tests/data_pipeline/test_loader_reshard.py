@@ -179,6 +179,8 @@ def test_refusals_name_the_problem(corpus):
     with pytest.raises(LoaderStateError, match=r"dataset changed \(fingerprint") as err:
         loader(corpus["b"], 0, 1, 1, None).load_state_dict(states)  # all ranks' states, but other shards
     assert "\n" not in str(err.value)
+    # `pretrain train` users set the config key, not the keyword; the restart is of the earliest saved epoch
+    assert "data.reshard=true" in str(err.value) and "earliest saved epoch" in str(err.value)
     with pytest.raises(LoaderStateError, match=r"dp_size 2 -> 4.*all old DP ranks.*dp rank\(s\) \[1\] of 2 are "
                                                r"missing.*reshard=True"):
         loader(corpus["a"], 0, 4, 1, None).load_state_dict(states[0])  # one rank's state cannot be re-split

@@ -130,3 +130,24 @@ def test_train_init_from_checks_shape_and_tokenizer(tmp_path):
     p = pretrain(*base, "--set", f"data.path={other}", "--set", f"checkpoint.dir={tmp_path / 'r2'}")
     assert p.returncode == 2 and "made with another tokenizer" in p.stderr, p.stderr[-3000:]
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_import_names_a_missing_tokenizer_in_one_line(tmp_path, capsys):
+    """--tokenizer pointing nowhere is bad input: exit 2 with one line naming the path (was a FileNotFoundError
+    traceback from listing a directory that is not there), and no output directory."""
+    make_hf_model(tmp_path / "hf")
+    missing = tmp_path / "no_such_tokenizer"
+    capsys.readouterr()  # transformers' save progress bar
+    code = cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"),
+                "--tokenizer", str(missing)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_import_names_a_bad_max_shard_size(tmp_path, capsys):
+    """A --max-shard-size that is not a size: one line naming the flag (as export-hf says it), exit 2."""
+    code = cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"),
+                "--max-shard-size", "5XB"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--max-shard-size: size '5XB'" in err, err

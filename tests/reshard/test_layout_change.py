@@ -40,3 +40,19 @@ def test_only_the_layout_may_change(tmp_path):
     check_same_model(args, dataclasses.replace(args, vocab_size=512, max_seq_len=4096), tmp_path)
     with pytest.raises(CheckpointError, match=r"another model \(dim 64 -> 128, hidden_dim 192 -> 352\)"):
         check_same_model(args, dataclasses.replace(args, dim=128), tmp_path)
+
+
+def test_checkpoint_without_a_resolved_run_resumes_only_on_its_own_layout(tmp_path):
+    """A step written before meta.json held the resolved run cannot be re-sliced (nothing says what it holds): on
+    another tp/pp/dp it is refused in one line, as the rank-file check did before re-slicing existed, instead of
+    being handed to DeepSpeed's same-layout load; on its own layout it loads as before."""
+    import json
+
+    from pretrain.resume import saved_run
+
+    dp2 = _run(2, "parallel.zero_stage=2")
+    (tmp_path / "meta.json").write_text(json.dumps({"step": 4, "layout": dataclasses.asdict(dp2.layout)}))
+    assert saved_run(tmp_path, dp2) is None
+    with pytest.raises(CheckpointError, match=r"older version .* tp 1 x pp 1 x dp 2; it can resume only on that "
+                                              r"layout, not on tp 1 x pp 1 x dp 1"):
+        saved_run(tmp_path, _run(1, "parallel.zero_stage=2"))

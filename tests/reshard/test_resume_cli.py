@@ -36,3 +36,23 @@ def test_cli_resumes_a_dp2_zero2_checkpoint_on_one_rank(tmp_path):
     # It continued the curve (seen: 5.96 5.93 5.82 5.75 | 5.71 5.64); a restart from the init would be back at ~5.96.
     assert recs[4]["loss"] < recs[3]["loss"] < recs[0]["loss"] - 0.1
     assert (run / "latest").read_text().strip() == "step_6"
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_in_one_line(tmp_path):
+    """A checkpoint of another model (dim 32 -> 64) under another layout (ZeRO-0 -> ZeRO-1): exit 2 with one line
+    naming the difference, before any engine is built (was a ValueError traceback from building the new layout's
+    module out of the checkpoint's tensors)."""
+    import subprocess
+
+    from spawn import REPO, child_env
+
+    shards = tiny_shards(tmp_path / "data") / "shards"
+    run = tmp_path / "run"
+    first = subprocess.run([sys.executable, *train_args(shards, run, "train.max_steps=1", "checkpoint.every=1")],
+                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    p = subprocess.run([sys.executable, *train_args(shards, run, "train.max_steps=2", "parallel.zero_stage=1",
+                                                    "model.dim=64")],
+                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "holds another model (dim 32 -> 64)" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]

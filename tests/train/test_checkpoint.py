@@ -84,3 +84,26 @@ def test_latest_points_at_newest_and_resave_replaces(tmp_path):
     ckpt.verify(run / "step_4")
     assert not list(run.glob(".tmp_*")) and not list(run.glob(".latest*"))
     assert ckpt.resolve_checkpoint_arg(run) == run / "step_4"
+
+
+def test_checkpoint_copies_the_tokenizers_own_files_only(tmp_path):
+    """data.tokenizer may name a transformers model directory: the checkpoint's tokenizer/ gets the tokenizer's
+    files (the one list export-hf and import-hf use too), not the model's config.json or index beside them."""
+    from data_pipeline.tokenizer import load_tokenizer, train_bpe
+    from pretrain.resolved import TokenizerFacts
+    from pretrain.train import copy_tokenizer
+
+    src = tmp_path / "hf_model"
+    train_bpe(["the model data token train loss step rank shard layer"] * 20, 300, str(src))
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors.index.json").write_text("{}")
+    tok = load_tokenizer(str(src))
+    step = tmp_path / "step_1"
+    step.mkdir()
+    copy_tokenizer(TokenizerFacts(identity=tok.identity, kind=tok.kind, vocab_size=tok.vocab_size,
+                                  eos_id=tok.eos_id, path=str(src)), step)
+    copied = step / ckpt.TOKENIZER_DIR
+    assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in src.iterdir()
+                                                               if p.name not in ("config.json",
+                                                                                 "model.safetensors.index.json"))
+    assert load_tokenizer(str(copied)).identity == tok.identity
