@@ -50,12 +50,18 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
 
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     env = init_distributed(cfg, layout=run.layout)
-    begin = choose_start(cfg, run, env, say)  # before building: a bad checkpoint fails fast
-    loader = make_loader(cfg, run, env)
-    held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
-    engine = build_engine(cfg, env, run, begin.init)
-    env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
-    start, run_id = restore(begin, env, engine, loader)
+    try:
+        begin = choose_start(cfg, run, env, say)  # before building: a bad checkpoint fails fast
+        loader = make_loader(cfg, run, env)
+        held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
+        engine = build_engine(cfg, env, run, begin.init)
+        env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
+        start, run_id = restore(begin, env, engine, loader)
+    except BaseException:
+        # A refused checkpoint or bad data once the groups exist: close them, so the CLI's one line and exit 2 are
+        # the end (gloo's threads left to interpreter exit can abort the process: "terminate called ...", -6).
+        env.destroy()
+        raise
     run_dir = Path(cfg.checkpoint.dir)
     if env.rank == 0:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
@@ -110,6 +116,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
                 f"stopped answering (train.collective_timeout_s={cfg.train.collective_timeout_s:g}); exit "
                 f"{EXIT_LOST_PEER}, resume from the last checkpoint")
             return EXIT_LOST_PEER
+        env.destroy()
         raise
     finally:
         log.close()
