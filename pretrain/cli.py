@@ -246,9 +246,9 @@ def _quiet_offline() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _tokenizer_path(step_dir, run, override: str | None) -> str:
-    """The tokenizer to use with a checkpoint: --tokenizer, else the checkpoint's copy, else the path training
-    recorded; the same tokenizer the model was trained with (identity hash) or a one-line error."""
+def _tokenizer(step_dir, run, override: str | None):
+    """(path, loaded tokenizer) to use with a checkpoint: --tokenizer, else the checkpoint's copy, else the path
+    training recorded; the same tokenizer the model was trained with (identity hash) or a one-line error."""
     from data_pipeline.tokenizer import load_tokenizer
     from pretrain import checkpoint
 
@@ -263,7 +263,7 @@ def _tokenizer_path(step_dir, run, override: str | None) -> str:
     if run.tokenizer is not None and tok.identity != run.tokenizer.identity:
         raise checkpoint.CheckpointError(f"tokenizer {path} is not the one {step_dir} was trained with (identity "
                                          f"{tok.identity[:12]} vs {run.tokenizer.identity[:12]})")
-    return path
+    return path, tok
 
 
 def _max_shard_bytes(args: argparse.Namespace) -> int:
@@ -298,7 +298,7 @@ def run_export(args: argparse.Namespace) -> int:
     _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)
     run = source.run
-    tokenizer = _tokenizer_path(step_dir, run, args.tokenizer)
+    tokenizer, _ = _tokenizer(step_dir, run, args.tokenizer)
     tok = run.tokenizer
     try:
         out = export_hf(named_tensors(source), run.model, args.out, tokenizer=tokenizer, vocab_size=run.vocab_size,
@@ -320,7 +320,6 @@ def run_generate(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from data_pipeline.tokenizer import load_tokenizer
     from pretrain.model.generate import Sampling, generate
     from pretrain.model.transformer import Transformer
     from pretrain.weights import open_weights
@@ -328,7 +327,7 @@ def run_generate(args: argparse.Namespace) -> int:
     _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)
     run = source.run
-    tok = load_tokenizer(_tokenizer_path(step_dir, run, args.tokenizer))
+    _, tok = _tokenizer(step_dir, run, args.tokenizer)  # loaded once: its identity was checked on this object
     model = Transformer(run.model)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -12,7 +12,7 @@ generate and `model.init_from` read through this interface only, so each works f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -69,6 +69,11 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "norm_ep
 _CONFIG_KEY = {"kv_heads": "n_kv_heads", "hidden_dim": "ffn_hidden_dim"}
 
 
+def shape_differences(a: Any, b: Any) -> list[str]:
+    """The SHAPE_FIELDS in which two ModelArgs differ: non-empty means the weights of one do not fit the other."""
+    return [f for f in SHAPE_FIELDS if getattr(a, f) != getattr(b, f)]
+
+
 def init_source(cfg: Config, run: ResolvedRun) -> WeightSource:
     """`model.init_from`, checked against the run about to train: same model shape (one line listing every
     difference and the --set that fixes it) and shards made with the same tokenizer, unless
@@ -79,11 +84,10 @@ def init_source(cfg: Config, run: ResolvedRun) -> WeightSource:
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.init_from={path}: {e}") from None
     theirs, ours = source.run.model, run.model
-    diff = [f"{_CONFIG_KEY.get(f, f)} {getattr(ours, f)} (config) vs {getattr(theirs, f)} (checkpoint)"
-            for f in SHAPE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
-    if diff:
-        fix = " ".join(f"--set model.{_CONFIG_KEY.get(f, f)}={getattr(theirs, f)}" for f in SHAPE_FIELDS
-                       if getattr(ours, f) != getattr(theirs, f))
+    if fields := shape_differences(ours, theirs):
+        diff = [f"{_CONFIG_KEY.get(f, f)} {getattr(ours, f)} (config) vs {getattr(theirs, f)} (checkpoint)"
+                for f in fields]
+        fix = " ".join(f"--set model.{_CONFIG_KEY.get(f, f)}={getattr(theirs, f)}" for f in fields)
         raise ConfigError(f"model.init_from={step_dir}: model shape differs: {'; '.join(diff)}; fix: {fix}")
     want, have = source.run.tokenizer, run.tokenizer
     if (want and have and want.identity != have.identity and not cfg.model.init_from_any_tokenizer):

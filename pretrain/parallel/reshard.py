@@ -50,9 +50,9 @@ def needs_reslicing(saved: ResolvedRun, now: ResolvedRun) -> bool:
 
 def check_same_model(saved: ModelArgs, now: ModelArgs, where: Path) -> None:
     """Only the layout may change: the same network (the vocabulary padding and max_seq_len aside)."""
-    from pretrain.weights import SHAPE_FIELDS
+    from pretrain.weights import shape_differences
 
-    diff = [f"{k} {getattr(saved, k)} -> {getattr(now, k)}" for k in SHAPE_FIELDS if getattr(saved, k) != getattr(now, k)]
+    diff = [f"{k} {getattr(saved, k)} -> {getattr(now, k)}" for k in shape_differences(saved, now)]
     if diff:
         raise CheckpointError(f"checkpoint {where} holds another model ({', '.join(diff)}); only the parallel "
                               "layout can change on resume")
