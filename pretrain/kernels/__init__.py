@@ -1,7 +1,8 @@
 """The numerical primitives the model names, and the one place that decides how they run.
 
 Each op has an eager PyTorch reference (the ground truth every fused path is parity-tested against). On CUDA, with
-`use_fused(True)`, a fused Triton kernel may replace it; on CPU the eager path always runs.
+`use_fused(True)`, a fused Triton kernel may replace it; on CPU the eager path always runs. The output head's loss
+(`linear_cross_entropy`) runs in token chunks on every device, so no (tokens x vocab) logits are ever held whole.
 """
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from pretrain.kernels.linear_cross_entropy import EAGER, ChunkLoss
+from pretrain.kernels.linear_cross_entropy import linear_cross_entropy as _linear_cross_entropy
+
 _FUSED = False
+_LOSS_CHUNK = 0  # tokens per chunk of the output head's loss; 0: sized by linear_cross_entropy.CHUNK_BYTES
 log = logging.getLogger(__name__)
 
 
@@ -20,6 +25,12 @@ def use_fused(enabled: bool) -> None:
     """Switch fused kernels on or off for the whole process (the model config's `fused_kernels`)."""
     global _FUSED
     _FUSED = enabled
+
+
+def use_loss_chunk(tokens: int) -> None:
+    """Tokens per chunk of the output head + loss for the whole process (the model config's `loss_chunk_tokens`)."""
+    global _LOSS_CHUNK
+    _LOSS_CHUNK = tokens
 
 
 def fused_enabled(x: torch.Tensor) -> bool:
@@ -90,3 +101,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if fused_enabled(logits):
         return _fused("cross_entropy").cross_entropy(logits, targets, ignore_index)
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_loss: ChunkLoss | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token loss of logits = hidden @ weight.T, computed chunk by chunk (never all logits at once).
+    hidden (N, D), weight (V_local, D), targets (N,). `chunk_loss`: how a chunk's softmax is taken (the tensor-
+    parallel build passes megatron-core's); default the Triton kernel on CUDA with fused kernels on, else eager."""
+    if chunk_loss is None:
+        chunk_loss = _fused("cross_entropy").chunk_loss if fused_enabled(hidden) else EAGER
+    return _linear_cross_entropy(hidden, weight, targets, chunk_loss, ignore_index, _LOSS_CHUNK)

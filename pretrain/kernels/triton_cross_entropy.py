@@ -1,8 +1,11 @@
 """Fused softmax cross-entropy over a large vocabulary in Triton.
 
-The eager path upcasts the whole (tokens x vocab) logits to fp32 and keeps the softmax for backward: at
-128k vocab that is the largest activation of the model. Here forward streams each row once in vocab blocks
-with an online log-sum-exp and saves one float per row; backward recomputes softmax block by block.
+The eager path upcasts the whole (tokens x vocab) logits to fp32 and keeps the softmax for backward. Here forward
+streams each row once in vocab blocks with an online log-sum-exp and saves one float per row; backward recomputes
+softmax block by block. `chunk_loss` serves the chunked output head (pretrain.kernels.linear_cross_entropy): one
+launch computes a chunk's loss rows and writes their gradient over the logits, in place, in the logits' dtype.
+
+Row offsets are 64-bit: row * row_stride passes 2^31 elements at 16,800 rows of a 128k vocabulary.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ _BLOCK_V = 2048
 
 
 @triton.jit
-def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, stride_l, V, ignore_index, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0)
+def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, DLOGITS, SCALE, stride_l, stride_d, V, ignore_index,
+            BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
     target = tl.load(TARGETS + row)
     m = -float("inf")
@@ -32,11 +36,20 @@ def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, stride_l, V, ignore_index, BLOCK_V: tl.c
     safe_target = tl.where(valid, target, 0)
     x_t = tl.load(base + safe_target).to(tl.float32)
     tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
+    if WRITE_GRAD:  # the chunked head: (softmax - onehot) * scale[row], over the logits just read
+        g = tl.where(valid, tl.load(SCALE + row), 0.0)
+        out = DLOGITS + row * stride_d
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            grad = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * g
+            tl.store(out + cols, grad.to(DLOGITS.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ce_bwd(LOGITS, TARGETS, LSE, DLOGITS, SCALE, stride_l, stride_d, V, ignore_index, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGETS + row)
     lse = tl.load(LSE + row)
     g = tl.where(target != ignore_index, tl.load(SCALE), 0.0)
@@ -49,15 +62,21 @@ def _ce_bwd(LOGITS, TARGETS, LSE, DLOGITS, SCALE, stride_l, stride_d, V, ignore_
         tl.store(DLOGITS + row * stride_d + cols, grad.to(DLOGITS.dtype.element_ty), mask=mask)
 
 
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) with unit stride along V; any row stride (a view of a larger buffer) is kept."""
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        logits = logits.contiguous()
+        logits = _rows(logits)
         targets = targets.contiguous()
         N, V = logits.shape
         loss = torch.empty(N, dtype=torch.float32, device=logits.device)
         lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-        _ce_fwd[(N,)](logits, targets, loss, lse, logits.stride(0), V, ignore_index, BLOCK_V=_BLOCK_V)
+        _ce_fwd[(N,)](logits, targets, loss, lse, logits, lse, logits.stride(0), 0, V, ignore_index,
+                      BLOCK_V=_BLOCK_V, WRITE_GRAD=False)
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         ctx.save_for_backward(logits, targets, lse, n_valid)
         ctx.ignore_index = ignore_index
@@ -67,7 +86,7 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, dloss: torch.Tensor):
         logits, targets, lse, n_valid = ctx.saved_tensors
         N, V = logits.shape
-        dlogits = torch.empty_like(logits)
+        dlogits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
         scale = (dloss.float() / n_valid).reshape(1)  # a device tensor: no host sync in backward
         _ce_bwd[(N,)](logits, targets, lse, dlogits, scale, logits.stride(0), dlogits.stride(0), V, ctx.ignore_index,
                       BLOCK_V=_BLOCK_V)
@@ -77,3 +96,24 @@ class _CrossEntropy(torch.autograd.Function):
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean loss over targets != ignore_index; logits (N, V) in any float dtype, math in fp32."""
     return _CrossEntropy.apply(logits, targets, ignore_index)
+
+
+class TritonChunkLoss:
+    """pretrain.kernels.linear_cross_entropy's ChunkLoss on CUDA: one pass for the loss, one writing the gradient
+    over the chunk's logits (no fp32 copy: the chunk's bytes are the logits' own)."""
+
+    def bytes_per_logit(self, dtype: torch.dtype) -> int:
+        return dtype.itemsize
+
+    def __call__(self, logits, targets, grad_scale):
+        logits = _rows(logits)
+        N, V = logits.shape
+        loss, lse = torch.empty((2, N), dtype=torch.float32, device=logits.device)
+        write = grad_scale is not None
+        scale = grad_scale.contiguous() if write else lse  # unread when not writing
+        _ce_fwd[(N,)](logits, targets.contiguous(), loss, lse, logits, scale, logits.stride(0), logits.stride(0),
+                      V, -1, BLOCK_V=_BLOCK_V, WRITE_GRAD=write)
+        return loss, logits if write else None
+
+
+chunk_loss = TritonChunkLoss()

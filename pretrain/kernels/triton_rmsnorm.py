@@ -2,7 +2,8 @@
 
 One program normalises one row in a single pass over HBM (the eager path reads x three times: square, mean,
 scale). Backward recomputes x_hat from the saved 1/rms instead of storing it, and reduces the weight gradient
-per program before a final small sum, so no (rows x dim) fp32 buffer is materialised.
+per program before a final small sum, so no (rows x dim) fp32 buffer is materialised. Row offsets are 64-bit
+(row * stride passes 2^31 elements in a large activation), and any row stride is taken as it is.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import triton.language as tl
 
 @triton.jit
 def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -26,7 +27,7 @@ def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK_N: tl.constexp
 @triton.jit
 def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N, ROWS_PER_PROG,
                  BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -52,9 +53,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
+        x2 = _rows(x.reshape(-1, shape[-1]))
         M, N = x2.shape
-        y = torch.empty_like(x2)
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(N)
         _rmsnorm_fwd[(M,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), N, eps, BLOCK_N=block)
@@ -66,8 +67,8 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
         M, N = x2.shape
-        dy2 = dy.reshape(M, N).contiguous()
-        dx = torch.empty_like(x2)
+        dy2 = _rows(dy.reshape(M, N))
+        dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
         programs = max(1, min(M, 4 * _num_sms(x2.device)))
         rows_per_prog = triton.cdiv(M, programs)
         programs = triton.cdiv(M, rows_per_prog)
@@ -75,6 +76,11 @@ class _RMSNorm(torch.autograd.Function):
         _rmsnorm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0),
                                   M, N, rows_per_prog, BLOCK_N=triton.next_power_of_2(N))
         return dx.view(ctx.shape), dw_partial.sum(0).to(weight.dtype), None
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(M, N) with unit stride along N; any row stride (a view of a larger buffer) is kept."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _num_sms(device: torch.device) -> int:

@@ -12,9 +12,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, Y, T, stride_xr, stride_xh, stride_yr, stride_yh, stride_cb, stride_ct, H,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, SIGN: tl.constexpr):
-    row = tl.program_id(0)  # one (b, t) pair
+def _rope_kernel(X, COS, SIN, Y, T, stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh, stride_cb,
+                 stride_ct, H, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, SIGN: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # one (b, t) pair; offsets in int64 (they pass 2^31 in large activations)
     b = row // T
     t = row % T
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -22,10 +22,10 @@ def _rope_kernel(X, COS, SIN, Y, T, stride_xr, stride_xh, stride_yr, stride_yh, 
     mask = (heads < H) & (dims < HALF)
     c = tl.load(COS + b * stride_cb + t * stride_ct + dims, mask=dims < HALF, other=0.0).to(tl.float32)
     s = tl.load(SIN + b * stride_cb + t * stride_ct + dims, mask=dims < HALF, other=0.0).to(tl.float32) * SIGN
-    base = X + row * stride_xr + heads * stride_xh
+    base = X + b * stride_xb + t * stride_xt + heads * stride_xh
     x1 = tl.load(base + dims, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF + dims, mask=mask, other=0.0).to(tl.float32)
-    out = Y + row * stride_yr + heads * stride_yh
+    out = Y + b * stride_yb + t * stride_yt + heads * stride_yh
     # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): rotate_half(x) = (-x2, x1).
     tl.store(out + dims, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
     tl.store(out + HALF + dims, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
@@ -33,18 +33,18 @@ def _rope_kernel(X, COS, SIN, Y, T, stride_xr, stride_xh, stride_yr, stride_yh, 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     B, T, H, D = x.shape
-    x = x.contiguous()
-    y = torch.empty_like(x)
+    if x.stride(-1) != 1:
+        x = x.contiguous()  # any other stride is taken as it is (e.g. q, k as views of one fused projection)
+    y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)
     if cos.dim() == 2:  # (T, D): shared by the batch
         cos, sin = cos[:T].contiguous(), sin[:T].contiguous()
         stride_cb, stride_ct = 0, cos.stride(0)
     else:  # (B, T, D): per-sample positions (document masking, KV-cache decoding)
         cos, sin = cos.contiguous(), sin.contiguous()
         stride_cb, stride_ct = cos.stride(0), cos.stride(1)
-    x2, y2 = x.view(B * T, H, D), y.view(B * T, H, D)
-    _rope_kernel[(B * T,)](x2, cos, sin, y2, T, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
-                           stride_cb, stride_ct, H, HALF=D // 2, BLOCK_H=triton.next_power_of_2(H),
-                           BLOCK_D=triton.next_power_of_2(D // 2), SIGN=sign)
+    _rope_kernel[(B * T,)](x, cos, sin, y, T, *x.stride()[:3], *y.stride()[:3], stride_cb, stride_ct, H,
+                           HALF=D // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D // 2),
+                           SIGN=sign)
     return y
 
 

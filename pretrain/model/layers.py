@@ -2,8 +2,8 @@
 
 The LLaMA code never says `nn.Linear`: it asks a `LayerFactory` for "a column-parallel linear" (output features
 split over tensor-parallel ranks), "a row-parallel linear" (input features split, outputs summed), "a
-vocab-parallel embedding", "a vocab-parallel head" and "the loss over vocab-parallel logits". This file gives the
-reference answer (everything whole, tp = 1); `pretrain/parallel/tensor.py` gives megatron-core's. One model file,
+vocab-parallel embedding" and "a vocab-parallel head" (which also computes the loss, so that the whole logits need
+never exist: pretrain.kernels.linear_cross_entropy). This file gives the reference answer (everything whole, tp = 1); `pretrain/parallel/tensor.py` gives megatron-core's. One model file,
 two builds, and the parity tests compare them (megatron-core's gpt_layer_specs idea, without its machinery).
 """
 from __future__ import annotations
@@ -32,11 +32,7 @@ class LayerFactory:
         return nn.Embedding(vocab_size, dim)
 
     def vocab_head(self, dim: int, vocab_size: int) -> nn.Module:
-        return nn.Linear(dim, vocab_size, bias=False)
-
-    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss over all B*T targets; logits (B, T, V_local), targets (B, T)."""
-        return kernels.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return VocabHead(dim, vocab_size)
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over the whole (padded) vocabulary, for sampling."""
@@ -44,3 +40,19 @@ class LayerFactory:
 
 
 REFERENCE = LayerFactory()
+
+
+class VocabHead(nn.Linear):
+    """The output projection D -> V. head(h) gives logits (B, T, V); head(h, targets) gives the mean next-token
+    loss over the B*T targets, computed in token chunks (the logits are never held whole).
+
+    The loss lives in the head's forward, not after it, so that whatever wraps forward sees the weight in use:
+    DeepSpeed ZeRO-3 gathers a module's parameters in its forward hooks."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__(dim, vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(h)
+        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, targets.flatten())

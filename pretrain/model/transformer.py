@@ -174,7 +174,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens (B, T) -> logits (B, T, V_local), or the mean next-token loss when targets are given."""
+    """tokens (B, T) -> logits (B, T, V_local), or the mean next-token loss over B*T targets when they are given."""
 
     def __init__(self, args: ModelArgs, factory: LayerFactory = REFERENCE, checkpointing: Checkpointing = "none"):
         super().__init__()
@@ -196,10 +196,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for layer in self.layers.values():
             h = layer(h, doc_ids, start_pos, cache)
-        logits = self.output(self.norm(h))  # (B, T, V_local)
-        if targets is None:
-            return logits
-        return self.factory.cross_entropy(logits, targets)
+        # logits (B, T, V_local), or with targets the mean next-token loss (the logits never held whole)
+        return self.output(self.norm(h), targets)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = next(self.parameters())

@@ -3,7 +3,8 @@
 A pipeline layer takes one value and returns one value: the hidden states `h (B, T, D)`, or `(h, doc_ids)` when
 document masking is on (doc_ids ride along so every stage can build its mask; DeepSpeed sends both). Layers are
 `LayerSpec`s, so a stage builds only the layers it owns, and partitioning balances the number of transformer
-blocks per stage (`type:PipeBlock`; embedding lands on the first stage, head on the last).
+blocks per stage (`type:PipeBlock`; embedding lands on the first stage, head on the last, where `PipeLoss` runs
+it with the targets).
 
 Names: DeepSpeed registers layer i as module "i", so a parameter is "3.attention.wq.weight". `reference_name`
 maps it back to the reference model's "layers.2.attention.wq.weight": checkpoints are read back (export,
@@ -51,6 +52,10 @@ class PipeBlock(TransformerBlock):
 
 
 class PipeHead(nn.Module):
+    """Final norm + output head on the last stage. It hands the normed hidden states to `PipeLoss`, which runs the
+    head with the targets (DeepSpeed gives labels only to loss_fn): the loss is computed chunk by chunk inside the
+    head and the (B, T, V) logits never exist (pretrain.kernels.linear_cross_entropy)."""
+
     def __init__(self, args: ModelArgs, factory: LayerFactory):
         super().__init__()
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -58,18 +63,18 @@ class PipeHead(nn.Module):
 
     def forward(self, inputs: Activation) -> torch.Tensor:
         h, _ = _split(inputs)
-        return self.output(self.norm(h))  # (B, T, V_local)
+        return self.norm(h)  # (B, T, D)
 
 
 class PipeLoss:
-    """loss_fn(logits, targets): the same mean token loss the reference model computes."""
+    """loss_fn(h, targets): the same mean token loss the reference model computes, by the last stage's head."""
 
-    def __init__(self, factory: LayerFactory):
-        self.factory = factory
+    def __init__(self):
+        self.head: PipeHead | None = None  # set once the last stage has built its layers
         self.scale = 1.0  # the engine's fault injection sets NaN for one step
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.factory.cross_entropy(logits, targets) * self.scale
+    def __call__(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.head.output(h, targets) * self.scale
 
 
 def build_pipeline(args: ModelArgs, factory: LayerFactory, pp: int, tp: int, dp: int,
@@ -81,8 +86,10 @@ def build_pipeline(args: ModelArgs, factory: LayerFactory, pp: int, tp: int, dp:
     layers = [LayerSpec(PipeEmbedding, args, factory)]
     layers += [LayerSpec(PipeBlock, args, factory, i, checkpointing) for i in range(args.n_layers)]
     layers += [LayerSpec(PipeHead, args, factory)]
-    return PipelineModule(layers=layers, topology=topology, loss_fn=PipeLoss(factory),
-                          partition_method="type:PipeBlock")
+    loss = PipeLoss()
+    module = PipelineModule(layers=layers, topology=topology, loss_fn=loss, partition_method="type:PipeBlock")
+    loss.head = next((m for m in module.forward_funcs if isinstance(m, PipeHead)), None)  # None off the last stage
+    return module
 
 
 def _check_same_groups(topology: PipeModelDataParallelTopology) -> None:

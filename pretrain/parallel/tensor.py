@@ -15,10 +15,13 @@ from __future__ import annotations
 import torch
 from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                           gather_from_tensor_model_parallel_region,
-                                           vocab_parallel_cross_entropy)
+                                           copy_to_tensor_model_parallel_region,
+                                           gather_from_sequence_parallel_region,
+                                           gather_from_tensor_model_parallel_region)
+from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
+from pretrain import kernels
 from pretrain.model.layers import LayerFactory
 
 
@@ -57,6 +60,50 @@ class _Row(RowParallelLinear):
         if self.sequence_parallel:  # megatron reduce-scatters along dim 0: out holds T/tp tokens
             return _seq_first(super().forward(_seq_first(x))[0])
         return super().forward(x)[0]
+
+
+class _VocabHead(_Column):
+    """Column-parallel output head (logits split over the vocabulary). With targets it returns the mean loss,
+    computed in token chunks (pretrain.kernels.linear_cross_entropy) with megatron-core's vocab-parallel softmax
+    per chunk: neither the whole (B, T, V/tp) logits nor the full vocabulary ever sit on one rank."""
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)  # (B, T, V/tp)
+        if self.sequence_parallel:  # x holds T/tp tokens: gather them (backward: reduce-scatter of dh)
+            h, targets = gather_from_sequence_parallel_region(_seq_first(x)), targets.t()  # (T, B, D), (T, B)
+        else:  # identity forward; backward sums each rank's partial dh (its vocab slice's share) over TP
+            h = copy_to_tensor_model_parallel_region(x)
+        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, targets.flatten(), VOCAB_PARALLEL)
+
+
+class VocabParallelChunkLoss:
+    """One chunk's loss rows and logits' gradient over this rank's vocab slice, by megatron-core's own steps of
+    its vocab-parallel cross-entropy (the max, the target's logit and the sum of exponentials all-reduced over
+    the tensor-parallel group), with the gradient taken in the same call (pretrain.kernels.linear_cross_entropy)."""
+
+    def bytes_per_logit(self, dtype: torch.dtype) -> int:
+        return 4 + (dtype.itemsize if dtype != torch.float32 else 0)  # megatron's fp32 copy + the cast gradient
+
+    def __call__(self, logits, targets, grad_scale):
+        group = parallel_state.get_tensor_model_parallel_group()
+        start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+        ce = VocabParallelCrossEntropy
+        logits32, logits_max = ce.calculate_logits_max(logits)
+        torch.distributed.all_reduce(logits_max, op=torch.distributed.ReduceOp.MAX, group=group)
+        target_mask, masked_target, predicted, sum_exp, exp_logits = ce.calculate_predicted_logits(
+            logits32, targets, logits_max, start, start + logits.shape[-1])
+        torch.distributed.all_reduce(predicted, group=group)
+        torch.distributed.all_reduce(sum_exp, group=group)
+        softmax, loss = ce.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
+        if grad_scale is None:
+            return loss, None
+        grad_2d, rows, update, grad = ce.prepare_gradient_calculation_operands(softmax, target_mask)
+        grad = ce.calculate_gradients(grad_2d, rows, masked_target, update, grad, grad_scale)
+        return loss, grad.to(logits.dtype)
+
+
+VOCAB_PARALLEL = VocabParallelChunkLoss()
 
 
 class _Embedding(VocabParallelEmbedding):
@@ -105,12 +152,7 @@ class TensorParallelFactory(LayerFactory):
                           reduce_scatter_embeddings=self.sequence_parallel)
 
     def vocab_head(self, dim, vocab_size):
-        # Logits stay split over the vocabulary: the loss below never materialises the full (B, T, V).
-        return _Column(dim, vocab_size, config=self.config, init_method=_no_init, bias=False, gather_output=False)
-
-    def cross_entropy(self, logits, targets):
-        """Mean over the B*T tokens of megatron's vocab-parallel cross-entropy (softmax across TP shards)."""
-        return vocab_parallel_cross_entropy(logits.float(), targets).mean()
+        return _VocabHead(dim, vocab_size, config=self.config, init_method=_no_init, bias=False, gather_output=False)
 
     def full_logits(self, logits):
         return gather_from_tensor_model_parallel_region(logits)

@@ -1,0 +1,121 @@
+"""Output projection + cross-entropy in token chunks: the (tokens x vocab) logits never exist whole.
+
+With a 128k vocabulary the logits of one micro-batch are the largest tensor of a step (8 x 4096 tokens x 128256
+entries: 7.8 GiB in bf16, twice that as the fp32 copy a loss makes), larger than every block's activations
+together. Here each chunk of `c` tokens computes logits_c = h_c W^T, its loss rows and d loss / d logits_c
+(softmax minus one-hot, scaled) at once, and takes the chunk's share of dh and dW right away, so one (c x V)
+buffer is alive at a time.
+
+The gradients are computed in forward, as Liger-Kernel's fused linear cross-entropy does: the head costs the same
+three matmuls as the unfused one (logits, dh, dW) and backward only scales the saved dh and dW by the incoming
+gradient. Apple's cut-cross-entropy instead recomputes the logits in backward (a fourth matmul, 2*N*D*V FLOPs,
+about 6% of a 1B model's step at a 128k vocabulary). What lives from forward to backward is dh (N x D) and dW
+(V x D) in the input's dtype instead of the logits; dW is summed over chunks in fp32 and rounded once.
+
+How a chunk's loss and gradient are computed is a `ChunkLoss`: plain PyTorch here (the reference, any device),
+the Triton kernel on CUDA (`triton_cross_entropy.chunk_loss`), megatron-core's vocab-parallel steps under tensor
+parallelism (`pretrain.parallel.tensor`).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+# Bytes of chunk working memory (c x V_local logits at the ChunkLoss's bytes per logit). 512 MiB keeps a chunk's
+# matmul large (2093 tokens at a 128k vocabulary in bf16 on the fused path) and the head's transient memory small.
+CHUNK_BYTES = 512 * 1024**2
+
+
+class ChunkLoss(Protocol):
+    """Loss rows and d(sum of scaled rows)/d logits of one chunk, over this rank's slice of the vocabulary."""
+
+    def bytes_per_logit(self, dtype: torch.dtype) -> int:
+        """Working bytes per logit entry: sizes the chunks."""
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
+                 grad_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits (c, V_local), which the call may overwrite; targets (c,) in [0, V) (ignored rows already
+        replaced, their loss and scale are masked by the caller); grad_scale (c,) fp32, None when no gradient is
+        wanted. Returns loss rows (c,) fp32 and the logits' gradient (c, V_local) in logits' dtype, or None."""
+
+
+class EagerChunkLoss:
+    """The reference: fp32 softmax in plain PyTorch, computed in place on an fp32 copy of the chunk."""
+
+    def bytes_per_logit(self, dtype: torch.dtype) -> int:
+        return 4 + (dtype.itemsize if dtype != torch.float32 else 0)  # the fp32 copy, and the cast-back gradient
+
+    def __call__(self, logits, targets, grad_scale):
+        x = logits.float()  # (c, V) fp32; the same tensor when logits are fp32 (a temporary of ours)
+        rows = torch.arange(x.shape[0], device=x.device)
+        target_logit = x[rows, targets]
+        m = x.amax(dim=1, keepdim=True)
+        x.sub_(m).exp_()
+        s = x.sum(dim=1, keepdim=True)
+        loss = (s.log() + m).squeeze(1) - target_logit  # log-sum-exp minus the target's logit
+        if grad_scale is None:
+            return loss, None
+        x.div_(s)  # softmax
+        x[rows, targets] -= 1.0  # d loss_row / d logits = softmax - onehot(target)
+        x.mul_(grad_scale[:, None])
+        return loss, x.to(logits.dtype)
+
+
+EAGER = EagerChunkLoss()
+
+
+def chunk_tokens(n_tokens: int, vocab_local: int, bytes_per_logit: int, override: int = 0) -> int:
+    """Tokens per chunk: `override` when set, else as many as fit CHUNK_BYTES of working memory."""
+    if override > 0:
+        return min(n_tokens, override)
+    return max(1, min(n_tokens, CHUNK_BYTES // (vocab_local * bytes_per_logit)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                chunk: int, chunk_loss: ChunkLoss, grad_hidden: bool, grad_weight: bool) -> torch.Tensor:
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1)  # a device tensor: no host sync
+        safe_targets = torch.where(valid, targets, 0)
+        want_grad = grad_hidden or grad_weight
+        scale = valid.float() / n_valid if want_grad else None  # d mean / d loss_row
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dh = torch.empty_like(hidden) if grad_hidden else None  # (N, D)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
+        for start in range(0, hidden.shape[0], chunk):
+            end = start + chunk
+            h = hidden[start:end]  # (c, D)
+            logits = h @ weight.t()  # (c, V_local) in the compute dtype
+            rows, grad = chunk_loss(logits, safe_targets[start:end], None if scale is None else scale[start:end])
+            loss_sum += torch.where(valid[start:end], rows, 0.0).sum()
+            if grad is not None:
+                if dh is not None:
+                    torch.mm(grad, weight, out=dh[start:end])  # (c, V) @ (V, D)
+                if dw is not None:
+                    dw.add_(grad.t() @ h)  # (V, c) @ (c, D), summed in fp32 over chunks
+            del logits, grad
+        if dw is not None and weight.dtype != torch.float32:
+            dw = dw.to(weight.dtype)  # rounded once, as one unchunked matmul would; half the bytes to backward
+        ctx.save_for_backward(dh, dw)
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        # In place: the saved gradients are ours alone (backward through this graph runs once).
+        dh, dw = ctx.saved_tensors
+        return (None if dh is None else dh.mul_(grad_loss), None if dw is None else dw.mul_(grad_loss),
+                None, None, None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_loss: ChunkLoss,
+                         ignore_index: int = -100, chunk: int = 0) -> torch.Tensor:
+    """Mean over targets != ignore_index of cross_entropy(hidden @ weight.T, targets), never holding more than one
+    chunk of logits. hidden (N, D), weight (V_local, D), targets (N,). `chunk`: tokens per chunk, 0 = sized by
+    CHUNK_BYTES. Under tensor parallelism `weight` is this rank's vocab slice and `chunk_loss` reduces across
+    ranks; the caller all-reduces dh (megatron-core's copy-to-region) as for any column-parallel linear."""
+    grad = torch.is_grad_enabled()
+    c = chunk_tokens(hidden.shape[0], weight.shape[0], chunk_loss.bytes_per_logit(hidden.dtype), chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, c, chunk_loss,
+                                     grad and hidden.requires_grad, grad and weight.requires_grad)
