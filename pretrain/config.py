@@ -45,7 +45,7 @@ class ModelSection(_Section):
         "none", description="recompute activations in backward: every block (full) or attention only (selective)")
     fused_kernels: bool = Field(True, description="use the Triton kernels on CUDA (always eager on CPU)")
     loss_chunk_tokens: int = Field(0, ge=0, description="tokens per chunk of the output head + loss (the logits are "
-                                   "never held whole); 0: as many as fit 512 MiB of logits")
+                                   "never held whole); 0: as many as fit 512 MiB of working memory")
     init_from: str | None = Field(None, description="start from these weights (a step_N dir, a run dir or a "
                                   "`pretrain import-hf` output): weights only, fresh optimizer, step 0; the model "
                                   "shape must match; ignored when resuming")

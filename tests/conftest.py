@@ -1,15 +1,27 @@
-"""Shared test plumbing: the GPU marker. Process-launch helpers live in tests/spawn.py."""
+"""Shared test plumbing: the GPU marker and the interpreter cases. Process-launch helpers live in tests/spawn.py."""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Where CUDA is absent, the Triton kernel tests run the kernels in Triton's interpreter on CPU. The variable is read
+# when a kernel is decorated, i.e. when pretrain.kernels.triton_* is first imported: set it before any test runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
+    """Without CUDA: skip the `gpu` tests. With CUDA: skip the Triton-interpreter cases (ids `cpu-*-interpreter`):
+    Triton picks the interpreter or the GPU compiler when a kernel module is imported (TRITON_INTERPRET above),
+    so in a CUDA process those kernels are compiled and cannot take CPU tensors; the `gpu` cases check the same
+    arithmetic there."""
     if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        skip = pytest.mark.skip(reason="Triton interpreter case: kernels are compiled for the GPU in this process")
+        marked = [item for item in items if "interpreter" in item.name]
+    else:
+        skip = pytest.mark.skip(reason="needs CUDA")
+        marked = [item for item in items if "gpu" in item.keywords]
+    for item in marked:
+        item.add_marker(skip)

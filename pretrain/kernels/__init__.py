@@ -17,7 +17,7 @@ from pretrain.kernels.linear_cross_entropy import EAGER, ChunkLoss
 from pretrain.kernels.linear_cross_entropy import linear_cross_entropy as _linear_cross_entropy
 
 _FUSED = False
-_LOSS_CHUNK = 0  # tokens per chunk of the output head's loss; 0: sized by linear_cross_entropy.CHUNK_BYTES
+_LOSS_CHUNK = 0  # tokens per chunk of the output head's loss; 0: sized by model.loss_chunks
 log = logging.getLogger(__name__)
 
 

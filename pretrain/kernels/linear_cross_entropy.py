@@ -22,9 +22,7 @@ from typing import Protocol
 
 import torch
 
-# Bytes of chunk working memory (c x V_local logits at the ChunkLoss's bytes per logit). 512 MiB keeps a chunk's
-# matmul large (2093 tokens at a 128k vocabulary in bf16 on the fused path) and the head's transient memory small.
-CHUNK_BYTES = 512 * 1024**2
+from pretrain.model.loss_chunks import bytes_per_logit, chunk_tokens
 
 
 class ChunkLoss(Protocol):
@@ -44,7 +42,7 @@ class EagerChunkLoss:
     """The reference: fp32 softmax in plain PyTorch, computed in place on an fp32 copy of the chunk."""
 
     def bytes_per_logit(self, dtype: torch.dtype) -> int:
-        return 4 + (dtype.itemsize if dtype != torch.float32 else 0)  # the fp32 copy, and the cast-back gradient
+        return bytes_per_logit(dtype.itemsize, in_place=False)
 
     def __call__(self, logits, targets, grad_scale):
         x = logits.float()  # (c, V) fp32; the same tensor when logits are fp32 (a temporary of ours)
@@ -63,13 +61,6 @@ class EagerChunkLoss:
 
 
 EAGER = EagerChunkLoss()
-
-
-def chunk_tokens(n_tokens: int, vocab_local: int, bytes_per_logit: int, override: int = 0) -> int:
-    """Tokens per chunk: `override` when set, else as many as fit CHUNK_BYTES of working memory."""
-    if override > 0:
-        return min(n_tokens, override)
-    return max(1, min(n_tokens, CHUNK_BYTES // (vocab_local * bytes_per_logit)))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -93,8 +84,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 if dh is not None:
                     torch.mm(grad, weight, out=dh[start:end])  # (c, V) @ (V, D)
-                if dw is not None:
-                    dw.add_(grad.t() @ h)  # (V, c) @ (c, D), summed in fp32 over chunks
+                if dw is not None and dw.dtype == grad.dtype:
+                    dw.addmm_(grad.t(), h)  # (V, c) @ (c, D), summed over chunks
+                elif dw is not None:
+                    dw.add_(grad.t() @ h)  # a chunk's bf16 product, summed in fp32
             del logits, grad
         if dw is not None and weight.dtype != torch.float32:
             dw = dw.to(weight.dtype)  # rounded once, as one unchunked matmul would; half the bytes to backward
@@ -113,8 +106,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          ignore_index: int = -100, chunk: int = 0) -> torch.Tensor:
     """Mean over targets != ignore_index of cross_entropy(hidden @ weight.T, targets), never holding more than one
     chunk of logits. hidden (N, D), weight (V_local, D), targets (N,). `chunk`: tokens per chunk, 0 = sized by
-    CHUNK_BYTES. Under tensor parallelism `weight` is this rank's vocab slice and `chunk_loss` reduces across
-    ranks; the caller all-reduces dh (megatron-core's copy-to-region) as for any column-parallel linear."""
+    pretrain.model.loss_chunks. Under tensor parallelism `weight` is this rank's vocab slice and `chunk_loss`
+    reduces across ranks; the caller all-reduces dh (megatron-core's copy-to-region) as for any column-parallel
+    linear."""
     grad = torch.is_grad_enabled()
     c = chunk_tokens(hidden.shape[0], weight.shape[0], chunk_loss.bytes_per_logit(hidden.dtype), chunk)
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, c, chunk_loss,

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pretrain.model.loss_chunks import bytes_per_logit
+
 _BLOCK_V = 2048
 
 
@@ -103,7 +105,7 @@ class TritonChunkLoss:
     over the chunk's logits (no fp32 copy: the chunk's bytes are the logits' own)."""
 
     def bytes_per_logit(self, dtype: torch.dtype) -> int:
-        return dtype.itemsize
+        return bytes_per_logit(dtype.itemsize, in_place=True)
 
     def __call__(self, logits, targets, grad_scale):
         logits = _rows(logits)

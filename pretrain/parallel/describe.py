@@ -26,8 +26,17 @@ tokens of a micro-batch, D dim, F FFN width, H/K query/key-value heads, hd head 
   input of a column-parallel linear; our wrappers hand it a transposed copy per linear, counted as such).
 - pipeline: DeepSpeed's 1F1B schedule keeps min(pp - stage, micro-batches) micro-batches in flight on a stage
   (`TrainSchedule.num_pipe_buffers`); stage 0 holds the most, the last stage holds the head.
-- head (last stage): the final norm + the fp32 (log-)softmax the loss saves (4*S*V/tp; the fused kernel saves the
-  logits, a*S*V); its backward makes the logits' gradient (4 + a)*S*V/tp at once (transient).
+- head (last stage): the final norm's input as above, and what the chunked loss head
+  (pretrain.kernels.linear_cross_entropy) keeps from forward to backward: the gradients of its input (a*S*D,
+  the whole sequence even under SP) and of its weight (a*V*D/tp). Transient, on top of everything saved: one
+  chunk of c tokens' logits at `loss_chunks.bytes_per_logit` (c from the same rule the head runs), and under bf16
+  the weight gradient's fp32 sum plus one chunk's bf16 product ((4 + a)*V*D/tp). No term grows with S*V.
+  The head before chunking (`Kernels.whole_logits`, as transformers' LlamaForCausalLM has it) kept the logits
+  for backward (fused: a*S*V, eager: the fp32 log-softmax, 4*S*V) and its backward made their gradient at once:
+  fused a*S*V (the Triton kernel writes it in the logits' dtype), eager 8*S*V (nll's fp32 gradient and
+  log-softmax's, both alive). Those constants reproduce the four peaks measured on an H200 with that head
+  (tests/plan/test_gpu_figures.py); the 125m preset's +33% came from counting (4 + a)*S*V for the fused
+  backward, 6 GiB more than the kernel allocates at 32768 x 50304.
 tests/plan/test_activations.py measures all of this with saved-tensor hooks (eager path, CPU, 1 and 2 TP ranks,
 PP=2). Not counted: the CUDA context, NCCL and DeepSpeed communication buffers, allocator fragmentation: the fit
 verdict keeps `HEADROOM` of the GPU's memory for them.
@@ -47,6 +56,7 @@ from dataclasses import dataclass
 
 from pretrain.config import Config, ConfigError, Layout
 from pretrain.model.args import ModelArgs
+from pretrain.model.loss_chunks import bytes_per_logit, chunk_tokens
 from pretrain.resolved import ResolvedRun
 
 GiB = 1024**3
@@ -70,6 +80,9 @@ class Kernels:
     """Which code computes the model's norms, SwiGLU and loss: decides what autograd saves. Attention is SDPA
     with enable_gqa on every device (CUDA flash, PyTorch's CPU flash), so K/V are saved K heads wide either way."""
     fused: bool = True  # Triton RMSNorm / SwiGLU / cross-entropy (CUDA with model.fused_kernels); False: eager
+    # The output head before it ran in chunks (whole logits kept for backward), for reading figures measured with
+    # it and for peers that still have it (transformers); this project's head never holds them.
+    whole_logits: bool = False
 
     @classmethod
     def cpu(cls) -> "Kernels":
@@ -100,12 +113,22 @@ def block_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, recompute
     return attention_sub_block + mlp_sub_block, 0.0
 
 
-def head_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, a: int, k: Kernels) -> tuple[float, float]:
-    """(saved, transient) bytes of the final norm + output head + loss for one micro-batch on one TP rank."""
-    S, D, V = tokens, args.dim, args.vocab_size
-    norm = (S * D * (2 * a if k.fused else 4 + 2 * a) + 4 * S) / (tp if sp else 1)
-    fused_loss = k.fused and tp == 1  # with TP the loss is megatron-core's vocab-parallel cross-entropy
-    return norm + S * V / tp * (a if fused_loss else 4), S * V / tp * (4 + a)
+def head_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, a: int, k: Kernels,
+                     chunk: int = 0) -> tuple[float, float]:
+    """(saved, transient) bytes of the final norm + output head + loss for one micro-batch on one TP rank;
+    `chunk`: model.loss_chunk_tokens (0: the head's own sizing)."""
+    S, D, V = tokens, args.dim, args.vocab_size / tp
+    seq = tp if sp else 1
+    norm = (S * D * (a if k.fused else 4 + a) + 4 * S) / seq  # what the final RMSNorm saves, its output aside
+    in_place = k.fused and tp == 1  # the Triton loss; with TP, megatron-core's vocab-parallel steps (fp32 copy)
+    if k.whole_logits:
+        head_input = S * D * a / seq  # the linear saved the norm's output
+        return norm + head_input + S * V * (a if in_place else 4), S * V * (a if in_place else 8)
+    logit_bytes = bytes_per_logit(a, in_place)
+    c = chunk_tokens(S, int(V), logit_bytes, chunk)
+    saved = norm + S * D * a + V * D * a  # + the gradients of the head's input and weight, made in forward
+    fp32_sum = (4 + a) * V * D if a != 4 else 0
+    return saved, c * V * logit_bytes + fp32_sum
 
 
 @dataclass(frozen=True)
@@ -118,7 +141,7 @@ class Estimate:
     grads: float
     optimizer: float
     activations: float  # saved for backward, all in-flight micro-batches, the worst pipeline stage
-    transient: float    # made and freed within a backward step (a recomputed block, the logits' gradient)
+    transient: float    # made and freed within a step (a recomputed block, one chunk of the loss head)
     buffers: float      # DeepSpeed's pipeline send/receive buffers
     in_flight: int      # micro-batches alive on the worst stage
     worst_stage: int
@@ -193,7 +216,7 @@ def stage_activations(cfg: Config, lay: Layout, args: ModelArgs, k: Kernels) -> 
     S = lay.micro_batch_size * cfg.train.seq_len
     sp, a = cfg.parallel.sequence_parallel, (2 if cfg.train.dtype == "bf16" else 4)
     blk_saved, blk_transient = block_activations(args, S, lay.tp, sp, cfg.model.activation_checkpointing, a, k)
-    head_saved, head_transient = head_activations(args, S, lay.tp, sp, a, k)
+    head_saved, head_transient = head_activations(args, S, lay.tp, sp, a, k, cfg.model.loss_chunk_tokens)
     boundary = S * args.dim * a / (lay.tp if sp else 1)  # one micro-batch's hidden states between stages
     stages = []
     for stage in range(lay.pp):

@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 
 from pretrain import kernels
 from pretrain.model.layers import LayerFactory
+from pretrain.model.loss_chunks import bytes_per_logit
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -83,7 +84,7 @@ class VocabParallelChunkLoss:
     the tensor-parallel group), with the gradient taken in the same call (pretrain.kernels.linear_cross_entropy)."""
 
     def bytes_per_logit(self, dtype: torch.dtype) -> int:
-        return 4 + (dtype.itemsize if dtype != torch.float32 else 0)  # megatron's fp32 copy + the cast gradient
+        return bytes_per_logit(dtype.itemsize, in_place=False)  # megatron's fp32 copy + the cast gradient
 
     def __call__(self, logits, targets, grad_scale):
         group = parallel_state.get_tensor_model_parallel_group()

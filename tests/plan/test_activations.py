@@ -59,7 +59,7 @@ def test_selective_is_not_none_and_sequence_parallel_splits_the_norms():
 
 
 @pytest.mark.parametrize("mode", ["none", "selective"])
-def test_fused_kernels_saved_bytes(monkeypatch, mode):
+def test_fused_kernels_saved_bytes_in_the_interpreter(monkeypatch, mode):
     """The fused path's figure (Triton RMSNorm, RoPE, SwiGLU, cross-entropy) from the tensors those kernels save:
     run for real in Triton's interpreter on CPU (fp32, numpy has no bf16), dispatched as on CUDA."""
     pytest.importorskip("triton")
