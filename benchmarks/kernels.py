@@ -3,7 +3,10 @@
     python benchmarks/kernels.py [--tokens 8192] [--dtype bf16] [--out benchmarks/results/kernels_<gpu>.json]
 
 Needs CUDA: timing Triton's CPU interpreter says nothing about a GPU. Each row is the median of --iters runs
-after warmup, measured with CUDA events around forward + backward.
+after warmup, measured with CUDA events around forward + backward. The loss rows run at --ce-tokens (32768: the
+1b preset's micro-batch of 8 x 4096): `cross_entropy` on given (tokens x vocab) logits, and `loss_head`, the
+output projection + loss: eager = whole logits then the fp32 loss, fused = pretrain.kernels.linear_cross_entropy
+(token chunks, Triton loss), which never holds the logits.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=14336)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--ce-tokens", type=int, default=32768, help="tokens of the loss rows")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
@@ -63,9 +67,11 @@ def main() -> None:
     cos, sin = eager.rope_cache(D // H, T, 500000.0, device=dev)
     g = torch.randn(T, args.hidden, device=dev, dtype=dt, requires_grad=True)
     u = torch.randn(T, args.hidden, device=dev, dtype=dt, requires_grad=True)
-    ce_tokens = min(T, 4096)  # (4096 x 128k) logits is already 1 GiB in bf16
-    logits = torch.randn(ce_tokens, args.vocab, device=dev, dtype=dt, requires_grad=True)
-    targets = torch.randint(0, args.vocab, (ce_tokens,), device=dev)
+    N = args.ce_tokens
+    logits = torch.randn(N, args.vocab, device=dev, dtype=dt, requires_grad=True)
+    targets = torch.randint(0, args.vocab, (N,), device=dev)
+    hidden = (torch.randn(N, D, device=dev) * 0.02).to(dt).requires_grad_()
+    head = (torch.randn(args.vocab, D, device=dev) * 0.02).to(dt).requires_grad_()
 
     ops = {
         "rms_norm": (lambda: eager.rms_norm(x, w, 1e-5), lambda: triton_rmsnorm.rms_norm(x, w, 1e-5)),
@@ -73,9 +79,13 @@ def main() -> None:
         "swiglu": (lambda: eager.swiglu(g, u), lambda: triton_swiglu.swiglu(g, u)),
         "cross_entropy": (lambda: eager.cross_entropy(logits, targets),
                           lambda: triton_cross_entropy.cross_entropy(logits, targets)),
+        "loss_head": (lambda: eager.cross_entropy(hidden @ head.t(), targets),
+                      lambda: eager.linear_cross_entropy(hidden, head, targets, triton_cross_entropy.chunk_loss)),
     }
     rows = []
     for name, (ref_fn, fused_fn) in ops.items():
+        for t in (x, w, q, g, u, logits, hidden, head):
+            t.grad = None  # each row's peak counts its own gradients only
         torch.cuda.reset_peak_memory_stats()
         t_ref = _time(ref_fn, args.iters)
         mem_ref = torch.cuda.max_memory_allocated()
