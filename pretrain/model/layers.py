@@ -2,9 +2,10 @@
 
 The LLaMA code never says `nn.Linear`: it asks a `LayerFactory` for "a column-parallel linear" (output features
 split over tensor-parallel ranks), "a row-parallel linear" (input features split, outputs summed), "a
-vocab-parallel embedding" and "a vocab-parallel head" (which also computes the loss, so that the whole logits need
-never exist: pretrain.kernels.linear_cross_entropy). This file gives the reference answer (everything whole, tp = 1); `pretrain/parallel/tensor.py` gives megatron-core's. One model file,
-two builds, and the parity tests compare them (megatron-core's gpt_layer_specs idea, without its machinery).
+vocab-parallel embedding" and "a vocab-parallel head" (which also computes the loss, so that the whole logits
+never exist: pretrain.kernels.linear_cross_entropy). This file gives the reference answer (everything whole,
+tp = 1); `pretrain/parallel/tensor.py` gives megatron-core's. One model file, two builds, and the parity tests
+compare them (megatron-core's gpt_layer_specs idea, without its machinery).
 """
 from __future__ import annotations
 
