@@ -42,7 +42,8 @@ class ModelSection(_Section):
     init_std: float | None = Field(None, description="override the init std")
     document_mask: bool = Field(False, description="attend only within a document inside a packed sequence")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
-        "none", description="recompute activations in backward: every block (full) or attention only (selective)")
+        "none", description="recompute in backward: every block (full), or only the cheap ops between the kept matmul "
+        "and attention outputs (selective: no matmul runs twice)")
     fused_kernels: bool = Field(True, description="use the Triton kernels on CUDA (always eager on CPU)")
     loss_chunk_tokens: int = Field(0, ge=0, description="tokens per chunk of the output head + loss (the logits are "
                                    "never held whole); 0: as many as fit 512 MiB of working memory")

@@ -17,11 +17,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from pretrain import kernels
 from pretrain.model.args import ModelArgs
 from pretrain.model.layers import REFERENCE, LayerFactory
+from pretrain.model.recompute import selective_context
 
 Checkpointing = Literal["none", "full", "selective"]
 
@@ -155,22 +156,18 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim, factory)
 
-    def _attend(self, x, doc_ids, start_pos, cache):
-        return self.attention(self.attention_norm(x), doc_ids, start_pos, cache)
-
     def _body(self, x, doc_ids, start_pos, cache):
-        recompute_attention = self.checkpointing == "selective" and cache is None and torch.is_grad_enabled()
-        if recompute_attention:  # keep the MLP's activations, recompute attention's (the large T^2 part)
-            h = x + checkpoint(self._attend, x, doc_ids, start_pos, None, use_reentrant=False)
-        else:
-            h = x + self._attend(x, doc_ids, start_pos, cache)
+        h = x + self.attention(self.attention_norm(x), doc_ids, start_pos, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
-        if self.checkpointing == "full" and cache is None and torch.is_grad_enabled():
-            return checkpoint(self._body, x, doc_ids, start_pos, None, use_reentrant=False)
-        return self._body(x, doc_ids, start_pos, cache)
+        if self.checkpointing == "none" or cache is not None or not torch.is_grad_enabled():
+            return self._body(x, doc_ids, start_pos, cache)
+        # full: keep the block's input, re-run the block in backward; selective: also keep the matmul, attention
+        # and collective outputs, so backward recomputes only the cheap ops between them (model/recompute.py).
+        context = selective_context if self.checkpointing == "selective" else noop_context_fn
+        return checkpoint(self._body, x, doc_ids, start_pos, None, use_reentrant=False, context_fn=context)
 
 
 class Transformer(nn.Module):

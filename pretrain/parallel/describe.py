@@ -18,9 +18,12 @@ tokens of a micro-batch, D dim, F FFN width, H/K query/key-value heads, hd head 
   RoPE saves only its cos/sin table (persistent, not counted).
 - SwiGLU, eager: silu's input, silu's output, the up projection, and the product w2 reads: 4a*S*F. Fused: the
   gate and up projections and the product: 3a*S*F.
-- recompute `selective` (this project's: the whole attention sub-block, norm included, is recomputed): the
-  block input (a*S*D) + the FFN norm + SwiGLU; `full`: the block input only, plus one block's activations
-  re-made during its backward (counted as transient).
+- recompute `selective` (op-level, pretrain/model/recompute.py): the block input (a*S*D) and the outputs of the
+  matmuls and attention: q, k, v (H + 2K heads), attention's output (H heads) and log-sum-exp, wo and w2 (D
+  wide: a row-parallel matmul's partial sums, all-reduced in place), w1 and w3 (F/tp); under SP also each
+  column-parallel linear's all-gathered input and each row-parallel one's reduce-scattered output. The norms,
+  RoPE and SwiGLU products are re-made during the block's backward (transient). `full`: the block input only,
+  plus one block's activations re-made during its backward (transient).
 - tensor parallelism splits heads and F over tp; without sequence parallelism the norms and block inputs are
   held whole on every TP rank, with it they are split along T (megatron-core saves its local, not the gathered,
   input of a column-parallel linear; our wrappers hand it a transposed copy per linear, counted as such).
@@ -44,7 +47,7 @@ verdict keeps `HEADROOM` of the GPU's memory for them.
 Step time (for ranking layouts): model FLOPs plus recompute at `efficiency` x the GPU's peak, the pipeline bubble
 (pp - 1)/(m + pp - 1) of the compute, and communication at the stated link bandwidths, not overlapped (an upper
 bound): TP all-reduces (or SP all-gather + reduce-scatter, the same bytes) of the block output, 2 per block
-forward and 2 backward (+2 under full recompute, +1 under selective); PP sends of each micro-batch's activation
+forward and 2 backward (+2 under full recompute); PP sends of each micro-batch's activation
 forward and its gradient backward; DP all-reduce (ZeRO-0) or reduce-scatter of fp32 gradients + all-gather of the
 updated weights (ZeRO-1/2), ZeRO-3 also gathering the weights for every micro-batch's forward and backward.
 Ring collectives move 2(n-1)/n (all-reduce) or (n-1)/n of the bytes over the slowest link the group spans.
@@ -106,11 +109,15 @@ def block_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, recompute
     block_input = S * D * a / seq
     attention_sub_block = norm + attn_in + attention
     mlp_sub_block = norm + mlp_in + mlp
+    everything = attention_sub_block + mlp_sub_block
     if recompute == "full":
-        return block_input, attention_sub_block + mlp_sub_block
-    if recompute == "selective":
-        return block_input + mlp_sub_block, attention_sub_block
-    return attention_sub_block + mlp_sub_block, 0.0
+        return block_input, everything
+    if recompute == "selective":  # pretrain/model/recompute.py: matmul, attention and collective outputs kept
+        kept = (S * hd * a * (2 * H + 2 * K) + 4 * S * H  # q, k, v projections; attention's output and lse
+                + 2 * S * D * a + 2 * S * F / tp * a  # wo, w2 (whole D: partial sums, reduced in place); w1, w3
+                + (5 * S * D * a + 2 * S * D / tp * a if sp else 0))  # SP: gathered inputs, scattered outputs
+        return block_input + kept, max(0.0, everything - kept)  # the cheap ops' tensors, re-made in backward
+    return everything, 0.0
 
 
 def head_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, a: int, k: Kernels,
@@ -325,15 +332,14 @@ def step_time(cfg: Config, e: Estimate, peak_tflops: float, efficiency: float, g
     S, m, a = lay.micro_batch_size * T, lay.grad_accum, (2 if cfg.train.dtype == "bf16" else 4)
     attn_fwd = 4.0 * args.n_layers * args.n_heads * args.head_dim * T  # per token, QK^T and AV forward
     block_params = matmul_params(args, args.vocab_size) - args.vocab_size * args.dim
-    attn_params = args.n_layers * (2 * args.dim * args.n_heads * args.head_dim + 2 * args.dim * args.kv_heads
-                                   * args.head_dim)
-    extra = {"full": 2.0 * block_params + attn_fwd, "selective": 2.0 * attn_params + attn_fwd}.get(
-        cfg.model.activation_checkpointing, 0.0)
+    # selective re-runs no matmul, attention or collective (pretrain/model/recompute.py): its elementwise
+    # recompute is not counted
+    extra = 2.0 * block_params + attn_fwd if cfg.model.activation_checkpointing == "full" else 0.0
     per_mb_flops = (flops_per_token(args, T, args.vocab_size) + extra) * S / (lay.tp * lay.pp)
     compute = per_mb_flops / (peak_tflops * 1e12 * efficiency)
     single_node = lay.world <= gpus_per_node
     tp_bw = (links.nvlink if lay.tp <= gpus_per_node else links.ib) * 1e9
-    all_reduces = args.n_layers / lay.pp * (4 + {"full": 2, "selective": 1}.get(cfg.model.activation_checkpointing, 0))
+    all_reduces = args.n_layers / lay.pp * (4 + (2 if cfg.model.activation_checkpointing == "full" else 0))
     tp_comm = all_reduces * 2 * (lay.tp - 1) / lay.tp * S * args.dim * a / tp_bw if lay.tp > 1 else 0.0
     pp_bw = (links.nvlink if single_node else links.ib) * 1e9
     pp_comm = 2 * S * args.dim * a / lay.tp / pp_bw if lay.pp > 1 else 0.0

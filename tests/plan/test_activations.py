@@ -77,7 +77,8 @@ def test_fused_kernels_saved_bytes_in_the_interpreter(monkeypatch, mode):
     assert m.now == pytest.approx(planned, rel=0.10), f"measured {m.now} vs planned {planned}"
     eager = (args.n_layers * block_activations(args, BATCH * SEQ, 1, False, mode, 4, Kernels.cpu())[0]
              + head_activations(args, BATCH * SEQ, 1, False, 4, Kernels.cpu())[0])
-    assert eager > 1.2 * planned  # what the fused kernels are for
+    if mode == "none":  # under selective the norms' and SwiGLU's tensors are recomputed, fused or not
+        assert eager > 1.2 * planned  # what the fused kernels are for
 
 
 def test_gqa_keys_and_values_are_saved_at_kv_head_width():
