@@ -46,8 +46,12 @@ class DistEnv:
     def barrier(self) -> None:
         dist.barrier()
 
-    def _all_reduce(self, value: float, op: dist.ReduceOp) -> float:
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device)
+    def _all_reduce(self, value: float | torch.Tensor, op: dist.ReduceOp) -> float:
+        """A number, or a one-element tensor on any device (read to the host once, after the reduction on NCCL)."""
+        if isinstance(value, torch.Tensor):
+            t = value.detach().reshape(1).to(device=self._comm_device, dtype=torch.float64)
+        else:
+            t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device)
         dist.all_reduce(t, op=op)
         return float(t.item())
 
@@ -55,10 +59,10 @@ class DistEnv:
     def _comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
-    def all_reduce_max(self, value: float) -> float:
+    def all_reduce_max(self, value: float | torch.Tensor) -> float:
         return self._all_reduce(value, dist.ReduceOp.MAX)
 
-    def all_reduce_sum(self, value: float) -> float:
+    def all_reduce_sum(self, value: float | torch.Tensor) -> float:
         return self._all_reduce(value, dist.ReduceOp.SUM)
 
     def apply_collective_timeout(self) -> None:

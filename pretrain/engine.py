@@ -137,15 +137,16 @@ class Engine:
         return StepResult(loss=loss, grad_norm=norm if not skipped else float("inf"), lr=lr, skipped=skipped)
 
     def _train_plain(self, micro: list[Batch]) -> float:
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float32, device=self.env.device)
         for batch in micro:
             inputs, targets, doc_ids = self._split(batch)
             loss = self.ds(inputs, targets, doc_ids) * self._loss_scale
             self.ds.backward(loss)  # scaled by 1/grad_accum inside; grads averaged over DP at the boundary
             self.ds.step()  # optimizer step (clip, skip guard) only at the accumulation boundary
-            total += loss.detach().double().cpu()
-        # Mean over micro-batches, then over all ranks (TP/PP replicas hold the same value, so this is the DP mean).
-        return self.env.all_reduce_sum(float(total) / len(micro)) / self.env.world_size
+            total += loss.detach().float()  # summed on the device: no host read per micro-batch
+        # Mean over micro-batches, then over all ranks (TP/PP replicas hold the same value, so this is the DP mean):
+        # one collective and one host read per step.
+        return self.env.all_reduce_sum(total / len(micro)) / self.env.world_size
 
     def _train_pipeline(self, micro: list[Batch]) -> float:
         self.ds.module.loss_fn.scale = self._loss_scale

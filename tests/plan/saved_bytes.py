@@ -8,8 +8,9 @@ linears, is one allocation). Parameters and other persistent tensors (the RoPE t
 storages are excluded.
 
 Selective recompute (pretrain/model/recompute.py) keeps the outputs of matmuls, attention and collectives in
-torch.utils.checkpoint's own cache, not through saved-tensor hooks: while active, SavedBytes also captures each
-checkpointed region's cache and counts the tensors still in it (once per storage, beside the hooked ones).
+torch.utils.checkpoint's own cache, not through saved-tensor hooks: while active, SavedBytes also follows each
+checkpointed region's cache for as long as the region lives (weakly: a region is freed after its backward) and
+counts the tensors still in it (once per storage, beside the hooked ones), updating the peak as each is kept.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Iterable
 import torch
 from torch.utils._pytree import tree_leaves
 
-from pretrain.model import transformer
+from pretrain.model import recompute, transformer
 
 
 class _Handle:
@@ -36,28 +37,43 @@ class SavedBytes:
         self.skip = {t.untyped_storage().data_ptr() for t in exclude}
         self.live: dict[int, list[int]] = {}  # storage pointer -> [handles alive, bytes]
         self.hooked = self.peak = 0
-        self._caches: list[dict] = []  # selective recompute's per-region caches
+        self._regions: list[weakref.ref] = []  # selective recompute's per-region cache holders
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     @property
     def now(self) -> int:
         return self.hooked + self._cached_bytes()
 
-    def _cached_bytes(self) -> int:
-        seen, total = set(self.live) | self.skip, 0
-        for cache in self._caches:
-            for entries in cache.values():
+    def _cached_tensors(self) -> dict[int, int]:
+        """{storage pointer: bytes} of the tensors selective recompute still keeps, not counted otherwise."""
+        found: dict[int, int] = {}
+        for region in self._regions:
+            mode = region()
+            for entries in (mode.storage.values() if mode is not None else ()):
                 for leaf in tree_leaves(list(entries.values())):
                     t = getattr(leaf, "val", None)  # a kept output; consumed or recomputed entries hold none
-                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                        seen.add(t.untyped_storage().data_ptr())
-                        total += t.untyped_storage().nbytes()
-        return total
+                    if isinstance(t, torch.Tensor):
+                        found[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return {p: n for p, n in found.items() if p not in self.live and p not in self.skip}
+
+    def _cached_bytes(self) -> int:
+        return sum(self._cached_tensors().values())
 
     def _selective_context(self):
         forward_mode, recompute_mode = self._original_context()
-        self._caches.append(forward_mode.storage)
+        self._regions.append(weakref.ref(recompute_mode))  # the region holds it, with the cache, until backward
         return forward_mode, recompute_mode
+
+    def _policy(self, ctx, op, *args, **kwargs):
+        """The recompute policy, and the peak as each kept output joins the cache."""
+        policy = self._original_policy(ctx, op, *args, **kwargs)
+        if policy == recompute.CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
+            cached = self._cached_tensors()
+            new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tree_leaves(ctx.op_output)
+                   if isinstance(t, torch.Tensor)}
+            extra = sum(n for p, n in new.items() if p not in cached and p not in self.live and p not in self.skip)
+            self.peak = max(self.peak, self.hooked + sum(cached.values()) + extra)
+        return policy
 
     def _pack(self, t: torch.Tensor):
         storage = t.untyped_storage()
@@ -87,12 +103,12 @@ class SavedBytes:
         return h.tensor if isinstance(h, _Handle) else h
 
     def __enter__(self) -> "SavedBytes":
-        self._original_context = transformer.selective_context
-        transformer.selective_context = self._selective_context
+        self._original_context, self._original_policy = transformer.selective_context, recompute._policy
+        transformer.selective_context, recompute._policy = self._selective_context, self._policy
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
-        transformer.selective_context = self._original_context
+        transformer.selective_context, recompute._policy = self._original_context, self._original_policy
         self.peak = max(self.peak, self.now)
