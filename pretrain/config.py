@@ -99,6 +99,9 @@ class TrainSection(_Section):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on cuda, gloo on cpu")
     max_nonfinite_steps: int = Field(3, gt=0, description="abort after this many non-finite steps in a row")
     peak_tflops: float | None = Field(None, description="per-device peak for MFU; None: looked up by GPU name")
+    fp8: Literal["none", "tensorwise", "rowwise"] = Field(
+        "none", description="FP8 matmuls in the blocks' projections with torchao (CUDA, compute capability >= 8.9, "
+        "tp = 1): tensorwise (fastest) or rowwise scaling")
     collective_timeout_s: float = Field(600.0, gt=0, description="a collective waiting longer than this for a dead "
                                         "or hung rank fails the run (every process group, torch's own and the "
                                         "libraries'), instead of hanging until the job's wall-clock limit")
@@ -168,6 +171,9 @@ class Config(_Section):
         if self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp != 0:
             raise ValueError(f"train.seq_len={self.train.seq_len} is not divisible by parallel.tp="
                              f"{self.parallel.tp}: sequence parallelism splits the sequence evenly over TP ranks")
+        if self.train.fp8 != "none" and self.parallel.tp != 1:
+            raise ValueError(f"train.fp8={self.train.fp8} needs parallel.tp=1: torchao's float8 linears replace "
+                             f"nn.Linear, and megatron-core's tensor-parallel linears are not converted")
         if self.data.weights is not None:
             paths = self.data.path if isinstance(self.data.path, list) else [self.data.path]
             if len(self.data.weights) != len(paths):

@@ -14,8 +14,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pretrain.console import library_stdout
 from pretrain.config import Config, ConfigError, Layout
+from pretrain.console import library_stdout
+from pretrain.parallel.fp8 import check_fp8
 
 
 @dataclass
@@ -133,6 +134,7 @@ def init_distributed(cfg: Config, *, layout: Layout) -> DistEnv:
     if cfg.parallel.sequence_parallel and device.type != "cuda":
         raise ConfigError("parallel.sequence_parallel needs CUDA (megatron-core's sequence-parallel path calls "
                           "torch.cuda); set it to false on CPU")
+    check_fp8(cfg.train.fp8, device)
 
     # One timeout for every collective (launch/plan.py relies on it: a dead peer fails the run instead of hanging it).
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)

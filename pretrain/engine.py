@@ -242,6 +242,10 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
         module = Transformer(args, factory, ckpt)
         init_model(module, args, cfg.train.seed, env.tp_rank, weights=weights)
         mpu = MegatronMpu()
+    if cfg.train.fp8 != "none":  # checked by init_distributed: CUDA with FP8 tensor cores, torchao, tp = 1
+        from pretrain.parallel.fp8 import convert_to_fp8
+
+        convert_to_fp8(module, cfg.train.fp8)
     if factory.sequence_parallel:
         from pretrain.parallel.tensor import all_reduce_sequence_parallel_grads
 
