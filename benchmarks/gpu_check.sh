@@ -5,7 +5,10 @@
 # commit, command, config) into $RESULTS; each step's log goes to $LOGS.
 #
 #   make gpu-check                      # with the project installed in .venv (a CUDA build of torch)
-#   PYTHON=python3 bash benchmarks/gpu_check.sh [--dry-run]
+#   PYTHON=python3 bash benchmarks/gpu_check.sh [--speed] [--dry-run]
+#
+# --speed adds the 1b preset without recompute, with compiled blocks, and with FP8 (tensorwise, compiled; needs
+# torchao and compute capability >= 8.9): selective recompute's cost, compile's and FP8's gains (about 5 minutes).
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), RESULTS (default benchmarks/results), WORK
 # (scratch, default /tmp/pretrain-gpu-check), LOGS (default $WORK/logs). A failed step is reported
@@ -17,7 +20,14 @@ RESULTS=${RESULTS:-benchmarks/results}
 WORK=${WORK:-/tmp/pretrain-gpu-check}
 LOGS=${LOGS:-$WORK/logs}
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+SPEED=0
+for arg in "$@"; do
+    case $arg in
+        --dry-run) DRY=1 ;;
+        --speed) SPEED=1 ;;
+        *) echo "gpu_check: unknown argument $arg (--speed, --dry-run)" >&2; exit 2 ;;
+    esac
+done
 
 if [ $DRY = 0 ]; then
     GPU=$($PY -c "import torch, sys; sys.exit(3) if not torch.cuda.is_available() else print(torch.cuda.get_device_name())") \
@@ -57,6 +67,15 @@ step peer_1b 150 bash -c "$PY benchmarks/peer_hf_deepspeed.py --config configs/1
     --warmup 3 --set train.micro_batch_size=4 --set train.grad_accum=8 --out $RESULTS/peer_${TAG}_1b.json \
     || $PY benchmarks/peer_hf_deepspeed.py --config configs/1b.yaml --vocab 128256 --steps 10 --warmup 3 \
     --set train.micro_batch_size=2 --set train.grad_accum=16 --out $RESULTS/peer_${TAG}_1b.json"
+
+if [ $SPEED = 1 ]; then
+    for variant in "none:--set model.activation_checkpointing=none" "compile:--set model.compile=true" \
+                   "fp8:--set train.fp8=tensorwise --set model.compile=true"; do
+        name=${variant%%:*}
+        step "mfu_1b_$name" 150 $PY benchmarks/mfu.py --config configs/1b.yaml --nproc 1 --steps 10 --warmup 4 \
+            --vocab 128256 --work "$WORK" ${variant#*:} --out "$RESULTS/mfu_${TAG}_1b_$name.json"
+    done
+fi
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "gpu_check: ${#failed[@]} step(s) failed: ${failed[*]}"

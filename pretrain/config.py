@@ -45,6 +45,8 @@ class ModelSection(_Section):
         "none", description="recompute in backward: every block (full), or only the cheap ops between the kept matmul "
         "and attention outputs (selective: no matmul runs twice)")
     fused_kernels: bool = Field(True, description="use the Triton kernels on CUDA (always eager on CPU)")
+    compile: bool = Field(False, description="torch.compile each transformer block (per block, as torchtitan "
+                          "does); the first steps are slower while it compiles")
     loss_chunk_tokens: int = Field(0, ge=0, description="tokens per chunk of the output head + loss (the logits are "
                                    "never held whole); 0: as many as fit 512 MiB of working memory")
     init_from: str | None = Field(None, description="start from these weights (a step_N dir, a run dir or a "

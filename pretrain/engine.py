@@ -25,7 +25,7 @@ from pretrain.distributed import DistEnv
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import FullTensor, from_weights, init_model, local_slice, reference_shapes
 from pretrain.model.layers import REFERENCE, LayerFactory
-from pretrain.model.transformer import Transformer
+from pretrain.model.transformer import Transformer, TransformerBlock
 from pretrain.parallel.checkpoint_reader import CheckpointReader
 from pretrain.parallel.consolidate import consolidate
 from pretrain.parallel.mpu import MegatronMpu
@@ -246,6 +246,8 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
         from pretrain.parallel.fp8 import convert_to_fp8
 
         convert_to_fp8(module, cfg.train.fp8)
+    if cfg.model.compile:
+        compile_blocks(module)
     if factory.sequence_parallel:
         from pretrain.parallel.tensor import all_reduce_sequence_parallel_grads
 
@@ -266,6 +268,16 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
     if init is not None and run.dtype == "bf16":
         _exact_masters(ds_engine, from_weights(init.tensor, args, cfg.train.seed), args, env.tp_rank, rename)
     return Engine(cfg, env, ds_engine, run)
+
+
+def compile_blocks(module: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place (torchtitan's per-block habit): every block has the same
+    code and shapes, so one compiled graph serves all of them, and parameter names (checkpoints, re-slicing,
+    export) are unchanged, which wrapping the whole model in torch.compile would not leave them. After FP8
+    conversion, so the casts compile with the matmuls; the loss head and the pipeline plumbing stay eager."""
+    for m in module.modules():
+        if isinstance(m, TransformerBlock):
+            m.compile()
 
 
 def _to_reference(args: ModelArgs, pipeline: bool) -> Callable[[str], str]:
