@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     os.environ.update(plan.env)
-    return run_torchrun(plan.torchrun_args(command), verbose=args.verbose)
+    code = run_torchrun(plan.torchrun_args(command), verbose=args.verbose)
+    # The ranks are gone and `code` is the node's verdict. SIGUSR1/SIGINT stay blocked to the end; SIGTERM's
+    # default (which CPython restores while shutting down) would still turn it into 143.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":

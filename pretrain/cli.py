@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), gpu=_local_gpu())
         _quiet_libraries(cfg, args.verbose)
         from pretrain.train import train
-        return train(cfg, stop)
+        code = train(cfg, stop)
+        stop.settle()  # finished or checkpointed: a late signal must not turn this exit code into a kill
+        return code
     except user_errors as e:
         return _fail(str(e))

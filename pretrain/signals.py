@@ -61,6 +61,14 @@ class StopRequest:
             signal.signal(sig, self._handle)
         return self
 
+    def settle(self) -> None:
+        """The run's outcome is decided (done, or checkpointed for a requeue): from here to process exit the stop
+        signals are ignored. CPython puts the default handlers back while the interpreter shuts down (the default
+        for SIGUSR1 and SIGTERM is to die), so a notice landing after `done:` killed ranks whose work was saved,
+        and the job ended FAILED; an ignored signal stays ignored through shutdown."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def should_stop(self, env: _Reducer) -> bool:
         """Collective: True on every rank if any rank was signalled."""
         return env.all_reduce_max(1.0 if self.requested else 0.0) > 0.0
