@@ -45,6 +45,7 @@ class NonFiniteAbort(RuntimeError):
 def train(cfg: Config, stop: StopRequest | None = None) -> int:
     """`stop`: handlers installed by the caller as early as possible (the CLI does it before importing torch)."""
     stop = stop or StopRequest().install()
+    started = time.time()
     from pretrain.distributed import init_distributed, lost_peer
     from pretrain.engine import build_engine
 
@@ -71,6 +72,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         if note := held_out_note(cfg, run):
             say(note)
     if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
+        if env.rank == 0:
+            append_segment(run_dir, start, start, started)
         return requeue(env, stop, start, None, saved=False)
     tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start)
     log = StepLog(cfg, run, env, tracker, start)
@@ -251,8 +254,10 @@ class StepLog:
         self.t0 = time.time()
         self.at = start  # the last step this segment ran
         self.segments = Path(cfg.checkpoint.dir) / SEGMENTS_FILE
-        if self.on and start == 0:
-            self.segments.unlink(missing_ok=True)  # a fresh start: earlier segments belong to another run
+        if self.on and start == 0 and any(seg["end_step"] > 0 for seg in self._segments()):
+            # A fresh start: earlier segments belong to another run. Ones that ended before their first step
+            # (stopped while starting, then requeued) are this run's beginning and stay.
+            self.segments.unlink()
 
     def step(self, step: int, res: Any, val: float | None) -> None:
         rec = self.meter.record(step, float(res.loss), float(res.lr), float(res.grad_norm), bool(res.skipped))
@@ -283,12 +288,11 @@ class StepLog:
         if self.file is not None:
             self.file.close()
         if self.on:
-            with open(self.segments, "a") as f:
-                f.write(json.dumps({"start_step": self.start, "end_step": self.at,
-                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.t0)),
-                                    "wall_s": round(time.time() - self.t0, 3)}) + "\n")
+            append_segment(Path(self.cfg.checkpoint.dir), self.start, self.at, self.t0)
 
     def _segments(self) -> list[dict[str, Any]]:
+        if not self.segments.exists():
+            return []
         return [json.loads(line) for line in self.segments.read_text().splitlines() if line.strip()]
 
     def summary(self, step: int) -> None:
@@ -316,6 +320,15 @@ class StepLog:
             lines += [f"mlflow:      {self.tracker.uri} run {self.tracker.run_id}",
                       f"             {ui_hint(self.tracker.uri)}"]
         print("\n".join(lines), flush=True)
+
+
+def append_segment(run_dir: Path, start: int, end: int, t0: float) -> None:
+    """One launch of the run in segments.jsonl: the steps it ran (none when stopped while starting), its wall time."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / SEGMENTS_FILE, "a") as f:
+        f.write(json.dumps({"start_step": start, "end_step": end,
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+                            "wall_s": round(time.time() - t0, 3)}) + "\n")
 
 
 def _latest(run_dir: Path) -> str | None:

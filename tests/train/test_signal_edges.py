@@ -1,12 +1,17 @@
-"""A stop signal that lands after the work is done (the final checkpoint committed, `done:` printed, the processes
+"""The two ends of a run's life under stop signals, with real ranks under `python -m launch` (2 processes).
+
+A stop signal that lands after the work is done (the final checkpoint committed, `done:` printed, the processes
 tearing down) leaves the exit code 0: nothing is lost and nothing needs a requeue. CPython restores the default
 handlers while the interpreter shuts down, and SIGUSR1's and SIGTERM's default is to die: such a notice used to kill
 the ranks (`launch: ranks exited with [-10]`, the job FAILED).
 
-Real ranks under `python -m launch`, 2 processes; from the `done:` line on, every process of the run gets the signal
-every few milliseconds until all have exited."""
+From the `done:` line on, every process of the run gets the signal every few milliseconds until all have exited.
+
+A notice before the first step: exit 42 with nothing saved, and the segment still counts (segments.jsonl,
+summary.json's wall time) once the requeued run has finished."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -72,3 +77,24 @@ def test_a_signal_after_done_leaves_exit_0(tmp_path_factory, sig):
     assert shooter is not None, out[-3000:]
     assert sent[0] > 0, "no signal landed before the ranks exited"
     assert proc.returncode == 0, f"exit {proc.returncode} after {sent[0]} signals\n{out[-3000:]}"
+
+
+def test_a_notice_before_the_first_step_is_a_segment_of_the_run(tmp_path_factory):
+    data = tiny_shards(tmp_path_factory.mktemp("data"))
+    run = tmp_path_factory.mktemp("run") / "run"
+    args = train_args(data / "shards", run, "train.max_steps=3", "parallel.zero_stage=1")[2:]
+    cmd = [sys.executable, "-m", "launch", "--nproc-per-node", "2", "--", "-m", "pretrain", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    time.sleep(1.0)  # the ranks are importing torch
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 42 and "before the first step, nothing to save" in out, out[-3000:]
+    first = [json.loads(x) for x in (run / "segments.jsonl").read_text().splitlines()]
+    assert [(s["start_step"], s["end_step"]) for s in first] == [(0, 0)]
+
+    done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(s["start_step"], s["end_step"]) for s in summary["segments"]] == [(0, 0), (0, 3)]
+    assert summary["wall_s"] == pytest.approx(sum(s["wall_s"] for s in summary["segments"]), abs=0.01)
