@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # On a machine with one CUDA GPU and the project installed in .venv with a CUDA torch (e.g. TORCH=torch):
-# GPU tests, kernel timings, the 125m and 1b presets as shipped beside the transformers peer (< 8 minutes).
+# GPU tests, kernel timings, the 125m and 1b presets as shipped beside the transformers peer (about 6 minutes).
 gpu-check:
 	bash benchmarks/gpu_check.sh
 

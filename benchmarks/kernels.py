@@ -3,7 +3,9 @@
     python benchmarks/kernels.py [--tokens 8192] [--dtype bf16] [--out benchmarks/results/kernels_<gpu>.json]
 
 Needs CUDA: timing Triton's CPU interpreter says nothing about a GPU. Each row is the median of --iters runs
-after warmup, measured with CUDA events around forward + backward. The loss rows run at --ce-tokens (32768: the
+after warmup, measured with CUDA events around forward + backward; peak memory is what the row allocates beyond
+the inputs every row shares (the committed kernels_h200.json, from before that, counted its own inputs in). The
+loss rows run at --ce-tokens (32768: the
 1b preset's micro-batch of 8 x 4096): `cross_entropy` on given (tokens x vocab) logits, and `loss_head`, the
 output projection + loss: eager = whole logits then the fp32 loss, fused = pretrain.kernels.linear_cross_entropy
 (token chunks, Triton loss), which never holds the logits.
@@ -86,12 +88,13 @@ def main() -> None:
     for name, (ref_fn, fused_fn) in ops.items():
         for t in (x, w, q, g, u, logits, hidden, head):
             t.grad = None  # each row's peak counts its own gradients only
+        base = torch.cuda.memory_allocated()  # every row's inputs: not this row's working memory
         torch.cuda.reset_peak_memory_stats()
         t_ref = _time(ref_fn, args.iters)
-        mem_ref = torch.cuda.max_memory_allocated()
+        mem_ref = torch.cuda.max_memory_allocated() - base
         torch.cuda.reset_peak_memory_stats()
         t_fused = _time(fused_fn, args.iters)
-        mem_fused = torch.cuda.max_memory_allocated()
+        mem_fused = torch.cuda.max_memory_allocated() - base
         rows.append(dict(op=name, eager_ms=t_ref, fused_ms=t_fused, speedup=t_ref / t_fused,
                          eager_peak_mib=mem_ref / 2**20, fused_peak_mib=mem_fused / 2**20))
         print(f"{name:14s} eager {t_ref:8.3f} ms  fused {t_fused:8.3f} ms  x{t_ref / t_fused:5.2f}  "

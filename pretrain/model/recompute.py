@@ -1,10 +1,11 @@
 """Selective activation recompute: keep what is expensive to make, recompute what is cheap.
 
 `activation_checkpointing: selective` runs each block under torch.utils.checkpoint with an op-level policy
-(torchtitan's selective activation checkpointing): the outputs of matmuls, of attention and of collectives are
-kept for backward; everything else (RMSNorm, RoPE, the SwiGLU product, residual adds, casts) is recomputed from
-them when backward needs it. Backward so re-runs no matmul, no attention kernel and no collective, and the
-memory a block holds is its input, the projections' outputs and attention's outputs
+(torchtitan's selective activation checkpointing): the outputs of matmuls, of attention and of the TP all-reduce
+are kept for backward; everything else (RMSNorm, RoPE, the SwiGLU product, residual adds, casts) is recomputed
+from them when backward needs it. Backward so re-runs no matmul, no attention kernel and no all-reduce (under
+sequence parallelism and ZeRO-3 it re-runs the all-gathers and reduce-scatters, see below), and the memory a block
+holds is its input, the projections' outputs and attention's outputs
 (pretrain/parallel/describe.py counts them; tests/model/test_recompute.py counts the matmuls).
 
 Fused Triton kernels (RMSNorm, RoPE, SwiGLU) are not dispatcher ops: they are always recomputed, as intended.
@@ -17,17 +18,22 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 _aten = torch.ops.aten
 SAVED_OPS = {
     _aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+    _aten._scaled_mm.default, _aten.max.default,  # FP8 (torchao): its matmuls, and the amax its scales come from
     _aten._scaled_dot_product_flash_attention.default,  # CUDA flash
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    # megatron-core's TP all-reduce (in place on the matmul output it reduces): kept, not sent twice.
+    torch.ops.c10d.allreduce_.default,
 }
-# torch.distributed's collectives as dispatcher ops (megatron-core's TP all-reduce, SP all-gather/reduce-scatter).
-COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional")
+# Not kept: collectives that write into a buffer their caller allocated (all-gather into, reduce-scatter into:
+# megatron-core's sequence parallelism, DeepSpeed ZeRO-3's parameter gathers). Their callers read the buffer, not
+# the op's return value, so a cached return value would leave the recomputed buffer empty; they run again.
+FUNCTIONAL_COLLECTIVES = "_c10d_functional"  # out-of-place: their return value is the result
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in SAVED_OPS or getattr(op, "namespace", "") in COLLECTIVE_NAMESPACES:
+    if op in SAVED_OPS or getattr(op, "namespace", "") == FUNCTIONAL_COLLECTIVES:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -20,9 +20,9 @@ tokens of a micro-batch, D dim, F FFN width, H/K query/key-value heads, hd head 
   gate and up projections and the product: 3a*S*F.
 - recompute `selective` (op-level, pretrain/model/recompute.py): the block input (a*S*D) and the outputs of the
   matmuls and attention: q, k, v (H + 2K heads), attention's output (H heads) and log-sum-exp, wo and w2 (D
-  wide: a row-parallel matmul's partial sums, all-reduced in place), w1 and w3 (F/tp); under SP also each
-  column-parallel linear's all-gathered input and each row-parallel one's reduce-scattered output. The norms,
-  RoPE and SwiGLU products are re-made during the block's backward (transient). `full`: the block input only,
+  wide: a row-parallel matmul's partial sums, all-reduced in place), w1 and w3 (F/tp); SP's all-gathers and
+  reduce-scatters are re-run, not kept. The norms, RoPE and SwiGLU products are re-made during the block's
+  backward (transient). `full`: the block input only,
   plus one block's activations re-made during its backward (transient).
 - tensor parallelism splits heads and F over tp; without sequence parallelism the norms and block inputs are
   held whole on every TP rank, with it they are split along T (megatron-core saves its local, not the gathered,
@@ -47,7 +47,7 @@ verdict keeps `HEADROOM` of the GPU's memory for them.
 Step time (for ranking layouts): model FLOPs plus recompute at `efficiency` x the GPU's peak, the pipeline bubble
 (pp - 1)/(m + pp - 1) of the compute, and communication at the stated link bandwidths, not overlapped (an upper
 bound): TP all-reduces (or SP all-gather + reduce-scatter, the same bytes) of the block output, 2 per block
-forward and 2 backward (+2 under full recompute); PP sends of each micro-batch's activation
+forward and 2 backward (+2 under full recompute, and under selective with SP); PP sends of each micro-batch's activation
 forward and its gradient backward; DP all-reduce (ZeRO-0) or reduce-scatter of fp32 gradients + all-gather of the
 updated weights (ZeRO-1/2), ZeRO-3 also gathering the weights for every micro-batch's forward and backward.
 Ring collectives move 2(n-1)/n (all-reduce) or (n-1)/n of the bytes over the slowest link the group spans.
@@ -114,8 +114,7 @@ def block_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, recompute
         return block_input, everything
     if recompute == "selective":  # pretrain/model/recompute.py: matmul, attention and collective outputs kept
         kept = (S * hd * a * (2 * H + 2 * K) + 4 * S * H  # q, k, v projections; attention's output and lse
-                + 2 * S * D * a + 2 * S * F / tp * a  # wo, w2 (whole D: partial sums, reduced in place); w1, w3
-                + (5 * S * D * a + 2 * S * D / tp * a if sp else 0))  # SP: gathered inputs, scattered outputs
+                + 2 * S * D * a + 2 * S * F / tp * a)  # wo, w2 (whole D: partial sums, reduced in place); w1, w3
         return block_input + kept, max(0.0, everything - kept)  # the cheap ops' tensors, re-made in backward
     return everything, 0.0
 
@@ -339,7 +338,10 @@ def step_time(cfg: Config, e: Estimate, peak_tflops: float, efficiency: float, g
     compute = per_mb_flops / (peak_tflops * 1e12 * efficiency)
     single_node = lay.world <= gpus_per_node
     tp_bw = (links.nvlink if lay.tp <= gpus_per_node else links.ib) * 1e9
-    all_reduces = args.n_layers / lay.pp * (4 + (2 if cfg.model.activation_checkpointing == "full" else 0))
+    recompute = cfg.model.activation_checkpointing
+    sp = cfg.parallel.sequence_parallel
+    resent = 2 if recompute == "full" or (recompute == "selective" and sp) else 0  # SP: gathers/scatters re-run
+    all_reduces = args.n_layers / lay.pp * (4 + resent)
     tp_comm = all_reduces * 2 * (lay.tp - 1) / lay.tp * S * args.dim * a / tp_bw if lay.tp > 1 else 0.0
     pp_bw = (links.nvlink if single_node else links.ib) * 1e9
     pp_comm = 2 * S * args.dim * a / lay.tp / pp_bw if lay.pp > 1 else 0.0

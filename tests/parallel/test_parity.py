@@ -55,6 +55,8 @@ LAYOUTS: list[tuple[str, dict, float]] = [
      {"zero": 2, "set": ["train.dtype=bf16", "model.activation_checkpointing=selective", "model.document_mask=true"]},
      BF16_TOL),
     ("tp2_zero3", {"tp": 2, "zero": 3}, TP_PP_TOL),
+    # ZeRO-3 gathers each parameter into a buffer inside the recomputed block: that gather must run again.
+    ("dp2_zero3_selective", {"zero": 3, "set": ["model.activation_checkpointing=selective"]}, DP_TOL),
     ("tp2_tied_selective", {"tp": 2, "set": ["model.tie_embeddings=true", "model.activation_checkpointing=selective"]},
      TP_PP_TOL),
     # torch.compile'd blocks (inductor on CPU) against the eager reference, under ZeRO-2 and under TP with selective
