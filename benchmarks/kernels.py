@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -102,9 +100,10 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     print(f"measured by: {command}")
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        result = dict(benchmark="kernels", device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                      commit=commit, command=command, config=vars(args) | {"out": str(args.out)}, results=rows)
+        from benchmarks.provenance import provenance
+
+        result = {**provenance("kernels", torch.cuda.get_device_name(), vars(args) | {"out": str(args.out)}),
+                  "results": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")

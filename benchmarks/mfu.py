@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -57,6 +56,7 @@ def main() -> int:
 
     import torch
 
+    from benchmarks.provenance import provenance
     from pretrain.config import load_config
     from pretrain.metrics import read
     from pretrain.parallel.describe import estimate
@@ -87,13 +87,7 @@ def main() -> int:
 
     cuda = torch.cuda.is_available()
     result = {
-        "benchmark": "mfu",
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                 cwd=REPO).stdout.strip(),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "config": cfg.model_dump(mode="json"),
+        **provenance("mfu", torch.cuda.get_device_name() if cuda else "cpu", cfg.model_dump(mode="json")),
         "nproc": args.nproc,
         "steps_measured": len(records),
         "tokens_per_s": median("tokens_per_s"),

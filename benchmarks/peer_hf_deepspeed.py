@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,6 +62,7 @@ def main() -> int:
     import torch
     from transformers import LlamaForCausalLM
 
+    from benchmarks.provenance import provenance
     from pretrain.config import load_config
     from pretrain.engine import deepspeed_config
     from pretrain.metrics import device_peak_tflops, flops_per_token, peak_memory_gib
@@ -117,14 +116,9 @@ def main() -> int:
     peak = device_peak_tflops(t.peak_tflops)
     tflops = flops_per_token(args, T, args.vocab_size) * tokens_per_s / 1e12
     result = {
-        "benchmark": "peer_hf_deepspeed",
+        **provenance("peer_hf_deepspeed", torch.cuda.get_device_name() if cuda else "cpu",
+                     cfg.model_dump(mode="json")),
         "system": "transformers LlamaForCausalLM (sdpa) + DeepSpeed",
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                 cwd=REPO).stdout.strip(),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "config": cfg.model_dump(mode="json"),
         "deepspeed_config": ds,
         "recompute": "full (whole layers)" if recompute else "none",
         "params": sum(p.numel() for p in model.parameters()),

@@ -1,6 +1,6 @@
 """Checkpoint commit protocol: a `step_<N>/` directory is either complete and verified, or it does not count.
 
-Why our own protocol around DeepSpeed (DESIGN.md, reliability contract): DeepSpeed's `save_checkpoint` writes its
+Why our own protocol around DeepSpeed (the reliability contract): DeepSpeed's `save_checkpoint` writes its
 `latest` file from rank 0 before the other ranks are done, and `load_checkpoint` without one only warns and
 returns None -- a known way to "resume" on random weights. So a save here is:
 

@@ -1,0 +1,18 @@
+"""What every benchmark JSON starts with: which benchmark, on what device, when, at which commit, by what command,
+with which config, so that a figure quoted anywhere can be traced and re-measured."""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def provenance(benchmark: str, device: str, config: Any) -> dict[str, Any]:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    return {"benchmark": benchmark, "device": device, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "config": config}
