@@ -73,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_grad = grad_hidden or grad_weight
         scale = valid.float() / n_valid if want_grad else None  # d mean / d loss_row
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        dh = torch.empty_like(hidden) if grad_hidden else None  # (N, D)
+        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None  # (N, D)
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
         for start in range(0, hidden.shape[0], chunk):
             end = start + chunk
