@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pretrain.kernels.rows import rows
 from pretrain.model.loss_chunks import bytes_per_logit
 
 _BLOCK_V = 2048
@@ -64,15 +65,10 @@ def _ce_bwd(LOGITS, TARGETS, LSE, DLOGITS, SCALE, stride_l, stride_d, V, ignore_
         tl.store(DLOGITS + row * stride_d + cols, grad.to(DLOGITS.dtype.element_ty), mask=mask)
 
 
-def _rows(logits: torch.Tensor) -> torch.Tensor:
-    """(N, V) with unit stride along V; any row stride (a view of a larger buffer) is kept."""
-    return logits if logits.stride(-1) == 1 else logits.contiguous()
-
-
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        logits = _rows(logits)
+        logits = rows(logits)
         targets = targets.contiguous()
         N, V = logits.shape
         loss = torch.empty(N, dtype=torch.float32, device=logits.device)
@@ -108,7 +104,7 @@ class TritonChunkLoss:
         return bytes_per_logit(dtype.itemsize, in_place=True)
 
     def __call__(self, logits, targets, grad_scale):
-        logits = _rows(logits)
+        logits = rows(logits)
         N, V = logits.shape
         loss, lse = torch.empty((2, N), dtype=torch.float32, device=logits.device)
         write = grad_scale is not None

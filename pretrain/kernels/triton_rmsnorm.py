@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pretrain.kernels.rows import rows
+
 
 @triton.jit
 def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK_N: tl.constexpr):
@@ -53,7 +55,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         shape = x.shape
-        x2 = _rows(x.reshape(-1, shape[-1]))
+        x2 = rows(x)
         M, N = x2.shape
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
@@ -67,7 +69,7 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
         M, N = x2.shape
-        dy2 = _rows(dy.reshape(M, N))
+        dy2 = rows(dy)
         dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
         programs = max(1, min(M, 4 * _num_sms(x2.device)))
         rows_per_prog = triton.cdiv(M, programs)
@@ -76,11 +78,6 @@ class _RMSNorm(torch.autograd.Function):
         _rmsnorm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0),
                                   M, N, rows_per_prog, BLOCK_N=triton.next_power_of_2(N))
         return dx.view(ctx.shape), dw_partial.sum(0).to(weight.dtype), None
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(M, N) with unit stride along N; any row stride (a view of a larger buffer) is kept."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _num_sms(device: torch.device) -> int:

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pretrain.kernels.rows import rows
+
 _BLOCK = 1024
 
 
@@ -39,16 +41,10 @@ def _swiglu_bwd(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, N, BLOCK: tl.co
     tl.store(DU + row * N + cols, (dy * silu).to(DU.dtype.element_ty), mask=mask)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(M, N) rows of the last dim with unit stride; a row stride (a view of a larger buffer) is kept."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        g2, u2 = _rows(gate), _rows(up)
+        g2, u2 = rows(gate), rows(up)
         M, N = g2.shape
         y = torch.empty((M, N), dtype=gate.dtype, device=gate.device)
         _swiglu_fwd[(M, triton.cdiv(N, _BLOCK))](g2, u2, y, g2.stride(0), u2.stride(0), N, BLOCK=_BLOCK)
@@ -60,7 +56,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         g2, u2 = ctx.saved_tensors
         M, N = g2.shape
-        dy2 = _rows(dy)
+        dy2 = rows(dy)
         dg = torch.empty((M, N), dtype=g2.dtype, device=g2.device)
         du = torch.empty((M, N), dtype=u2.dtype, device=u2.device)
         _swiglu_bwd[(M, triton.cdiv(N, _BLOCK))](dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), N,
