@@ -13,8 +13,6 @@ output projection + loss: eager = whole logits then the fp32 loss, fused = pretr
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -97,16 +95,10 @@ def main() -> None:
                          eager_peak_mib=mem_ref / 2**20, fused_peak_mib=mem_fused / 2**20))
         print(f"{name:14s} eager {t_ref:8.3f} ms  fused {t_fused:8.3f} ms  x{t_ref / t_fused:5.2f}  "
               f"peak {mem_ref / 2**20:8.0f} -> {mem_fused / 2**20:8.0f} MiB")
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    print(f"measured by: {command}")
-    if args.out:
-        from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, report
 
-        result = {**provenance("kernels", torch.cuda.get_device_name(), vars(args) | {"out": str(args.out)}),
-                  "results": rows}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    config = vars(args) | {"out": str(args.out) if args.out else None}
+    report({**provenance("kernels", torch.cuda.get_device_name(), config), "results": rows}, args.out)
 
 
 if __name__ == "__main__":

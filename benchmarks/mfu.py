@@ -12,7 +12,6 @@ on CPU it is reported as null. The JSON holds device, date, commit, the exact co
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -56,7 +55,7 @@ def main() -> int:
 
     import torch
 
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, report
     from pretrain.config import load_config
     from pretrain.metrics import read
     from pretrain.parallel.describe import estimate
@@ -103,11 +102,7 @@ def main() -> int:
     print(f"\n{result['device']}, {args.nproc} rank(s), {cfg.model.flavor}: {result['tokens_per_s']:,.0f} tokens/s, "
           f"{result['tflops_per_rank']:.3g} TFLOP/s per rank, MFU {mfu}, peak memory "
           f"{result['peak_mem_gib']:.2f} GiB (planned {result['planned_mem_gib']:.2f} GiB)")
-    print(f"measured by: {result['command']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    report(result, args.out)
     return 0
 
 

@@ -16,7 +16,6 @@ as benchmarks/mfu.py, so the two JSONs compare directly.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -62,7 +61,7 @@ def main() -> int:
     import torch
     from transformers import LlamaForCausalLM
 
-    from benchmarks.provenance import provenance
+    from benchmarks.provenance import provenance, report
     from pretrain.config import load_config
     from pretrain.engine import deepspeed_config
     from pretrain.metrics import device_peak_tflops, flops_per_token, peak_memory_gib
@@ -135,11 +134,7 @@ def main() -> int:
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (no GPU peak)"
     print(f"\n{result['device']}, peer {result['system']}, {cfg.model.flavor}: {tokens_per_s:,.0f} tokens/s, "
           f"MFU {mfu}, peak memory {result['peak_mem_gib']:.2f} GiB")
-    print(f"measured by: {result['command']}")
-    if opts.out:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {opts.out}")
+    report(result, opts.out)
     torch.distributed.destroy_process_group()
     return 0
 

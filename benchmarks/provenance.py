@@ -1,7 +1,9 @@
-"""What every benchmark JSON starts with: which benchmark, on what device, when, at which commit, by what command,
-with which config, so that a figure quoted anywhere can be traced and re-measured."""
+"""What every benchmark JSON starts with (which benchmark, on what device, when, at which commit, by what command,
+with which config) and how it ends (the command printed, the JSON written), so that a figure quoted anywhere can
+be traced and re-measured."""
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -16,3 +18,12 @@ def provenance(benchmark: str, device: str, config: Any) -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     return {"benchmark": benchmark, "device": device, "date": time.strftime("%Y-%m-%d"), "commit": commit,
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "config": config}
+
+
+def report(result: dict[str, Any], out: Path | None) -> None:
+    """Print the command that measured `result`; write it as JSON to `out` when given."""
+    print(f"measured by: {result['command']}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")

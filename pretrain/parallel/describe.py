@@ -22,8 +22,8 @@ tokens of a micro-batch, D dim, F FFN width, H/K query/key-value heads, hd head 
   matmuls and attention: q, k, v (H + 2K heads), attention's output (H heads) and log-sum-exp, wo and w2 (D
   wide: a row-parallel matmul's partial sums, all-reduced in place), w1 and w3 (F/tp); SP's all-gathers and
   reduce-scatters are re-run, not kept. The norms, RoPE and SwiGLU products are re-made during the block's
-  backward (transient). `full`: the block input only,
-  plus one block's activations re-made during its backward (transient).
+  backward (transient). `full`: the block input only, plus one block's activations re-made during its backward
+  (transient).
 - tensor parallelism splits heads and F over tp; without sequence parallelism the norms and block inputs are
   held whole on every TP rank, with it they are split along T (megatron-core saves its local, not the gathered,
   input of a column-parallel linear; our wrappers hand it a transposed copy per linear, counted as such).
