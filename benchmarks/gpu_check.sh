@@ -7,8 +7,9 @@
 #   make gpu-check                      # with the project installed in .venv (a CUDA build of torch)
 #   PYTHON=python3 bash benchmarks/gpu_check.sh [--speed] [--dry-run]
 #
-# --speed adds the 1b preset without recompute, with compiled blocks, and with FP8 (tensorwise, compiled; needs
-# torchao and compute capability >= 8.9): selective recompute's cost, compile's and FP8's gains (about 5 minutes).
+# --speed adds the 1b preset without recompute, with compiled blocks, with FP8 (tensorwise, compiled; needs
+# torchao and compute capability >= 8.9) and with document masking (varlen flash attention): selective
+# recompute's cost, compile's and FP8's gains, document masking's cost (about 6 minutes).
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), RESULTS (default benchmarks/results), WORK
 # (scratch, default /tmp/pretrain-gpu-check), LOGS (default $WORK/logs). A failed step is reported
@@ -79,7 +80,8 @@ step peer_1b 150 bash -c peer_1b
 
 if [ $SPEED = 1 ]; then
     for variant in "none:--set model.activation_checkpointing=none" "compile:--set model.compile=true" \
-                   "fp8:--set train.fp8=tensorwise --set model.compile=true"; do
+                   "fp8:--set train.fp8=tensorwise --set model.compile=true" \
+                   "docmask:--set model.document_mask=true"; do
         name=${variant%%:*}
         step "mfu_1b_$name" 150 $PY benchmarks/mfu.py --config configs/1b.yaml --nproc 1 --steps 10 --warmup 4 \
             --vocab 128256 --work "$WORK" ${variant#*:} --out "$RESULTS/mfu_${TAG}_1b_$name.json"

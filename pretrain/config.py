@@ -40,7 +40,8 @@ class ModelSection(_Section):
     norm_eps: float | None = Field(None, description="override the RMSNorm epsilon")
     tie_embeddings: bool | None = Field(None, description="share the input embedding with the output head")
     init_std: float | None = Field(None, description="override the init std")
-    document_mask: bool = Field(False, description="attend only within a document inside a packed sequence")
+    document_mask: bool = Field(False, description="attend only within a document inside a packed sequence "
+                                "(CUDA bf16: varlen flash attention; elsewhere a dense mask)")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="recompute in backward: every block (full), or only the cheap ops between the kept matmul "
         "and attention outputs (selective: no matmul runs twice)")

@@ -23,6 +23,7 @@ from pretrain import kernels
 from pretrain.config import Config
 from pretrain.distributed import DistEnv
 from pretrain.model.args import ModelArgs
+from pretrain.model.documents import Documents
 from pretrain.model.init import FullTensor, from_weights, init_model, local_slice, reference_shapes
 from pretrain.model.layers import REFERENCE, LayerFactory
 from pretrain.model.transformer import Transformer, TransformerBlock
@@ -30,7 +31,7 @@ from pretrain.parallel.checkpoint_reader import CheckpointReader
 from pretrain.parallel.consolidate import consolidate
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
-from pretrain.parallel.pipeline import build_pipeline, reference_name
+from pretrain.parallel.pipeline import build_pipeline, pipeline_input, reference_name
 from pretrain.resolved import ResolvedRun
 from pretrain.schedule import lr_at
 from pretrain.weights import WeightSource
@@ -101,16 +102,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def _split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Documents | None]:
         tokens = batch["tokens"].to(self.env.device)  # (B, T+1)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each: predict token t+1 from tokens <= t
-        doc_ids = None
+        docs = None
         if self.cfg.model.document_mask:
             if "doc_ids" not in batch:
                 raise ValueError("model.document_mask is on but the batch has no 'doc_ids'; "
                                  "enable doc ids in the loader or set model.document_mask=false")
-            doc_ids = batch["doc_ids"].to(self.env.device)[:, :-1]
-        return inputs, targets, doc_ids
+            # boundaries found on the host, from the loader's CPU tensor: the step reads nothing back from the GPU
+            docs = Documents.from_ids(batch["doc_ids"][:, :-1]).to(self.env.device)
+        return inputs, targets, docs
 
     def inject_nonfinite(self) -> None:
         """Fault injection for tests and drills: the next train_step's loss is multiplied by NaN."""
@@ -139,8 +141,8 @@ class Engine:
     def _train_plain(self, micro: list[Batch]) -> float:
         total = torch.zeros((), dtype=torch.float32, device=self.env.device)
         for batch in micro:
-            inputs, targets, doc_ids = self._split(batch)
-            loss = self.ds(inputs, targets, doc_ids) * self._loss_scale
+            inputs, targets, docs = self._split(batch)
+            loss = self.ds(inputs, targets, docs) * self._loss_scale
             self.ds.backward(loss)  # scaled by 1/grad_accum inside; grads averaged over DP at the boundary
             self.ds.step()  # optimizer step (clip, skip guard) only at the accumulation boundary
             total += loss.detach().float()  # summed on the device: no host read per micro-batch
@@ -152,8 +154,8 @@ class Engine:
         self.ds.module.loss_fn.scale = self._loss_scale
         feed = []
         for batch in micro:
-            inputs, targets, doc_ids = self._split(batch)
-            feed.append(((inputs, doc_ids) if doc_ids is not None else inputs, targets))
+            inputs, targets, docs = self._split(batch)
+            feed.append((pipeline_input(inputs, docs), targets))
         loss = self.ds.train_batch(iter(feed))  # mean over micro-batches and DP, broadcast to every stage
         self.ds.module.loss_fn.scale = 1.0
         return float(loss)
@@ -162,14 +164,13 @@ class Engine:
     def eval_step(self, batch_iter: Iterator[Batch]) -> float:
         """Mean token loss of one micro-batch per rank, averaged over DP ranks; the same on every rank."""
         batch = next(batch_iter)
-        inputs, targets, doc_ids = self._split(batch)
+        inputs, targets, docs = self._split(batch)
         if self.pipeline:
-            x = (inputs, doc_ids) if doc_ids is not None else inputs
-            loss = float(self.ds.eval_batch(iter([(x, targets)]), num_micro_batches=1))
+            loss = float(self.ds.eval_batch(iter([(pipeline_input(inputs, docs), targets)]), num_micro_batches=1))
             self.ds.module.train()
         else:
             self.ds.eval()
-            loss = float(self.ds(inputs, targets, doc_ids))
+            loss = float(self.ds(inputs, targets, docs))
             self.ds.train()
         return self.env.all_reduce_sum(loss) / self.env.world_size
 

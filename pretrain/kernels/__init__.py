@@ -9,12 +9,17 @@ from __future__ import annotations
 import importlib
 import logging
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from pretrain.kernels.linear_cross_entropy import EAGER, ChunkLoss
 from pretrain.kernels.linear_cross_entropy import linear_cross_entropy as _linear_cross_entropy
+from pretrain.kernels import varlen_attention
+
+if TYPE_CHECKING:
+    from pretrain.model.documents import Documents
 
 _FUSED = False
 _LOSS_CHUNK = 0  # tokens per chunk of the output head's loss; 0: sized by model.loss_chunks
@@ -111,3 +116,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_loss is None:
         chunk_loss = _fused("cross_entropy").chunk_loss if fused_enabled(hidden) else EAGER
     return _linear_cross_entropy(hidden, weight, targets, chunk_loss, ignore_index, _LOSS_CHUNK)
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:
+    """Causal attention that stays inside each packed document. q (B, T, H, hd), k/v (B, T, K, hd) -> (B, T, H, hd).
+
+    CUDA in bf16/fp16: varlen flash attention over the document boundaries (no mask tensor, memory linear in T).
+    Elsewhere, the reference: SDPA with the dense (B, 1, T, T) mask."""
+    if varlen_attention.available(q):
+        return varlen_attention.causal_varlen_attention(q, k, v, docs.cu_seqlens, docs.max_len)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=docs.dense_mask(), enable_gqa=q.shape[2] != k.shape[2])
+    return y.transpose(1, 2)

@@ -26,6 +26,11 @@ SAVED_OPS = {
     # megatron-core's TP all-reduce (in place on the matmul output it reduces): kept, not sent twice.
     torch.ops.c10d.allreduce_.default,
 }
+try:  # document masking on CUDA: varlen flash attention (pretrain/kernels/varlen_attention.py), a torch custom op
+    import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+    SAVED_OPS.add(torch.ops.torch_attn._varlen_attn.default)
+except (ImportError, AttributeError):
+    pass
 # Not kept: collectives that write into a buffer their caller allocated (all-gather into, reduce-scatter into:
 # megatron-core's sequence parallelism, DeepSpeed ZeRO-3's parameter gathers). Their callers read the buffer, not
 # the op's return value, so a cached return value would leave the recomputed buffer empty; they run again.

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from pretrain import kernels
 from pretrain.model.args import ModelArgs
+from pretrain.model.documents import Documents
 from pretrain.model.layers import REFERENCE, LayerFactory
 from pretrain.model.recompute import selective_context
 
@@ -66,24 +67,14 @@ class KVCache:
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
 
-def attention_mask(T: int, S: int, start_pos: int, doc_ids: torch.Tensor | None,
-                   device: torch.device) -> torch.Tensor | None:
-    """Boolean (B|1, 1, T, S) mask, True = may attend; None when plain causal `is_causal` is exact.
-
-    Query i sits at position start_pos + i and sees keys at positions <= its own; with doc_ids (B, T) it also
-    sees only keys of its own document, which makes a packed sequence block-diagonal causal.
-    """
-    if doc_ids is None and start_pos == 0:
+def causal_mask(T: int, S: int, start_pos: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean (1, 1, T, S) mask for T queries at positions start_pos.. over S cached keys, True = may attend;
+    None when plain causal `is_causal` is exact (no cache offset)."""
+    if start_pos == 0:
         return None
     q_pos = torch.arange(start_pos, start_pos + T, device=device)
     k_pos = torch.arange(S, device=device)
-    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
-    if doc_ids is not None:
-        if start_pos != 0 or S != T:
-            raise ValueError("document masking applies to whole training sequences, not cached decoding")
-        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-        mask = mask & same_doc[:, None]
-    return mask
+    return (k_pos[None, :] <= q_pos[:, None])[None, None]
 
 
 class Attention(nn.Module):
@@ -102,7 +93,7 @@ class Attention(nn.Module):
         self.wv = factory.column_linear(args.dim, args.kv_heads * args.head_dim)
         self.wo = factory.row_linear(args.n_heads * args.head_dim, args.dim)
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, start_pos: int = 0,
+    def forward(self, x: torch.Tensor, docs: Documents | None = None, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
         q = self.wq(x)
         # Read B, T from the projection, not from x: under sequence parallelism x holds T/tp tokens.
@@ -117,11 +108,16 @@ class Attention(nn.Module):
         cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
         q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
 
+        if docs is not None:  # a packed training row: attend within each document only
+            if cache is not None or start_pos != 0:
+                raise ValueError("document masking applies to whole training sequences, not cached decoding")
+            y = kernels.document_attention(q, k, v, docs)  # (B, T, H, hd)
+            return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, S, K, hd), S = start_pos + T
         S = k.shape[1]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd), (B, K, S, hd)
-        mask = attention_mask(T, S, start_pos, doc_ids, x.device)
+        mask = causal_mask(T, S, start_pos, x.device)
         # Each group of H/K query heads reads the same key/value head (query head h uses kv head h // (H/K)).
         # SDPA does the grouping itself, so K/V (and what autograd saves of them) stay K heads wide; expanding
         # them to H heads first (repeat_interleave) would save H/K times the bytes for the backward pass.
@@ -156,18 +152,18 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim, factory)
 
-    def _body(self, x, doc_ids, start_pos, cache):
-        h = x + self.attention(self.attention_norm(x), doc_ids, start_pos, cache)
+    def _body(self, x, docs, start_pos, cache):
+        h = x + self.attention(self.attention_norm(x), docs, start_pos, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, start_pos: int = 0,
+    def forward(self, x: torch.Tensor, docs: Documents | None = None, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
         if self.checkpointing == "none" or cache is not None or not torch.is_grad_enabled():
-            return self._body(x, doc_ids, start_pos, cache)
+            return self._body(x, docs, start_pos, cache)
         # full: keep the block's input, re-run the block in backward; selective: also keep the matmul, attention
         # and collective outputs, so backward recomputes only the cheap ops between them (model/recompute.py).
         context = selective_context if self.checkpointing == "selective" else noop_context_fn
-        return checkpoint(self._body, x, doc_ids, start_pos, None, use_reentrant=False, context_fn=context)
+        return checkpoint(self._body, x, docs, start_pos, None, use_reentrant=False, context_fn=context)
 
 
 class Transformer(nn.Module):
@@ -188,11 +184,14 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, start_pos: int = 0,
+                docs: Documents | torch.Tensor | None = None, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
+        """docs: where packed documents begin (document masking); the loader's doc_ids (B, T) are taken too."""
+        if isinstance(docs, torch.Tensor):
+            docs = Documents.from_ids(docs)
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for layer in self.layers.values():
-            h = layer(h, doc_ids, start_pos, cache)
+            h = layer(h, docs, start_pos, cache)
         # logits (B, T, V_local), or with targets the mean next-token loss (the logits never held whole)
         return self.output(self.norm(h), targets)
 

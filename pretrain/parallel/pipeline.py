@@ -1,7 +1,8 @@
 """The model as a DeepSpeed pipeline: embedding, blocks, final norm + head, with the loss as `loss_fn`.
 
 A pipeline layer takes one value and returns one value: the hidden states `h (B, T, D)`, or `(h, doc_ids)` when
-document masking is on (doc_ids ride along so every stage can build its mask; DeepSpeed sends both). Layers are
+document masking is on (DeepSpeed sends tensors of fixed shape between stages, so the (B, T) doc_ids ride along
+and each stage's first block derives the document boundaries from them once per micro-batch). Layers are
 `LayerSpec`s, so a stage builds only the layers it owns, and partitioning balances the number of transformer
 blocks per stage (`type:PipeBlock`; embedding lands on the first stage, head on the last, where `PipeLoss` runs
 it with the targets).
@@ -21,6 +22,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from pretrain.model.args import ModelArgs
+from pretrain.model.documents import Documents
 from pretrain.model.layers import LayerFactory
 from pretrain.model.transformer import Checkpointing, RMSNorm, TransformerBlock
 
@@ -35,6 +37,20 @@ def _join(h: torch.Tensor, doc_ids: torch.Tensor | None) -> Activation:
     return h if doc_ids is None else (h, doc_ids)
 
 
+def pipeline_input(tokens: torch.Tensor, docs: Documents | None) -> Activation:
+    """What the first stage is fed: the tokens, with the doc ids when document masking is on."""
+    return _join(tokens, None if docs is None else docs.ids)
+
+
+class _StageDocuments:
+    """The document boundaries of the micro-batch a stage is running. The stage's first block derives them from
+    the doc_ids that arrived with the activations (on CUDA, one read of the boundary count per micro-batch and
+    stage); the stage's later blocks, which run that same micro-batch next, reuse them."""
+
+    def __init__(self):
+        self.docs: Documents | None = None
+
+
 class PipeEmbedding(nn.Module):
     def __init__(self, args: ModelArgs, factory: LayerFactory):
         super().__init__()
@@ -46,9 +62,18 @@ class PipeEmbedding(nn.Module):
 
 
 class PipeBlock(TransformerBlock):
+    first_on_stage = True  # build_pipeline links a stage's blocks to one _StageDocuments
+    stage_docs: _StageDocuments | None = None
+
     def forward(self, inputs: Activation) -> Activation:  # type: ignore[override]
         h, doc_ids = _split(inputs)
-        return _join(super().forward(h, doc_ids), doc_ids)
+        docs = None
+        if doc_ids is not None:
+            if self.first_on_stage or self.stage_docs is None or self.stage_docs.docs is None:
+                self.stage_docs = self.stage_docs or _StageDocuments()
+                self.stage_docs.docs = Documents.from_ids(doc_ids)
+            docs = self.stage_docs.docs
+        return _join(super().forward(h, docs), doc_ids)
 
 
 class PipeHead(nn.Module):
@@ -89,6 +114,9 @@ def build_pipeline(args: ModelArgs, factory: LayerFactory, pp: int, tp: int, dp:
     loss = PipeLoss()
     module = PipelineModule(layers=layers, topology=topology, loss_fn=loss, partition_method="type:PipeBlock")
     loss.head = next((m for m in module.forward_funcs if isinstance(m, PipeHead)), None)  # None off the last stage
+    stage_docs = _StageDocuments()
+    for i, block in enumerate(m for m in module.forward_funcs if isinstance(m, PipeBlock)):
+        block.first_on_stage, block.stage_docs = i == 0, stage_docs
     return module
 
 

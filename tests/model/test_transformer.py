@@ -53,7 +53,7 @@ def test_causality_and_document_mask():
     packed = torch.cat([doc_a, doc_b], dim=1)
     doc_ids = torch.tensor([[0] * 7 + [1] * 9])
     with torch.no_grad():
-        masked = model(packed, doc_ids=doc_ids)
+        masked = model(packed, docs=doc_ids)
         alone_a, alone_b = model(doc_a), model(doc_b)
         unmasked = model(packed)
     # Block-diagonal: the second document's logits are those of the document alone (RoPE is relative).
