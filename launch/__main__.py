@@ -5,17 +5,18 @@ and port from SLURM and runs torchrun's agent with a static rendezvous; outside 
 single-node torchrun. The training command is what torchrun takes after its own options, e.g.
 `-m pretrain train --config configs/debug.yaml` or `path/to/script.py --flag`.
 
-Signals: SIGUSR1 (a preemption notice) and SIGINT (Ctrl-C) are forwarded to the ranks, which checkpoint and exit
-42; the launcher exits with the ranks' code. A second Ctrl-C makes the ranks exit at once (130). Plain `torchrun`
-does neither: it kills the ranks on Ctrl-C and dies of SIGUSR1, orphaning them.
+Signals: SIGUSR1 (a preemption notice), SIGTERM (a stop request: `kill`, a container runtime, `scancel
+--signal=TERM`) and SIGINT (Ctrl-C) are forwarded to the ranks, which checkpoint and exit 42; the launcher exits
+with the ranks' code. A second Ctrl-C makes the ranks exit at once (130). Plain `torchrun` does none of this: it
+kills the ranks on SIGTERM and Ctrl-C and dies of SIGUSR1, orphaning them.
 """
 from __future__ import annotations
 
 import signal
 
-# First thing, before the slow imports: a preemption notice (SIGUSR1) or a Ctrl-C (SIGINT) that arrives now must
-# stay pending for the ranks, not kill the launcher (launch/agent.py explains the signal path).
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGINT})
+# First thing, before the slow imports: a preemption notice (SIGUSR1), a stop request (SIGTERM) or a Ctrl-C (SIGINT)
+# that arrives now must stay pending for the ranks, not kill the launcher (launch/agent.py explains the signal path).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT})
 
 import argparse  # noqa: E402
 import os  # noqa: E402
@@ -61,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.update(plan.env)
     code = run_torchrun(plan.torchrun_args(command), verbose=args.verbose)
-    # The ranks are gone and `code` is the node's verdict. SIGUSR1/SIGINT stay blocked to the end; SIGTERM's
-    # default (which CPython restores while shutting down) would still turn it into 143.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The ranks are gone and `code` is the node's verdict; the forwarded signals stay blocked to the end.
     return code
 
 

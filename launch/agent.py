@@ -18,6 +18,11 @@ copies with `sigwait` and re-sends them to the ranks, so the notice also reaches
 `kill` of the launcher outside SLURM) signals only the launcher. A rank may get the notice twice: handlers that
 only set a flag make that harmless.
 
+SIGTERM takes the same path: a stop request, as from `kill`, a container runtime or `scancel --signal=TERM` (which
+signals the step's tasks, not srun); the ranks checkpoint and exit 42. torchrun's own handler would stop them
+without one. (A bare `scancel` or a time limit also sends SIGTERM to srun, which then kills its tasks at once;
+no launcher can answer that with a checkpoint, hence the sbatch header's `--signal=B:USR1@<lead>`.)
+
 SIGINT (Ctrl-C at a terminal) takes the same path. The terminal signals only the launcher's process group (torchrun
 starts each rank in a session of its own), and torchrun's handler would kill the ranks without a checkpoint; here
 the ranks get it and stop as on SIGTERM (checkpoint, exit 42). A second Ctrl-C is forwarded too and the ranks exit
@@ -32,8 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-FORWARDED = (signal.SIGUSR1, signal.SIGINT)
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def child_pids(parent: int) -> list[int]:
@@ -52,19 +56,21 @@ def child_pids(parent: int) -> list[int]:
 
 
 def block_forwarded_signals() -> None:
-    """Hold SIGUSR1/SIGINT pending in this process and every process it starts (see the module docstring)."""
+    """Hold SIGUSR1/SIGTERM/SIGINT pending in this process and every process it starts (see the module docstring)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, set(FORWARDED))
 
 
 def _forward_forever() -> None:
-    """Take each blocked SIGUSR1/SIGINT sent to the agent and re-send it to the ranks (once they exist)."""
+    """Take each blocked SIGUSR1/SIGTERM/SIGINT sent to the agent and re-send it to the ranks (once they exist)."""
     while True:
         signum = signal.sigwait(set(FORWARDED))
         targets = child_pids(os.getpid())
         while not targets:  # the notice came before torchrun started the ranks: hold it until it has
-            if signum == signal.SIGINT and signal.SIGINT in signal.sigpending():
-                print("launch: second interrupt before the ranks started; exiting", file=sys.stderr, flush=True)
-                os._exit(INTERRUPTED_EXIT_CODE)
+            if signum in (signal.SIGINT, signal.SIGTERM) and signum in signal.sigpending():
+                # a second Ctrl-C or SIGTERM (say, a rendezvous that never completes): there is nothing to save
+                print(f"launch: second {signal.Signals(signum).name} before the ranks started; exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(128 + signum)
             time.sleep(0.2)
             targets = child_pids(os.getpid())
         print(f"launch: got {signal.Signals(signum).name}, forwarding to ranks {targets}", file=sys.stderr,

@@ -5,9 +5,9 @@ proctrack/cgroup both signal the whole process tree), so a rank gets SIGUSR1 whe
 A rank that is still importing torch/DeepSpeed has not installed its handler yet, and the default action of
 SIGUSR1 is to terminate: a preemption notice in the first seconds of a run killed the job instead of requeueing
 it (seen with the stand-in in tests/slurm). The same holds for a Ctrl-C the launcher forwards (SIGINT: a
-KeyboardInterrupt traceback in the middle of an import). The launcher starts ranks with both blocked (pending,
-not lost); this shim installs a handler, unblocks them, remembers a notice that arrived early, and re-delivers it as
-soon as the training has installed its own handler. After that the shim is out of the way: the training's
+KeyboardInterrupt traceback in the middle of an import), and for SIGTERM. The launcher starts ranks with all three
+blocked (pending, not lost); this shim installs a handler, unblocks them, remembers a notice that arrived early,
+and re-delivers it as soon as the training has installed its own handler. After that the shim is out of the way: the training's
 handler is the only one, and the training's exit code is the process's exit code.
 
 Command forms, as torchrun takes them: `-m package.module args...` or `path/to/script.py args...`.
@@ -20,9 +20,9 @@ import signal
 import sys
 from types import FrameType
 
-# The preemption notice and Ctrl-C (the launcher forwards both); SIGTERM keeps its default (torchrun stops ranks
-# with it).
-DEFERRED = (signal.SIGUSR1, signal.SIGINT)
+# The preemption notice, a stop request and Ctrl-C: the launcher forwards all three. (torchrun's agent also sends
+# SIGTERM to the surviving ranks when one fails; held here, it still stops them, and SIGKILL follows its grace time.)
+DEFERRED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 _pending: set[int] = set()
 
 

@@ -74,7 +74,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
         if env.rank == 0:
             append_segment(run_dir, start, start, started)
-        return requeue(env, stop, start, None, saved=False)
+        return requeue(env, stop, start, None)
     tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start)
     log = StepLog(cfg, run, env, tracker, start)
     poison = _poisoned_steps()
@@ -98,10 +98,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
             # run must resume from here. Periodic saves wait for a finite step.
             last = step == cfg.train.max_steps and cfg.checkpoint.final
             if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0):
+                saving = time.monotonic()
                 save(cfg, run, env, engine, loader, tracker, step)
                 log.committed()
-            if stopping:
-                return requeue(env, stop, step, tracker)
+            if stopping:  # the notice's lead time must cover a step and this save: say how long the save took
+                return requeue(env, stop, step, tracker, save_s=time.monotonic() - saving)
     except NonFiniteAbort as e:
         if env.rank == 0:
             say(str(e))
@@ -170,11 +171,13 @@ def copy_tokenizer(tokenizer: TokenizerFacts | None, dest: Path) -> None:
         shutil.copy2(f, out / os.path.basename(f))
 
 
-def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, saved: bool = True) -> int:
-    """After the stop checkpoint committed: say so once, mark the MLflow run, hand back the requeue code."""
+def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, save_s: float | None = None) -> int:
+    """After the stop checkpoint committed (`save_s` seconds to save; None: stopped before the first step, nothing
+    saved): say so once, mark the MLflow run, hand back the requeue code."""
     if env.rank == 0:
         who = f"signal {signal.Signals(stop.signum).name}" if stop.signum else "a signal on another rank"
-        what = "checkpoint committed" if saved else "before the first step, nothing to save"
+        what = ("before the first step, nothing to save" if save_s is None
+                else f"checkpoint committed (saved in {save_s:.1f} s)")
         say(f"stopped by {who} at step {step}; {what}; exit {REQUEUE_EXIT_CODE} (requeue)")
     if tracker:
         tracker.finish("KILLED")

@@ -1,7 +1,8 @@
-"""`python -m launch` without SLURM: a preemption notice (SIGUSR1 to the launcher) becomes checkpoint + exit 42.
+"""`python -m launch` without SLURM: a preemption notice (SIGUSR1 to the launcher) or a stop request (SIGTERM)
+becomes checkpoint + exit 42.
 
 Covers the two places a notice can land: while the ranks are still importing (before any handler exists: it must
-be held, not kill them) and mid-run; then a plain relaunch resumes, and the three runs together give exactly the
+be held, not kill them) and mid-run; then a plain relaunch resumes, and the four runs together give exactly the
 losses of one uninterrupted run.
 """
 from __future__ import annotations
@@ -39,21 +40,23 @@ def test_usr1_to_the_launcher_checkpoints_exits_42_and_a_relaunch_resumes(tmp_pa
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", run, max_steps=STEPS, seed=9)
 
-    # 1. Notice during start-up: the ranks are still importing torch.
-    proc = _launch(cfg, FAKE_TRAIN_STEP_SECONDS="0.2")
-    time.sleep(0.5)
-    os.kill(proc.pid, signal.SIGUSR1)
-    code, out = _finish(proc)
-    assert code == 42, out
-    assert "stopped by signal at step 0" in out and not read_jsonl(run / "metrics.jsonl"), out
+    # 1. A notice or a stop request (SIGTERM: `kill`, a container runtime) during start-up: the ranks are still
+    #    importing torch.
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        proc = _launch(cfg, FAKE_TRAIN_STEP_SECONDS="0.2")
+        time.sleep(0.5)
+        os.kill(proc.pid, sig)
+        code, out = _finish(proc)
+        assert code == 42, (sig, out)
+        assert "stopped by signal at step 0" in out and not read_jsonl(run / "metrics.jsonl"), out
 
-    # 2. Notice mid-run.
+    # 2. SIGTERM mid-run (USR1 mid-run goes through the launcher in tests/slurm/test_signal_sweep.py).
     proc = _launch(cfg, FAKE_TRAIN_STEP_SECONDS="0.2")
     deadline = time.monotonic() + 120
     while len(read_jsonl(run / "metrics.jsonl")) < 3:
         assert time.monotonic() < deadline and proc.poll() is None, "the relaunch never started stepping"
         time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGUSR1)
+    os.kill(proc.pid, signal.SIGTERM)
     code, out = _finish(proc)
     assert code == 42, out
     stopped_at = len(read_jsonl(run / "metrics.jsonl"))
@@ -63,4 +66,4 @@ def test_usr1_to_the_launcher_checkpoints_exits_42_and_a_relaunch_resumes(tmp_pa
     code, out = _finish(_launch(cfg))
     assert code == 0, out
     assert read_jsonl(run / "metrics.jsonl") == read_jsonl(tmp_path / "ref" / "metrics.jsonl")
-    assert [a["start_step"] for a in read_jsonl(run / "attempts.jsonl") if a["rank"] == 0] == [0, 0, stopped_at]
+    assert [a["start_step"] for a in read_jsonl(run / "attempts.jsonl") if a["rank"] == 0] == [0, 0, 0, stopped_at]

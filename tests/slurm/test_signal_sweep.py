@@ -1,7 +1,7 @@
 """The signal contract over a job's whole life, on the real 2-node cluster: `scancel --signal=USR1 --batch` (what
 SLURM sends ahead of a time limit or a preemption) at start-up, in the early steps, at a step that saves and
-evaluates, at the last step, and after `done:`. Every job ends COMPLETED (directly, or after its requeue), and its
-per-step losses are the uninterrupted run's, bit for bit.
+evaluates, at the last step, and after `done:`; and SIGTERM to the step's processes in the early steps. Every job
+ends COMPLETED (directly, or after its requeue), and its per-step losses are the uninterrupted run's, bit for bit.
 
 The jobs run two at a time (each takes one CPU per node) and are signalled as each reaches its point.
 """
@@ -29,6 +29,7 @@ class Point:
     name: str
     steps_logged: int | None  # signal once metrics.jsonl has this many steps (None: on the output's `done:` line)
     requeued: bool | None  # whether the job must go through a requeue (None: either way, by timing)
+    scancel: tuple[str, ...] = ("--signal=USR1", "--batch")  # the notice, to the batch shell
     job: str = ""
     run: Path = field(default_factory=Path)
     signalled: bool = False
@@ -40,6 +41,8 @@ POINTS = [
     Point("save and eval", 3, requeued=True),  # step 4 trains, evaluates and saves next
     Point("last step", STEPS - 1, requeued=None),  # lands before or after the last step's stop check
     Point("after done", None, requeued=False),  # the final checkpoint is committed: nothing to requeue
+    # SIGTERM straight to the step's processes (launchers and ranks), as `scancel --signal=TERM` sends it
+    Point("TERM to the steps", 2, requeued=True, scancel=("--signal=TERM",)),
 ]
 
 
@@ -74,8 +77,7 @@ def test_a_usr1_anywhere_in_a_jobs_life_ends_completed_with_the_uninterrupted_lo
         for point in list(pending):
             out = tmp_path / f"job{POINTS.index(point)}-{point.job}.out"
             if not point.signalled and _reached(point, slurm_cluster, out):
-                subprocess.run(["scancel", "--signal=USR1", "--batch", point.job], env=slurm_cluster.env(),
-                               check=True)
+                subprocess.run(["scancel", *point.scancel, point.job], env=slurm_cluster.env(), check=True)
                 point.signalled = True
             info = job_info(slurm_cluster, point.job)
             if info["JobState"] in FINAL_STATES:

@@ -45,6 +45,19 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _blast(proc: subprocess.Popen, signals: tuple[int, ...], sent: list[int]) -> None:
+    """Send `signals` to every process of the run but the launcher, every 5 ms, until the launcher has exited."""
+    while proc.poll() is None:
+        for pid in _tree(proc.pid)[1:]:  # the ranks (and anything they started)
+            for sig in signals:
+                try:
+                    os.kill(pid, sig)
+                    sent[0] += 1
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_a_signal_after_done_leaves_exit_0(tmp_path_factory, sig):
     data = tiny_shards(tmp_path_factory.mktemp("data"))
@@ -53,22 +66,11 @@ def test_a_signal_after_done_leaves_exit_0(tmp_path_factory, sig):
     proc = subprocess.Popen([sys.executable, "-m", "launch", "--nproc-per-node", "2", "--", "-m", "pretrain", *args],
                             cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sent, lines = [0], []
-
-    def blast() -> None:  # every process of the run, until the launcher has exited
-        while proc.poll() is None:
-            for pid in _tree(proc.pid)[1:]:  # the ranks (and anything they started), not the launcher
-                try:
-                    os.kill(pid, sig)
-                    sent[0] += 1
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.005)
-
     shooter = None
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("done: step 4") and shooter is None:
-            shooter = threading.Thread(target=blast)
+            shooter = threading.Thread(target=_blast, args=(proc, (sig,), sent))
             shooter.start()
     proc.wait(timeout=120)
     if shooter:
@@ -98,3 +100,36 @@ def test_a_notice_before_the_first_step_is_a_segment_of_the_run(tmp_path_factory
     summary = json.loads((run / "summary.json").read_text())
     assert [(s["start_step"], s["end_step"]) for s in summary["segments"]] == [(0, 0), (0, 3)]
     assert summary["wall_s"] == pytest.approx(sum(s["wall_s"] for s in summary["segments"]), abs=0.01)
+
+
+def test_more_signals_during_the_stops_save_do_not_interrupt_it(tmp_path_factory):
+    """A notice at step 2, then SIGUSR1 and SIGTERM to every rank every 5 ms through the stop's save and the exit:
+    the save commits, the run exits 42 once, and a relaunch resumes from that checkpoint and finishes."""
+    data = tiny_shards(tmp_path_factory.mktemp("data"))
+    run = tmp_path_factory.mktemp("run") / "run"
+    args = train_args(data / "shards", run, "train.max_steps=200", "parallel.zero_stage=2",
+                      "train.log_every=1")[2:]
+    cmd = [sys.executable, "-m", "launch", "--nproc-per-node", "2", "--", "-m", "pretrain", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    sent, lines, shooter = [0], [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if shooter is None and (run / "metrics.jsonl").exists() and \
+                len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+            os.kill(proc.pid, signal.SIGUSR1)  # the notice, through the launcher
+            shooter = threading.Thread(target=_blast, args=(proc, (signal.SIGUSR1, signal.SIGTERM), sent))
+            shooter.start()
+    proc.wait(timeout=120)
+    out = "".join(lines)
+    assert shooter is not None, out[-3000:]
+    shooter.join()
+    assert proc.returncode == 42 and sent[0] > 0, f"exit {proc.returncode} after {sent[0]} signals\n{out[-3000:]}"
+    assert out.count("checkpoint committed (saved in") == 1, out[-3000:]
+    stopped = int((run / "latest").read_text().strip().removeprefix("step_"))
+    assert 2 <= stopped < 200
+
+    relaunch = cmd + ["--set", f"train.max_steps={stopped + 2}"]
+    done = subprocess.run(relaunch, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and f"resuming from {run / f'step_{stopped}'}" in log, log[-3000:]
