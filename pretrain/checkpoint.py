@@ -35,6 +35,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from pretrain import safe_load
+
 MANIFEST = "manifest.json"
 META = "meta.json"
 CONFIG = "config.yaml"
@@ -284,7 +286,7 @@ def load(step_dir: str | Path, env: Collective, *, load_model: Callable[[Path], 
     step_dir = Path(step_dir)
     load_model(step_dir)
     rank = env.rank if saved_rank is None else saved_rank
-    state = torch.load(step_dir / rank_file(rank), map_location="cpu", weights_only=False)  # our own file
+    state = safe_load.load(step_dir / rank_file(rank))
     meta = Meta(**json.loads((step_dir / META).read_text()))
     set_rng_state(state.pop("rng"))
     return Loaded(step=meta.step, meta=meta, rank_state=state)

@@ -1,0 +1,99 @@
+"""A checkpoint file that carries code is refused by name on every path that loads one, and the code never runs.
+
+A pickle whose `__reduce__` calls `os.system` is added to each kind of file a step holds (DeepSpeed's model states,
+its ZeRO optimizer partition, our rank file), with the manifest's size and sha256 updated so the integrity check
+passes: what stops it must be the loading itself. Each command exits 2 with one line naming the file and the
+function the pickle asked for, and the marker file the payload would create never appears."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spawn import REPO, child_env
+from train_common import tiny_shards, train_args
+
+from pretrain import safe_load
+from pretrain.cli import main as cli
+
+pytestmark = pytest.mark.slow
+
+MODEL = "model/mp_rank_00_model_states.pt"
+OPTIM = "model/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+RANK = "rank_00000.pt"
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    """A 1-rank bf16 ZeRO-1 run checkpointed at step 2, and its shards."""
+    base = tmp_path_factory.mktemp("safe")
+    shards = tiny_shards(base / "data") / "shards"
+    run = base / "run"
+    p = subprocess.run([sys.executable, *train_args(shards, run, "train.max_steps=2", "checkpoint.every=2",
+                                                    "train.dtype=bf16", "parallel.zero_stage=1")],
+                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run, shards
+
+
+def _poisoned(run: Path, into: Path, file: str) -> tuple[Path, Path]:
+    """A copy of the run whose step_2/<file> also holds the payload; the manifest vouches for the new bytes."""
+    shutil.copytree(run, into)
+    step = into / "step_2"
+    marker = into.parent / f"{into.name}.PWNED"
+    state = safe_load.load(step / file)
+    state["extra"] = _Payload(marker)
+    torch.save(state, step / file)
+    manifest = json.loads((step / "manifest.json").read_text())
+    data = (step / file).read_bytes()
+    manifest["files"][file] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    return step, marker
+
+
+def _refused(code: int, err: str, marker: Path, file: str) -> None:
+    assert code == 2, err[-3000:]
+    assert "refusing to load it: it asks to run or build `posix.system`" in err and file.split("/")[-1] in err, \
+        err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not marker.exists(), "the checkpoint's payload ran"
+
+
+@pytest.mark.parametrize("file", [MODEL, OPTIM], ids=["model_states", "optim_states"])
+def test_offline_readers_refuse_a_payload(run, tmp_path, capfd, file):
+    """export-hf, convert-checkpoint and generate read DeepSpeed's files themselves (CheckpointReader)."""
+    step, marker = _poisoned(run[0], tmp_path / "run", file)
+    for argv in (["export-hf", "--checkpoint", str(step), "--out", str(tmp_path / "hf")],
+                 ["convert-checkpoint", "--checkpoint", str(step), "--to", "universal", "--out", str(tmp_path / "u")],
+                 ["generate", "--checkpoint", str(step), "--prompt", "the", "--max-new-tokens", "2"]):
+        code = cli(argv)
+        _refused(code, capfd.readouterr().err, marker, file)
+
+
+@pytest.mark.parametrize("file,how", [(MODEL, "resume"), (RANK, "resume"), (OPTIM, "init_from")],
+                         ids=["deepspeed_resume", "rank_file_resume", "init_from"])
+def test_training_refuses_a_payload(run, tmp_path, file, how):
+    """Resuming reads DeepSpeed's files through its checkpoint engine and our rank file; `model.init_from` reads
+    the weights (fp32 masters from the optimizer partition) through CheckpointReader."""
+    step, marker = _poisoned(run[0], tmp_path / "run", file)
+    target = tmp_path / "run" if how == "resume" else tmp_path / "fresh"
+    extra = [f"model.init_from={step}"] if how == "init_from" else []
+    p = subprocess.run([sys.executable, *train_args(run[1], target, "train.max_steps=3", "train.dtype=bf16",
+                                                    "parallel.zero_stage=1", *extra)],
+                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    _refused(p.returncode, p.stderr, marker, file)
