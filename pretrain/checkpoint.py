@@ -129,6 +129,15 @@ def _write_manifest(root: Path, meta: Meta, world_size: int) -> None:
     _atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
+def remove_stale_temps(run_dir: str | Path, say: Callable[[str], None]) -> None:
+    """Delete the `.tmp_step_<N>/` a killed save left behind (they hold no committed state and can fill a disk).
+    Only safe while holding the run lock: then no other launch is writing one."""
+    for tmp in sorted(Path(run_dir).glob(".tmp_step_*")):
+        if tmp.is_dir() and _STEP_RE.match(tmp.name.removeprefix(".tmp_")):
+            shutil.rmtree(tmp, ignore_errors=True)
+            say(f"removed {tmp}: an unfinished save of an earlier launch")
+
+
 def save(run_dir: str | Path, step: int, env: Collective, *, save_model: Callable[[Path], None],
          rank_state: dict[str, Any], meta: Meta, config_yaml: str, keep: int) -> Path:
     """Commit `step_<step>/` under `run_dir` (collective: every rank calls it). Returns the final directory."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from data_pipeline.errors import EXIT_BAD_INPUT
 from pretrain.config import ConfigError, load_config
@@ -140,6 +141,22 @@ def _assumed_vocab(flavor: str) -> tuple[int, str]:
         vocab, family = PUBLISHED_VOCAB[flavor]
         return vocab, f"the {flavor} flavor's {family} tokenizer"
     return PLAN_DEFAULT_VOCAB, f"the {flavor} flavor names no tokenizer; a LLaMA-2-sized default"
+
+
+def _check_outputs(cfg) -> None:
+    """Where the run will write: checkpoint.dir can be created and written, and the MLflow store answers (a few
+    seconds at most). Training itself goes on without MLflow (pretrain/tracking.py); a dry run is the place to
+    hear about it."""
+    from pretrain.tracking import check_uri, tracking_uri
+
+    folder = Path(cfg.checkpoint.dir).resolve()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"checkpoint.dir {folder}: {existing} is not a writable directory")
+    if cfg.tracking.enabled and (why := check_uri(tracking_uri(cfg))):
+        raise ConfigError(f"tracking.uri: {why}; start it, fix the URI, or set tracking.enabled=false")
 
 
 def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = None, mfu: float = 0.4,
@@ -373,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             return _dry_run(cfg, args.nodes * args.gpus_per_node, assume_vocab=True, gpu=args.gpu, mfu=args.mfu,
                             ranking=args)
         if args.dry_run:
+            _check_outputs(cfg)
             return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), gpu=_local_gpu())
         _quiet_libraries(cfg, args.verbose)
         from pretrain.train import train

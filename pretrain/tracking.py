@@ -8,16 +8,26 @@ No duplicate steps across a resume: MLflow cannot delete a metric point, so per-
 sent when a checkpoint commits (and at the end). MLflow then holds exactly the checkpointed history; steps
 trained after the last checkpoint of a run that died are trained and logged again by the resumed run, once.
 The live view is the log line and metrics.jsonl; MLflow lags it by at most `checkpoint.every` steps.
+
+Tracking never stops training. Every MLflow call runs on one background thread, in order, with short HTTP
+timeouts and no retries of MLflow's own (its defaults, 7 retries with backoff and a 120 s timeout, stalled a
+run for minutes when the server went away). When the server cannot be reached the thread says so once, keeps
+the calls queued and tries again with backoff; training goes on, metrics.jsonl has every step, and the queue is
+sent when the server is back. Whatever is still queued when the process ends is not lost either: the next
+launch on this checkpoint.dir compares MLflow's history with metrics.jsonl and sends the committed steps MLflow
+lacks (a backfill), also when the outage began in an earlier segment.
 """
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pretrain.config import Config
 from pretrain.resolved import ResolvedRun
@@ -27,6 +37,12 @@ _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 # overview (traces, evaluations), not on the runs table and charts. "custom_model_development" is what its
 # "Machine learning" choice writes (mlflow/server/js: the experiment-kind enum; no Python constant exists).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML = "mlflow.experimentKind", "custom_model_development"
+# The per-step values sent to MLflow, under metrics.jsonl's names.
+STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "val_loss", "val_ppl",
+                "skipped")
+HTTP_TIMEOUT_S = "10"  # per MLflow request (MLFLOW_HTTP_REQUEST_TIMEOUT); set in the environment to change
+RETRY_MAX_S = 30.0  # the longest wait between two attempts while the server is away
+CLOSE_WAIT_S = 30.0  # how long the end of a run waits for the queue to drain before leaving it to a backfill
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -43,6 +59,39 @@ def ui_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def check_uri(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why `uri` cannot be tracked to, in a few seconds at most; None when it can (a server answers /health, or a
+    SQLite store's directory is writable)."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+            return None
+        except OSError as e:
+            return f"no MLflow server answers at {uri} ({getattr(e, 'reason', e)})"
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        while not folder.exists():
+            folder = folder.parent
+        return None if os.access(folder, os.W_OK) else f"{folder} is not writable (tracking store {uri})"
+    return None
+
+
+def step_values(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl record (or a StepRecord's fields) -> the finite numbers MLflow gets for that step."""
+    out = {}
+    for key in STEP_METRICS:
+        v = record.get(key)
+        if v is None:
+            continue
+        try:
+            out[key] = float(v)  # "nan"/"inf" strings (a skipped step's loss) become floats again
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -52,11 +101,17 @@ def _git_commit() -> str | None:
         return None
 
 
-class Tracker:
-    """One MLflow run. Construct on rank 0 only (see `open_tracker`)."""
+def _say(msg: str) -> None:
+    print(f"[tracking] {msg}", file=sys.stderr, flush=True)
 
-    def __init__(self, cfg: Config, run: ResolvedRun, *, resume_run_id: str | None,
-                 resume_step: int | None) -> None:
+
+class Tracker:
+    """One MLflow run. Construct on rank 0 only (see `open_tracker`). Calls return at once; the work is queued."""
+
+    def __init__(self, cfg: Config, run: ResolvedRun, *, resume_run_id: str | None, resume_step: int | None,
+                 history: list[dict[str, Any]] = ()) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our thread retries, without blocking
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
         import mlflow  # imported here: ranks other than 0 never pay for it
         from mlflow.entities import Metric, Param, RunTag
 
@@ -65,91 +120,201 @@ class Tracker:
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+        self.run_id: str | None = None  # known once the run is created or found (the first queued call)
         self._buffer: list[Any] = []
         self._logged_up_to = 0  # steps <= this are already in the run (see `log_step`)
+        self._queue: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
+        self._cv = threading.Condition()
+        self._busy = False
+        self._down_since: float | None = None
+        self._closing = False
+        self._call("open the run", lambda: self._open(cfg, run, resume_run_id, resume_step, list(history)))
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------- the worker
+
+    def _call(self, what: str, fn: Callable[[], None]) -> None:
+        with self._cv:
+            self._queue.append((what, fn))
+            self._cv.notify()
+
+    def _work(self) -> None:
+        wait = 1.0
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._busy = False
+                    self._cv.notify_all()
+                    self._cv.wait()
+                self._busy = True
+                what, fn = self._queue[0]
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - whatever MLflow raises, training must go on
+                if not _transient(e):
+                    _say(f"MLflow refused to {what} ({_reason(e)}); skipped")
+                    self._pop()
+                    continue
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    _say(f"MLflow at {self.uri} is unreachable ({_reason(e)}); training goes on, every step is in "
+                         f"metrics.jsonl, and MLflow gets them when it is back")
+                with self._cv:  # woken early by `finish`, which then retries every 2 s while it waits
+                    self._cv.wait(min(wait, 2.0) if self._closing else wait)
+                wait = min(wait * 2, RETRY_MAX_S)
+                continue
+            if self._down_since is not None:
+                _say(f"MLflow at {self.uri} is back after {time.monotonic() - self._down_since:.0f} s; sending "
+                     f"what was queued ({len(self._queue)} call(s))")
+                self._down_since = None
+            wait = 1.0
+            self._pop()
+
+    def _pop(self) -> None:
+        with self._cv:
+            self._queue.popleft()
+
+    # ------------------------------------------------------------------------------------ MLflow calls
+
+    def _open(self, cfg: Config, run: ResolvedRun, resume_run_id: str | None, resume_step: int | None,
+              history: list[dict[str, Any]]) -> None:
         layout = run.layout
         tags = {"git_commit": _git_commit(), "hostname": socket.gethostname(),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "layout": f"world={layout.world} tp={layout.tp} pp={layout.pp} dp={layout.dp}",
                 "global_batch": str(layout.global_batch)}
         if resume_run_id and self._exists(resume_run_id):
-            self.run_id = resume_run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-            history = self.client.get_metric_history(self.run_id, "loss")
-            self._logged_up_to = max((m.step for m in history), default=0)
+            self.client.update_run(resume_run_id, status="RUNNING")
+            logged = self.client.get_metric_history(resume_run_id, "loss")
+            self._logged_up_to = max((m.step for m in logged), default=0)
             tags[f"resumed_at_step_{resume_step}"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            self._tags(tags)
-            self.client.log_text(self.run_id, cfg.to_yaml(), f"config_resume_step_{resume_step}.yaml")
-            return
-        if resume_run_id:  # e.g. a checkpoint copied from another run dir whose local store stayed behind
-            print(f"[tracking] the checkpoint's MLflow run {resume_run_id} is not in {self.uri}; starting a new "
-                  f"run tagged forked_from_run={resume_run_id}", file=sys.stderr, flush=True)
-            tags["forked_from_run"] = resume_run_id
-            tags["forked_at_step"] = str(resume_step)
+            self._tags(resume_run_id, tags)
+            self.client.log_text(resume_run_id, cfg.to_yaml(), f"config_resume_step_{resume_step}.yaml")
+            self.run_id = resume_run_id
+        else:
+            if resume_run_id:  # e.g. a checkpoint copied from another run dir whose local store stayed behind
+                _say(f"the checkpoint's MLflow run {resume_run_id} is not in {self.uri}; starting a new run tagged "
+                     f"forked_from_run={resume_run_id}")
+                tags["forked_from_run"] = resume_run_id
+                tags["forked_at_step"] = str(resume_step)
+            run_id = self.client.create_run(self._experiment(cfg), run_name=cfg.tracking.run_name
+                                            or Path(cfg.checkpoint.dir).resolve().name).info.run_id
+            self._tags(run_id, tags)
+            # The config as written, then what it resolved to: model.dim/n_layers/vocab_size are the model's real
+            # ones (the config's None means "the flavor's" / "the tokenizer's"), plus layout, tokenizer and data.
+            resolved = {**cfg.flat(), **run.flat()}
+            params = [self._Param(k, str(v)[:_PARAM_MAX]) for k, v in resolved.items()]
+            for i in range(0, len(params), 100):  # MLflow's batch limit is 100 params
+                self.client.log_batch(run_id, params=params[i:i + 100])
+            self.client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+            self.run_id = run_id
+        # Committed steps MLflow lacks (sent from metrics.jsonl): an outage in an earlier segment, or a new run
+        # forked from a checkpoint whose MLflow run is elsewhere.
+        missing = [r for r in history if r.get("step", 0) > self._logged_up_to]
+        if missing:
+            self._send([self._Metric(k, v, int(time.time() * 1000), int(r["step"]))
+                        for r in missing for k, v in step_values(r).items()])
+            _say(f"sent {len(missing)} committed step(s) MLflow did not have (steps {missing[0]['step']}-"
+                 f"{missing[-1]['step']}, from metrics.jsonl)")
+            self._logged_up_to = int(missing[-1]["step"])
+
+    def _experiment(self, cfg: Config) -> str:
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
             artifacts = None
             if self.uri.startswith("sqlite:///"):  # keep artifacts inside the run dir, not in the cwd
                 artifacts = (Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-            exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts,
-                                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_ML})
-        else:
-            exp_id = exp.experiment_id
-            if EXPERIMENT_KIND_TAG not in exp.tags:  # made elsewhere without a kind; a kind someone chose stays
-                self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML)
-        name = cfg.tracking.run_name or Path(cfg.checkpoint.dir).resolve().name
-        self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
-        self._tags(tags)
-        # The config as written, then what it resolved to: model.dim/n_layers/vocab_size are the model's real ones
-        # (the config's None means "the flavor's" / "the tokenizer's"), plus layout, tokenizer and data facts.
-        resolved = {**cfg.flat(), **run.flat()}
-        params = [self._Param(k, str(v)[:_PARAM_MAX]) for k, v in resolved.items()]
-        for i in range(0, len(params), 100):  # MLflow's batch limit is 100 params
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
-        self.client.log_text(self.run_id, cfg.to_yaml(), "config.yaml")
+            return self.client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_ML})
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made elsewhere without a kind; a kind someone chose stays
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML)
+        return exp.experiment_id
 
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
         try:
             self.client.get_run(run_id)
             return True
-        except MlflowException:
+        except MlflowException as e:
+            if _transient(e):
+                raise
             return False
 
-    def _tags(self, tags: dict[str, str | None]) -> None:
-        self.client.log_batch(self.run_id, tags=[self._RunTag(k, v) for k, v in tags.items() if v is not None])
+    def _tags(self, run_id: str, tags: dict[str, str | None]) -> None:
+        self.client.log_batch(run_id, tags=[self._RunTag(k, v) for k, v in tags.items() if v is not None])
+
+    def _send(self, batch: list[Any]) -> None:
+        for i in range(0, len(batch), 1000):  # MLflow's batch limit is 1000 metrics
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+
+    # ---------------------------------------------------------------------------- the training's side
 
     def log_step(self, step: int, values: dict[str, float | None]) -> None:
-        """Buffered; sent by `flush` (at a checkpoint commit or the end).
+        """Buffered; queued by `flush` (at a checkpoint commit or the end).
 
         Steps the run already holds are not sent again. That happens only when a resume fell back past a
         checkpoint that was committed (and flushed) but later found corrupt: MLflow cannot delete points, so
         the first attempt's points stay (on the same layout a replay recomputes the same values, unless the
         first attempt was hit by a transient fault); metrics.jsonl holds the replayed values.
         """
-        if step <= self._logged_up_to:
-            return
         ts = int(time.time() * 1000)
-        self._buffer += [self._Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
+        self._buffer.append((step, [(k, float(v), ts) for k, v in values.items() if v is not None]))
 
     def flush(self) -> None:
-        for i in range(0, len(self._buffer), 1000):  # MLflow's batch limit is 1000 metrics
-            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
-        self._buffer = []
+        buffered, self._buffer = self._buffer, []
+
+        def send() -> None:
+            self._send([self._Metric(k, v, ts, step) for step, row in buffered if step > self._logged_up_to
+                        for k, v, ts in row])
+        if buffered:
+            self._call(f"log steps {buffered[0][0]}-{buffered[-1][0]}", send)
 
     def discard(self) -> None:
         """Drop unsent steps (a failed run: they were never checkpointed, a resume will redo them)."""
         self._buffer = []
 
     def artifact_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._call(f"log {name}", lambda: self.client.log_text(self.run_id, text, name))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def finish(self, status: str = "FINISHED", wait_s: float = CLOSE_WAIT_S) -> None:
+        """Queue the run's end, then wait up to wait_s for the queue to drain (a server that is away gets the
+        rest from the next launch's backfill)."""
+        self._call(f"mark the run {status}", lambda: self.client.set_terminated(self.run_id, status=status))
+        if self._down_since is not None:  # away already: do not hold the exit for long
+            wait_s = min(wait_s, 5.0)
+        deadline = time.monotonic() + wait_s
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+            while (self._queue or self._busy) and time.monotonic() < deadline:
+                self._cv.wait(0.2)
+            left = len(self._queue)
+        if left:
+            _say(f"MLflow at {self.uri} is still unreachable; {left} call(s) not sent. metrics.jsonl has every "
+                 f"step, and the next launch on this checkpoint.dir sends the committed ones MLflow lacks")
+
+
+def _transient(e: BaseException) -> bool:
+    """An error that says the store cannot be reached now (worth retrying), not that MLflow rejected a call."""
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)):
+        return True
+    if type(e).__module__.startswith(("requests", "urllib3")):
+        return True
+    text = str(e)
+    return any(s in text for s in ("Max retries exceeded", "Connection refused", "timed out", "failed with exception",
+                                   "database is locked", "503", "502", "504"))
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def open_tracker(cfg: Config, run: ResolvedRun, rank: int, *, resume_run_id: str | None = None,
-                 resume_step: int | None = None) -> Tracker | None:
+                 resume_step: int | None = None, history: list[dict[str, Any]] = ()) -> Tracker | None:
+    """rank 0's tracker (None elsewhere or with tracking off). `history`: metrics.jsonl's committed records, for
+    the backfill."""
     if rank != 0 or not cfg.tracking.enabled:
         return None
-    return Tracker(cfg, run, resume_run_id=resume_run_id, resume_step=resume_step)
+    return Tracker(cfg, run, resume_run_id=resume_run_id, resume_step=resume_step, history=history)

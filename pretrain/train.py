@@ -46,11 +46,22 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     """`stop`: handlers installed by the caller as early as possible (the CLI does it before importing torch)."""
     stop = stop or StopRequest().install()
     started = time.time()
-    from pretrain.distributed import init_distributed, lost_peer
-    from pretrain.engine import build_engine
+    from pretrain.distributed import init_distributed
 
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     env = init_distributed(cfg, layout=run.layout)
+    lock = hold_run_lock(cfg, env)  # one launch per checkpoint.dir; every rank learns the outcome
+    try:
+        return _train(cfg, stop, run, env, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, started: float) -> int:
+    from pretrain.distributed import lost_peer
+    from pretrain.engine import build_engine
+
     try:
         begin = choose_start(cfg, run, env, say)  # before building: a bad checkpoint fails fast
         loader = make_loader(cfg, run, env)
@@ -64,8 +75,10 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         env.destroy()
         raise
     run_dir = Path(cfg.checkpoint.dir)
+    history: list[dict[str, Any]] = []
     if env.rank == 0:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
+        history = metrics.read(run_dir) if (run_dir / metrics.METRICS_FILE).exists() else []  # for the backfill
         lay = run.layout
         say(f"{begin.describe(cfg.model.init_from)} at step {start}; world {lay.world} = tp {lay.tp} x pp {lay.pp} "
             f"x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch {lay.global_batch} x {run.seq_len} tokens")
@@ -75,7 +88,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         if env.rank == 0:
             append_segment(run_dir, start, start, started)
         return requeue(env, stop, start, None)
-    tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start)
+    tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start, history=history)
     log = StepLog(cfg, run, env, tracker, start)
     poison = _poisoned_steps()
 
@@ -132,6 +145,26 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------- ingredients
+
+
+def hold_run_lock(cfg: Config, env: Any) -> Any:
+    """Rank 0 takes `<checkpoint.dir>/run.lock` (pretrain/run_lock.py) and clears temporary step directories a
+    killed save left (nobody else writes there now); every rank raises RunLocked when another launch holds it."""
+    from pretrain.run_lock import RunLock, RunLocked
+
+    lock, refusal = None, None
+    if env.rank == 0:
+        lock = RunLock(cfg.checkpoint.dir)
+        try:
+            if note := lock.acquire():
+                say(note)
+            checkpoint.remove_stale_temps(cfg.checkpoint.dir, say)
+        except RunLocked as e:
+            lock, refusal = None, str(e)
+    if env.all_reduce_max(1.0 if refusal else 0.0) > 0:
+        env.destroy()
+        raise RunLocked(refusal or f"{cfg.checkpoint.dir} is in use by another training run (rank 0 says who)")
+    return lock
 
 
 def say(msg: str) -> None:
@@ -320,7 +353,7 @@ class StepLog:
                  f"checkpoints: {run_dir} (latest: {summary['checkpoint'] or 'none written'})",
                  f"metrics:     {summary['metrics']}"]
         if self.tracker:
-            lines += [f"mlflow:      {self.tracker.uri} run {self.tracker.run_id}",
+            lines += [f"mlflow:      {self.tracker.uri} run {self.tracker.run_id or '(not created: unreachable)'}",
                       f"             {ui_hint(self.tracker.uri)}"]
         print("\n".join(lines), flush=True)
 

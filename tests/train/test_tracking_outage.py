@@ -1,0 +1,122 @@
+"""Tracking never stops training: a real `mlflow server` that dies mid-run, or is not there at all.
+
+The run keeps stepping at its own pace, says once that MLflow is away, ends on time with exit 0, and no step is
+lost: the next launch on the same checkpoint.dir (here, one that finds the run already finished) sends MLflow
+the committed steps it lacks from metrics.jsonl. A dry run names an unreachable tracking URI in one line."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from spawn import REPO, child_env
+from train_common import tiny_shards, train_args
+
+pytestmark = pytest.mark.slow
+
+STEPS = 40
+
+
+class Server:
+    """`mlflow server` on a fixed loopback port and SQLite file, so it can be stopped and started again."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers",
+             "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db", "--artifacts-destination",
+             (self.root / "artifacts").as_uri()],
+            stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, env=child_env(),
+            start_new_session=True)  # its own process group: stop() takes the server's workers down with it
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError("mlflow server did not come up")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def _steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _loss_steps(uri: str, experiment: str) -> list[int]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+
+
+def test_a_server_that_dies_mid_run_costs_no_time_and_no_step(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    shards = tiny_shards(tmp_path / "data") / "shards"
+    run = tmp_path / "run"
+    cmd = [sys.executable, *train_args(shards, run, f"train.max_steps={STEPS}", "checkpoint.every=5",
+                                       "tracking.enabled=true", f"tracking.uri={server.uri}",
+                                       "tracking.experiment=outage")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 180
+    while _steps(run) < 8:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    server.stop()
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=240)
+    after = time.monotonic() - killed
+    assert proc.returncode == 0, err[-3000:]
+    assert _steps(run) == STEPS
+    assert err.count("is unreachable") == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert after < 90, f"the run took {after:.0f} s to finish after the server died"
+
+    server.start()  # back: the next launch on the run sends what MLflow lacks
+    again = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "MLflow did not have" in again.stderr, again.stderr[-3000:]
+    assert _loss_steps(server.uri, "outage") == list(range(1, STEPS + 1))
+    server.stop()
+
+
+def test_an_unreachable_uri_at_start(tmp_path):
+    shards = tiny_shards(tmp_path / "data") / "shards"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket is closed
+    args = train_args(shards, tmp_path / "run", "train.max_steps=6", "tracking.enabled=true",
+                      f"tracking.uri={dead}")
+    started = time.monotonic()
+    dry = subprocess.run([sys.executable, *args, "--dry-run"], cwd=REPO, env=child_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert dry.returncode == 2 and f"no MLflow server answers at {dead}" in dry.stderr, dry.stderr[-3000:]
+    assert time.monotonic() - started < 60
+
+    p = subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and _steps(tmp_path / "run") == 6, p.stderr[-3000:]
+    assert p.stderr.count("is unreachable") == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
