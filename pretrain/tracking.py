@@ -131,6 +131,12 @@ class Tracker:
         self._call("open the run", lambda: self._open(cfg, run, resume_run_id, resume_step, list(history)))
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
+        # The run id goes into every checkpoint (a resume continues the run), so wait for the run to open, unless
+        # the first attempt fails: then training starts at once and the thread keeps trying.
+        deadline = time.monotonic() + 2 * float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+        with self._cv:
+            while self.run_id is None and self._down_since is None and time.monotonic() < deadline:
+                self._cv.wait(0.05)
 
     # ------------------------------------------------------------------------------------- the worker
 

@@ -1,0 +1,70 @@
+"""Bad input to the `pretrain` and `pretrain-data` commands is one line and exit 2, or a correct result: never a
+traceback, never a silent wrong result."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spawn import REPO, child_env
+from train_common import tiny_shards, train_args
+
+from pretrain.cli import main as cli
+
+pytestmark = pytest.mark.slow
+
+
+def _one_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A 1-rank run of 2 steps, checkpointed at the end."""
+    base = tmp_path_factory.mktemp("errors")
+    shards = tiny_shards(base / "data") / "shards"
+    p = subprocess.run([sys.executable, *train_args(shards, base / "run", "train.max_steps=2")], cwd=REPO,
+                       env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return base / "run"
+
+
+def test_generate_and_export_arguments(finished, tmp_path, capfd):
+    long_prompt = "word " * 2000  # far beyond the debug model's context
+    assert cli(["generate", "--checkpoint", str(finished), "--prompt", long_prompt]) == 2
+    assert "is longer than the model's context" in _one_line(capfd.readouterr().err)
+
+    with pytest.raises(SystemExit) as e:
+        cli(["generate", "--checkpoint", str(finished), "--prompt", "a", "--max-new-tokens", "-1"])
+    assert e.value.code == 2 and "--max-new-tokens: -1 is not a positive whole number" in capfd.readouterr().err
+
+    # the run's `latest` file names the newest step: taken as that step
+    assert cli(["generate", "--checkpoint", str(finished / "latest"), "--prompt", "the", "--max-new-tokens", "2",
+                "--temperature", "0"]) == 0
+    capfd.readouterr()
+
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("x")
+    assert cli(["export-hf", "--checkpoint", str(finished), "--out", str(a_file)]) == 2
+    assert f"{a_file} is a file" in _one_line(capfd.readouterr().err)
+
+
+def test_a_config_that_is_not_utf8(tmp_path, capfd):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"model:\n  flavor: debug # caf\xe9\n")
+    assert cli(["train", "--config", str(bad), "--dry-run"]) == 2
+    assert f"{bad}: not UTF-8 text" in _one_line(capfd.readouterr().err)
+
+
+def test_a_tokenizer_from_an_empty_corpus(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    p = subprocess.run([sys.executable, "-m", "data_pipeline", "train-tokenizer", "--input", str(empty),
+                        "--vocab-size", "300", "--out", str(tmp_path / "tok")], cwd=REPO, env=child_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no text to train a tokenizer on" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not (tmp_path / "tok" / "tokenizer.json").exists()
