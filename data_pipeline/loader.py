@@ -101,12 +101,23 @@ def _read_segment(url: str, seg: Segment, perm: list[int], offset: int, total: i
                          "file; run `pretrain-data verify`)")
 
 
+def _tokens(blob: bytes | None, where: str, shards: ShardSet) -> np.ndarray:
+    """A sample's tokens, each an id of the manifest's tokenizer. An id past its vocabulary would index past the
+    embedding table: an IndexError deep in a step on CPU, a device-side assert on GPU."""
+    tokens = decode_tokens(blob, where)
+    vocab = shards.manifest.tokenizer.vocab_size
+    if tokens.size and int(tokens.max()) >= vocab:
+        raise ShardError(f"{where}: token id {int(tokens.max())} is outside the manifest's tokenizer vocabulary "
+                         f"({vocab} ids): this shard was not made with that tokenizer")
+    return tokens
+
+
 def _read_one(shards: ShardSet, shard: int, index: int) -> np.ndarray:
     """The tokens of sample `index` (tar order) of one shard: a document carried over a layout change."""
     url = shards.urls[shard]
     for i, (_, parts) in enumerate(iter_raw_samples(url)):
         if i == index:
-            return decode_tokens(parts.get("tokens.npy"), f"{url}[sample {index}]")
+            return _tokens(parts.get("tokens.npy"), f"{url}[sample {index}]", shards)
     raise ShardError(f"{url}: has no sample {index} (manifest says {shards.shards[shard].samples}; run "
                      "`pretrain-data verify`)")
 
@@ -145,7 +156,7 @@ class _DocStream:
                             self.pos = (e, g + 1, 0)
                         else:
                             self.pos = (e + 1, 0, 0)
-                        yield here, decode_tokens(blob, f"{url}[sample {seg.index(perm[off])}]")
+                        yield here, _tokens(blob, f"{url}[sample {seg.index(perm[off])}]", self.shards)
                 except ShardError as err:  # raises past max_bad_shards; else the segment's rest is skipped
                     if self.bad_shards.max_errors == 0:
                         raise

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -178,7 +178,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str, *, min_freque
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=[BOS, EOS, PAD], show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
+    seen = [0]
+
+    def counted(items: Iterable[str]) -> Iterator[str]:
+        for text in items:
+            seen[0] += bool(text)
+            yield text
+
+    tok.train_from_iterator(counted(texts), trainer=trainer)
+    if not seen[0]:
+        raise TokenizerError("the input holds no text to train a tokenizer on (0 non-empty documents)")
     os.makedirs(out_dir, exist_ok=True)
     config = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "tokenizer_class": "PreTrainedTokenizerFast"}
     _atomic_write(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2))

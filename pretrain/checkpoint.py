@@ -308,6 +308,8 @@ def read_meta(step_dir: str | Path) -> Meta:
 def resolve_checkpoint_arg(path: str | Path) -> Path:
     """A run dir (-> its `latest`) or a step dir, verified: what `pretrain generate --checkpoint` accepts."""
     path = Path(path)
+    if path.name == LATEST and path.is_file():  # RUN/latest: the step it names
+        path = path.parent
     if (path / LATEST).is_file():
         path = path / (path / LATEST).read_text().strip()
     verify(path)

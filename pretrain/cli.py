@@ -23,6 +23,16 @@ from pretrain.config import ConfigError, load_config
 
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain", description="Distributed LLaMA pretraining (DeepSpeed ZeRO/PP x "
                                 "megatron-core TP) with exact-resume checkpoints and MLflow tracking.",
@@ -68,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`), a step_<N> dir, or an "
                    "import-hf output")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64,
+                   help="tokens to generate (default 64; fewer if the model's context ends first)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
@@ -352,7 +363,15 @@ def run_generate(args: argparse.Namespace) -> int:
     model.to(_dtype(args.dtype or run.dtype))
     # Documents were packed as ...<eos>doc<eos>...: an eos in front of the prompt reads as "a document starts".
     prompt = [tok.eos_id] + tok.encode_batch([args.prompt])[0]
-    out = generate(model, prompt, args.max_new_tokens,
+    context = run.model.max_seq_len
+    if len(prompt) >= context:
+        raise ConfigError(f"the prompt is {len(prompt)} tokens (with the leading eos), which is longer than the "
+                          f"model's context of {context}: nothing is left to generate into")
+    new_tokens = min(args.max_new_tokens, context - len(prompt))
+    if new_tokens < args.max_new_tokens:
+        print(f"note: generating {new_tokens} tokens, not {args.max_new_tokens}: the model's context is {context}",
+              file=sys.stderr)
+    out = generate(model, prompt, new_tokens,
                    Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
                    eos_id=tok.eos_id, seed=args.seed, vocab_size=run.vocab_size)
     print(args.prompt + tok.decode([t for t in out if t != tok.eos_id]))

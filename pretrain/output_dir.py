@@ -14,6 +14,8 @@ from pathlib import Path
 
 
 def refuse_non_empty(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; the output must be a new or empty directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; choose a new directory")
 

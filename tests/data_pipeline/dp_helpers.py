@@ -66,7 +66,7 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def write_synthetic_shards(directory: Path, lengths: list[int], *, docs_per_shard: list[int] | None = None,
-                           first_value: int = 1, eos: int = 0) -> list[np.ndarray]:
+                           first_value: int = 1, eos: int = 0, vocab_size: int = 1 << 20) -> list[np.ndarray]:
     """Shards whose document i is `[first_value + i] * (len - 1) + [eos]`: any token says which doc it is from.
 
     Written with the real ShardSetWriter and manifest code; the "tokenizer" is a stand-in (kind synthetic).
@@ -90,7 +90,7 @@ def write_synthetic_shards(directory: Path, lengths: list[int], *, docs_per_shar
             w.write(f"{j:012d}", npy_bytes(docs[j]), len(docs[j]), f"synthetic:{j}")
         shards = w.close()
         start += count
-    tok = TokenizerInfo(identity="synthetic-" + "0" * 52, kind="synthetic", vocab_size=1 << 20, eos_id=eos)
+    tok = TokenizerInfo(identity="synthetic-" + "0" * 52, kind="synthetic", vocab_size=vocab_size, eos_id=eos)
     write_manifest(str(directory), Manifest(tokenizer=tok, dtype="uint32", shards=tuple(shards),
                                             command=("test",)))
     return docs

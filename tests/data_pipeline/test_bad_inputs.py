@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from dp_helpers import make_docs, run_main, write_jsonl, write_parquet, write_zst
+from dp_helpers import make_docs, run_main, write_jsonl, write_parquet, write_synthetic_shards, write_zst
 
 from data_pipeline.errors import ShardError
 from data_pipeline.loader import TokenLoader
@@ -197,3 +197,15 @@ def test_counting_handler_replaces_warn_and_continue_in_plain_webdataset(shards,
     assert time.perf_counter() - start < 5  # no 0.5 s sleep per error
     with pytest.raises(ShardError, match=r"missing\.tar.*\(1 bad shards, more than the 0 allowed\)$"):
         list(wds.WebDataset(urls, shardshuffle=False, handler=CountingHandler(0, "bad shards")))
+
+
+def test_a_token_id_outside_the_manifests_vocabulary_is_named(tmp_path):
+    """A shard whose manifest is consistent (sizes, hashes, counts) but whose ids do not fit the manifest's
+    tokenizer: one line naming the shard and sample, before any step indexes past the embedding table."""
+
+    write_synthetic_shards(tmp_path, [4] * 6, first_value=60, vocab_size=64)  # document 4 is all 64s
+    loader = TokenLoader(str(tmp_path), seq_len=7, batch_size=1, shuffle_buffer=1)
+    with pytest.raises(ShardError, match=r"shard-000000.tar\[sample 4\]: token id 64 is outside the manifest's "
+                                         r"tokenizer vocabulary \(64 ids\)"):
+        for _ in loader:
+            pass

@@ -57,7 +57,7 @@ def test_a_config_that_is_not_utf8(tmp_path, capfd):
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"model:\n  flavor: debug # caf\xe9\n")
     assert cli(["train", "--config", str(bad), "--dry-run"]) == 2
-    assert f"{bad}: not UTF-8 text" in _one_line(capfd.readouterr().err)
+    assert f"{bad} line 2: not UTF-8 text (byte 0xe9)" in _one_line(capfd.readouterr().err)
 
 
 def test_a_tokenizer_from_an_empty_corpus(tmp_path):
