@@ -35,7 +35,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from pretrain import safe_load
+from pretrain import checkpoint_files
 
 MANIFEST = "manifest.json"
 META = "meta.json"
@@ -43,9 +43,7 @@ CONFIG = "config.yaml"
 LATEST = "latest"
 TOKENIZER_DIR = "tokenizer"  # a copy of the tokenizer files, so a checkpoint is self-contained
 _STEP_RE = re.compile(r"^step_(\d+)$")
-# Files up to this size get a sha256 in the manifest (cheap); bigger ones (model/optimizer shards) get sizes only,
-# because hashing hundreds of GB on every save would cost more than the save.
-HASH_LIMIT = 64 << 20
+DIGESTS = ".digests"  # inside a step being written: each rank's sha256 of the files it wrote, for the manifest
 
 
 class CheckpointError(RuntimeError):
@@ -117,14 +115,19 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(root: Path, meta: Meta, world_size: int) -> None:
+    """Every file's size and sha256: the ranks' digests taken while writing (model and optimizer shards, rank
+    files), a read for the rest (config, meta, tokenizer, DeepSpeed's helper scripts: small)."""
+    written: dict[str, list] = {}
+    for part in sorted((root / DIGESTS).glob("*.json")):
+        written.update(json.loads(part.read_text()))
+    shutil.rmtree(root / DIGESTS, ignore_errors=True)  # none for an import (pretrain/import_hf.py)
     files = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            size = p.stat().st_size
-            entry: dict[str, Any] = {"size": size}
-            if size <= HASH_LIMIT:
-                entry["sha256"] = _sha256(p)
-            files[p.relative_to(root).as_posix()] = entry
+            rel, size = p.relative_to(root).as_posix(), p.stat().st_size
+            digest = written.get(rel)
+            sha = digest[1] if digest and digest[0] == size else _sha256(p)
+            files[rel] = {"size": size, "sha256": sha}
     manifest = {"step": meta.step, "world_size": world_size, "created": time.time(), "files": files}
     _atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
 
@@ -150,9 +153,10 @@ def save(run_dir: str | Path, step: int, env: Collective, *, save_model: Callabl
         tmp.mkdir()
     env.barrier()
     save_model(tmp)
-    torch.save({"step": step, "rank": env.rank, "world_size": env.world_size, **rank_state,
-                "rng": rng_state()}, tmp / f".{rank_file(env.rank)}.partial")
-    os.replace(tmp / f".{rank_file(env.rank)}.partial", tmp / rank_file(env.rank))
+    checkpoint_files.save({"step": step, "rank": env.rank, "world_size": env.world_size, **rank_state,
+                           "rng": rng_state()}, tmp / rank_file(env.rank))
+    (tmp / DIGESTS).mkdir(exist_ok=True)
+    _atomic_write(tmp / DIGESTS / f"{env.rank}.json", json.dumps(checkpoint_files.take_digests(tmp)).encode())
     if env.rank == 0:
         _atomic_write(tmp / CONFIG, config_yaml.encode())
         _atomic_write(tmp / META, json.dumps(meta.__dict__, indent=1, default=str).encode())
@@ -295,7 +299,7 @@ def load(step_dir: str | Path, env: Collective, *, load_model: Callable[[Path], 
     step_dir = Path(step_dir)
     load_model(step_dir)
     rank = env.rank if saved_rank is None else saved_rank
-    state = safe_load.load(step_dir / rank_file(rank))
+    state = checkpoint_files.load(step_dir / rank_file(rank))
     meta = Meta(**json.loads((step_dir / META).read_text()))
     set_rng_state(state.pop("rng"))
     return Loaded(step=meta.step, meta=meta, rank_state=state)

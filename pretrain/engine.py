@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import deepspeed
 import torch
 
-from pretrain import kernels, safe_load
+from pretrain import checkpoint_files, kernels
 from pretrain.config import Config
 from pretrain.distributed import DistEnv
 from pretrain.model.args import ModelArgs
@@ -189,7 +189,7 @@ class Engine:
         try:
             path, client = self.ds.load_checkpoint(str(step_dir), tag="model", load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
-        except CheckpointError:  # refused by name (pretrain/safe_load.py)
+        except CheckpointError:  # refused by name (pretrain/checkpoint_files.py)
             raise
         except (RuntimeError, KeyError, ValueError, AssertionError, FileNotFoundError, IndexError) as e:
             reason = (str(e).strip().splitlines() or [""])[0][:300]
@@ -267,7 +267,7 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
         norm_fn=lambda params: global_grad_norm(params, lay.dp, count_replicated=env.tp_rank == 0))
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,
                                               config=deepspeed_config(cfg, lay.dp), dist_init_required=False)
-    safe_load.guard_deepspeed(ds_engine)  # resume reads DeepSpeed's files without unpickling arbitrary objects
+    checkpoint_files.adopt_deepspeed(ds_engine)  # its files: hashed as written, read without running code
     if own_clipping and ds_engine.optimizer is not optimizer:
         raise RuntimeError("expected DeepSpeed to use GuardedAdamW directly with ZeRO-0/fp32")
     if init is not None and run.dtype == "bf16":

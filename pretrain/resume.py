@@ -93,6 +93,6 @@ def old_loader_states(step_dir: Path, saved: Any) -> list[dict]:
     """Every old DP rank's loader state (from one of its ranks' files): with them the loader continues this DP
     rank's stream exactly when the DP size is the same, or re-splits the samples not yet consumed exactly over the
     new ranks when it changed."""
-    from pretrain import safe_load
+    from pretrain import checkpoint_files
 
-    return [safe_load.load(step_dir / checkpoint.rank_file(peer_rank(saved, d)))["loader"] for d in range(saved.dp)]
+    return [checkpoint_files.load(step_dir / checkpoint.rank_file(peer_rank(saved, d)))["loader"] for d in range(saved.dp)]

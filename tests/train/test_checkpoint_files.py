@@ -1,4 +1,5 @@
-"""A checkpoint file that carries code is refused by name on every path that loads one, and the code never runs.
+"""Checkpoint files: every one hashed (the shards while they are written), and one that carries code refused by name
+on every path that loads one, without running it.
 
 A pickle whose `__reduce__` calls `os.system` is added to each kind of file a step holds (DeepSpeed's model states,
 its ZeRO optimizer partition, our rank file), with the manifest's size and sha256 updated so the integrity check
@@ -19,7 +20,7 @@ import torch
 from spawn import REPO, child_env
 from train_common import tiny_shards, train_args
 
-from pretrain import safe_load
+from pretrain import checkpoint_files
 from pretrain.cli import main as cli
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,7 @@ def _poisoned(run: Path, into: Path, file: str) -> tuple[Path, Path]:
     shutil.copytree(run, into)
     step = into / "step_2"
     marker = into.parent / f"{into.name}.PWNED"
-    state = safe_load.load(step / file)
+    state = checkpoint_files.load(step / file)
     state["extra"] = _Payload(marker)
     torch.save(state, step / file)
     manifest = json.loads((step / "manifest.json").read_text())
@@ -97,3 +98,40 @@ def test_training_refuses_a_payload(run, tmp_path, file, how):
                                                     "parallel.zero_stage=1", *extra)],
                        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     _refused(p.returncode, p.stderr, marker, file)
+
+
+def test_every_file_is_hashed_and_a_flipped_byte_anywhere_is_refused(run, tmp_path):
+    """The manifest has a sha256 for every file, the .pt shards' taken while they were written (no second read:
+    reading files back to hash them is only done for the small ones); 64 flipped bytes in the middle of the
+    optimizer partition are refused by name."""
+    from pretrain import checkpoint
+
+    step = run[0] / "step_2"
+    manifest = json.loads((step / "manifest.json").read_text())
+    files = sorted(p.relative_to(step).as_posix() for p in step.rglob("*") if p.is_file())
+    assert sorted(manifest["files"]) == [f for f in files if f != "manifest.json"]
+    for rel, entry in manifest["files"].items():
+        assert entry["sha256"] == hashlib.sha256((step / rel).read_bytes()).hexdigest(), rel
+
+    # a save, with the manifest's read-back hashing reported: never a .pt
+    target = tmp_path / "again"
+    p = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
+                        "import pretrain.checkpoint as c; real = c._sha256; "
+                        "c._sha256 = lambda p: (print('READ', p.name, file=sys.stderr), real(p))[1]; "
+                        "runpy.run_module('pretrain', run_name='__main__')",
+                        *train_args(run[1], target, "train.max_steps=1", "train.dtype=bf16",
+                                    "parallel.zero_stage=1")[1:]],
+                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    reads = [line.split()[1] for line in p.stderr.splitlines() if line.startswith("READ ")]
+    assert reads and not [r for r in reads if r.endswith(".pt")], reads
+
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    victim = copy / "step_2" / OPTIM
+    data = bytearray(victim.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    victim.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{OPTIM} does not match its sha256"):
+        checkpoint.verify(copy / "step_2")

@@ -1,0 +1,105 @@
+"""How checkpoint files are written and read: hashed while they are written, and read without running code.
+
+Writing. Every `.pt` of a step (ours, and DeepSpeed's through its checkpoint engine) is written through a file
+object that feeds a sha256 as the bytes go out, so the manifest holds every file's hash without a second read of
+shards that are gigabytes each. Each rank keeps the digests of what it wrote (`take_digests`); the checkpoint's
+commit gathers them into the manifest (pretrain/checkpoint.py).
+
+Reading. 
+A `.pt` file is a pickle, and unpickling may call any importable function: a checkpoint copied from elsewhere, or
+edited on a shared filesystem, could run a command in every process that loads it (`pretrain train` resuming or
+starting from `model.init_from`, `generate`, `export-hf`, `convert-checkpoint`). Every load here goes through
+torch's restricted unpickler (`weights_only=True`), which builds tensors, numbers, strings and containers and
+nothing else, plus the few classes our checkpoints really hold:
+
+- DeepSpeed's optimizer files: its loss scaler (`LossScaler`, `DynamicLossScaler`), the ZeRO stage enum and the
+  `fragment_address` records of each parameter's slice;
+- our rank files: NumPy's RNG state (an array of uint32 and its dtype).
+
+A file that needs anything else is refused in one line naming the file and the object it asked for.
+DeepSpeed's own loads and saves (resume, the pipeline's layer files) go through its checkpoint engine, whose
+torch backend loads with `weights_only=False`; `adopt_deepspeed` points that engine's `load` and `save` here.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def allowed_globals() -> tuple[Any, ...]:
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    multiarray = getattr(np, "_core", None) or np.core  # NumPy 2 renamed np.core to np._core
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address,
+            np.ndarray, np.dtype, multiarray.multiarray._reconstruct, type(np.dtype("uint32")))
+
+
+def load(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) -> Any:
+    """torch.load restricted to tensors, plain data and `allowed_globals()`."""
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals())):
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as e:
+        from pretrain.checkpoint import CheckpointError
+
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"`{found.group(1)}`" if found else "an object outside the allowed list"
+        raise CheckpointError(f"{path}: refusing to load it: it asks to run or build {what}, which no checkpoint "
+                              f"written by this project contains (a pickle can run code when it is loaded)") from None
+
+
+_WRITTEN: dict[str, tuple[int, str]] = {}  # absolute path -> (bytes, sha256) of what this process saved
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through it (torch.save writes its zip sequentially)."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save(obj: Any, path: str | Path) -> None:
+    """torch.save, hashing the bytes as they are written; the digest waits for `take_digests`."""
+    path = os.path.abspath(path)
+    with open(path, "wb") as f:
+        out = _HashingFile(f)
+        torch.save(obj, out)
+        f.flush()
+        os.fsync(f.fileno())
+    _WRITTEN[path] = (out.size, out.sha.hexdigest())
+
+
+def take_digests(root: str | Path) -> dict[str, tuple[int, str]]:
+    """(bytes, sha256) of the files this process saved under `root`, by path relative to it; forgotten here."""
+    prefix = os.path.abspath(root) + os.sep
+    mine = {p: d for p, d in _WRITTEN.items() if p.startswith(prefix)}
+    for p in mine:
+        del _WRITTEN[p]
+    return {Path(p).relative_to(prefix).as_posix(): d for p, d in mine.items()}
+
+
+def adopt_deepspeed(ds_engine: Any) -> None:
+    """Make a DeepSpeed engine write its checkpoint files through `save` (hashed) and read them through `load`
+    (restricted). Its torch checkpoint engine calls torch.save / torch.load(..., weights_only=False); only those
+    two methods are replaced, on this engine's instance."""
+    ds_engine.checkpoint_engine.load = lambda path, map_location=None: load(path, map_location)
+    ds_engine.checkpoint_engine.save = lambda state_dict, path: save(state_dict, path)
