@@ -143,33 +143,71 @@ def remove_stale_temps(run_dir: str | Path, say: Callable[[str], None]) -> None:
 
 def save(run_dir: str | Path, step: int, env: Collective, *, save_model: Callable[[Path], None],
          rank_state: dict[str, Any], meta: Meta, config_yaml: str, keep: int) -> Path:
-    """Commit `step_<step>/` under `run_dir` (collective: every rank calls it). Returns the final directory."""
+    """Commit `step_<step>/` under `run_dir` (collective: every rank calls it). Returns the final directory.
+
+    A write that fails (disk full, quota, read-only, file too large) on any rank fails the save on every rank
+    at the next agreement point: the temporary directory is removed and CheckpointWriteError names the cause and
+    the last good checkpoint, which is untouched."""
     run_dir = Path(run_dir)
     tmp = run_dir / f".tmp_{step_dir_name(step)}"
     final = run_dir / step_dir_name(step)
-    if env.rank == 0:
+
+    def stage(rank0: Callable[[], None] | None, every_rank: Callable[[], None] | None = None) -> None:
+        error = None
+        try:
+            if env.rank == 0 and rank0 is not None:
+                rank0()
+            if every_rank is not None:
+                every_rank()
+        except Exception as e:  # noqa: BLE001 - an OSError, possibly wrapped by DeepSpeed or torch
+            error = checkpoint_files.os_error(e)
+            if error is None:
+                raise
+        if env.all_reduce_max(1.0 if error else 0.0) > 0:
+            if env.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(_write_failure(run_dir, step, error))
+
+    def begin() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that died half-way
         tmp.mkdir()
-    env.barrier()
-    save_model(tmp)
-    checkpoint_files.save({"step": step, "rank": env.rank, "world_size": env.world_size, **rank_state,
-                           "rng": rng_state()}, tmp / rank_file(env.rank))
-    (tmp / DIGESTS).mkdir(exist_ok=True)
-    _atomic_write(tmp / DIGESTS / f"{env.rank}.json", json.dumps(checkpoint_files.take_digests(tmp)).encode())
-    if env.rank == 0:
-        _atomic_write(tmp / CONFIG, config_yaml.encode())
-        _atomic_write(tmp / META, json.dumps(meta.__dict__, indent=1, default=str).encode())
-    env.barrier()
-    if env.rank == 0:
+
+    def write_parts() -> None:
+        save_model(tmp)
+        checkpoint_files.save({"step": step, "rank": env.rank, "world_size": env.world_size, **rank_state,
+                               "rng": rng_state()}, tmp / rank_file(env.rank))
+        (tmp / DIGESTS).mkdir(exist_ok=True)
+        _atomic_write(tmp / DIGESTS / f"{env.rank}.json", json.dumps(checkpoint_files.take_digests(tmp)).encode())
+        if env.rank == 0:
+            _atomic_write(tmp / CONFIG, config_yaml.encode())
+            _atomic_write(tmp / META, json.dumps(meta.__dict__, indent=1, default=str).encode())
+
+    def commit() -> None:
         _write_manifest(tmp, meta, env.world_size)
         if final.exists():  # a step re-saved (e.g. a resumed run that stops at once): replace, never merge
             shutil.rmtree(final)
         os.replace(tmp, final)
         _atomic_write(run_dir / LATEST, f"{final.name}\n".encode())
         _prune(run_dir, keep, protect=final)
-    env.barrier()
+
+    stage(begin)
+    stage(None, write_parts)
+    stage(commit)
     return final
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, quota, read-only, ...); the last good one is untouched."""
+
+
+def _write_failure(run_dir: Path, step: int, error: OSError | None) -> str:
+    latest = run_dir / LATEST
+    good = run_dir / latest.read_text().strip() if latest.is_file() else None
+    cause = (f"{error.strerror or error} ({error.filename})" if error is not None and error.filename else
+             f"{error}" if error is not None else "another rank could not write its part")
+    return (f"could not write checkpoint step_{step} in {run_dir}: {cause}; removed the unfinished copy. The last "
+            f"good checkpoint is {good or 'none (nothing saved yet)'}: free space or fix the directory and resume")
 
 
 def _prune(run_dir: Path, keep: int, protect: Path) -> None:

@@ -82,10 +82,24 @@ def save(obj: Any, path: str | Path) -> None:
     path = os.path.abspath(path)
     with open(path, "wb") as f:
         out = _HashingFile(f)
-        torch.save(obj, out)
+        try:
+            torch.save(obj, out)
+        except Exception as e:  # a failed write surfaces as torch's zip writer's RuntimeError, the OSError inside
+            raise os_error(e) or e
         f.flush()
         os.fsync(f.fileno())
     _WRITTEN[path] = (out.size, out.sha.hexdigest())
+
+
+def os_error(e: BaseException | None) -> OSError | None:
+    """The OSError (disk full, quota, read-only, ...) at the root of `e`, if one is: libraries wrap it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def take_digests(root: str | Path) -> dict[str, tuple[int, str]]:

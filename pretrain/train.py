@@ -8,8 +8,9 @@ rank, averages the per-token loss over them and over DP, and takes one optimizer
 Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1/SIGINT after a committed checkpoint (requeue me; a second
 SIGINT exits 130 at once, see pretrain/signals.py); 3 aborted after
 `train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 4 another rank
-died or stopped answering (a collective failed or waited past `train.collective_timeout_s`); 2 bad
-config/data/checkpoint (one line on stderr).
+died or stopped answering (a collective failed or waited past `train.collective_timeout_s`); 5 a checkpoint
+could not be written (disk full, quota, read-only: one line naming the cause and the last good checkpoint; the
+unfinished copy removed); 2 bad config/data/checkpoint (one line on stderr).
 
 Fault injection for tests (documented, env only, off by default): PRETRAIN_INJECT_NONFINITE="5,6" makes the loss
 of optimizer steps 5 and 6 NaN inside the engine's forward, so the engine's non-finite guard -- not ours -- is
@@ -35,7 +36,7 @@ from pretrain.resume import choose_start, restore
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
-EXIT_OK, EXIT_NONFINITE, EXIT_LOST_PEER = 0, 3, 4  # 2 (bad input) is the CLI's: pretrain/cli.py
+EXIT_OK, EXIT_NONFINITE, EXIT_LOST_PEER, EXIT_SAVE_FAILED = 0, 3, 4, 5  # 2 (bad input): the CLI's
 
 
 class NonFiniteAbort(RuntimeError):
@@ -123,6 +124,14 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, started: 
             tracker.discard()
             tracker.finish("FAILED")
         return EXIT_NONFINITE
+    except checkpoint.CheckpointWriteError as e:
+        if env.rank == 0:
+            say(f"{e}; exit {EXIT_SAVE_FAILED}")
+        if tracker:
+            tracker.discard()
+            tracker.finish("FAILED")
+        env.destroy()
+        return EXIT_SAVE_FAILED
     except BaseException as e:
         if tracker:
             tracker.discard()  # never-checkpointed steps: the resumed run logs them
@@ -321,10 +330,13 @@ class StepLog:
         """End of this segment however it ends (done, stopped, aborted, failed): appended to segments.jsonl."""
         if self.bar is not None:
             self.bar.close()
-        if self.file is not None:
-            self.file.close()
-        if self.on:
-            append_segment(Path(self.cfg.checkpoint.dir), self.start, self.at, self.t0)
+        try:  # on a full disk these fail too; the error that ended the segment is the one to report
+            if self.file is not None:
+                self.file.close()
+            if self.on:
+                append_segment(Path(self.cfg.checkpoint.dir), self.start, self.at, self.t0)
+        except OSError as e:
+            say(f"could not record this segment ({e.strerror or e}: {e.filename})")
 
     def _segments(self) -> list[dict[str, Any]]:
         if not self.segments.exists():

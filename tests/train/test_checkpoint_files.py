@@ -135,3 +135,30 @@ def test_every_file_is_hashed_and_a_flipped_byte_anywhere_is_refused(run, tmp_pa
     victim.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CheckpointError, match=f"{OPTIM} does not match its sha256"):
         checkpoint.verify(copy / "step_2")
+
+
+def test_a_save_that_cannot_be_written_is_one_line_and_leaves_the_last_good_checkpoint(run, tmp_path):
+    """Writing step_4 fails (a file-size limit stands in for a full disk: the same OSError path): exit 5, one line
+    naming the cause and step_2, no temporary directory left; a resume without the limit goes on from step_2."""
+    import resource
+
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    args = train_args(run[1], copy, "train.max_steps=4", "checkpoint.every=2", "train.dtype=bf16",
+                      "parallel.zero_stage=1")
+
+    def limit() -> None:  # files may not grow past 100 KB: the optimizer partition (~260 KB) cannot be written
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    p = subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                       timeout=300, preexec_fn=limit)
+    assert p.returncode == 5, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    line = [x for x in p.stderr.splitlines() if "could not write checkpoint step_4" in x]
+    assert len(line) == 1 and "File too large" in line[0] and f"good checkpoint is {copy / 'step_2'}" in line[0], \
+        p.stderr[-3000:]
+    assert not list(copy.glob(".tmp_*")) and (copy / "latest").read_text().strip() == "step_2"
+
+    again = subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and f"resuming from {copy / 'step_2'}" in again.stderr, again.stderr[-3000:]
