@@ -20,6 +20,7 @@ its own with 2 gloo ranks.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -141,21 +142,25 @@ def remove_stale_temps(run_dir: str | Path, say: Callable[[str], None]) -> None:
             say(f"removed {tmp}: an unfinished save of an earlier launch")
 
 
-def save(run_dir: str | Path, step: int, env: Collective, *, save_model: Callable[[Path], None],
-         rank_state: dict[str, Any], meta: Meta, config_yaml: str, keep: int) -> Path:
-    """Commit `step_<step>/` under `run_dir` (collective: every rank calls it). Returns the final directory.
+class _Commit:
+    """The commit protocol of one step, in three stages, each ended by an agreement of all ranks:
+    1. rank 0 makes `.tmp_step_<N>/`;  2. every rank writes its files (engine state through the save_model
+    callback, its rank file), the digests of what it wrote, and rank 0 config + meta;  3. rank 0 writes the
+    manifest, renames the directory to `step_<N>/`, points `latest` at it and prunes old steps.
+    A write that fails (disk full, quota, read-only, file too large) on any rank fails the stage on every rank:
+    the temporary directory is removed and CheckpointWriteError names the cause and the last good checkpoint,
+    which is untouched."""
 
-    A write that fails (disk full, quota, read-only, file too large) on any rank fails the save on every rank
-    at the next agreement point: the temporary directory is removed and CheckpointWriteError names the cause and
-    the last good checkpoint, which is untouched."""
-    run_dir = Path(run_dir)
-    tmp = run_dir / f".tmp_{step_dir_name(step)}"
-    final = run_dir / step_dir_name(step)
+    def __init__(self, run_dir: str | Path, step: int, meta: Meta, config_yaml: str, keep: int):
+        self.run_dir, self.step, self.meta, self.config_yaml, self.keep = Path(run_dir), step, meta, config_yaml, keep
+        self.tmp = self.run_dir / f".tmp_{step_dir_name(step)}"
+        self.final = self.run_dir / step_dir_name(step)
 
-    def stage(rank0: Callable[[], None] | None, every_rank: Callable[[], None] | None = None) -> None:
+    def stage(self, coll: Collective, rank0: Callable[[], None] | None,
+              every_rank: Callable[[], None] | None = None) -> None:
         error = None
         try:
-            if env.rank == 0 and rank0 is not None:
+            if coll.rank == 0 and rank0 is not None:
                 rank0()
             if every_rank is not None:
                 every_rank()
@@ -163,38 +168,96 @@ def save(run_dir: str | Path, step: int, env: Collective, *, save_model: Callabl
             error = checkpoint_files.os_error(e)
             if error is None:
                 raise
-        if env.all_reduce_max(1.0 if error else 0.0) > 0:
-            if env.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointWriteError(_write_failure(run_dir, step, error))
+        if coll.all_reduce_max(1.0 if error else 0.0) > 0:
+            if coll.rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise CheckpointWriteError(_write_failure(self.run_dir, self.step, error))
 
-    def begin() -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that died half-way
-        tmp.mkdir()
+    def begin(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # debris of a save that died half-way
+        self.tmp.mkdir()
 
-    def write_parts() -> None:
-        save_model(tmp)
-        checkpoint_files.save({"step": step, "rank": env.rank, "world_size": env.world_size, **rank_state,
-                               "rng": rng_state()}, tmp / rank_file(env.rank))
-        (tmp / DIGESTS).mkdir(exist_ok=True)
-        _atomic_write(tmp / DIGESTS / f"{env.rank}.json", json.dumps(checkpoint_files.take_digests(tmp)).encode())
-        if env.rank == 0:
-            _atomic_write(tmp / CONFIG, config_yaml.encode())
-            _atomic_write(tmp / META, json.dumps(meta.__dict__, indent=1, default=str).encode())
+    def rank_parts(self, env: Collective, save_model: Callable[[Path], None], rank_state: dict[str, Any]) -> None:
+        save_model(self.tmp)
+        checkpoint_files.save({"step": self.step, "rank": env.rank, "world_size": env.world_size, **rank_state,
+                               "rng": rng_state()}, self.tmp / rank_file(env.rank))
 
-    def commit() -> None:
-        _write_manifest(tmp, meta, env.world_size)
-        if final.exists():  # a step re-saved (e.g. a resumed run that stops at once): replace, never merge
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write(run_dir / LATEST, f"{final.name}\n".encode())
-        _prune(run_dir, keep, protect=final)
+    def records(self, rank: int) -> None:
+        (self.tmp / DIGESTS).mkdir(exist_ok=True)
+        _atomic_write(self.tmp / DIGESTS / f"{rank}.json",
+                      json.dumps(checkpoint_files.take_digests(self.tmp)).encode())
+        if rank == 0:
+            _atomic_write(self.tmp / CONFIG, self.config_yaml.encode())
+            _atomic_write(self.tmp / META, json.dumps(self.meta.__dict__, indent=1, default=str).encode())
 
-    stage(begin)
-    stage(None, write_parts)
-    stage(commit)
-    return final
+    def commit(self, world_size: int) -> None:
+        _write_manifest(self.tmp, self.meta, world_size)
+        if self.final.exists():  # a step re-saved (e.g. a resumed run that stops at once): replace, never merge
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        _atomic_write(self.run_dir / LATEST, f"{self.final.name}\n".encode())
+        _prune(self.run_dir, self.keep, protect=self.final)
+
+
+def save(run_dir: str | Path, step: int, env: Collective, *, save_model: Callable[[Path], None],
+         rank_state: dict[str, Any], meta: Meta, config_yaml: str, keep: int) -> Path:
+    """Commit `step_<step>/` under `run_dir` (collective: every rank calls it) and return it (see _Commit)."""
+    c = _Commit(run_dir, step, meta, config_yaml, keep)
+    c.stage(env, c.begin)
+    c.stage(env, None, lambda: (c.rank_parts(env, save_model, rank_state), c.records(env.rank)))
+    c.stage(env, lambda: c.commit(env.world_size))
+    return c.final
+
+
+class PendingSave:
+    """A checkpoint being written in the background. `wait()` returns its directory once committed (or raises
+    CheckpointWriteError); `paused_s` is how long training stopped for it, `total_s` the whole save."""
+
+    def __init__(self, future: concurrent.futures.Future | None, paused_s: float, started: float):
+        self.future, self.paused_s, self.started = future, paused_s, started
+        self.total_s: float | None = None
+
+    def wait(self) -> Path:
+        return self.future.result()
+
+    @staticmethod
+    def done(path: Path, seconds: float) -> PendingSave:
+        """A save that ran in the foreground."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_result(path)
+        pending = PendingSave(future, seconds, time.monotonic() - seconds)
+        pending.total_s = seconds
+        return pending
+
+
+_WRITER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+
+
+def save_in_background(run_dir: str | Path, step: int, env: Collective, side: Collective, *,
+                       save_model: Callable[[Path], None], rank_state: dict[str, Any], meta: Meta, config_yaml: str,
+                       keep: int, say: Callable[[str], None] | None = None) -> PendingSave:
+    """The same commit, with training paused only while the state is copied to host memory: the files are
+    written, hashed and committed on a writer thread, whose agreements run on `side` (a process group of their
+    own). Wait for the result before the next save and before the process ends."""
+    started = time.monotonic()
+    c = _Commit(run_dir, step, meta, config_yaml, keep)
+    c.stage(env, c.begin)
+    with checkpoint_files.deferred() as jobs:
+        c.stage(env, None, lambda: c.rank_parts(env, save_model, rank_state))
+    pending = PendingSave(None, time.monotonic() - started, started)
+
+    def finish() -> Path:
+        c.stage(side, None, lambda: (checkpoint_files.write_all(jobs), c.records(side.rank)))
+        c.stage(side, lambda: c.commit(side.world_size))
+        pending.total_s = time.monotonic() - started
+        if say is not None and side.rank == 0:
+            say(f"{c.final.name} committed: training paused {pending.paused_s:.2f} s, the save took "
+                f"{pending.total_s:.2f} s")
+        return c.final
+
+    pending.future = _WRITER.submit(finish)
+    return pending
 
 
 class CheckpointWriteError(CheckpointError):

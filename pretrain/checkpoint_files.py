@@ -22,13 +22,16 @@ torch backend loads with `weights_only=False`; `adopt_deepspeed` points that eng
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import hashlib
 import os
 import pickle
 import re
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -60,6 +63,8 @@ def load(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) -> 
 
 
 _WRITTEN: dict[str, tuple[int, str]] = {}  # absolute path -> (bytes, sha256) of what this process saved
+_LOCK = threading.Lock()  # _WRITTEN is filled by the background writer and read by the commit
+_LOCAL = threading.local()  # .deferred: the list `save` appends to inside `deferred()` on this thread
 
 
 class _HashingFile:
@@ -77,9 +82,43 @@ class _HashingFile:
         self.f.flush()
 
 
+@contextlib.contextmanager
+def deferred() -> Iterator[list[tuple[Any, str]]]:
+    """Within this block, `save` on this thread writes nothing: it copies what it is given to host memory (so
+    training may change the originals at once) and appends (copy, path) to the yielded list, for `write_all`
+    on another thread. This is how a save blocks training only for the copy (pretrain/checkpoint.py)."""
+    _LOCAL.deferred = []
+    try:
+        yield _LOCAL.deferred
+    finally:
+        _LOCAL.deferred = None
+
+
+def write_all(jobs: list[tuple[Any, str]]) -> None:
+    for obj, path in jobs:
+        save(obj, path)
+
+
+def host_copy(obj: Any) -> Any:
+    """A copy of a state tree that shares no memory with it: tensors copied to host memory, containers rebuilt,
+    other leaves (DeepSpeed's loss scaler, NumPy RNG state, numbers) deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 def save(obj: Any, path: str | Path) -> None:
-    """torch.save, hashing the bytes as they are written; the digest waits for `take_digests`."""
+    """torch.save, hashing the bytes as they are written; the digest waits for `take_digests`. Inside
+    `deferred()`: a host copy, queued."""
     path = os.path.abspath(path)
+    queue = getattr(_LOCAL, "deferred", None)
+    if queue is not None:
+        queue.append((host_copy(obj), path))
+        return
     with open(path, "wb") as f:
         out = _HashingFile(f)
         try:
@@ -88,7 +127,8 @@ def save(obj: Any, path: str | Path) -> None:
             raise os_error(e) or e
         f.flush()
         os.fsync(f.fileno())
-    _WRITTEN[path] = (out.size, out.sha.hexdigest())
+    with _LOCK:
+        _WRITTEN[path] = (out.size, out.sha.hexdigest())
 
 
 def os_error(e: BaseException | None) -> OSError | None:
@@ -105,9 +145,10 @@ def os_error(e: BaseException | None) -> OSError | None:
 def take_digests(root: str | Path) -> dict[str, tuple[int, str]]:
     """(bytes, sha256) of the files this process saved under `root`, by path relative to it; forgotten here."""
     prefix = os.path.abspath(root) + os.sep
-    mine = {p: d for p, d in _WRITTEN.items() if p.startswith(prefix)}
-    for p in mine:
-        del _WRITTEN[p]
+    with _LOCK:
+        mine = {p: d for p, d in _WRITTEN.items() if p.startswith(prefix)}
+        for p in mine:
+            del _WRITTEN[p]
     return {Path(p).relative_to(prefix).as_posix(): d for p, d in mine.items()}
 
 

@@ -145,6 +145,8 @@ class CheckpointSection(_Section):
     keep: int = Field(3, gt=0, description="complete checkpoints kept")
     resume: str = Field("auto", description="auto (from `latest` if any) | none | a step_N directory")
     final: bool = Field(True, description="checkpoint at the end of the run (benchmarks turn it off)")
+    background: bool = Field(True, description="write, hash and commit on a background thread: training pauses "
+                             "only while the state is copied to host memory")
 
 
 class TrackingSection(_Section):

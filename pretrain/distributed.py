@@ -10,6 +10,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ class DistEnv:
     pp_rank: int
     dp_rank: int
     collective_timeout: timedelta
+    side: SideCollective | None = None  # for background work (checkpoint commits) while training runs
 
     @property
     def dp_size(self) -> int:
@@ -87,6 +89,23 @@ class DistEnv:
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class SideCollective:
+    """Collectives on a gloo group of all ranks kept apart from training's: a background checkpoint commit agrees
+    and barriers here while the training thread runs its own collectives on the default group (two threads on
+    one group would interleave their collectives differently on different ranks)."""
+
+    def __init__(self, group: Any, rank: int, world_size: int):
+        self.group, self.rank, self.world_size = group, rank, world_size
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    def all_reduce_max(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return float(t.item())
 
 
 # What gloo raises when a peer is gone: its sockets closed (a killed process) or silent past the timeout (a lost node,
@@ -158,7 +177,8 @@ def init_distributed(cfg: Config, *, layout: Layout) -> DistEnv:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
                                                  pipeline_model_parallel_size=layout.pp,
                                                  distributed_timeout_minutes=timeout.total_seconds() / 60)
+    side = SideCollective(dist.new_group(backend="gloo", timeout=timeout), rank, world)  # every rank, same order
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
                    layout=layout, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                    pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-                   dp_rank=parallel_state.get_data_parallel_rank(), collective_timeout=timeout)
+                   dp_rank=parallel_state.get_data_parallel_rank(), collective_timeout=timeout, side=side)

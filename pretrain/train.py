@@ -94,6 +94,7 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, started: 
     poison = _poisoned_steps()
 
     batches, streak, step = iter(loader), 0, start
+    saving: checkpoint.PendingSave | None = None  # at most one save in flight; waited for before the next
     try:
         while step < cfg.train.max_steps:
             step += 1
@@ -112,12 +113,18 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, started: 
             # run must resume from here. Periodic saves wait for a finite step.
             last = step == cfg.train.max_steps and cfg.checkpoint.final
             if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0):
-                saving = time.monotonic()
-                save(cfg, run, env, engine, loader, tracker, step)
+                if saving is not None:
+                    saving.wait()
+                saving = save(cfg, run, env, engine, loader, tracker, step)
                 log.committed()
             if stopping:  # the notice's lead time must cover a step and this save: say how long the save took
-                return requeue(env, stop, step, tracker, save_s=time.monotonic() - saving)
+                saving.wait()
+                return requeue(env, stop, step, tracker, save_s=saving.total_s)
+        if saving is not None:
+            saving.wait()
     except NonFiniteAbort as e:
+        if saving is not None:
+            saving.wait()  # a save of the last good state may still be in flight
         if env.rank == 0:
             say(str(e))
         if tracker:
@@ -252,9 +259,11 @@ class HeldOut:
         return sum(engine.eval_step(batches) for _ in range(self.steps)) / self.steps
 
 
-def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any, step: int) -> Path:
-    """Commit step_<step>/ (collective). Generate and export read any step offline from DeepSpeed's files
-    (pretrain/parallel/checkpoint_reader.py), so no consolidated copy of the model is written."""
+def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any,
+         step: int) -> checkpoint.PendingSave:
+    """Start committing step_<step>/ (collective; in the background unless checkpoint.background is off).
+    Generate and export read any step offline from DeepSpeed's files (pretrain/parallel/checkpoint_reader.py), so
+    no consolidated copy of the model is written."""
 
     def save_model(d: Path) -> None:
         engine.save(d)
@@ -264,12 +273,20 @@ def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, trac
     meta = checkpoint.Meta(step=step, mlflow_run_id=tracker.run_id if tracker else None,
                            tokenizer=dataclasses.asdict(run.tokenizer) if run.tokenizer else {},
                            layout=dataclasses.asdict(run.layout), resolved=run.to_dict())
-    path = checkpoint.save(cfg.checkpoint.dir, step, env, save_model=save_model,
-                           rank_state={"loader": loader.state_dict()}, meta=meta, config_yaml=cfg.to_yaml(),
-                           keep=cfg.checkpoint.keep)
+    parts = dict(save_model=save_model, rank_state={"loader": loader.state_dict()}, meta=meta,
+                 config_yaml=cfg.to_yaml(), keep=cfg.checkpoint.keep)
+    if cfg.checkpoint.background:
+        pending = checkpoint.save_in_background(cfg.checkpoint.dir, step, env, env.side, say=say, **parts)
+    else:
+        started = time.monotonic()
+        path = checkpoint.save(cfg.checkpoint.dir, step, env, **parts)
+        pending = checkpoint.PendingSave.done(path, time.monotonic() - started)
+        if env.rank == 0:
+            say(f"{path.name} committed: training paused {pending.total_s:.2f} s, the save took "
+                f"{pending.total_s:.2f} s")
     if tracker:
-        tracker.flush()  # MLflow gets exactly the committed steps (see pretrain/tracking.py)
-    return path
+        tracker.flush()  # the steps up to this checkpoint (see pretrain/tracking.py)
+    return pending
 
 
 SEGMENTS_FILE = "segments.jsonl"  # one line per launch of the run: its steps and wall time (summary.json sums them)
