@@ -62,8 +62,8 @@ def main() -> int:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from pretrain.parallel.checkpoint_reader import MAP_BUDGET
-    from pretrain.weights import open_weights
+    from pretrain.checkpoint.reader import MAP_BUDGET
+    from pretrain.checkpoint.weights import open_weights
 
     step_dir, source = open_weights(args.checkpoint)
     run = source.run
@@ -72,8 +72,8 @@ def main() -> int:
     export_bytes_per = 2 if run.dtype == "bf16" else 4
     py = sys.executable
     baseline, _ = peak_memory([py, "-c", "import os; os.environ.setdefault('DS_ACCELERATOR', 'cpu'); "
-                                         "import pretrain.cli, pretrain.export_hf, pretrain.weights, "
-                                         "pretrain.parallel.checkpoint_reader, data_pipeline.tokenizer"])
+                                         "import pretrain.cli, pretrain.hf.export, pretrain.checkpoint.weights, "
+                                         "pretrain.checkpoint.reader, data_pipeline.tokenizer"])
     runs = []
     for size in args.max_shard_size:
         out = Path(tempfile.mkdtemp(prefix="export_rss_")) / "hf"

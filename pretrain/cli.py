@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 def run_convert(args: argparse.Namespace) -> int:
     _quiet_offline()
     from pretrain.checkpoint import resolve_checkpoint_arg
-    from pretrain.convert import to_universal
+    from pretrain.checkpoint.convert import to_universal
 
     step_dir = resolve_checkpoint_arg(args.checkpoint)
     try:
@@ -296,7 +296,7 @@ def _tokenizer(step_dir, run, override: str | None):
 
 def _max_shard_bytes(args: argparse.Namespace) -> int:
     """--max-shard-size of export-hf and import-hf in bytes; a bad value is a one-line error naming the flag."""
-    from pretrain.safetensors_dir import parse_size
+    from pretrain.hf.safetensors_dir import parse_size
 
     try:
         return parse_size(args.max_shard_size)
@@ -305,8 +305,8 @@ def _max_shard_bytes(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from pretrain.hf_format import HFFormatError
-    from pretrain.import_hf import import_hf
+    from pretrain.hf.format import HFFormatError
+    from pretrain.hf.importer import import_hf
 
     max_shard = _max_shard_bytes(args)
     try:
@@ -319,8 +319,8 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Any committed checkpoint -> Hugging Face LlamaForCausalLM directory, tensor by tensor."""
-    from pretrain.export_hf import export_hf
-    from pretrain.weights import named_tensors, open_weights
+    from pretrain.hf.export import export_hf
+    from pretrain.checkpoint.weights import named_tensors, open_weights
 
     max_shard = _max_shard_bytes(args)
     _quiet_offline()
@@ -350,7 +350,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from pretrain.model.generate import Sampling, generate
     from pretrain.model.transformer import Transformer
-    from pretrain.weights import open_weights
+    from pretrain.checkpoint.weights import open_weights
 
     _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)

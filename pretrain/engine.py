@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 import deepspeed
 import torch
 
-from pretrain import checkpoint_files, kernels
+from pretrain import kernels
+from pretrain.checkpoint import files as checkpoint_files
 from pretrain.config import Config
 from pretrain.distributed import DistEnv
 from pretrain.model.args import ModelArgs
@@ -28,20 +29,16 @@ from pretrain.model.init import FullTensor, from_weights, init_model, local_slic
 from pretrain.model.layers import REFERENCE, LayerFactory
 from pretrain.model.transformer import Transformer, TransformerBlock
 from pretrain.checkpoint import CheckpointError
-from pretrain.parallel.checkpoint_reader import CheckpointReader
+from pretrain.checkpoint.reader import MODEL_DIR, CheckpointReader
 from pretrain.parallel.consolidate import consolidate
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
 from pretrain.parallel.pipeline import build_pipeline, pipeline_input, reference_name
 from pretrain.resolved import ResolvedRun
 from pretrain.schedule import lr_at
-from pretrain.weights import WeightSource
+from pretrain.checkpoint.weights import WeightSource
 
 Batch = dict[str, torch.Tensor]
-
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint that was asked for could not be loaded (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -179,34 +176,34 @@ class Engine:
 
     def save(self, step_dir: Path) -> None:
         """DeepSpeed's model + optimizer state under step_dir/model (all ranks; no `latest`: the caller's job)."""
-        self.ds.save_checkpoint(str(step_dir), tag="model", client_state={"global_step": self.global_step},
+        self.ds.save_checkpoint(str(step_dir), tag=MODEL_DIR, client_state={"global_step": self.global_step},
                                 save_latest=False)
 
     def load(self, step_dir: Path) -> None:
         step_dir = Path(step_dir)
-        if not (step_dir / "model").is_dir():
-            raise CheckpointLoadError(f"{step_dir}: no DeepSpeed checkpoint directory 'model' to load")
+        if not (step_dir / MODEL_DIR).is_dir():
+            raise CheckpointError(f"{step_dir}: no DeepSpeed checkpoint directory '{MODEL_DIR}' to load")
         try:
-            path, client = self.ds.load_checkpoint(str(step_dir), tag="model", load_optimizer_states=True,
+            path, client = self.ds.load_checkpoint(str(step_dir), tag=MODEL_DIR, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
-        except CheckpointError:  # refused by name (pretrain/checkpoint_files.py)
+        except CheckpointError:  # refused by name (pretrain/checkpoint/files.py)
             raise
         except (RuntimeError, KeyError, ValueError, AssertionError, FileNotFoundError, IndexError) as e:
             reason = (str(e).strip().splitlines() or [""])[0][:300]
-            raise CheckpointLoadError(f"{step_dir}/model: DeepSpeed could not load it ({type(e).__name__}: "
-                                      f"{reason}); was it written with this layout (tp/pp/dp, ZeRO stage)?") from e
+            raise CheckpointError(f"{step_dir}/{MODEL_DIR}: DeepSpeed could not load it ({type(e).__name__}: "
+                                  f"{reason}); was it written with this layout (tp/pp/dp, ZeRO stage)?") from e
         if path is None:
-            raise CheckpointLoadError(f"{step_dir}/model: DeepSpeed found no loadable checkpoint")
+            raise CheckpointError(f"{step_dir}/{MODEL_DIR}: DeepSpeed found no loadable checkpoint")
         if not client or "global_step" not in client:
-            raise CheckpointLoadError(f"{step_dir}/model: checkpoint has no global_step (not written by Engine)")
+            raise CheckpointError(f"{step_dir}/{MODEL_DIR}: checkpoint has no global_step (not written by Engine)")
         self.global_step = int(client["global_step"])
 
     def load_resliced(self, reader: CheckpointReader) -> None:
         """A checkpoint of another layout (tp/pp/dp/ZeRO/dtype): its fp32 master weights, Adam moments and step,
         re-sliced for this engine, whose module must have been built from the same checkpoint
-        (`build_engine(init=reader)`; pretrain.resume checked it is the same model). Collective. See
-        pretrain/parallel/reshard.py."""
-        from pretrain.parallel.reshard import load_resliced
+        (`build_engine(init=reader)`; pretrain.checkpoint.resume checked it is the same model). Collective. See
+        pretrain/checkpoint/reshard.py."""
+        from pretrain.checkpoint.reshard import load_resliced
 
         load_resliced(self.ds, reader, self.args, self.env.tp_rank, self._reference_name)
         self.global_step = reader.step

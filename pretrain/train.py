@@ -18,11 +18,9 @@ what gets exercised.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -31,8 +29,7 @@ from typing import Any
 
 from pretrain import checkpoint, metrics
 from pretrain.config import Config
-from pretrain.resolved import ResolvedRun, TokenizerFacts, held_out_note, resolve_run
-from pretrain.resume import choose_start, restore
+from pretrain.resolved import ResolvedRun, held_out_note, resolve_run
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
@@ -47,29 +44,33 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     """`stop`: handlers installed by the caller as early as possible (the CLI does it before importing torch)."""
     stop = stop or StopRequest().install()
     started = time.time()
+    from pretrain.checkpoint.manager import CheckpointManager
     from pretrain.distributed import init_distributed
 
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     env = init_distributed(cfg, layout=run.layout)
-    lock = hold_run_lock(cfg, env)  # one launch per checkpoint.dir; every rank learns the outcome
     try:
-        return _train(cfg, stop, run, env, started)
+        ckpt = CheckpointManager(cfg, run, env, say)  # holds the run lock: one launch per checkpoint.dir
+    except BaseException:
+        env.destroy()
+        raise
+    try:
+        return _train(cfg, stop, run, env, ckpt, started)
     finally:
-        if lock is not None:
-            lock.release()
+        ckpt.close()
 
 
-def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, started: float) -> int:
+def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any, started: float) -> int:
     from pretrain.distributed import lost_peer
     from pretrain.engine import build_engine
 
     try:
-        begin = choose_start(cfg, run, env, say)  # before building: a bad checkpoint fails fast
+        begin = ckpt.start_point()  # before building: a bad checkpoint fails fast
         loader = make_loader(cfg, run, env)
         held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
         engine = build_engine(cfg, env, run, begin.init)
         env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
-        start, run_id = restore(begin, env, engine, loader)
+        start, run_id = ckpt.restore(begin, engine, loader)
     except BaseException:
         # A refused checkpoint or bad data once the groups exist: close them, so the CLI's one line and exit 2 are
         # the end (gloo's threads left to interpreter exit can abort the process: "terminate called ...", -6).
@@ -94,7 +95,6 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, started: 
     poison = _poisoned_steps()
 
     batches, streak, step = iter(loader), 0, start
-    saving: checkpoint.PendingSave | None = None  # at most one save in flight; waited for before the next
     try:
         while step < cfg.train.max_steps:
             step += 1
@@ -113,18 +113,15 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, started: 
             # run must resume from here. Periodic saves wait for a finite step.
             last = step == cfg.train.max_steps and cfg.checkpoint.final
             if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0):
-                if saving is not None:
-                    saving.wait()
-                saving = save(cfg, run, env, engine, loader, tracker, step)
+                ckpt.save(step, engine, loader, tracker.run_id if tracker else None)
+                if tracker:
+                    tracker.flush()  # the steps up to this checkpoint (see pretrain/tracking.py)
                 log.committed()
             if stopping:  # the notice's lead time must cover a step and this save: say how long the save took
-                saving.wait()
-                return requeue(env, stop, step, tracker, save_s=saving.total_s)
-        if saving is not None:
-            saving.wait()
+                return requeue(env, stop, step, tracker, save_s=ckpt.wait().total_s)
+        ckpt.wait()
     except NonFiniteAbort as e:
-        if saving is not None:
-            saving.wait()  # a save of the last good state may still be in flight
+        ckpt.wait()  # a save of the last good state may still be in flight
         if env.rank == 0:
             say(str(e))
         if tracker:
@@ -163,26 +160,6 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, started: 
 # --------------------------------------------------------------------------------------------- ingredients
 
 
-def hold_run_lock(cfg: Config, env: Any) -> Any:
-    """Rank 0 takes `<checkpoint.dir>/run.lock` (pretrain/run_lock.py) and clears temporary step directories a
-    killed save left (nobody else writes there now); every rank raises RunLocked when another launch holds it."""
-    from pretrain.run_lock import RunLock, RunLocked
-
-    lock, refusal = None, None
-    if env.rank == 0:
-        lock = RunLock(cfg.checkpoint.dir)
-        try:
-            if note := lock.acquire():
-                say(note)
-            checkpoint.remove_stale_temps(cfg.checkpoint.dir, say)
-        except RunLocked as e:
-            lock, refusal = None, str(e)
-    if env.all_reduce_max(1.0 if refusal else 0.0) > 0:
-        env.destroy()
-        raise RunLocked(refusal or f"{cfg.checkpoint.dir} is in use by another training run (rank 0 says who)")
-    return lock
-
-
 def say(msg: str) -> None:
     print(f"[train] {msg}", file=sys.stderr, flush=True)
 
@@ -202,22 +179,6 @@ def make_loader(cfg: Config, run: ResolvedRun, env: Any, *, validation: bool = F
                        dp_rank=env.dp_rank, dp_size=env.dp_size, num_workers=cfg.data.num_workers,
                        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, weights=weights,
                        document_mask=cfg.model.document_mask, reshard=cfg.data.reshard)
-
-
-def copy_tokenizer(tokenizer: TokenizerFacts | None, dest: Path) -> None:
-    """Put the tokenizer files inside the checkpoint (a few MB) so it is self-contained for generate/export.
-    `resolve_run` made the path absolute and refused to start without the files; if they vanished since, the
-    checkpoint is still written (losing the run's progress would be worse) and the log says what is missing."""
-    src = Path(tokenizer.path) if tokenizer and tokenizer.path else None
-    if src is None or not src.exists():
-        say(f"WARNING: tokenizer {src} is gone; {dest} holds no {checkpoint.TOKENIZER_DIR}/ copy")
-        return
-    from data_pipeline.tokenizer import tokenizer_files
-
-    out = dest / checkpoint.TOKENIZER_DIR
-    out.mkdir()
-    for f in tokenizer_files(str(src)):
-        shutil.copy2(f, out / os.path.basename(f))
 
 
 def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, save_s: float | None = None) -> int:
@@ -257,36 +218,6 @@ class HeldOut:
             self.loader = None
         batches = iter(self.batches)
         return sum(engine.eval_step(batches) for _ in range(self.steps)) / self.steps
-
-
-def save(cfg: Config, run: ResolvedRun, env: Any, engine: Any, loader: Any, tracker: Any,
-         step: int) -> checkpoint.PendingSave:
-    """Start committing step_<step>/ (collective; in the background unless checkpoint.background is off).
-    Generate and export read any step offline from DeepSpeed's files (pretrain/parallel/checkpoint_reader.py), so
-    no consolidated copy of the model is written."""
-
-    def save_model(d: Path) -> None:
-        engine.save(d)
-        if env.rank == 0:
-            copy_tokenizer(run.tokenizer, d)
-
-    meta = checkpoint.Meta(step=step, mlflow_run_id=tracker.run_id if tracker else None,
-                           tokenizer=dataclasses.asdict(run.tokenizer) if run.tokenizer else {},
-                           layout=dataclasses.asdict(run.layout), resolved=run.to_dict())
-    parts = dict(save_model=save_model, rank_state={"loader": loader.state_dict()}, meta=meta,
-                 config_yaml=cfg.to_yaml(), keep=cfg.checkpoint.keep)
-    if cfg.checkpoint.background:
-        pending = checkpoint.save_in_background(cfg.checkpoint.dir, step, env, env.side, say=say, **parts)
-    else:
-        started = time.monotonic()
-        path = checkpoint.save(cfg.checkpoint.dir, step, env, **parts)
-        pending = checkpoint.PendingSave.done(path, time.monotonic() - started)
-        if env.rank == 0:
-            say(f"{path.name} committed: training paused {pending.total_s:.2f} s, the save took "
-                f"{pending.total_s:.2f} s")
-    if tracker:
-        tracker.flush()  # the steps up to this checkpoint (see pretrain/tracking.py)
-    return pending
 
 
 SEGMENTS_FILE = "segments.jsonl"  # one line per launch of the run: its steps and wall time (summary.json sums them)

@@ -5,7 +5,7 @@ ZeRO-3), named by the reference model and tagged with megatron-core's `partition
 concatenates TP shards in TP-rank order and merges stages. Everything travels through `gather_object` on CPU:
 simple and layout-agnostic, at the cost of rank 0 holding the whole model in host memory. Only the tests use it
 now, as the live-engine oracle for `Engine.reference_state_dict`: export, generate and re-slicing read a saved step
-offline, one tensor at a time (pretrain/parallel/checkpoint_reader.py).
+offline, one tensor at a time (pretrain/checkpoint/reader.py).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from pretrain.config import load_config
 from pretrain.distributed import init_distributed
 from pretrain.engine import build_engine
 from pretrain.resolved import resolve_run
-from pretrain.weights import init_source
+from pretrain.checkpoint.weights import init_source
 
 LAYOUTS = {"tp1_dp2_zero3": ["parallel.tp=1", "parallel.zero_stage=3"],
            "tp2_zero1": ["parallel.tp=2", "parallel.zero_stage=1"]}

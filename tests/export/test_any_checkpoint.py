@@ -26,7 +26,7 @@ def test_any_step_exports_fp32_master_weights_and_bf16_by_default(tmp_path):
     default dtype is the training dtype (bf16), and --dtype fp32 gives the optimizer's fp32 master weights, which
     the bf16 module copy cannot hold. step_1 generates; step_2 starts another bf16 run (model.init_from) from
     its exact fp32 masters."""
-    from pretrain.parallel.checkpoint_reader import CheckpointReader
+    from pretrain.checkpoint.reader import CheckpointReader
 
     shards = tiny_shards(tmp_path / "data") / "shards"
     run = tmp_path / "run"
@@ -49,7 +49,7 @@ def test_any_step_exports_fp32_master_weights_and_bf16_by_default(tmp_path):
     exported = saved_tensors(tmp_path / "fp32")
     assert (tmp_path / "fp32" / "model.safetensors.index.json").is_file()
     reader = CheckpointReader(step)
-    from pretrain.hf_format import hf_name
+    from pretrain.hf.format import hf_name
 
     not_bf16 = 0
     for name in reader.names():

@@ -8,8 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pretrain.export_hf import export_hf  # noqa: E402
-from pretrain.hf_format import hf_name  # noqa: E402
+from pretrain.hf.export import export_hf  # noqa: E402
+from pretrain.hf.format import hf_name  # noqa: E402
 from pretrain.model import FLAVORS, Transformer, init_model  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from hf_oracle import VOCAB, make_hf_model, saved_tensors, tokens  # noqa: E402
 from spawn import REPO, child_env, torchrun  # noqa: E402
 
 from pretrain.cli import main as cli  # noqa: E402
-from pretrain.weights import ImportedWeights  # noqa: E402
+from pretrain.checkpoint.weights import ImportedWeights  # noqa: E402
 
 
 def pretrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

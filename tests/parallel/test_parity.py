@@ -138,7 +138,7 @@ def test_checkpoint_round_trip(table, name):
     assert r["loaded_global_step"] == STEPS
     assert r["after_load_loss"] == r["after_save_loss"]
     # Loading a step directory without a checkpoint is a hard, one-line error (DeepSpeed alone would warn).
-    assert r["missing_load_error"].startswith("CheckpointLoadError: ") and "\n" not in r["missing_load_error"]
+    assert r["missing_load_error"].startswith("CheckpointError: ") and "\n" not in r["missing_load_error"]
 
 
 @pytest.mark.distributed
@@ -164,6 +164,6 @@ def test_tensor_parallel_gradients_match_reference(table):
 
 @pytest.mark.distributed
 def test_checkpoint_of_another_layout_is_refused(table):
-    """A TP=2 engine asked to load a DP=2 checkpoint: one-line CheckpointLoadError naming the directory."""
+    """A TP=2 engine asked to load a DP=2 checkpoint: one-line CheckpointError naming the directory."""
     err = _result(table, "tp2_zero1")["foreign_load_error"]
-    assert err.startswith("CheckpointLoadError: ") and "ckpt_dp2_zero1/model" in err and "\n" not in err, err
+    assert err.startswith("CheckpointError: ") and "ckpt_dp2_zero1/model" in err and "\n" not in err, err

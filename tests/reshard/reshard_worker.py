@@ -102,7 +102,7 @@ _straight: dict[str, list[float]] = {}
 def resume(case: dict, out: Path) -> dict:
     """Target layout B: STEPS_B straight steps from the seeded init, and the source's step 6 re-sliced onto B then
     trained to STEPS_B on the same global batches."""
-    from pretrain.parallel.checkpoint_reader import CheckpointReader
+    from pretrain.checkpoint.reader import CheckpointReader
 
     target = case["target"]
     key = json.dumps(target, sort_keys=True)

@@ -15,7 +15,7 @@ import torch
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.model import Transformer
-from pretrain.parallel.checkpoint_reader import CheckpointReader
+from pretrain.checkpoint.reader import CheckpointReader
 
 from conftest import SOURCES
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from pretrain.parallel.checkpoint_reader import CheckpointReader
+from pretrain.checkpoint.reader import CheckpointReader
 from spawn import REPO, child_env
 
 

@@ -7,9 +7,9 @@ import pytest
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import load_config
-from pretrain.parallel.reshard import check_same_model, layout_words, needs_reslicing
+from pretrain.checkpoint.reshard import check_same_model, layout_words, needs_reslicing
 from pretrain.resolved import resolve_run
-from pretrain.resume import peer_rank
+from pretrain.checkpoint.resume import peer_rank
 
 BASE = ["model.flavor=debug", "model.vocab_size=300", "train.micro_batch_size=2", "train.grad_accum=2"]
 
@@ -48,7 +48,7 @@ def test_checkpoint_without_a_resolved_run_resumes_only_on_its_own_layout(tmp_pa
     being handed to DeepSpeed's same-layout load; on its own layout it loads as before."""
     import json
 
-    from pretrain.resume import saved_run
+    from pretrain.checkpoint.resume import saved_run
 
     dp2 = _run(2, "parallel.zero_stage=2")
     (tmp_path / "meta.json").write_text(json.dumps({"step": 4, "layout": dataclasses.asdict(dp2.layout)}))

@@ -91,7 +91,7 @@ def test_checkpoint_copies_the_tokenizers_own_files_only(tmp_path):
     files (the one list export-hf and import-hf use too), not the model's config.json or index beside them."""
     from data_pipeline.tokenizer import load_tokenizer, train_bpe
     from pretrain.resolved import TokenizerFacts
-    from pretrain.train import copy_tokenizer
+    from pretrain.checkpoint.manager import copy_tokenizer
 
     src = tmp_path / "hf_model"
     train_bpe(["the model data token train loss step rank shard layer"] * 20, 300, str(src))
@@ -101,7 +101,7 @@ def test_checkpoint_copies_the_tokenizers_own_files_only(tmp_path):
     step = tmp_path / "step_1"
     step.mkdir()
     copy_tokenizer(TokenizerFacts(identity=tok.identity, kind=tok.kind, vocab_size=tok.vocab_size,
-                                  eos_id=tok.eos_id, path=str(src)), step)
+                                  eos_id=tok.eos_id, path=str(src)), step, print)
     copied = step / ckpt.TOKENIZER_DIR
     assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in src.iterdir()
                                                                if p.name not in ("config.json",

@@ -20,7 +20,7 @@ import torch
 from spawn import REPO, child_env
 from train_common import tiny_shards, train_args
 
-from pretrain import checkpoint_files
+from pretrain.checkpoint import files as checkpoint_files
 from pretrain.cli import main as cli
 
 pytestmark = pytest.mark.slow
@@ -116,7 +116,7 @@ def test_every_file_is_hashed_and_a_flipped_byte_anywhere_is_refused(run, tmp_pa
     # a save, with the manifest's read-back hashing reported: never a .pt
     target = tmp_path / "again"
     p = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
-                        "import pretrain.checkpoint as c; real = c._sha256; "
+                        "import pretrain.checkpoint.commit as c; real = c._sha256; "
                         "c._sha256 = lambda p: (print('READ', p.name, file=sys.stderr), real(p))[1]; "
                         "runpy.run_module('pretrain', run_name='__main__')",
                         *train_args(run[1], target, "train.max_steps=1", "train.dtype=bf16",

@@ -17,7 +17,7 @@ import pytest
 from spawn import REPO, child_env
 from train_common import tiny_shards, train_args
 
-from pretrain.run_lock import LOCK_FILE, STALE_S, Holder, RunLock, RunLocked
+from pretrain.checkpoint.run_lock import LOCK_FILE, STALE_S, Holder, RunLock, RunLocked
 
 
 def _plant(directory, holder: Holder, age_s: float = 0.0) -> None:

@@ -4,7 +4,7 @@ Four cases, decided on every rank alike before the engine is built (a bad checkp
 set-up): nothing (a fresh run); `model.init_from` (weights only, step 0); a checkpoint written with this run's
 layout (DeepSpeed's own per-rank files load as they are, bit-exact); a checkpoint of another layout (tp/pp/dp,
 ZeRO stage, dtype or vocabulary padding): the engine is built from its fp32 master weights, Adam's moments and
-step are re-sliced into it (pretrain/parallel/reshard.py), and the data loader re-splits the samples every old
+step are re-sliced into it (pretrain/checkpoint/reshard.py), and the data loader re-splits the samples every old
 DP rank had not yet consumed over the new ranks (data_pipeline.loader.TokenLoader.load_state_dict).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pretrain.resolved import ResolvedRun
 class StartPoint:
     checkpoint: Path | None       # the step dir to resume from
     saved: ResolvedRun | None     # the run that wrote it, when its layout differs from this one's
-    init: Any                     # weights the engine is built from (pretrain.weights.WeightSource), or None
+    init: Any                     # weights the engine is built from (pretrain.checkpoint.weights.WeightSource), or None
 
     def describe(self, init_from: str | None) -> str:
         if self.checkpoint is not None:
@@ -32,9 +32,9 @@ class StartPoint:
 
 def choose_start(cfg: Config, run: ResolvedRun, env: Any, say: Any) -> StartPoint:
     """Collective (checkpoint.choose agrees across ranks). `say` prints on rank 0 what will be re-sliced."""
-    from pretrain.parallel.checkpoint_reader import CheckpointReader
-    from pretrain.parallel.reshard import layout_words
-    from pretrain.weights import init_source
+    from pretrain.checkpoint.reader import CheckpointReader
+    from pretrain.checkpoint.reshard import layout_words
+    from pretrain.checkpoint.weights import init_source
 
     chosen = checkpoint.choose(Path(cfg.checkpoint.dir), cfg.checkpoint.resume, env)
     if chosen is None:
@@ -67,7 +67,7 @@ def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:
     from this one's, so that DeepSpeed's own per-rank files cannot be loaded as they are; None when they can.
     A checkpoint of another model (not only another layout) is refused here, in one line, before the engine is
     built from it (building would otherwise fail first, with a shape traceback)."""
-    from pretrain.parallel.reshard import check_same_model, needs_reslicing
+    from pretrain.checkpoint.reshard import check_same_model, needs_reslicing
 
     try:
         saved = ResolvedRun.of_checkpoint(step_dir)
@@ -93,6 +93,6 @@ def old_loader_states(step_dir: Path, saved: Any) -> list[dict]:
     """Every old DP rank's loader state (from one of its ranks' files): with them the loader continues this DP
     rank's stream exactly when the DP size is the same, or re-splits the samples not yet consumed exactly over the
     new ranks when it changed."""
-    from pretrain import checkpoint_files
+    from pretrain.checkpoint import files as checkpoint_files
 
     return [checkpoint_files.load(step_dir / checkpoint.rank_file(peer_rank(saved, d)))["loader"] for d in range(saved.dp)]

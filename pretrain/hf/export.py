@@ -1,7 +1,7 @@
 """Export a model to Hugging Face's LlamaForCausalLM layout: config.json, sharded safetensors, tokenizer.
 
-Export is a renaming of tensors (see pretrain/hf_format.py), streamed: the weights arrive one (name, tensor) at a
-time from any checkpoint (pretrain/weights.py) and go straight into the shard being written, so memory holds one
+Export is a renaming of tensors (see pretrain/hf/format.py), streamed: the weights arrive one (name, tensor) at a
+time from any checkpoint (pretrain/checkpoint/weights.py) and go straight into the shard being written, so memory holds one
 tensor plus one output shard, never the model.
 
 The (padded) vocabulary is kept whole so exported logits equal ours exactly. Padding rows (ids past the
@@ -18,11 +18,11 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from pretrain.hf_format import hf_config, hf_name
+from pretrain.hf.format import hf_config, hf_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
 from pretrain.output_dir import written_whole
-from pretrain.safetensors_dir import DEFAULT_SHARD_BYTES, write_sharded
+from pretrain.hf.safetensors_dir import DEFAULT_SHARD_BYTES, write_sharded
 
 Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 

@@ -4,12 +4,15 @@ Why our own protocol around DeepSpeed (the reliability contract): DeepSpeed's `s
 `latest` file from rank 0 before the other ranks are done, and `load_checkpoint` without one only warns and
 returns None -- a known way to "resume" on random weights. So a save here is:
 
-    all ranks   write into run_dir/.tmp_step_<N>/: engine state (callback), rank_<r>.pt (loader cursor + RNG)
+    all ranks   write into run_dir/.tmp_step_<N>/: engine state (callback), rank_<r>.pt (loader cursor + RNG),
+                each with the sha256 of what it wrote (files.py hashes while writing)
     rank 0      writes config.yaml and meta.json (step, MLflow run id, tokenizer identity, layout)
-    barrier     every rank is done writing
-    rank 0      writes manifest.json LAST (every file, its size, sha256 of the small ones), renames the temp dir
-                to step_<N>/, replaces `latest` atomically (temp file + os.replace), prunes to `keep`
-    barrier     nobody runs ahead of the commit
+    agreement   every rank is done writing, or one failed and the save fails everywhere
+    rank 0      writes manifest.json LAST (every file, its size and sha256), renames the temp dir to step_<N>/,
+                replaces `latest` atomically (temp file + os.replace), prunes to `keep`
+    agreement   nobody runs ahead of the commit
+
+`save_in_background` runs the same stages with training paused only for the host copy of the state.
 
 A load verifies the manifest (every file present, sizes and recorded hashes match). `resume: auto` walks from
 `latest` back to older checkpoints and says so when it skips one; an explicit path that fails to verify is a
@@ -36,7 +39,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from pretrain import checkpoint_files
+from pretrain.checkpoint import files as checkpoint_files
 
 MANIFEST = "manifest.json"
 META = "meta.json"
@@ -115,13 +118,13 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _write_manifest(root: Path, meta: Meta, world_size: int) -> None:
+def write_manifest(root: Path, meta: Meta, world_size: int) -> None:
     """Every file's size and sha256: the ranks' digests taken while writing (model and optimizer shards, rank
     files), a read for the rest (config, meta, tokenizer, DeepSpeed's helper scripts: small)."""
     written: dict[str, list] = {}
     for part in sorted((root / DIGESTS).glob("*.json")):
         written.update(json.loads(part.read_text()))
-    shutil.rmtree(root / DIGESTS, ignore_errors=True)  # none for an import (pretrain/import_hf.py)
+    shutil.rmtree(root / DIGESTS, ignore_errors=True)  # none for an import (pretrain/hf/importer.py)
     files = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
@@ -192,7 +195,7 @@ class _Commit:
             _atomic_write(self.tmp / META, json.dumps(self.meta.__dict__, indent=1, default=str).encode())
 
     def commit(self, world_size: int) -> None:
-        _write_manifest(self.tmp, self.meta, world_size)
+        write_manifest(self.tmp, self.meta, world_size)
         if self.final.exists():  # a step re-saved (e.g. a resumed run that stops at once): replace, never merge
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)
@@ -355,7 +358,7 @@ def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
                 if loud:
                     _say(f"refusing: {e}")
                 continue
-            chosen = cand  # another world size is fine: pretrain.resume re-slices it (or refuses, for an old step)
+            chosen = cand  # another world size is fine: pretrain.checkpoint.resume re-slices it (or refuses, for an old step)
             if skipped and loud:
                 _say(f"falling back to the previous complete checkpoint {cand}")
             break

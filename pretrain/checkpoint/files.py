@@ -3,7 +3,7 @@
 Writing. Every `.pt` of a step (ours, and DeepSpeed's through its checkpoint engine) is written through a file
 object that feeds a sha256 as the bytes go out, so the manifest holds every file's hash without a second read of
 shards that are gigabytes each. Each rank keeps the digests of what it wrote (`take_digests`); the checkpoint's
-commit gathers them into the manifest (pretrain/checkpoint.py).
+commit gathers them into the manifest (pretrain/checkpoint/commit.py).
 
 Reading. 
 A `.pt` file is a pickle, and unpickling may call any importable function: a checkpoint copied from elsewhere, or
@@ -86,7 +86,7 @@ class _HashingFile:
 def deferred() -> Iterator[list[tuple[Any, str]]]:
     """Within this block, `save` on this thread writes nothing: it copies what it is given to host memory (so
     training may change the originals at once) and appends (copy, path) to the yielded list, for `write_all`
-    on another thread. This is how a save blocks training only for the copy (pretrain/checkpoint.py)."""
+    on another thread. This is how a save blocks training only for the copy (pretrain/checkpoint/commit.py)."""
     _LOCAL.deferred = []
     try:
         yield _LOCAL.deferred

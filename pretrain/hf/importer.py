@@ -22,13 +22,13 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.config import Layout
-from pretrain.hf_format import HFFormatError, model_args, reference_name
+from pretrain.hf.format import HFFormatError, model_args, reference_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
 from pretrain.output_dir import refuse_non_empty, written_whole
 from pretrain.resolved import ResolvedRun, TokenizerFacts
-from pretrain.safetensors_dir import DEFAULT_SHARD_BYTES, SafetensorsDir, write_sharded
-from pretrain.weights import IMPORTED_WEIGHTS
+from pretrain.hf.safetensors_dir import DEFAULT_SHARD_BYTES, SafetensorsDir, write_sharded
+from pretrain.checkpoint.weights import IMPORTED_WEIGHTS
 
 _KEPT = (torch.float32, torch.bfloat16)  # stored as they are; fp16/fp64 become fp32 (exact for fp16)
 
@@ -121,5 +121,5 @@ def import_hf(model_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Pa
                                resolved=run.to_dict(),
                                extra={"imported_from": str(model_dir.resolve()), "hf_config": config})
         (tmp / checkpoint.META).write_text(json.dumps(meta.__dict__, indent=1) + "\n")
-        checkpoint._write_manifest(tmp, meta, world_size=1)  # the same integrity record a training step has
+        checkpoint.write_manifest(tmp, meta, world_size=1)  # the same integrity record a training step has
     return out_dir

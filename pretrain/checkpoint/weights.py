@@ -2,7 +2,7 @@
 
 Two kinds of checkpoint hold a model:
 - a training checkpoint `step_<N>/` (DeepSpeed's files, any tp/pp/dp/ZeRO layout), read offline by
-  `pretrain.parallel.checkpoint_reader.CheckpointReader` (fp32 master weights);
+  `pretrain.checkpoint.reader.CheckpointReader` (fp32 master weights);
 - an imported checkpoint (`pretrain import-hf`): the same meta/manifest/tokenizer files, and the weights as
   reference-named safetensors under `weights/`.
 Both answer the same three questions (`WeightSource`): what run made them (`run`, the ResolvedRun with the model
@@ -19,7 +19,7 @@ import torch
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError
 from pretrain.resolved import ResolvedRun
-from pretrain.safetensors_dir import SafetensorsDir
+from pretrain.hf.safetensors_dir import SafetensorsDir
 
 IMPORTED_WEIGHTS = "weights"  # an imported checkpoint's reference-named safetensors
 
@@ -51,7 +51,7 @@ def open_weights(path: str | Path) -> tuple[Path, WeightSource]:
     step_dir = checkpoint.resolve_checkpoint_arg(path)
     if (step_dir / IMPORTED_WEIGHTS).is_dir():
         return step_dir, ImportedWeights(step_dir)
-    from pretrain.parallel.checkpoint_reader import CheckpointReader
+    from pretrain.checkpoint.reader import CheckpointReader
 
     return step_dir, CheckpointReader(step_dir)
 

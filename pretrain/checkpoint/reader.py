@@ -27,7 +27,7 @@ is the inverse). Parameter names become the reference model's ("layers.2.attenti
 pipeline's `reference_name`.
 
 Memory: every file is opened with `torch.load(mmap=True)` (restricted to tensors, plain data and the few DeepSpeed
-classes the files hold: pretrain/checkpoint_files.py), and `tensor()` copies out only the pieces of one
+classes the files hold: pretrain/checkpoint/files.py), and `tensor()` copies out only the pieces of one
 parameter, so a read costs about one full parameter, whatever the model size. torch maps the whole file once
 (`UntypedStorage.from_file`, MAP_PRIVATE) and every tensor in it is a slice of that one mapping, so each page a read
 touches stays in this process's resident set for as long as any tensor of that file is alive: reading all of a
@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from pretrain import checkpoint_files
+from pretrain.checkpoint import files as checkpoint_files
 from pretrain.checkpoint import CheckpointError, verify
 from pretrain.model.init import reference_shapes
 from pretrain.parallel.optimizer import decays

@@ -15,7 +15,7 @@ Plus `universal.json` (source checkpoint, step, model shape, names in model orde
 
 Streaming: one parameter at a time (one full tensor in memory, plus its file); the output is written under a
 temporary name and renamed when complete. (`pretrain train` does not go through this format: it re-slices
-straight from the original files, see pretrain/parallel/reshard.py.)
+straight from the original files, see pretrain/checkpoint/reshard.py.)
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 
 from pretrain.model.init import VOCAB_ROWS
 from pretrain.output_dir import refuse_non_empty, written_whole
-from pretrain.parallel.checkpoint_reader import KINDS, CheckpointReader
+from pretrain.checkpoint.reader import KINDS, CheckpointReader
 
 _FILE = {"param": "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}  # DeepSpeed's file names
 

@@ -1,0 +1,107 @@
+"""The training loop's one handle on checkpoints: where a launch starts from, what a save writes, when it is done.
+
+torchtitan's CheckpointManager is the model. `pretrain train` makes one per launch; it
+- holds `<checkpoint.dir>/run.lock` for the launch (run_lock.py) and clears the debris of killed saves;
+- chooses where the launch starts (resume.py: fresh, `model.init_from`, this layout's checkpoint or another
+  layout's, re-sliced) and restores the engine and the loader from it;
+- saves a step: DeepSpeed's state under `model/` (the engine's tag), every rank's loader cursor and RNG, the
+  config, meta (the resolved run, the MLflow run id) and a copy of the tokenizer, committed as commit.py says,
+  in the background unless `checkpoint.background` is off (at most one save in flight);
+- waits for the save in flight before the next one, a stop, and the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pretrain.checkpoint import commit
+from pretrain.checkpoint.commit import PendingSave
+from pretrain.checkpoint.resume import StartPoint, choose_start, restore
+from pretrain.checkpoint.run_lock import RunLock, RunLocked
+from pretrain.config import Config
+from pretrain.resolved import ResolvedRun, TokenizerFacts
+
+
+class CheckpointManager:
+    def __init__(self, cfg: Config, run: ResolvedRun, env: Any, say: Callable[[str], None]):
+        """Take the run lock (every rank raises RunLocked when another live launch holds it)."""
+        self.cfg, self.run, self.env, self.say = cfg, run, env, say
+        self.dir = Path(cfg.checkpoint.dir)
+        self.in_flight: PendingSave | None = None
+        self._lock: RunLock | None = None
+        refusal = None
+        if env.rank == 0:
+            lock = RunLock(self.dir)
+            try:
+                if note := lock.acquire():
+                    say(note)
+                commit.remove_stale_temps(self.dir, say)
+                self._lock = lock
+            except RunLocked as e:
+                refusal = str(e)
+        if env.all_reduce_max(1.0 if refusal else 0.0) > 0:
+            raise RunLocked(refusal or f"{self.dir} is in use by another training run (rank 0 says who)")
+
+    def start_point(self) -> StartPoint:
+        """Where this launch starts; a bad checkpoint fails here, before anything is built."""
+        return choose_start(self.cfg, self.run, self.env, self.say)
+
+    def restore(self, begin: StartPoint, engine: Any, loader: Any) -> tuple[int, str | None]:
+        """(the step to continue after, the MLflow run id to continue) once engine and loader hold the state."""
+        return restore(begin, self.env, engine, loader)
+
+    def save(self, step: int, engine: Any, loader: Any, mlflow_run_id: str | None) -> None:
+        """Start committing step_<step>/ (collective), after the save in flight, if any, is done."""
+        self.wait()
+        env, run = self.env, self.run
+
+        def save_model(d: Path) -> None:
+            engine.save(d)
+            if env.rank == 0:
+                copy_tokenizer(run.tokenizer, d, self.say)
+
+        meta = commit.Meta(step=step, mlflow_run_id=mlflow_run_id,
+                           tokenizer=dataclasses.asdict(run.tokenizer) if run.tokenizer else {},
+                           layout=dataclasses.asdict(run.layout), resolved=run.to_dict())
+        parts = dict(save_model=save_model, rank_state={"loader": loader.state_dict()}, meta=meta,
+                     config_yaml=self.cfg.to_yaml(), keep=self.cfg.checkpoint.keep)
+        if self.cfg.checkpoint.background:
+            self.in_flight = commit.save_in_background(self.dir, step, env, env.side, say=self.say, **parts)
+            return
+        started = time.monotonic()
+        path = commit.save(self.dir, step, env, **parts)
+        self.in_flight = PendingSave.done(path, time.monotonic() - started)
+        if env.rank == 0:
+            self.say(f"{path.name} committed: training paused {self.in_flight.total_s:.2f} s, the save took "
+                     f"{self.in_flight.total_s:.2f} s")
+
+    def wait(self) -> PendingSave | None:
+        """Block until the save in flight is committed (CheckpointWriteError if it failed); it, or None."""
+        done, self.in_flight = self.in_flight, None
+        if done is not None:
+            done.wait()
+        return done
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+
+def copy_tokenizer(tokenizer: TokenizerFacts | None, dest: Path, say: Callable[[str], None]) -> None:
+    """Put the tokenizer files inside the checkpoint (a few MB) so it is self-contained for generate/export.
+    `resolve_run` made the path absolute and refused to start without the files; if they vanished since, the
+    checkpoint is still written (losing the run's progress would be worse) and the log says what is missing."""
+    src = Path(tokenizer.path) if tokenizer and tokenizer.path else None
+    if src is None or not src.exists():
+        say(f"WARNING: tokenizer {src} is gone; {dest} holds no {commit.TOKENIZER_DIR}/ copy")
+        return
+    from data_pipeline.tokenizer import tokenizer_files
+
+    out = dest / commit.TOKENIZER_DIR
+    out.mkdir()
+    for f in tokenizer_files(str(src)):
+        shutil.copy2(f, out / os.path.basename(f))
