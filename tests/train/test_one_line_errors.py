@@ -68,3 +68,15 @@ def test_a_tokenizer_from_an_empty_corpus(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "no text to train a tokenizer on" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and not (tmp_path / "tok" / "tokenizer.json").exists()
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_fails_the_dry_run(tmp_path, capfd):
+    """The dry run checks where the run will write (a file where a directory must go stands in for a read-only
+    mount: as root, permission bits do not stop a write)."""
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    config = str(REPO / "configs" / "debug.yaml")
+    assert cli(["train", "--config", config, "--set", f"checkpoint.dir={blocker / 'run'}", "--set",
+                "tracking.enabled=false", "--dry-run"]) == 2
+    assert f"checkpoint.dir {blocker / 'run'}: {blocker} is not a writable directory" in \
+        _one_line(capfd.readouterr().err)
