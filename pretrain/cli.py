@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
     x.add_argument("--tokenizer", default=None, help="tokenizer file/dir to export when the checkpoint has none "
                    "(must be the training tokenizer: identity hash checked)")
+    x.add_argument("--register", default=None, metavar="NAME",
+                   help="also log the export to the MLflow run that trained the checkpoint and register it as a new "
+                   "version of model NAME in that store's model registry (tags: step, tokens seen, val loss)")
     i = sub.add_parser("import-hf", help="turn a transformers LlamaForCausalLM directory into a checkpoint "
                        "to start training from (model.init_from)",
                        description="Read config.json, (sharded) safetensors and the tokenizer of a "
@@ -325,6 +328,10 @@ def run_export(args: argparse.Namespace) -> int:
     max_shard = _max_shard_bytes(args)
     _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)
+    if args.register:
+        from pretrain.model_registry import check
+
+        check(step_dir)
     run = source.run
     tokenizer, _ = _tokenizer(step_dir, run, args.tokenizer)
     tok = run.tokenizer
@@ -336,6 +343,12 @@ def run_export(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         raise ConfigError(str(e)) from None
     print(f"exported {step_dir} -> {out} (transformers.LlamaForCausalLM.from_pretrained('{out}'))")
+    if args.register:
+        from pretrain.model_registry import register
+
+        model, uri = register(out, step_dir, args.register)
+        print(f"registered {model} in {uri} (back as a directory: MLFLOW_REGISTRY_URI={uri} and "
+              f"mlflow.artifacts.download_artifacts('{model}'))")
     return 0
 
 

@@ -102,6 +102,9 @@ class TrainSection(_Section):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on cuda, gloo on cpu")
     max_nonfinite_steps: int = Field(3, gt=0, description="abort after this many non-finite steps in a row")
     peak_tflops: float | None = Field(None, description="per-device peak for MFU; None: looked up by GPU name")
+    register_as: str | None = Field(None, description="at the end, export the final checkpoint for Hugging Face "
+                                    "(<checkpoint.dir>/hf/step_N) and register it as a new version of this MLflow "
+                                    "model (needs tracking.enabled)")
     fp8: Literal["none", "tensorwise", "rowwise"] = Field(
         "none", description="FP8 matmuls in the blocks' projections with torchao (CUDA, compute capability >= 8.9, "
         "tp = 1): tensorwise (fastest) or rowwise scaling")
@@ -173,6 +176,9 @@ class Config(_Section):
             raise ValueError("train.dtype=bf16 needs parallel.zero_stage >= 1: DeepSpeed keeps fp32 master "
                              "weights only in its ZeRO optimizers (ZeRO-1 costs no extra memory); set "
                              "parallel.zero_stage=1")
+        if self.train.register_as and not self.tracking.enabled:
+            raise ValueError("train.register_as needs tracking.enabled=true: the model version is registered "
+                             "under the MLflow run that trained it")
         if self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp != 0:
             raise ValueError(f"train.seq_len={self.train.seq_len} is not divisible by parallel.tp="
                              f"{self.parallel.tp}: sequence parallelism splits the sequence evenly over TP ranks")

@@ -154,7 +154,26 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
     if tracker:
         tracker.finish("FINISHED")
     env.destroy()
+    if cfg.train.register_as and env.rank == 0:
+        register_final(cfg)
     return EXIT_OK
+
+
+def register_final(cfg: Config) -> None:
+    """train.register_as: the final checkpoint, exported and registered by the same code as `pretrain export-hf
+    --register` (pretrain/model_registry.py)."""
+    from pretrain.cli import main as cli
+
+    run_dir = Path(cfg.checkpoint.dir)
+    step_dir = checkpoint.resolve_checkpoint_arg(run_dir)
+    out = run_dir / "hf" / step_dir.name
+    try:
+        failed = cli(["export-hf", "--checkpoint", str(step_dir), "--out", str(out), "--register",
+                      cfg.train.register_as])
+    except Exception as e:  # noqa: BLE001 - the training is done and saved; registering is an extra
+        failed, _ = 1, say(f"registering failed: {type(e).__name__}: {e}")
+    if failed:
+        say(f"could not export and register {step_dir} (see above); the checkpoint itself is complete")
 
 
 # --------------------------------------------------------------------------------------------- ingredients

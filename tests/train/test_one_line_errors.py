@@ -47,6 +47,11 @@ def test_generate_and_export_arguments(finished, tmp_path, capfd):
                 "--temperature", "0"]) == 0
     capfd.readouterr()
 
+    # registering needs the MLflow run that trained the checkpoint: refused before anything is exported
+    assert cli(["export-hf", "--checkpoint", str(finished), "--out", str(tmp_path / "hf"), "--register", "m"]) == 2
+    assert "was trained without MLflow tracking" in _one_line(capfd.readouterr().err)
+    assert not (tmp_path / "hf").exists()
+
     a_file = tmp_path / "model.bin"
     a_file.write_text("x")
     assert cli(["export-hf", "--checkpoint", str(finished), "--out", str(a_file)]) == 2
