@@ -102,6 +102,8 @@ class TrainSection(_Section):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on cuda, gloo on cpu")
     max_nonfinite_steps: int = Field(3, gt=0, description="abort after this many non-finite steps in a row")
     peak_tflops: float | None = Field(None, description="per-device peak for MFU; None: looked up by GPU name")
+    profile: tuple[int, int] | None = Field(None, description="[START, STEPS]: a torch profiler trace per rank of "
+                                            "steps START..START+STEPS-1 in <checkpoint.dir>/profiles (and MLflow)")
     register_as: str | None = Field(None, description="at the end, export the final checkpoint for Hugging Face "
                                     "(<checkpoint.dir>/hf/step_N) and register it as a new version of this MLflow "
                                     "model (needs tracking.enabled)")
@@ -176,6 +178,8 @@ class Config(_Section):
             raise ValueError("train.dtype=bf16 needs parallel.zero_stage >= 1: DeepSpeed keeps fp32 master "
                              "weights only in its ZeRO optimizers (ZeRO-1 costs no extra memory); set "
                              "parallel.zero_stage=1")
+        if self.train.profile is not None and min(self.train.profile) < 1:
+            raise ValueError(f"train.profile={list(self.train.profile)}: [first step, number of steps], both >= 1")
         if self.train.register_as and not self.tracking.enabled:
             raise ValueError("train.register_as needs tracking.enabled=true: the model version is registered "
                              "under the MLflow run that trained it")

@@ -280,6 +280,9 @@ class Tracker:
         """Drop unsent steps (a failed run: they were never checkpointed, a resume will redo them)."""
         self._buffer = []
 
+    def artifact_dir(self, local_dir: Path, artifact_path: str) -> None:
+        self._call(f"log {local_dir}", lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path))
+
     def artifact_text(self, text: str, name: str) -> None:
         self._call(f"log {name}", lambda: self.client.log_text(self.run_id, text, name))
 

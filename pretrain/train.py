@@ -30,6 +30,7 @@ from typing import Any
 from pretrain import checkpoint, metrics
 from pretrain.config import Config
 from pretrain.resolved import ResolvedRun, held_out_note, resolve_run
+from pretrain.profiling import PROFILE_DIR, StepProfiler
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, ui_hint
 
@@ -93,6 +94,8 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
     tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start, history=history)
     log = StepLog(cfg, run, env, tracker, start)
     poison = _poisoned_steps()
+    profiler = StepProfiler(cfg.train.profile, run_dir, env.rank)
+    log.profiles = profiler.dir
 
     batches, streak, step = iter(loader), 0, start
     try:
@@ -100,10 +103,17 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
             step += 1
             if step in poison:
                 engine.inject_nonfinite()  # test hook: this step's loss becomes NaN inside the engine
+            profiler.before(step)
             res = engine.train_step(batches)
             streak = streak + 1 if res.skipped else 0
             val = held_out.evaluate(engine) if _due(step, cfg.train.eval_every) else None
             log.step(step, res, val)
+            if profiler.after(step):
+                env.barrier()  # every rank's trace is written
+                if env.rank == 0:
+                    say(f"profile of steps {profiler.first}-{profiler.last}: {profiler.dir} (one trace per rank)")
+                    if tracker:
+                        tracker.artifact_dir(profiler.dir, PROFILE_DIR)
             if streak >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
                                      f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
@@ -137,6 +147,8 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
         env.destroy()
         return EXIT_SAVE_FAILED
     except BaseException as e:
+        if snapshot := profiler.out_of_memory(e):
+            say(f"rank {env.rank}: out of memory; the allocator's history is in {snapshot}")
         if tracker:
             tracker.discard()  # never-checkpointed steps: the resumed run logs them
             tracker.finish("FAILED")
@@ -262,6 +274,7 @@ class StepLog:
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=0.5)
         self.last: metrics.StepRecord | None = None
+        self.profiles: Path | None = None  # set when a profile is asked for (pretrain/profiling.py)
         self.skipped = 0
         self.t0 = time.time()
         self.at = start  # the last step this segment ran
@@ -331,6 +344,8 @@ class StepLog:
         lines = [f"done: step {step}, final loss {summary['final_loss']}, {self.skipped} skipped step(s), {wall}",
                  f"checkpoints: {run_dir} (latest: {summary['checkpoint'] or 'none written'})",
                  f"metrics:     {summary['metrics']}"]
+        if self.profiles is not None and self.profiles.is_dir():
+            lines.append(f"profiles:    {self.profiles.resolve()}")
         if self.tracker:
             lines += [f"mlflow:      {self.tracker.uri} run {self.tracker.run_id or '(not created: unreachable)'}",
                       f"             {ui_hint(self.tracker.uri)}"]
