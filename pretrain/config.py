@@ -159,6 +159,9 @@ class TrackingSection(_Section):
     uri: str | None = Field(None, description="MLflow URI; None: $MLFLOW_TRACKING_URI or <checkpoint.dir>/mlruns")
     experiment: str = Field("pretrain", description="MLflow experiment name")
     run_name: str | None = Field(None, description="MLflow run name; None: the run directory's name")
+    system_metrics_s: float = Field(30.0, ge=0, description="seconds between samples of MLflow's system metrics "
+                                    "(CPU, host memory, disk, network; GPUs with NVML), on each node's first rank; "
+                                    "0: off")
 
 
 class Config(_Section):

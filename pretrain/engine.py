@@ -12,6 +12,7 @@ single-process reference computes on the whole global batch at once.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -47,6 +48,7 @@ class StepResult:
     grad_norm: float  # global L2 norm before clipping (inf/nan when the step was skipped)
     lr: float
     skipped: bool  # non-finite loss or gradient: no weight or optimizer-state change
+    data_wait_s: float = 0.0  # this rank's wait for its micro-batches from the loader
 
 
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
@@ -122,7 +124,9 @@ class Engine:
         for group in self.ds.optimizer.param_groups:  # lr is a function of the step: nothing to resume
             group["lr"] = lr
         skipped_before = self.ds.skipped_steps
+        waited = time.perf_counter()
         micro = [next(batch_iter) for _ in range(self.cfg.train.grad_accum)]
+        waited = time.perf_counter() - waited
         if self.pipeline:
             loss = self._train_pipeline(micro)
         else:
@@ -134,7 +138,8 @@ class Engine:
         norm = self.ds.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
         self.global_step += 1
-        return StepResult(loss=loss, grad_norm=norm if not skipped else float("inf"), lr=lr, skipped=skipped)
+        return StepResult(loss=loss, grad_norm=norm if not skipped else float("inf"), lr=lr, skipped=skipped,
+                          data_wait_s=waited)
 
     def _train_plain(self, micro: list[Batch]) -> float:
         total = torch.zeros((), dtype=torch.float32, device=self.env.device)

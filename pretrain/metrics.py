@@ -105,6 +105,10 @@ class StepRecord:
     peak_mem_gib: float
     val_loss: float | None = None
     val_ppl: float | None = None
+    data_wait_s: float | None = None   # of step_time_s: waiting for the loader's micro-batches (this rank)
+    mem_allocated_gib: float | None = None  # CUDA: the caching allocator's allocated and reserved memory now
+    mem_reserved_gib: float | None = None
+    eta_s: float | None = None         # to train.max_steps at the recent pace
 
     def to_json(self) -> str:
         d = {k: (None if isinstance(v, float) and not math.isfinite(v) and k not in ("loss", "grad_norm") else v)
@@ -120,33 +124,53 @@ class StepRecord:
         mfu = f" mfu {100 * self.mfu:.1f}%" if self.mfu is not None else ""
         val = f" | val_loss {self.val_loss:.4f} ppl {self.val_ppl:.2f}" if self.val_loss is not None else ""
         skip = " (skipped: non-finite)" if self.skipped else ""
+        eta = f" | eta {_duration(self.eta_s)}" if self.eta_s is not None else ""
         return (f"step {self.step} | loss {self.loss:.4f}{skip} | lr {self.lr:.3e} | grad_norm {self.grad_norm:.3f}"
                 f" | {self.tokens_per_s:,.0f} tok/s | {self.tflops:.3g} TFLOP/s{mfu} | mem {self.peak_mem_gib:.2f} GiB"
-                f"{val}")
+                f"{val}{eta}")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class Meter:
     """Turns (step result, wall time) into StepRecords; tokens per step fixed by the layout."""
 
     def __init__(self, *, flops_per_token: float, tokens_per_step: int, world_size: int,
-                 peak_tflops: float | None, start_tokens: int = 0) -> None:
+                 peak_tflops: float | None, start_tokens: int = 0, max_steps: int | None = None) -> None:
         self.fpt, self.tokens_per_step, self.world = flops_per_token, tokens_per_step, world_size
         self.peak = peak_tflops
         self.tokens = start_tokens
+        self.max_steps = max_steps
+        self._recent: list[float] = []  # the last step times, for the ETA
         self._t = time.perf_counter()
 
     def restart_clock(self) -> None:
         self._t = time.perf_counter()
 
-    def record(self, step: int, loss: float, lr: float, grad_norm: float, skipped: bool) -> StepRecord:
+    def record(self, step: int, loss: float, lr: float, grad_norm: float, skipped: bool,
+               data_wait_s: float | None = None) -> StepRecord:
         now = time.perf_counter()
         dt, self._t = max(now - self._t, 1e-9), now
         self.tokens += self.tokens_per_step
         tps = self.tokens_per_step / dt
         tflops = tps * self.fpt / self.world / 1e12
+        self._recent = (self._recent + [dt])[-20:]
+        eta = None
+        if self.max_steps is not None:
+            eta = sorted(self._recent)[len(self._recent) // 2] * max(self.max_steps - step, 0)
+        import torch
+
+        cuda = torch.cuda.is_available()
         return StepRecord(step=step, loss=loss, lr=lr, grad_norm=grad_norm, skipped=skipped, tokens=self.tokens,
                           step_time_s=dt, tokens_per_s=tps, tflops=tflops,
-                          mfu=(tflops / self.peak) if self.peak else None, peak_mem_gib=peak_memory_gib())
+                          mfu=(tflops / self.peak) if self.peak else None, peak_mem_gib=peak_memory_gib(),
+                          data_wait_s=data_wait_s,
+                          mem_allocated_gib=torch.cuda.memory_allocated() / 2**30 if cuda else None,
+                          mem_reserved_gib=torch.cuda.memory_reserved() / 2**30 if cuda else None, eta_s=eta)
 
 
 class MetricsFile:

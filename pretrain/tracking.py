@@ -39,7 +39,7 @@ _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML = "mlflow.experimentKind", "custom_model_development"
 # The per-step values sent to MLflow, under metrics.jsonl's names.
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "val_loss", "val_ppl",
-                "skipped")
+                "skipped", "tokens", "step_time_s", "data_wait_s", "mem_allocated_gib", "mem_reserved_gib", "eta_s")
 HTTP_TIMEOUT_S = "10"  # per MLflow request (MLFLOW_HTTP_REQUEST_TIMEOUT); set in the environment to change
 RETRY_MAX_S = 30.0  # the longest wait between two attempts while the server is away
 CLOSE_WAIT_S = 30.0  # how long the end of a run waits for the queue to drain before leaving it to a backfill
@@ -79,7 +79,7 @@ def check_uri(uri: str, timeout_s: float = 5.0) -> str | None:
 
 
 def step_values(record: dict[str, Any]) -> dict[str, float]:
-    """A metrics.jsonl record (or a StepRecord's fields) -> the finite numbers MLflow gets for that step."""
+    """A metrics.jsonl record (or a StepRecord's fields) -> the numbers MLflow gets for that step."""
     out = {}
     for key in STEP_METRICS:
         v = record.get(key)
@@ -121,6 +121,7 @@ class Tracker:
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
         self.run_id: str | None = None  # known once the run is created or found (the first queued call)
+        self._created: str | None = None
         self._buffer: list[Any] = []
         self._logged_up_to = 0  # steps <= this are already in the run (see `log_step`)
         self._queue: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
@@ -204,8 +205,10 @@ class Tracker:
                      f"forked_from_run={resume_run_id}")
                 tags["forked_from_run"] = resume_run_id
                 tags["forked_at_step"] = str(resume_step)
-            run_id = self.client.create_run(self._experiment(cfg), run_name=cfg.tracking.run_name
-                                            or Path(cfg.checkpoint.dir).resolve().name).info.run_id
+            if self._created is None:  # a retry after a later call failed must not make a second run
+                self._created = self.client.create_run(self._experiment(cfg), run_name=cfg.tracking.run_name
+                                                       or Path(cfg.checkpoint.dir).resolve().name).info.run_id
+            run_id = self._created
             self._tags(run_id, tags)
             # The config as written, then what it resolved to: model.dim/n_layers/vocab_size are the model's real
             # ones (the config's None means "the flavor's" / "the tokenizer's"), plus layout, tokenizer and data.
@@ -267,8 +270,10 @@ class Tracker:
         ts = int(time.time() * 1000)
         self._buffer.append((step, [(k, float(v), ts) for k, v in values.items() if v is not None]))
 
-    def flush(self) -> None:
-        buffered, self._buffer = self._buffer, []
+    def flush(self, up_to: int | None = None) -> None:
+        """Queue the buffered steps (those <= up_to: the ones a committed checkpoint covers)."""
+        buffered = [b for b in self._buffer if up_to is None or b[0] <= up_to]
+        self._buffer = [b for b in self._buffer if up_to is not None and b[0] > up_to]
 
         def send() -> None:
             self._send([self._Metric(k, v, ts, step) for step, row in buffered if step > self._logged_up_to
@@ -318,6 +323,21 @@ def _transient(e: BaseException) -> bool:
 def _reason(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def system_metrics(run_id: str, uri: str, interval_s: float, node: int) -> Any:
+    """MLflow's own system-metrics thread for this node, into the run: CPU and host memory, disk, network, and
+    with NVML (`pip install 'pretrain[gpu-metrics]'`) each GPU's utilisation and memory, under
+    `system/node<N>/...`, one sample every interval_s. Started on each node's first rank; `.finish()` stops it."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # e.g. "no NVML" on CPU hosts
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, node_id=f"node{node}", tracking_uri=uri,
+                                   resume_logging=True)
+    monitor.start()
+    return monitor
 
 
 def open_tracker(cfg: Config, run: ResolvedRun, rank: int, *, resume_run_id: str | None = None,

@@ -18,6 +18,7 @@ what gets exercised.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from pretrain.config import Config
 from pretrain.resolved import ResolvedRun, held_out_note, resolve_run
 from pretrain.profiling import PROFILE_DIR, StepProfiler
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
-from pretrain.tracking import open_tracker, ui_hint
+from pretrain.tracking import open_tracker, step_values, ui_hint
 
 EXIT_OK, EXIT_NONFINITE, EXIT_LOST_PEER, EXIT_SAVE_FAILED = 0, 3, 4, 5  # 2 (bad input): the CLI's
 
@@ -92,6 +93,7 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
             append_segment(run_dir, start, start, started)
         return requeue(env, stop, start, None)
     tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start, history=history)
+    monitor = start_system_metrics(cfg, env, tracker)
     log = StepLog(cfg, run, env, tracker, start)
     poison = _poisoned_steps()
     profiler = StepProfiler(cfg.train.profile, run_dir, env.rank)
@@ -123,15 +125,17 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
             # run must resume from here. Periodic saves wait for a finite step.
             last = step == cfg.train.max_steps and cfg.checkpoint.final
             if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0):
-                ckpt.save(step, engine, loader, tracker.run_id if tracker else None)
-                if tracker:
-                    tracker.flush()  # the steps up to this checkpoint (see pretrain/tracking.py)
+                ckpt.save(step, engine, loader, tracker.run_id if tracker else None,
+                          on_commit=(lambda s=step: tracker.flush(up_to=s)) if tracker else None)
                 log.committed()
             if stopping:  # the notice's lead time must cover a step and this save: say how long the save took
                 return requeue(env, stop, step, tracker, save_s=ckpt.wait().total_s)
         ckpt.wait()
     except NonFiniteAbort as e:
-        ckpt.wait()  # a save of the last good state may still be in flight
+        try:
+            ckpt.wait()  # a save of the last good state may still be in flight
+        except checkpoint.CheckpointWriteError as failed:
+            return save_failed(failed, env, tracker)
         if env.rank == 0:
             say(str(e))
         if tracker:
@@ -139,14 +143,9 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
             tracker.finish("FAILED")
         return EXIT_NONFINITE
     except checkpoint.CheckpointWriteError as e:
-        if env.rank == 0:
-            say(f"{e}; exit {EXIT_SAVE_FAILED}")
-        if tracker:
-            tracker.discard()
-            tracker.finish("FAILED")
-        env.destroy()
-        return EXIT_SAVE_FAILED
+        return save_failed(e, env, tracker)
     except BaseException as e:
+        ckpt.abandon()
         if snapshot := profiler.out_of_memory(e):
             say(f"rank {env.rank}: out of memory; the allocator's history is in {snapshot}")
         if tracker:
@@ -162,6 +161,8 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
         raise
     finally:
         log.close()
+        if monitor is not None:
+            monitor.finish()
     log.summary(step)
     if tracker:
         tracker.finish("FINISHED")
@@ -169,6 +170,32 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
     if cfg.train.register_as and env.rank == 0:
         register_final(cfg)
     return EXIT_OK
+
+
+def save_failed(error: Exception, env: Any, tracker: Any) -> int:
+    if env.rank == 0:
+        say(f"{error}; exit {EXIT_SAVE_FAILED}")
+    if tracker:
+        tracker.discard()
+        tracker.finish("FAILED")
+    env.destroy()
+    return EXIT_SAVE_FAILED
+
+
+def start_system_metrics(cfg: Config, env: Any, tracker: Any) -> Any:
+    """MLflow's system metrics on each node's first rank (collective: rank 0 tells the others the run id)."""
+    if not cfg.tracking.enabled or cfg.tracking.system_metrics_s <= 0:
+        return None
+    import torch.distributed as dist
+
+    shared = [tracker.run_id if tracker else None, tracker.uri if tracker else None]
+    dist.broadcast_object_list(shared, src=0)
+    run_id, uri = shared
+    if run_id is None or env.local_rank != 0:
+        return None
+    from pretrain.tracking import system_metrics
+
+    return system_metrics(run_id, uri, cfg.tracking.system_metrics_s, int(os.environ.get("GROUP_RANK", "0")))
 
 
 def register_final(cfg: Config) -> None:
@@ -267,7 +294,7 @@ class StepLog:
                                                                            run.model.vocab_size),
                                    tokens_per_step=tokens_per_step, world_size=run.layout.world,
                                    peak_tflops=metrics.device_peak_tflops(cfg.train.peak_tflops),
-                                   start_tokens=start * tokens_per_step)
+                                   start_tokens=start * tokens_per_step, max_steps=cfg.train.max_steps)
         self.file = metrics.MetricsFile(cfg.checkpoint.dir) if self.on else None
         self.bar = None
         if self.on and sys.stderr.isatty():
@@ -285,7 +312,8 @@ class StepLog:
             self.segments.unlink()
 
     def step(self, step: int, res: Any, val: float | None) -> None:
-        rec = self.meter.record(step, float(res.loss), float(res.lr), float(res.grad_norm), bool(res.skipped))
+        rec = self.meter.record(step, float(res.loss), float(res.lr), float(res.grad_norm), bool(res.skipped),
+                                data_wait_s=getattr(res, "data_wait_s", None))
         if val is not None:
             rec.val_loss, rec.val_ppl = val, math.exp(min(val, 50.0))
         self.last, self.skipped, self.at = rec, self.skipped + int(rec.skipped), step
@@ -293,10 +321,7 @@ class StepLog:
             return
         self.file.append(rec)
         if self.tracker:
-            self.tracker.log_step(step, {"loss": rec.loss, "lr": rec.lr, "grad_norm": rec.grad_norm,
-                                         "tokens_per_s": rec.tokens_per_s, "tflops": rec.tflops, "mfu": rec.mfu,
-                                         "peak_mem_gib": rec.peak_mem_gib, "val_loss": rec.val_loss,
-                                         "val_ppl": rec.val_ppl, "skipped": float(rec.skipped)})
+            self.tracker.log_step(step, step_values(dataclasses.asdict(rec)))
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(rec.line().split(" | ", 1)[1], refresh=False)

@@ -161,20 +161,21 @@ class _Commit:
 
     def stage(self, coll: Collective, rank0: Callable[[], None] | None,
               every_rank: Callable[[], None] | None = None) -> None:
-        error = None
+        failure: Exception | None = None
         try:
             if coll.rank == 0 and rank0 is not None:
                 rank0()
             if every_rank is not None:
                 every_rank()
-        except Exception as e:  # noqa: BLE001 - an OSError, possibly wrapped by DeepSpeed or torch
-            error = checkpoint_files.os_error(e)
-            if error is None:
-                raise
-        if coll.all_reduce_max(1.0 if error else 0.0) > 0:
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, whatever it is
+            failure = e
+        if coll.all_reduce_max(1.0 if failure else 0.0) > 0:
             if coll.rank == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-            raise CheckpointWriteError(_write_failure(self.run_dir, self.step, error))
+            written = checkpoint_files.os_error(failure)  # disk full, quota, read-only (possibly wrapped)
+            if failure is not None and written is None:
+                raise failure  # a bug, not the disk: its own traceback (the other ranks fail the save too)
+            raise CheckpointWriteError(_write_failure(self.run_dir, self.step, written))
 
     def begin(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -293,8 +294,10 @@ def list_steps(run_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in run_dir.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name)))
 
 
-def verify(step_dir: str | Path, *, hashes: bool = True) -> dict[str, Any]:
-    """The manifest of a complete checkpoint, or CheckpointError saying what is wrong with it."""
+def verify(step_dir: str | Path, *, hashes: bool = True, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """The manifest of a complete checkpoint, or CheckpointError saying what is wrong with it. Every file's size is
+    checked; with `share=(i, n)` only every n-th file from the i-th has its sha256 computed (the rest is another
+    rank's share)."""
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
         raise CheckpointError(f"checkpoint {step_dir} does not exist")
@@ -306,7 +309,7 @@ def verify(step_dir: str | Path, *, hashes: bool = True) -> dict[str, Any]:
         files = manifest["files"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {step_dir}: {MANIFEST} is unreadable ({e})") from None
-    for rel, entry in files.items():
+    for index, (rel, entry) in enumerate(sorted(files.items())):
         p = step_dir / rel
         if not p.is_file():
             raise CheckpointError(f"checkpoint {step_dir} is incomplete: {rel} is missing")
@@ -314,7 +317,7 @@ def verify(step_dir: str | Path, *, hashes: bool = True) -> dict[str, Any]:
         if size != entry["size"]:
             raise CheckpointError(f"checkpoint {step_dir} is corrupt: {rel} has {size} bytes, "
                                   f"manifest says {entry['size']}")
-        if hashes and "sha256" in entry and _sha256(p) != entry["sha256"]:
+        if hashes and index % share[1] == share[0] and "sha256" in entry and _sha256(p) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {step_dir} is corrupt: {rel} does not match its sha256")
     return manifest
 
@@ -351,12 +354,11 @@ def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
     elif resume == "auto":
         skipped: list[str] = []
         for cand in _auto_candidates(run_dir):
-            try:
-                verify(cand)
-            except CheckpointError as e:
-                skipped.append(str(e))
+            reason = _verify_together(cand, env)
+            if reason is not None:
+                skipped.append(reason)
                 if loud:
-                    _say(f"refusing: {e}")
+                    _say(f"refusing: {reason}")
                 continue
             chosen = cand  # another world size is fine: pretrain.checkpoint.resume re-slices it (or refuses, for an old step)
             if skipped and loud:
@@ -366,11 +368,8 @@ def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
             error = (f"no complete checkpoint in {run_dir} ({skipped[0]}); "
                      "set checkpoint.resume=none to start over")
     else:
-        try:
-            verify(resume)
-            chosen = Path(resume)
-        except CheckpointError as e:
-            error = str(e)
+        error = _verify_together(Path(resume), env)
+        chosen = None if error else Path(resume)
     # Agreement: the step each rank chose (-1: fresh, -2: error) must be the same everywhere.
     mine = -2.0 if error else (-1.0 if chosen is None else float(_step_of(chosen)))
     hi, lo = env.all_reduce_max(mine), -env.all_reduce_max(-mine)
@@ -382,6 +381,20 @@ def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
         raise CheckpointError(f"ranks disagree on the checkpoint to resume (steps {int(lo)} and {int(hi)}); "
                               "is checkpoint.dir on a filesystem every node shares?")
     return chosen
+
+
+def _verify_together(step_dir: Path, env: Collective) -> str | None:
+    """Why `step_dir` is unusable, or None (collective). Every rank checks every file's size and hashes its share
+    of the files, so a resume reads the checkpoint once in all, not once per rank; a failure anywhere fails it
+    everywhere."""
+    try:
+        verify(step_dir, share=(env.rank, env.world_size))
+        reason = None
+    except CheckpointError as e:
+        reason = str(e)
+    if env.all_reduce_max(1.0 if reason else 0.0) > 0:
+        return reason or f"checkpoint {step_dir} failed verification on another rank (see its log)"
+    return None
 
 
 def _step_of(step_dir: Path) -> int:

@@ -32,6 +32,7 @@ class CheckpointManager:
         self.cfg, self.run, self.env, self.say = cfg, run, env, say
         self.dir = Path(cfg.checkpoint.dir)
         self.in_flight: PendingSave | None = None
+        self._on_commit: Callable[[], None] | None = None
         self._lock: RunLock | None = None
         refusal = None
         if env.rank == 0:
@@ -39,12 +40,17 @@ class CheckpointManager:
             try:
                 if note := lock.acquire():
                     say(note)
-                commit.remove_stale_temps(self.dir, say)
                 self._lock = lock
+                commit.remove_stale_temps(self.dir, say)
             except RunLocked as e:
                 refusal = str(e)
+            except OSError as e:  # e.g. checkpoint.dir cannot be created: every rank must hear it, not wait
+                refusal = f"{self.dir}: {e.strerror or e} ({e.filename})"
+                if self._lock is not None:
+                    self._lock.release()
+                    self._lock = None
         if env.all_reduce_max(1.0 if refusal else 0.0) > 0:
-            raise RunLocked(refusal or f"{self.dir} is in use by another training run (rank 0 says who)")
+            raise RunLocked(refusal or f"{self.dir}: refused on rank 0 (see its log)")
 
     def start_point(self) -> StartPoint:
         """Where this launch starts; a bad checkpoint fails here, before anything is built."""
@@ -54,9 +60,12 @@ class CheckpointManager:
         """(the step to continue after, the MLflow run id to continue) once engine and loader hold the state."""
         return restore(begin, self.env, engine, loader)
 
-    def save(self, step: int, engine: Any, loader: Any, mlflow_run_id: str | None) -> None:
-        """Start committing step_<step>/ (collective), after the save in flight, if any, is done."""
+    def save(self, step: int, engine: Any, loader: Any, mlflow_run_id: str | None,
+             on_commit: Callable[[], None] | None = None) -> None:
+        """Start committing step_<step>/ (collective), after the save in flight, if any, is done. `on_commit` runs
+        on this thread once it is committed (at the next `wait`): MLflow gets the steps it covers only then."""
         self.wait()
+        self._on_commit = on_commit
         env, run = self.env, self.run
 
         def save_model(d: Path) -> None:
@@ -82,9 +91,22 @@ class CheckpointManager:
     def wait(self) -> PendingSave | None:
         """Block until the save in flight is committed (CheckpointWriteError if it failed); it, or None."""
         done, self.in_flight = self.in_flight, None
+        on_commit, self._on_commit = self._on_commit, None
         if done is not None:
             done.wait()
+            if on_commit is not None:
+                on_commit()
         return done
+
+    def abandon(self, timeout_s: float = 60.0) -> None:
+        """After a failure: give the save in flight a bounded time to end (its errors are moot now), so the
+        process groups are not torn down under the writer's collectives."""
+        done, self.in_flight, self._on_commit = self.in_flight, None, None
+        if done is not None:
+            try:
+                done.future.result(timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - a timeout or the save's own failure: the run is failing anyway
+                pass
 
     def close(self) -> None:
         if self._lock is not None:

@@ -62,11 +62,13 @@ MAP_BUDGET = 64 << 20  # bytes read through the file mappings before they are dr
 class CheckpointReader:
     """A committed step dir, read without a process group or a DeepSpeed engine."""
 
-    def __init__(self, step_dir: str | Path, map_budget: int = MAP_BUDGET):
+    def __init__(self, step_dir: str | Path, map_budget: int = MAP_BUDGET, *, verified: bool = False):
+        """`verified`: the caller has checked the hashes already (a resume's collective check, a command's)."""
         self.step_dir = Path(step_dir)
         self.map_budget = map_budget
         self.mapped_bytes = 0  # bytes read through the mappings in self._files since they were last dropped
-        self.step = int(verify(self.step_dir)["step"])  # the training step the checkpoint was committed at
+        # the training step the checkpoint was committed at
+        self.step = int(verify(self.step_dir, hashes=not verified)["step"])
         self.run: ResolvedRun = ResolvedRun.of_checkpoint(self.step_dir)
         self.dir = self.step_dir / MODEL_DIR
         if not self.dir.is_dir():

@@ -45,7 +45,7 @@ def choose_start(cfg: Config, run: ResolvedRun, env: Any, say: Any) -> StartPoin
     if env.rank == 0:
         say(f"checkpoint {chosen.name} was written with {layout_words(saved)}; re-slicing weights and optimizer "
             f"state for {layout_words(run)}")
-    return StartPoint(chosen, saved, CheckpointReader(chosen))
+    return StartPoint(chosen, saved, CheckpointReader(chosen, verified=True))  # choose() hashed it
 
 
 def restore(start: StartPoint, env: Any, engine: Any, loader: Any) -> tuple[int, str | None]:

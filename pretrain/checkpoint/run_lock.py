@@ -11,8 +11,8 @@ A lock whose holder is gone is taken over, saying so:
   over by definition);
 - another host: its heartbeat is older than STALE_S. The holder refreshes the file's mtime every HEARTBEAT_S from
   a thread, whatever the step is doing (a long save or eval included).
-Two launches taking over the same stale lock at once both write it; each then reads it back, and the one whose
-record is not there is refused.
+The record is linked into place (never seen half-written), and a stale lock is renamed away before the new one
+is linked: of two launches taking over at once, one fails and is refused.
 """
 from __future__ import annotations
 
@@ -88,29 +88,36 @@ class RunLock:
         self._beat: threading.Thread | None = None
 
     def acquire(self) -> str | None:
-        """Take the lock or raise RunLocked; returns a note when a stale lock was taken over."""
+        """Take the lock or raise RunLocked; returns a note when a stale lock was taken over.
+
+        The record is written to a file of our own and hard-linked into place: a link fails if the name exists,
+        so the lock file is never seen empty or half-written and exactly one creator wins. A stale lock is first
+        renamed away (of two launches renaming it, one fails), then linked as above."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = json.dumps(asdict(self.me))
+        mine = self.path.with_name(f".{LOCK_FILE}.{self.me.host}.{self.me.pid}")
+        mine.write_text(json.dumps(asdict(self.me)))
         note = None
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder, age = self._read()
-            why = "its record is unreadable" if holder is None else _gone(holder, age)
-            if why is None:
-                raise RunLocked(f"{self.path.parent} is in use by another training run ({holder.describe()}); "
-                                f"stop it first, or train into another checkpoint.dir") from None
-            note = f"took over {self.path} from {holder.describe() if holder else 'an unknown holder'}: {why}"
-            tmp = self.path.with_name(f".{LOCK_FILE}.{self.me.host}.{self.me.pid}")
-            tmp.write_text(record)
-            os.replace(tmp, self.path)
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(record)
-        if self._read()[0] != self.me:  # lost a simultaneous takeover
-            holder = self._read()[0]
-            raise RunLocked(f"{self.path.parent} was just taken by another training run "
-                            f"({holder.describe() if holder else 'unknown'})")
+            try:
+                os.link(mine, self.path)
+            except FileExistsError:
+                holder, age = self._read()
+                why = "its record is unreadable" if holder is None else _gone(holder, age)
+                if why is None:
+                    raise RunLocked(f"{self.path.parent} is in use by another training run ({holder.describe()}); "
+                                    f"stop it first, or train into another checkpoint.dir") from None
+                stale = self.path.with_name(f".{LOCK_FILE}.stale.{self.me.host}.{self.me.pid}")
+                try:
+                    os.rename(self.path, stale)
+                    os.link(mine, self.path)
+                except (FileNotFoundError, FileExistsError):  # another launch took it over first
+                    holder = self._read()[0]
+                    raise RunLocked(f"{self.path.parent} was just taken by another training run "
+                                    f"({holder.describe() if holder else 'unknown'})") from None
+                stale.unlink(missing_ok=True)
+                note = f"took over {self.path} from {holder.describe() if holder else 'an unknown holder'}: {why}"
+        finally:
+            mine.unlink(missing_ok=True)
         self._beat = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True)
         self._beat.start()
         return note

@@ -53,7 +53,7 @@ def open_weights(path: str | Path) -> tuple[Path, WeightSource]:
         return step_dir, ImportedWeights(step_dir)
     from pretrain.checkpoint.reader import CheckpointReader
 
-    return step_dir, CheckpointReader(step_dir)
+    return step_dir, CheckpointReader(step_dir, verified=True)  # resolve_checkpoint_arg hashed it
 
 
 def named_tensors(source: WeightSource):
