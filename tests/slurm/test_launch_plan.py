@@ -112,6 +112,9 @@ def test_one_exit_code_per_node_from_the_ranks_codes() -> None:
     # of it. That is the agent's cleanup, not the run's outcome.
     assert exit_code_of_failures([42, -15]) == 42
     assert exit_code_of_failures([-15]) == 143 and exit_code_of_failures([1, -15]) == 1
+    # 4 says "another rank died": the other ranks' code is the cause (a second Ctrl-C, 130; a crash, 1)
+    assert exit_code_of_failures([4, 130]) == 130 and exit_code_of_failures([1, 4]) == 1
+    assert exit_code_of_failures([4, 4]) == 4
 
 
 def test_cli_fails_fast_with_one_line_and_no_rendezvous() -> None:
