@@ -161,12 +161,11 @@ def _check_outputs(cfg) -> None:
     """Where the run will write: checkpoint.dir can be created and written, and the MLflow store answers (a few
     seconds at most). Training itself goes on without MLflow (pretrain/tracking.py); a dry run is the place to
     hear about it."""
+    from pretrain.output_dir import nearest_existing
     from pretrain.tracking import check_uri, tracking_uri
 
     folder = Path(cfg.checkpoint.dir).resolve()
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"checkpoint.dir {folder}: {existing} is not a writable directory")
     if cfg.tracking.enabled and (why := check_uri(tracking_uri(cfg))):

@@ -10,23 +10,18 @@ directory, so with the store as registry (`MLFLOW_REGISTRY_URI`, or `mlflow.set_
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
+from pretrain.tracking import tracking_uri
 
 ARTIFACT_DIR = "hf_model"
 
 
 def store_uri(step_dir: Path) -> str:
-    """The MLflow store the checkpoint's run logged to: its config's tracking.uri, else $MLFLOW_TRACKING_URI, else
-    the SQLite store in the run directory (the step directory's parent)."""
-    cfg = load_config(step_dir / "config.yaml", [])
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(step_dir.resolve().parent / 'mlruns' / 'mlflow.db').as_posix()}"
+    """The MLflow store the checkpoint's run logged to, resolved as training resolved it, with the run directory
+    being the step directory's parent."""
+    return tracking_uri(load_config(step_dir / "config.yaml", []), run_dir=step_dir.resolve().parent)
 
 
 def _val_loss(run_dir: Path, step: int) -> float | None:

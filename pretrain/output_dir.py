@@ -13,6 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists: where a directory not made yet would be created."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def refuse_non_empty(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file; the output must be a new or empty directory")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pretrain.config import Config
+from pretrain.output_dir import nearest_existing
 from pretrain.resolved import ResolvedRun
 
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
@@ -45,12 +46,14 @@ RETRY_MAX_S = 30.0  # the longest wait between two attempts while the server is 
 CLOSE_WAIT_S = 30.0  # how long the end of a run waits for the queue to drain before leaving it to a backfill
 
 
-def tracking_uri(cfg: Config) -> str:
+def tracking_uri(cfg: Config, run_dir: str | Path | None = None) -> str:
+    """`run_dir`: where the default SQLite store lives when it is not cfg.checkpoint.dir as seen from here (a
+    checkpoint read later, from another working directory)."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(cfg.checkpoint.dir).resolve() / 'mlruns' / 'mlflow.db').as_posix()}"
+    return f"sqlite:///{(Path(run_dir or cfg.checkpoint.dir).resolve() / 'mlruns' / 'mlflow.db').as_posix()}"
 
 
 def ui_hint(uri: str) -> str:
@@ -71,9 +74,7 @@ def check_uri(uri: str, timeout_s: float = 5.0) -> str | None:
         except OSError as e:
             return f"no MLflow server answers at {uri} ({getattr(e, 'reason', e)})"
     if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        while not folder.exists():
-            folder = folder.parent
+        folder = nearest_existing(Path(uri.removeprefix("sqlite:///")).parent)
         return None if os.access(folder, os.W_OK) else f"{folder} is not writable (tracking store {uri})"
     return None
 
