@@ -99,15 +99,24 @@ def write_all(jobs: list[tuple[Any, str]]) -> None:
         save(obj, path)
 
 
-def host_copy(obj: Any) -> Any:
-    """A copy of a state tree that shares no memory with it: tensors copied to host memory, containers rebuilt,
-    other leaves (DeepSpeed's loss scaler, NumPy RNG state, numbers) deep-copied."""
+def host_copy(obj: Any, _storages: dict[tuple, Any] | None = None) -> Any:
+    """A copy of a state tree that shares no memory with it, but shares storage within itself as the original
+    does: each storage is copied to host memory once and every tensor on it becomes the same view of the copy
+    (tied weights, views of a flat buffer), so the file written from it is the one torch.save would write from
+    the original. Containers are rebuilt; other leaves (DeepSpeed's loss scaler, NumPy RNG state, numbers)
+    deep-copied."""
+    storages = {} if _storages is None else _storages
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        t = obj.detach()
+        storage = t.untyped_storage()
+        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        if key not in storages:
+            storages[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
+        return torch.empty(0, dtype=t.dtype).set_(storages[key], t.storage_offset(), t.size(), t.stride())
     if isinstance(obj, dict):
-        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+        return type(obj)((k, host_copy(v, storages)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-        return type(obj)(host_copy(v) for v in obj)
+        return type(obj)(host_copy(v, storages) for v in obj)
     return copy.deepcopy(obj)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from spawn import REPO, child_env
-from train_common import tiny_shards, train_args
+from train_common import run_python, tiny_shards, train_args
 
 from pretrain.checkpoint import files as checkpoint_files
 from pretrain.cli import main as cli
@@ -45,9 +45,8 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("safe")
     shards = tiny_shards(base / "data") / "shards"
     run = base / "run"
-    p = subprocess.run([sys.executable, *train_args(shards, run, "train.max_steps=2", "checkpoint.every=2",
-                                                    "train.dtype=bf16", "parallel.zero_stage=1")],
-                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    p = run_python(train_args(shards, run, "train.max_steps=2", "checkpoint.every=2", "train.dtype=bf16",
+                              "parallel.zero_stage=1"))
     assert p.returncode == 0, p.stderr[-3000:]
     return run, shards
 
@@ -94,9 +93,8 @@ def test_training_refuses_a_payload(run, tmp_path, file, how):
     step, marker = _poisoned(run[0], tmp_path / "run", file)
     target = tmp_path / "run" if how == "resume" else tmp_path / "fresh"
     extra = [f"model.init_from={step}"] if how == "init_from" else []
-    p = subprocess.run([sys.executable, *train_args(run[1], target, "train.max_steps=3", "train.dtype=bf16",
-                                                    "parallel.zero_stage=1", *extra)],
-                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    p = run_python(train_args(run[1], target, "train.max_steps=3", "train.dtype=bf16", "parallel.zero_stage=1",
+                              *extra))
     _refused(p.returncode, p.stderr, marker, file)
 
 
@@ -159,6 +157,24 @@ def test_a_save_that_cannot_be_written_is_one_line_and_leaves_the_last_good_chec
         p.stderr[-3000:]
     assert not list(copy.glob(".tmp_*")) and (copy / "latest").read_text().strip() == "step_2"
 
-    again = subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                           timeout=300)
+    again = run_python(args)
     assert again.returncode == 0 and f"resuming from {copy / 'step_2'}" in again.stderr, again.stderr[-3000:]
+
+
+def test_a_background_save_writes_what_a_foreground_save_writes(tmp_path):
+    """The host copy a background save writes from keeps the original's storage sharing (a tied weight and a
+    view of a flat buffer are stored once, as torch.save stores them) and no longer follows the original."""
+    flat = torch.arange(12, dtype=torch.float32)
+    emb = torch.randn(8, 4)
+    state = {"embed": emb, "head": emb, "views": [flat[:6], flat[6:].view(2, 3)], "step": 3}
+    checkpoint_files.save(state, tmp_path / "foreground.pt")
+    with checkpoint_files.deferred() as jobs:
+        checkpoint_files.save(state, tmp_path / "background.pt")
+    emb.zero_()  # training goes on and changes the weights before the writer thread runs
+    flat.zero_()
+    checkpoint_files.write_all(jobs)
+    fg, bg = (tmp_path / "foreground.pt").stat().st_size, (tmp_path / "background.pt").stat().st_size
+    assert abs(fg - bg) < 256, (fg, bg)  # the same tensors; only zip bookkeeping may differ
+    back = checkpoint_files.load(tmp_path / "background.pt")
+    assert back["embed"].untyped_storage().data_ptr() == back["head"].untyped_storage().data_ptr()
+    assert back["embed"].abs().sum() > 0 and back["views"][1].tolist() == [[6.0, 7.0, 8.0], [9.0, 10.0, 11.0]]
