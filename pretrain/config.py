@@ -88,6 +88,23 @@ class DataSection(_Section):
                           "worker change alone is re-split exactly without it")
 
 
+class SpikeSection(_Section):
+    """Loss-spike rollback (PaLM's manual recipe, automated): see pretrain/spikes.py."""
+    enabled: bool = Field(False, description="watch loss and grad norm; on a confirmed spike restore the newest "
+                          "checkpoint from before it and skip the data read since")
+    window: int = Field(100, ge=8, description="steps of recent history the median and spread are taken over; "
+                        "no step is judged before the window is full")
+    threshold: float = Field(6.0, gt=0, description="robust z-score of the loss (above the median, in scaled MADs) "
+                             "that makes a step suspicious")
+    grad_norm_threshold: float = Field(12.0, ge=0, description="robust z-score of the grad norm that makes a step "
+                                       "suspicious on its own (grad-norm spikes that leave the loss alone are "
+                                       "common and clipped: hence higher than `threshold`); 0: loss only")
+    confirm_steps: int = Field(3, gt=0, description="suspicious steps in a row that confirm a spike")
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks a run may take; one more spike stops it (exit 3)")
+    skip_batches: int = Field(0, ge=0, description="global batches skipped beyond those the spike window read "
+                              "(the batches from the restored checkpoint up to the spike are always skipped)")
+
+
 class TrainSection(_Section):
     max_steps: int = Field(100, gt=0, description="optimizer steps to run")
     micro_batch_size: int = Field(2, gt=0, description="sequences per rank per forward/backward")
@@ -110,6 +127,7 @@ class TrainSection(_Section):
     fp8: Literal["none", "tensorwise", "rowwise"] = Field(
         "none", description="FP8 matmuls in the blocks' projections with torchao (CUDA, compute capability >= 8.9, "
         "tp = 1): tensorwise (fastest) or rowwise scaling")
+    spike: SpikeSection = Field(default_factory=SpikeSection)
     collective_timeout_s: float = Field(600.0, gt=0, description="a collective waiting longer than this for a dead "
                                         "or hung rank fails the run (every process group, torch's own and the "
                                         "libraries'), instead of hanging until the job's wall-clock limit")
@@ -183,6 +201,9 @@ class Config(_Section):
                              "parallel.zero_stage=1")
         if self.train.profile is not None and min(self.train.profile) < 1:
             raise ValueError(f"train.profile={list(self.train.profile)}: [first step, number of steps], both >= 1")
+        if self.train.spike.enabled and self.checkpoint.every == 0:
+            raise ValueError("train.spike.enabled needs checkpoint.every > 0: a rollback restores the newest "
+                             "checkpoint from before the spike")
         if self.train.register_as and not self.tracking.enabled:
             raise ValueError("train.register_as needs tracking.enabled=true: the model version is registered "
                              "under the MLflow run that trained it")
@@ -209,7 +230,10 @@ class Config(_Section):
         out: dict[str, Any] = {}
         for section, values in self.model_dump(mode="json").items():
             for key, value in values.items():
-                out[f"{section}.{key}"] = value
+                if isinstance(value, dict):  # a nested section: train.spike.window
+                    out.update({f"{section}.{key}.{sub}": v for sub, v in value.items()})
+                else:
+                    out[f"{section}.{key}"] = value
         return out
 
 
@@ -221,8 +245,9 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} is not of the form section.key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override key {key!r} must be section.key (e.g. train.max_steps=20)")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.key or section.key.field (e.g. "
+                          "train.max_steps=20, train.spike.enabled=true)")
     return parts, yaml.safe_load(raw) if raw.strip() else ""
 
 
@@ -241,10 +266,17 @@ def _check_keys(raw: dict[str, Any], where: str) -> None:
             raw[section] = values = {}
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping, got {type(values).__name__}")
-        fields = list(sections[section].annotation.model_fields)  # type: ignore[union-attr]
-        for key in values:
+        model_fields = sections[section].annotation.model_fields  # type: ignore[union-attr]
+        fields = list(model_fields)
+        for key, value in values.items():
             if key not in fields:
                 raise ConfigError(f"{where}: unknown key '{section}.{key}'{_suggest(key, fields)}")
+            nested = model_fields[key].annotation
+            if isinstance(nested, type) and issubclass(nested, BaseModel) and isinstance(value, dict):
+                inner = list(nested.model_fields)
+                for sub in value:
+                    if sub not in inner:
+                        raise ConfigError(f"{where}: unknown key '{section}.{key}.{sub}'{_suggest(sub, inner)}")
 
 
 def _one_line(err: ValidationError, where: str) -> ConfigError:
@@ -279,8 +311,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     _check_keys(raw, where)
     for item in overrides or []:
-        (section, key), value = _parse_override(item)
+        parts, value = _parse_override(item)
+        section, key = parts[:2]
         raw.setdefault(section, {})
+        if len(parts) == 3:  # a field of a nested section (train.spike.enabled): merged into what is there
+            nested = raw[section].get(key)
+            value = {**(nested if isinstance(nested, dict) else {}), parts[2]: value}
         _check_keys({section: {key: value}}, f"--set {item}")
         raw[section][key] = value
     try:

@@ -68,6 +68,13 @@ class DistEnv:
     def all_reduce_sum(self, value: float | torch.Tensor) -> float:
         return self._all_reduce(value, dist.ReduceOp.SUM)
 
+    def any_of(self, *flags: bool) -> tuple[bool, ...]:
+        """Collective: each flag, True on every rank when it is True on any; one all-reduce for all of them (the
+        loop's per-step agreement on a stop and on a spike costs what the stop alone did)."""
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(v > 0 for v in t.tolist())
+
     def apply_collective_timeout(self) -> None:
         """Give every process group this rank is in the run's timeout, including the ones created after
         `init_distributed`.

@@ -109,6 +109,9 @@ class StepRecord:
     mem_allocated_gib: float | None = None  # CUDA: the caching allocator's allocated and reserved memory now
     mem_reserved_gib: float | None = None
     eta_s: float | None = None         # to train.max_steps at the recent pace
+    loss_z: float | None = None        # train.spike: the step's robust z-scores (pretrain/spikes.py)
+    grad_norm_z: float | None = None
+    rollbacks: int | None = None       # train.spike: rollbacks taken so far (rollbacks.jsonl has each one)
 
     def to_json(self) -> str:
         d = {k: (None if isinstance(v, float) and not math.isfinite(v) and k not in ("loss", "grad_norm") else v)

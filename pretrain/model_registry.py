@@ -9,9 +9,9 @@ directory, so with the store as registry (`MLFLOW_REGISTRY_URI`, or `mlflow.set_
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from pretrain import metrics
 from pretrain.config import ConfigError, load_config
 from pretrain.tracking import tracking_uri
 
@@ -25,15 +25,11 @@ def store_uri(step_dir: Path) -> str:
 
 
 def _val_loss(run_dir: Path, step: int) -> float | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    if not (run_dir / metrics.METRICS_FILE).exists():
         return None
-    found = None
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("step", 0) <= step and rec.get("val_loss") is not None:
-            found = rec["val_loss"]
-    return found
+    measured = [r["val_loss"] for r in metrics.read(run_dir)
+                if r.get("step", 0) <= step and r.get("val_loss") is not None]
+    return measured[-1] if measured else None
 
 
 def check(step_dir: str | Path) -> None:

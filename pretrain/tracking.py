@@ -40,7 +40,8 @@ _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML = "mlflow.experimentKind", "custom_model_development"
 # The per-step values sent to MLflow, under metrics.jsonl's names.
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "val_loss", "val_ppl",
-                "skipped", "tokens", "step_time_s", "data_wait_s", "mem_allocated_gib", "mem_reserved_gib", "eta_s")
+                "skipped", "tokens", "step_time_s", "data_wait_s", "mem_allocated_gib", "mem_reserved_gib", "eta_s",
+                "loss_z", "grad_norm_z", "rollbacks")
 HTTP_TIMEOUT_S = "10"  # per MLflow request (MLFLOW_HTTP_REQUEST_TIMEOUT); set in the environment to change
 RETRY_MAX_S = 30.0  # the longest wait between two attempts while the server is away
 CLOSE_WAIT_S = 30.0  # how long the end of a run waits for the queue to drain before leaving it to a backfill
@@ -285,6 +286,20 @@ class Tracker:
     def discard(self) -> None:
         """Drop unsent steps (a failed run: they were never checkpointed, a resume will redo them)."""
         self._buffer = []
+
+    def rolled_back(self, record: dict[str, Any]) -> None:
+        """A spike rollback (pretrain/rollback.py): the steps after the restored one are trained again, so they are
+        dropped here and logged anew; the per-step `rollbacks` metric counts them, a tag per rollback says what
+        happened. MLflow cannot delete points: steps a discarded checkpoint had committed
+        (a save inside the spike's window) keep their first values beside the new ones."""
+        self._buffer = []
+        self._logged_up_to = min(self._logged_up_to, int(record["restored_step"]))
+        n, step = int(record["rollback"]), int(record["detected_at"])
+        note = (f"spike at steps {record['first_step']}-{step} (loss z {record['loss_z']:.1f}, grad norm z "
+                f"{record['grad_norm_z']:.1f}): restored step "
+                f"{record['restored_step']}, skipped {record['skipped_batches']} batches")
+        tags = {f"rollback_{n}": note, "rollbacks": str(n)}
+        self._call(f"record rollback {n}", lambda: self._tags(self.run_id, tags))
 
     def artifact_dir(self, local_dir: Path, artifact_path: str) -> None:
         self._call(f"log {local_dir}", lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path))

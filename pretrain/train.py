@@ -6,15 +6,17 @@ rank, averages the per-token loss over them and over DP, and takes one optimizer
 `skipped=True`, when the loss or grad norm is not finite). Step numbers count optimizer steps from 1.
 
 Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1/SIGINT after a committed checkpoint (requeue me; a second
-SIGINT exits 130 at once, see pretrain/signals.py); 3 aborted after
-`train.max_nonfinite_steps` non-finite steps in a row (nothing checkpointed from the bad streak); 4 another rank
+SIGINT exits 130 at once, see pretrain/signals.py); 3 needs a person: `train.max_nonfinite_steps` non-finite steps
+in a row (nothing checkpointed from the bad streak), or a loss spike that `train.spike` could not roll back
+(max_rollbacks used up, no checkpoint before it; pretrain/rollback.py); 4 another rank
 died or stopped answering (a collective failed or waited past `train.collective_timeout_s`); 5 a checkpoint
 could not be written (disk full, quota, read-only: one line naming the cause and the last good checkpoint; the
 unfinished copy removed); 2 bad config/data/checkpoint (one line on stderr).
 
 Fault injection for tests (documented, env only, off by default): PRETRAIN_INJECT_NONFINITE="5,6" makes the loss
 of optimizer steps 5 and 6 NaN inside the engine's forward, so the engine's non-finite guard -- not ours -- is
-what gets exercised.
+what gets exercised; PRETRAIN_INJECT_SIGKILL="before_step:31" or "after_rollback" kills every rank with SIGKILL
+there (a node lost at the worst moment: the resume must reach the same state).
 """
 from __future__ import annotations
 
@@ -32,13 +34,14 @@ from pretrain import checkpoint, metrics
 from pretrain.config import Config
 from pretrain.resolved import ResolvedRun, held_out_note, resolve_run
 from pretrain.profiling import PROFILE_DIR, StepProfiler
+from pretrain.rollback import NeedsPerson, SpikeGuard
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
 from pretrain.tracking import open_tracker, step_values, ui_hint
 
-EXIT_OK, EXIT_NONFINITE, EXIT_LOST_PEER, EXIT_SAVE_FAILED = 0, 3, 4, 5  # 2 (bad input): the CLI's
+EXIT_OK, EXIT_NEEDS_PERSON, EXIT_LOST_PEER, EXIT_SAVE_FAILED = 0, 3, 4, 5  # 2 (bad input): the CLI's
 
 
-class NonFiniteAbort(RuntimeError):
+class NonFiniteAbort(NeedsPerson):
     """Too many non-finite steps in a row: the run stops without checkpointing the bad streak."""
 
 
@@ -72,12 +75,15 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
         held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
         engine = build_engine(cfg, env, run, begin.init)
         env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
-        start, run_id = ckpt.restore(begin, engine, loader)
+        restored = ckpt.restore(begin, engine, loader)  # None: nothing to restore
+        spikes = SpikeGuard(cfg, env, ckpt, say)
+        after_rollback = spikes.resumed(restored, loader)  # the detector's history; the data a rollback skipped
     except BaseException:
         # A refused checkpoint or bad data once the groups exist: close them, so the CLI's one line and exit 2 are
         # the end (gloo's threads left to interpreter exit can abort the process: "terminate called ...", -6).
         env.destroy()
         raise
+    start, run_id = (restored.step, restored.meta.mlflow_run_id) if restored else (0, None)
     run_dir = Path(cfg.checkpoint.dir)
     history: list[dict[str, Any]] = []
     if env.rank == 0:
@@ -86,16 +92,17 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
         lay = run.layout
         say(f"{begin.describe(cfg.model.init_from)} at step {start}; world {lay.world} = tp {lay.tp} x pp {lay.pp} "
             f"x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch {lay.global_batch} x {run.seq_len} tokens")
-        if note := held_out_note(cfg, run):
-            say(note)
+        for note in (held_out_note(cfg, run), after_rollback):
+            if note:
+                say(note)
     if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
         if env.rank == 0:
             append_segment(run_dir, start, start, started)
-        return requeue(env, stop, start, None)
+        return requeue(env, stop, start, None, "before the first step, nothing to save")
     tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start, history=history)
     monitor = start_system_metrics(cfg, env, tracker)
     log = StepLog(cfg, run, env, tracker, start)
-    poison = _poisoned_steps()
+    faults = Faults()
     profiler = StepProfiler(cfg.train.profile, run_dir, env.rank)
     log.profiles = profiler.dir
 
@@ -103,13 +110,13 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
     try:
         while step < cfg.train.max_steps:
             step += 1
-            if step in poison:
-                engine.inject_nonfinite()  # test hook: this step's loss becomes NaN inside the engine
+            faults.before_step(step, engine)
             profiler.before(step)
             res = engine.train_step(batches)
             streak = streak + 1 if res.skipped else 0
             val = held_out.evaluate(engine) if _due(step, cfg.train.eval_every) else None
-            log.step(step, res, val)
+            verdict = spikes.observe(step, res)
+            log.step(step, res, val, verdict, spikes.count)
             if profiler.after(step):
                 env.barrier()  # every rank's trace is written
                 if env.rank == 0:
@@ -120,37 +127,45 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
                 raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
                                      f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
                                      f"checkpoint in {run_dir} holds the last good state")
-            stopping = stop.should_stop(env)  # collective: every rank stops at this same step
-            # A stop saves even inside a non-finite streak: skipped steps changed no weights, and the requeued
-            # run must resume from here. Periodic saves wait for a finite step.
+            # One collective: every rank stops, or rolls back, at this same step.
+            stopping, spiked = env.any_of(stop.requested, verdict.confirmed)
+            if spiked:
+                record = spikes.roll_back(step, verdict, res, engine, loader, batches)
+                faults.after_rollback()
+                step = log.rolled_back(record)
+                if stopping or record["restart"]:  # the rollback is durable: the requeued run resumes from it
+                    return requeue(env, stop, step, tracker, "rolled back to its checkpoint, nothing new to save",
+                                   cause=None if stopping else "restarting to roll back")
+                continue
+            # A stop saves even inside a non-finite streak or a suspected spike: skipped steps changed no weights,
+            # and the requeued run must resume from here. Periodic saves wait for a calm, finite step.
             last = step == cfg.train.max_steps and cfg.checkpoint.final
-            if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0):
+            if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0 and spikes.calm):
                 ckpt.save(step, engine, loader, tracker.run_id if tracker else None,
-                          on_commit=(lambda s=step: tracker.flush(up_to=s)) if tracker else None)
+                          on_commit=(lambda s=step: tracker.flush(up_to=s)) if tracker else None,
+                          extra=spikes.state())
                 log.committed()
             if stopping:  # the notice's lead time must cover a step and this save: say how long the save took
-                return requeue(env, stop, step, tracker, save_s=ckpt.wait().total_s)
+                saved = f"checkpoint committed (saved in {ckpt.wait().total_s:.1f} s)"
+                return requeue(env, stop, step, tracker, saved)
         ckpt.wait()
-    except NonFiniteAbort as e:
+    except NeedsPerson as e:  # a non-finite streak, or a spike past what train.spike may roll back
         try:
             ckpt.wait()  # a save of the last good state may still be in flight
         except checkpoint.CheckpointWriteError as failed:
             return save_failed(failed, env, tracker)
         if env.rank == 0:
-            say(str(e))
-        if tracker:
-            tracker.discard()
-            tracker.finish("FAILED")
-        return EXIT_NONFINITE
+            say(f"{e}; exit {EXIT_NEEDS_PERSON}")
+        mark_failed(tracker)
+        env.destroy()
+        return EXIT_NEEDS_PERSON
     except checkpoint.CheckpointWriteError as e:
         return save_failed(e, env, tracker)
     except BaseException as e:
         ckpt.abandon()
         if snapshot := profiler.out_of_memory(e):
             say(f"rank {env.rank}: out of memory; the allocator's history is in {snapshot}")
-        if tracker:
-            tracker.discard()  # never-checkpointed steps: the resumed run logs them
-            tracker.finish("FAILED")
+        mark_failed(tracker)
         if lost_peer(e):  # one line instead of a library traceback per rank
             reason = str(e).splitlines()[0].rsplit("] ", 1)[-1]  # gloo's message without its source location
             say(f"rank {env.rank}: a collective failed ({reason}): another rank died or "
@@ -175,11 +190,16 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
 def save_failed(error: Exception, env: Any, tracker: Any) -> int:
     if env.rank == 0:
         say(f"{error}; exit {EXIT_SAVE_FAILED}")
+    mark_failed(tracker)
+    env.destroy()
+    return EXIT_SAVE_FAILED
+
+
+def mark_failed(tracker: Any) -> None:
+    """The MLflow run of a failed launch: the never-checkpointed steps dropped (the resumed run logs them)."""
     if tracker:
         tracker.discard()
         tracker.finish("FAILED")
-    env.destroy()
-    return EXIT_SAVE_FAILED
 
 
 def start_system_metrics(cfg: Config, env: Any, tracker: Any) -> Any:
@@ -239,14 +259,13 @@ def make_loader(cfg: Config, run: ResolvedRun, env: Any, *, validation: bool = F
                        document_mask=cfg.model.document_mask, reshard=cfg.data.reshard)
 
 
-def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, *, save_s: float | None = None) -> int:
-    """After the stop checkpoint committed (`save_s` seconds to save; None: stopped before the first step, nothing
-    saved): say so once, mark the MLflow run, hand back the requeue code."""
+def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, what: str, cause: str | None = None) -> int:
+    """Once the state to resume from is durable (`what` says how: the stop checkpoint, with the time its save
+    took, so the notice's lead time can be checked): say so once, mark the MLflow run, hand back the requeue
+    code. `cause`: why, when it was not a signal."""
     if env.rank == 0:
         who = f"signal {signal.Signals(stop.signum).name}" if stop.signum else "a signal on another rank"
-        what = ("before the first step, nothing to save" if save_s is None
-                else f"checkpoint committed (saved in {save_s:.1f} s)")
-        say(f"stopped by {who} at step {step}; {what}; exit {REQUEUE_EXIT_CODE} (requeue)")
+        say(f"{cause or f'stopped by {who}'} at step {step}; {what}; exit {REQUEUE_EXIT_CODE} (requeue)")
     if tracker:
         tracker.finish("KILLED")
     env.destroy()
@@ -311,9 +330,12 @@ class StepLog:
             # (stopped while starting, then requeued) are this run's beginning and stay.
             self.segments.unlink()
 
-    def step(self, step: int, res: Any, val: float | None) -> None:
+    def step(self, step: int, res: Any, val: float | None, verdict: Any = None, rollbacks: int | None = None) -> None:
         rec = self.meter.record(step, float(res.loss), float(res.lr), float(res.grad_norm), bool(res.skipped),
                                 data_wait_s=getattr(res, "data_wait_s", None))
+        if verdict is not None:
+            rec.loss_z, rec.grad_norm_z = verdict.loss_z, verdict.grad_norm_z
+        rec.rollbacks = rollbacks
         if val is not None:
             rec.val_loss, rec.val_ppl = val, math.exp(min(val, 50.0))
         self.last, self.skipped, self.at = rec, self.skipped + int(rec.skipped), step
@@ -330,6 +352,23 @@ class StepLog:
 
     def committed(self) -> None:
         self.meter.restart_clock()  # a checkpoint's time is not a step's time
+
+    def rolled_back(self, record: dict[str, Any]) -> int:
+        """After a spike rollback: metrics.jsonl cut back to the restored step (the discarded records are in
+        rollbacks.jsonl), MLflow told; the step the loop continues from."""
+        step = int(record["restored_step"])
+        self.meter.tokens = step * self.meter.tokens_per_step
+        self.meter.restart_clock()
+        self.at = step
+        if self.on:
+            self.file.close()
+            metrics.truncate_after(self.cfg.checkpoint.dir, step)
+            self.file = metrics.MetricsFile(self.cfg.checkpoint.dir)
+            if self.bar is not None:
+                self.bar.n = step
+            if self.tracker:
+                self.tracker.rolled_back(record)
+        return step
 
     def close(self) -> None:
         """End of this segment however it ends (done, stopped, aborted, failed): appended to segments.jsonl."""
@@ -394,6 +433,19 @@ def _latest(run_dir: Path) -> str | None:
 # ------------------------------------------------------------------------------------------ fault injection
 
 
-def _poisoned_steps() -> set[int]:
-    raw = os.environ.get("PRETRAIN_INJECT_NONFINITE", "")
-    return {int(s) for s in raw.split(",") if s.strip()}
+class Faults:
+    """The PRETRAIN_INJECT_* hooks of the module docstring (tests only)."""
+
+    def __init__(self) -> None:
+        self.nonfinite = {int(s) for s in os.environ.get("PRETRAIN_INJECT_NONFINITE", "").split(",") if s.strip()}
+        self.kill = os.environ.get("PRETRAIN_INJECT_SIGKILL", "")
+
+    def before_step(self, step: int, engine: Any) -> None:
+        if self.kill == f"before_step:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step in self.nonfinite:
+            engine.inject_nonfinite()  # this step's loss becomes NaN inside the engine
+
+    def after_rollback(self) -> None:
+        if self.kill == "after_rollback":
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -14,12 +14,12 @@
 Hugging Face import and export live beside it in pretrain/hf/.
 """
 from pretrain.checkpoint.commit import (CONFIG, LATEST, MANIFEST, META, TOKENIZER_DIR, CheckpointError,
-                                        CheckpointWriteError, Collective, Loaded, Meta, PendingSave, choose,
-                                        list_steps, load, rank_file, read_meta, remove_stale_temps,
-                                        resolve_checkpoint_arg, save, save_in_background, step_dir_name, verify,
-                                        write_manifest)
+                                        CheckpointWriteError, Collective, Loaded, Meta, PendingSave, atomic_write,
+                                        choose, list_steps, load, point_latest, rank_file, read_meta,
+                                        remove_stale_temps, resolve_checkpoint_arg, save, save_in_background,
+                                        step_dir_name, verify, write_manifest)
 
 __all__ = ["CONFIG", "LATEST", "MANIFEST", "META", "TOKENIZER_DIR", "CheckpointError", "CheckpointWriteError",
-           "Collective", "Loaded", "Meta", "PendingSave", "choose", "list_steps", "load", "rank_file", "read_meta",
-           "remove_stale_temps", "resolve_checkpoint_arg", "save", "save_in_background", "step_dir_name", "verify",
-           "write_manifest"]
+           "Collective", "Loaded", "Meta", "PendingSave", "atomic_write", "choose", "list_steps", "load",
+           "point_latest", "rank_file", "read_meta", "remove_stale_temps", "resolve_checkpoint_arg", "save",
+           "save_in_background", "step_dir_name", "verify", "write_manifest"]

@@ -104,13 +104,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ save
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Written under a temporary name, synced, renamed: a reader sees the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def point_latest(run_dir: Path, step: int) -> None:
+    """`latest` names step_<step>/ (replaced atomically)."""
+    atomic_write(run_dir / LATEST, f"{step_dir_name(step)}\n".encode())
 
 
 def _sha256(path: Path) -> str:
@@ -133,7 +139,7 @@ def write_manifest(root: Path, meta: Meta, world_size: int) -> None:
             sha = digest[1] if digest and digest[0] == size else _sha256(p)
             files[rel] = {"size": size, "sha256": sha}
     manifest = {"step": meta.step, "world_size": world_size, "created": time.time(), "files": files}
-    _atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 def remove_stale_temps(run_dir: str | Path, say: Callable[[str], None]) -> None:
@@ -189,18 +195,18 @@ class _Commit:
 
     def records(self, rank: int) -> None:
         (self.tmp / DIGESTS).mkdir(exist_ok=True)
-        _atomic_write(self.tmp / DIGESTS / f"{rank}.json",
+        atomic_write(self.tmp / DIGESTS / f"{rank}.json",
                       json.dumps(checkpoint_files.take_digests(self.tmp)).encode())
         if rank == 0:
-            _atomic_write(self.tmp / CONFIG, self.config_yaml.encode())
-            _atomic_write(self.tmp / META, json.dumps(self.meta.__dict__, indent=1, default=str).encode())
+            atomic_write(self.tmp / CONFIG, self.config_yaml.encode())
+            atomic_write(self.tmp / META, json.dumps(self.meta.__dict__, indent=1, default=str).encode())
 
     def commit(self, world_size: int) -> None:
         write_manifest(self.tmp, self.meta, world_size)
         if self.final.exists():  # a step re-saved (e.g. a resumed run that stops at once): replace, never merge
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)
-        _atomic_write(self.run_dir / LATEST, f"{self.final.name}\n".encode())
+        point_latest(self.run_dir, self.step)
         _prune(self.run_dir, self.keep, protect=self.final)
 
 

@@ -56,14 +56,28 @@ class CheckpointManager:
         """Where this launch starts; a bad checkpoint fails here, before anything is built."""
         return choose_start(self.cfg, self.run, self.env, self.say)
 
-    def restore(self, begin: StartPoint, engine: Any, loader: Any) -> tuple[int, str | None]:
-        """(the step to continue after, the MLflow run id to continue) once engine and loader hold the state."""
+    def restore(self, begin: StartPoint, engine: Any, loader: Any) -> commit.Loaded | None:
+        """Engine and loader hold the state of the start point; what it held (None: nothing to restore)."""
         return restore(begin, self.env, engine, loader)
 
+    def rewindable(self, step_dir: Path) -> bool:
+        """Whether `rewind` can load `step_dir` into the live engine: only a checkpoint of this layout can (one of
+        another layout, from before a resume that re-sliced it, is re-sliced only when an engine is built)."""
+        from pretrain.checkpoint.resume import saved_run
+
+        return saved_run(step_dir, self.run) is None
+
+    def rewind(self, step_dir: Path, engine: Any) -> commit.Loaded:
+        """Back to a committed checkpoint of this run and layout (collective): weights, optimizer state, step and
+        RNG; the loader is left where it is (a spike rollback skips the data read since)."""
+        self.wait()
+        return commit.load(step_dir, self.env, load_model=engine.load)
+
     def save(self, step: int, engine: Any, loader: Any, mlflow_run_id: str | None,
-             on_commit: Callable[[], None] | None = None) -> None:
+             on_commit: Callable[[], None] | None = None, extra: dict[str, Any] | None = None) -> None:
         """Start committing step_<step>/ (collective), after the save in flight, if any, is done. `on_commit` runs
-        on this thread once it is committed (at the next `wait`): MLflow gets the steps it covers only then."""
+        on this thread once it is committed (at the next `wait`): MLflow gets the steps it covers only then.
+        `extra`: more of this rank's state (JSON types), beside the loader cursor and RNG."""
         self.wait()
         self._on_commit = on_commit
         env, run = self.env, self.run
@@ -76,7 +90,7 @@ class CheckpointManager:
         meta = commit.Meta(step=step, mlflow_run_id=mlflow_run_id,
                            tokenizer=dataclasses.asdict(run.tokenizer) if run.tokenizer else {},
                            layout=dataclasses.asdict(run.layout), resolved=run.to_dict())
-        parts = dict(save_model=save_model, rank_state={"loader": loader.state_dict()}, meta=meta,
+        parts = dict(save_model=save_model, rank_state={"loader": loader.state_dict(), **(extra or {})}, meta=meta,
                      config_yaml=self.cfg.to_yaml(), keep=self.cfg.checkpoint.keep)
         if self.cfg.checkpoint.background:
             self.in_flight = commit.save_in_background(self.dir, step, env, env.side, say=self.say, **parts)

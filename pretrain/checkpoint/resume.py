@@ -48,10 +48,11 @@ def choose_start(cfg: Config, run: ResolvedRun, env: Any, say: Any) -> StartPoin
     return StartPoint(chosen, saved, CheckpointReader(chosen, verified=True))  # choose() hashed it
 
 
-def restore(start: StartPoint, env: Any, engine: Any, loader: Any) -> tuple[int, str | None]:
-    """Load the chosen checkpoint into the built engine and loader; (step, MLflow run id) to continue from."""
+def restore(start: StartPoint, env: Any, engine: Any, loader: Any) -> checkpoint.Loaded | None:
+    """Load the chosen checkpoint into the built engine and loader; what it held (step, meta, this rank's state),
+    or None when there is none to load."""
     if start.checkpoint is None:
-        return 0, None
+        return None
     if start.saved is None:
         loaded = checkpoint.load(start.checkpoint, env, load_model=engine.load)
         loader.load_state_dict(loaded.rank_state["loader"])
@@ -59,7 +60,7 @@ def restore(start: StartPoint, env: Any, engine: Any, loader: Any) -> tuple[int,
         loaded = checkpoint.load(start.checkpoint, env, load_model=lambda _: engine.load_resliced(start.init),
                                  saved_rank=peer_rank(start.saved.layout, env.dp_rank))
         loader.load_state_dict(old_loader_states(start.checkpoint, start.saved.layout))
-    return loaded.step, loaded.meta.mlflow_run_id
+    return loaded
 
 
 def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:

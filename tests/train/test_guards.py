@@ -9,16 +9,7 @@ still hold every step exactly once. Last,
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from train_common import losses, tiny_shards, train_args
-from spawn import REPO, child_env
-
-
-def run_train(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(**env), capture_output=True, text=True,
-                          timeout=300)
+from train_common import losses, run_python, tiny_shards, train_args
 
 
 def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
@@ -26,7 +17,7 @@ def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
     run = tmp_path / "run"
     args = train_args(shards, run, "train.max_steps=10", "checkpoint.every=1", "checkpoint.keep=5",
                       "train.max_nonfinite_steps=2", "tracking.enabled=true")  # the default local store
-    p = run_train(args, PRETRAIN_INJECT_NONFINITE="3,5,6")
+    p = run_python(args, PRETRAIN_INJECT_NONFINITE="3,5,6")
     assert p.returncode == 3, p.stderr[-3000:]
     assert "aborting at step 6: 2 non-finite steps in a row (train.max_nonfinite_steps=2)" in p.stderr
     first = losses(run)
@@ -38,7 +29,7 @@ def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
 
     victim = next((run / "step_4" / "model").rglob("*.pt"))
     victim.write_bytes(victim.read_bytes()[:-16])
-    p = run_train(args)
+    p = run_python(args)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"refusing: checkpoint {run / 'step_4'} is corrupt" in p.stderr
     assert f"falling back to the previous complete checkpoint {run / 'step_2'}" in p.stderr
@@ -56,12 +47,12 @@ def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
     assert sorted(logged) == list(range(1, 11)), "no step twice, even after falling back past a flushed one"
 
     # Any committed checkpoint is self-contained for sampling: the latest, or an intermediate one.
-    g = run_train(["-m", "pretrain", "generate", "--checkpoint", str(run), "--prompt", "the model",
+    g = run_python(["-m", "pretrain", "generate", "--checkpoint", str(run), "--prompt", "the model",
                    "--max-new-tokens", "8", "--temperature", "0"])
     assert g.returncode == 0 and g.stdout.startswith("the model"), g.stderr[-2000:]
-    g = run_train(["-m", "pretrain", "generate", "--checkpoint", str(run / "step_9"), "--prompt", "x",
+    g = run_python(["-m", "pretrain", "generate", "--checkpoint", str(run / "step_9"), "--prompt", "x",
                    "--max-new-tokens", "4"])
     assert g.returncode == 0 and g.stdout.startswith("x"), g.stderr[-2000:]
-    x = run_train(["-m", "pretrain", "export-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")])
+    x = run_python(["-m", "pretrain", "export-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")])
     assert x.returncode == 0, x.stderr[-2000:]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}

@@ -4,14 +4,11 @@ what MLflow gives back for `models:/NAME/VERSION` is a directory transformers lo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from spawn import REPO, child_env
-from train_common import tiny_shards, train_args
+from train_common import run_python, tiny_shards, train_args
 
 from pretrain.cli import main as cli
 
@@ -24,10 +21,8 @@ def test_register_at_the_end_of_training_and_from_export(tmp_path, monkeypatch):
 
     shards = tiny_shards(tmp_path / "data") / "shards"
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, *train_args(shards, run, "train.max_steps=3", "tracking.enabled=true",
-                                                    f"data.val_path={shards}", "train.eval_every=3",
-                                                    "train.eval_steps=1", "train.register_as=tiny-llama")],
-                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    p = run_python(train_args(shards, run, "train.max_steps=3", "tracking.enabled=true", f"data.val_path={shards}",
+                              "train.eval_every=3", "train.eval_steps=1", "train.register_as=tiny-llama"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "registered models:/tiny-llama/1" in p.stdout, p.stdout[-2000:]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spawn import REPO, child_env
-from train_common import tiny_shards, train_args
+from train_common import run_python, tiny_shards, train_args
 
 from pretrain.cli import main as cli
 
@@ -27,8 +27,7 @@ def finished(tmp_path_factory) -> Path:
     """A 1-rank run of 2 steps, checkpointed at the end."""
     base = tmp_path_factory.mktemp("errors")
     shards = tiny_shards(base / "data") / "shards"
-    p = subprocess.run([sys.executable, *train_args(shards, base / "run", "train.max_steps=2")], cwd=REPO,
-                       env=child_env(), capture_output=True, text=True, timeout=300)
+    p = run_python(train_args(shards, base / "run", "train.max_steps=2"))
     assert p.returncode == 0, p.stderr[-3000:]
     return base / "run"
 

@@ -3,13 +3,10 @@ steps; logged to the MLflow run (a real SQLite store) and named in the run's las
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from spawn import REPO, child_env
-from train_common import tiny_shards, train_args
+from train_common import launch, tiny_shards, train_args
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -19,10 +16,8 @@ def test_a_profile_per_rank_in_the_run_dir_and_in_mlflow(tmp_path):
 
     shards = tiny_shards(tmp_path / "data") / "shards"
     run = tmp_path / "run"
-    args = train_args(shards, run, "train.max_steps=5", "parallel.zero_stage=1", "tracking.enabled=true",
-                      "train.profile=[2,2]")[2:]
-    p = subprocess.run([sys.executable, "-m", "launch", "--nproc-per-node", "2", "--", "-m", "pretrain", *args],
-                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    p = launch(2, train_args(shards, run, "train.max_steps=5", "parallel.zero_stage=1", "tracking.enabled=true",
+                             "train.profile=[2,2]"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"profiles:    {run / 'profiles'}" in p.stdout, p.stdout[-2000:]
 

@@ -3,13 +3,10 @@ memory), the loader's wait and the tokens seen per step, and an ETA in the step 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from spawn import REPO, child_env
-from train_common import tiny_shards, train_args
+from train_common import run_python, tiny_shards, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -19,9 +16,8 @@ def test_system_metrics_loader_wait_tokens_and_eta(tmp_path):
 
     shards = tiny_shards(tmp_path / "data") / "shards"
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, *train_args(shards, run, "train.max_steps=150", "tracking.enabled=true",
-                                                    "tracking.system_metrics_s=0.2", "train.log_every=10")],
-                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    p = run_python(train_args(shards, run, "train.max_steps=150", "tracking.enabled=true",
+                              "tracking.system_metrics_s=0.2", "train.log_every=10"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| eta " in p.stdout, p.stdout[-2000:]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from spawn import REPO, child_env
 
-_WORDS = ("the a model data token train loss step rank shard layer head query key value norm gradient batch "
-          "sequence learning rate warm cosine decay checkpoint resume signal metric run tensor pipeline zero "
-          "optimizer adam weight bias attention rotary embedding vocabulary sample corpus text word").split()
+WORDS = ("the a model data token train loss step rank shard layer head query key value norm gradient batch "
+         "sequence learning rate warm cosine decay checkpoint resume signal metric run tensor pipeline zero "
+         "optimizer adam weight bias attention rotary embedding vocabulary sample corpus text word").split()
 _CACHE: dict[str, Path] = {}
 
 
@@ -23,21 +23,25 @@ def tiny_shards(root: Path) -> Path:
     if "data" in _CACHE:
         return _CACHE["data"]
     rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) + "." for _ in range(300)]
+    shards_of(texts, root, shard_size_mb=0.1)
+    _CACHE["data"] = root
+    return root
+
+
+def shards_of(texts: list[str], root: Path, *, shard_size_mb: float) -> Path:
+    """`texts` as root/corpus.jsonl -> a 384-token BPE tokenizer in root/tok -> shards in root/shards (returned),
+    in corpus order, through the real `pretrain-data` CLI."""
     root.mkdir(parents=True, exist_ok=True)
     corpus = root / "corpus.jsonl"
-    with open(corpus, "w") as f:
-        for _ in range(300):
-            words = [rng.choice(_WORDS) for _ in range(rng.randint(20, 120))]
-            f.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
-    env = child_env()
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     py = [sys.executable, "-m", "data_pipeline"]
     for args in (["train-tokenizer", "--input", str(corpus), "--vocab-size", "384", "--out", str(root / "tok")],
                  ["prepare", "--input", str(corpus), "--tokenizer", str(root / "tok"), "--out", str(root / "shards"),
-                  "--shard-size-mb", "0.1", "--workers", "0", "--no-progress"]):
-        p = subprocess.run(py + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                  "--shard-size-mb", str(shard_size_mb), "--workers", "0", "--no-progress"]):
+        p = subprocess.run(py + args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-3000:]
-    _CACHE["data"] = root
-    return root
+    return root / "shards"
 
 
 def train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
@@ -51,6 +55,17 @@ def train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
     for item in [*base, *overrides]:
         out += ["--set", item]
     return out
+
+
+def run_python(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repo root (e.g. `*train_args(...)`), output captured, 300 s at most."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(**env), capture_output=True, text=True,
+                          timeout=300)
+
+
+def launch(nproc: int, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`args` (e.g. `train_args(...)`) on `nproc` ranks under the local launcher, `python -m launch`."""
+    return run_python(["-m", "launch", "--nproc-per-node", str(nproc), "--", *args], **env)
 
 
 def losses(run_dir: Path) -> dict[int, float | str]:

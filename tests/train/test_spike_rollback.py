@@ -1,0 +1,167 @@
+"""`train.spike` end to end, on 2 DP ranks under the local launcher: a corpus with a planted poisoned stretch
+(documents of random letters, which the model trained on plain words finds very surprising) makes the loss
+spike; the run rolls back exactly once, to the checkpoint before the spike, and never trains on the poisoned
+samples after it. A second run is killed with SIGKILL twice during the episode (inside the spike window, then
+right after the rollback was recorded) and resumed each time: it ends in exactly the same state. With no
+rollbacks allowed, the same spike stops the run with exit 3 ("needs a person").
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from train_common import WORDS, launch as launch_ranks, shards_of, train_args
+
+POISON = re.compile(r"\b[qxzjv]{3,}\b")  # poisoned words use only these letters; no clean word does
+STEPS, EVERY = 40, 5
+SKIP = 2  # global batches skipped beyond the spike window: the poison's tail, read after the spike is confirmed
+SPIKE = ["train.spike.enabled=true", "train.spike.window=8", "train.spike.confirm_steps=2",
+         f"train.spike.skip_batches={SKIP}"]
+
+
+def poisoned_shards(root: Path) -> Path:
+    """400 short documents in one shard, read in order (no shuffle): DP rank 0 reads documents 0-199, and
+    documents 40-41 are the poison, read around step 30."""
+    rng = random.Random(0)
+    texts = []
+    for i in range(400):
+        if i in (40, 41):
+            texts.append(" ".join("".join(rng.choice("qxzjv") for _ in range(rng.randint(3, 8))) for _ in range(25)))
+        else:
+            texts.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + ".")
+    return shards_of(texts, root, shard_size_mb=10)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return poisoned_shards(tmp_path_factory.mktemp("poisoned") / "data")
+
+
+def launch(shards: Path, run: Path, *extra: str, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    args = train_args(shards, run, f"train.max_steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=10",
+                      "data.shuffle_buffer=0", "optim.lr=3e-3", "train.log_every=100", *SPIKE, *extra)
+    return launch_ranks(nproc, args, **env)
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def replay(shards: Path, state: dict, batches: int) -> tuple[list[str], dict]:
+    """The text of the next `batches` micro-batches of DP rank 0 from a loader state, and the state after them."""
+    from data_pipeline.loader import TokenLoader
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(shards.parent / "tok"))
+    loader = TokenLoader(str(shards), seq_len=32, batch_size=2, dp_rank=0, dp_size=2, seed=1234, shuffle_buffer=0)
+    loader.load_state_dict(state)
+    stream, texts = iter(loader), []
+    for _ in range(batches):
+        texts += [tok.decode(row.tolist()) for row in next(stream)["tokens"]]
+    return texts, loader.state_dict()
+
+
+def rank0_loader(step_dir: Path) -> dict:
+    from pretrain.checkpoint import files
+
+    return files.load(step_dir / "rank_00000.pt")["loader"]
+
+
+@pytest.mark.distributed
+def test_poisoned_stretch_rolls_back_once_and_resumes_to_the_same_decisions(shards, tmp_path):
+    run = tmp_path / "run"
+    p = launch(shards, run, "tracking.enabled=true")
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    (rb,) = records(run / "rollbacks.jsonl")  # exactly one rollback
+    first, target, detected = rb["first_step"], rb["restored_step"], rb["detected_at"]
+    assert target == max(s for s in range(EVERY, first, EVERY)), "the newest checkpoint before the spike"
+    assert re.search(rf"loss spike at steps {first}-{detected} .*: rollback 1 of at most 3: restored "
+                     rf"step_{target}; the {detected - target + SKIP} global batches read since", p.stderr), \
+        p.stderr[-3000:]
+    trained = records(run / "metrics.jsonl")
+    assert [r["step"] for r in trained] == list(range(1, STEPS + 1)), "one record per trained step"
+    spiked = [r["loss"] for r in rb["discarded"] if r["step"] >= first]
+    calm = [r["loss"] for r in trained if target - 5 < r["step"] <= target]
+    assert min(spiked) > max(calm) + 0.5, (spiked, calm)
+    assert all(r["rollbacks"] == (1 if r["step"] > target else 0) for r in trained)
+    assert max(r["loss"] for r in trained if r["step"] > target) < min(spiked) - 0.5, "no spike after the rollback"
+
+    # The poison was in the window the rollback skipped, and none of it in what was trained after the rollback:
+    # replaying rank 0's loader from the recorded state reaches the final checkpoint's cursor exactly.
+    window, _ = replay(shards, rank0_loader(run / f"step_{target}"), (detected - target + SKIP) * 2)
+    assert any(POISON.search(t) for t in window), "the spike window read the poisoned documents"
+    after = json.loads((run / "rollbacks" / "1" / "rank_00000.json").read_text())
+    texts, end = replay(shards, after, (STEPS - target) * 2)
+    assert not any(POISON.search(t) for t in texts), "a poisoned sample was trained on after the rollback"
+    assert end == rank0_loader(run / f"step_{STEPS}"), "the run trained exactly the replayed batches"
+
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{run}/mlruns/mlflow.db")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    assert mlrun.data.tags["rollbacks"] == "1" and f"restored step {target}" in mlrun.data.tags["rollback_1"]
+    assert sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")) == list(range(1, STEPS + 1))
+
+    # Killed inside the spike window (before it is confirmed), then right after the rollback is recorded: each
+    # resume reaches the same decisions, and the run ends bitwise where the uninterrupted one did.
+    again = tmp_path / "again"
+    p = launch(shards, again, PRETRAIN_INJECT_SIGKILL=f"before_step:{detected}")
+    assert p.returncode != 0 and not (again / "rollbacks.jsonl").exists(), p.stderr[-2000:]
+    p = launch(shards, again, PRETRAIN_INJECT_SIGKILL="after_rollback")
+    assert p.returncode != 0 and (again / "latest").read_text().strip() == f"step_{target}", p.stderr[-2000:]
+    assert not [d for d in again.glob("step_*") if int(d.name[5:]) > target], "the spike's checkpoints are gone"
+    p = launch(shards, again)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"rollback 1 restored this checkpoint: the loader continues past the {detected - target + SKIP}" in p.stderr
+    (rb_again,) = records(again / "rollbacks.jsonl")
+    assert {k: rb_again[k] for k in ("first_step", "detected_at", "restored_step", "loss", "loss_z")} == \
+        {k: rb[k] for k in ("first_step", "detected_at", "restored_step", "loss", "loss_z")}
+    same = ("step", "loss", "grad_norm", "loss_z", "grad_norm_z", "rollbacks")
+    assert [{k: r[k] for k in same} for r in records(again / "metrics.jsonl")] == \
+        [{k: r[k] for k in same} for r in trained]
+
+
+@pytest.mark.distributed
+def test_a_pipeline_run_rolls_back_in_process(shards, tmp_path):
+    """DeepSpeed's pipeline engine reloads the restored checkpoint into the live stages (PP2, ZeRO-1)."""
+    run = tmp_path / "run"
+    p = launch(shards, run, "parallel.pp=2", "parallel.zero_stage=1", "train.spike.window=12",
+               "train.spike.threshold=10")  # one DP rank: a noisier loss than two ranks average
+    assert p.returncode == 0, p.stderr[-3000:]
+    (rb,) = records(run / "rollbacks.jsonl")
+    assert rb["layout"] == {"tp": 1, "pp": 2, "dp": 1}
+    assert [r["step"] for r in records(run / "metrics.jsonl")] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.distributed
+def test_a_rollback_to_a_checkpoint_of_another_layout_restarts_from_it(shards, tmp_path):
+    """A run resumed on fewer ranks spikes before its first checkpoint: the checkpoint to return to has the old
+    layout, which only a start re-slices. The rollback is recorded, the run exits 42 (requeue), and the next
+    launch starts from it with the loader past the spike."""
+    run = tmp_path / "run"
+    assert launch(shards, run, "train.max_steps=25").returncode == 0  # 2 ranks, up to just before the spike
+    p = launch(shards, run, "checkpoint.every=50", nproc=1)  # re-sliced for 1 rank, no checkpoint before the spike
+    assert p.returncode == 42, p.stderr[-3000:]
+    assert re.search(r"restored step_25; .* step_25 has another layout, which only a start re-slices: restarting "
+                     r"from it .*\n.*\[train\] restarting to roll back at step 25; rolled back to its checkpoint, "
+                     r"nothing new to save; exit 42 \(requeue\)", p.stderr), p.stderr[-3000:]
+    p = launch(shards, run, "checkpoint.every=50", nproc=1)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "re-slicing weights and optimizer state" in p.stderr and "rollback 1 restored this checkpoint" in p.stderr
+    (rb,) = records(run / "rollbacks.jsonl")
+    assert rb["restored_step"] == 25 and rb["layout"]["dp"] == 1
+    assert [r["step"] for r in records(run / "metrics.jsonl")] == list(range(1, STEPS + 1))
+
+
+def test_a_spike_past_max_rollbacks_needs_a_person(shards, tmp_path):
+    run = tmp_path / "run"
+    p = launch(shards, run, "train.spike.max_rollbacks=0", nproc=1)
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert re.search(r"\[train\] loss spike at steps \d+-\d+ .*: 0 rollback\(s\) taken, train.spike.max_rollbacks=0; "
+                     r"the run needs a person: .*; exit 3", p.stderr), p.stderr[-3000:]
+    assert not (run / "rollbacks.jsonl").exists()
