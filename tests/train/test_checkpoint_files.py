@@ -178,3 +178,39 @@ def test_a_background_save_writes_what_a_foreground_save_writes(tmp_path):
     back = checkpoint_files.load(tmp_path / "background.pt")
     assert back["embed"].untyped_storage().data_ptr() == back["head"].untyped_storage().data_ptr()
     assert back["embed"].abs().sum() > 0 and back["views"][1].tolist() == [[6.0, 7.0, 8.0], [9.0, 10.0, 11.0]]
+
+
+def test_the_next_background_save_reuses_the_host_buffers(tmp_path):
+    """The second save copies into the first one's host memory (no new allocation, no page faults), writes the
+    new values, and a state that changed shape gets buffers of its own size."""
+    weights, moments = torch.randn(64, 8), torch.randn(32)
+
+    def stage(state: dict) -> list[int]:
+        with checkpoint_files.deferred() as jobs:
+            checkpoint_files.save(state, tmp_path / "step.pt")
+        checkpoint_files.write_all(jobs)
+        kept.append(jobs)  # held, so a fresh allocation could not land at the same address
+        return [jobs[0][0][k].untyped_storage().data_ptr() for k in ("w", "m")]
+
+    kept: list = []
+    first = stage({"w": weights, "m": moments})
+    weights.add_(1.0)
+    second = stage({"w": weights, "m": moments})
+    assert second == first
+    assert torch.equal(checkpoint_files.load(tmp_path / "step.pt")["w"], weights)
+    grown = torch.randn(64)
+    third = stage({"w": weights, "m": grown})
+    assert third[0] == first[0] and third[1] != first[1]
+    assert torch.equal(checkpoint_files.load(tmp_path / "step.pt")["m"], grown)
+
+
+@pytest.mark.gpu
+def test_a_background_save_of_gpu_state_stages_it_in_pinned_memory(tmp_path):
+    state = {"w": torch.randn(1024, 1024, device="cuda"), "step": 7}
+    with checkpoint_files.deferred() as jobs:
+        checkpoint_files.save(state, tmp_path / "gpu.pt")
+    state["w"].zero_()  # the next step changes the weights while the writer thread runs
+    staged = jobs[0][0]["w"]
+    assert staged.is_pinned() and staged.device.type == "cpu" and staged.abs().sum() > 0
+    checkpoint_files.write_all(jobs)
+    assert checkpoint_files.load(tmp_path / "gpu.pt")["w"].abs().sum() > 0
