@@ -109,8 +109,9 @@ class Staging:
     Why keep it: a fresh host allocation of the whole state at every save pays its page faults again each time
     (the allocator hands large blocks back to the OS when they are freed), and on CUDA a device-to-host copy
     into pageable memory runs at a fraction of the rate of one into pinned memory, which is slow to allocate.
-    So the buffers stay, pinned when the state is on a GPU: the steady cost is one more copy of this rank's
-    state in host memory, which every save needed anyway while it was written.
+    So the buffers stay, pinned when the state is on a GPU (pageable where the host refuses to lock more): the
+    steady cost is one more copy of this rank's state in host memory, which every save needed anyway while it
+    was written.
 
     Buffers are handed out in request order: a save copies the same tree in the same order each time, so its
     i-th storage lands in the buffer the previous save's i-th storage used when the sizes agree, and in a new
@@ -125,14 +126,14 @@ class Staging:
         self.taken, self.from_device = 0, False
 
     def copy(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
-        pinned = storage.device.type == "cuda"
+        from_gpu = storage.device.type == "cuda"
         i, self.taken = self.taken, self.taken + 1
-        if i < len(self.buffers) and self.buffers[i].nbytes() == storage.nbytes() and \
-                self.buffers[i].is_pinned() == pinned:
+        if i < len(self.buffers) and self.buffers[i].nbytes() == storage.nbytes():
             buf = self.buffers[i]
         else:
-            buf = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+            buf = _host_buffer(storage.nbytes(), pinned=from_gpu)
             self.buffers[i:i + 1] = [buf]
+        pinned = from_gpu and buf.is_pinned()
         buf.copy_(storage, non_blocking=pinned)  # into pinned memory: asynchronous, ordered after the step
         self.from_device |= pinned
         return buf
@@ -142,6 +143,15 @@ class Staging:
         del self.buffers[self.taken:]
         if self.from_device:
             torch.cuda.synchronize()
+
+
+def _host_buffer(nbytes: int, *, pinned: bool) -> torch.UntypedStorage:
+    if pinned:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).untyped_storage()
+        except RuntimeError:  # the host cannot lock that much more memory: pageable memory still works, slower
+            pass
+    return torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
 
 
 STAGING = Staging()
