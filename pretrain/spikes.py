@@ -11,9 +11,9 @@ The test is a robust z-score, one-sided (only a rise is a spike):
 over the last `window` calm steps, for x = loss and x = grad norm; a step is suspicious when the loss's z exceeds
 `threshold` or the grad norm's exceeds `grad_norm_threshold` (higher by default: grad-norm spikes that leave the
 loss alone are frequent in LLM training, clipping absorbs them, and a rollback for one would only waste the steps
-since the checkpoint), and `confirm_steps` suspicious steps in a row confirm a spike. The median and the MAD (1.4826 * MAD
-estimates the standard deviation of normal noise) ignore the outliers a mean and a standard deviation would
-absorb; the 1% floor keeps a flat plateau (MAD near 0) from calling noise a spike. Suspicious steps never enter
+since the checkpoint), and `confirm_steps` suspicious steps in a row confirm a spike. The median and the MAD
+(1.4826 * MAD estimates the standard deviation of normal noise) ignore the outliers a mean and a standard deviation
+would absorb; the 1% floor keeps a flat plateau (MAD near 0) from calling noise a spike. Suspicious steps never enter
 the history, so a spike cannot raise its own baseline. Non-finite steps are the non-finite guard's business
 (`train.max_nonfinite_steps`) and are ignored here.
 
