@@ -39,6 +39,20 @@ def shards(work: Path) -> Path:
     return out
 
 
+def train_argv(config: str, overrides: list[str]) -> list[str]:
+    """The arguments after `python -m` (or a launcher's `-m`) for `pretrain train` with these overrides."""
+    return ["pretrain", "train", "--config", config, *(arg for item in overrides for arg in ("--set", item))]
+
+
+def run_train(config: str, overrides: list[str]) -> str:
+    """`pretrain train` on one process, quietly; its stderr (the save lines), or exit with its tail on failure."""
+    proc = subprocess.run([sys.executable, "-m", *train_argv(config, overrides)], cwd=REPO, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-3000:])
+    return proc.stderr
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -71,9 +85,7 @@ def main() -> int:
     plan = estimate(cfg, args.nproc, run=resolve_run(cfg, args.nproc))
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "pretrain", "train", "--config", args.config]
-    for item in overrides:
-        cmd += ["--set", item]
+           "-m", *train_argv(args.config, overrides)]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=REPO)
     wall = time.time() - t0

@@ -17,10 +17,8 @@ detector's whole per-step work.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,13 +41,11 @@ def run(args: argparse.Namespace, shards: Path, name: str, round_: int) -> list[
                  "tracking.system_metrics_s=0", "train.eval_every=0", f"train.max_steps={args.steps}",
                  "train.log_every=1000", "train.device=cpu", "data.val_path=null"]
     overrides += [o.format(interval=args.interval) for o in VARIANTS[name]]
-    cmd = [sys.executable, "-m", "pretrain", "train", "--config", "configs/debug.yaml"]
-    for item in overrides:
-        cmd += ["--set", item]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(proc.stderr[-3000:])
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from benchmarks.mfu import run_train
+    from pretrain import metrics
+
+    run_train("configs/debug.yaml", overrides)
+    recs = metrics.read(run_dir)
     return [r["step_time_s"] for r in recs[args.warmup:]]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,14 +31,10 @@ def run(args: argparse.Namespace, shards: Path, background: bool) -> list[dict]:
                  f"checkpoint.background={str(background).lower()}", "tracking.enabled=false", "train.eval_every=0",
                  f"train.max_steps={args.steps}", "train.log_every=1", "train.micro_batch_size=1",
                  "train.grad_accum=1", f"train.seq_len={args.seq_len}", "data.num_workers=0", "train.device=cpu"]
-    cmd = [sys.executable, "-m", "pretrain", "train", "--config", args.config]
-    for item in overrides:
-        cmd += ["--set", item]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(proc.stderr[-3000:])
+    from benchmarks.mfu import run_train
+
     saves = [{"checkpoint": m.group(1), "paused_s": float(m.group(2)), "save_s": float(m.group(3))}
-             for m in LINE.finditer(proc.stderr)]
+             for m in LINE.finditer(run_train(args.config, overrides))]
     size = sum(p.stat().st_size for p in run_dir.glob("step_*/**/*") if p.is_file())
     for s in saves:
         s["bytes"] = size // max(len(list(run_dir.glob("step_*"))), 1)

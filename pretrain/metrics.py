@@ -219,7 +219,10 @@ def truncate_after(run_dir: str | Path, step: int) -> int:
 
 
 def read(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of the run's metrics.jsonl; none before its first step has been logged."""
     path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -25,8 +25,6 @@ def store_uri(step_dir: Path) -> str:
 
 
 def _val_loss(run_dir: Path, step: int) -> float | None:
-    if not (run_dir / metrics.METRICS_FILE).exists():
-        return None
     measured = [r["val_loss"] for r in metrics.read(run_dir)
                 if r.get("step", 0) <= step and r.get("val_loss") is not None]
     return measured[-1] if measured else None

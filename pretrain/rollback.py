@@ -179,8 +179,7 @@ class SpikeGuard:
             for s in checkpoint.list_steps(self.run_dir):
                 if s > target:
                     shutil.rmtree(self.run_dir / checkpoint.step_dir_name(s))
-            discarded = [r for r in metrics.read(self.run_dir) if r.get("step", 0) > target] \
-                if (self.run_dir / metrics.METRICS_FILE).is_file() else []
+            discarded = [r for r in metrics.read(self.run_dir) if r.get("step", 0) > target]
             with open(self.run_dir / ROLLBACKS_FILE, "a") as f:
                 f.write(json.dumps({**record, "discarded": discarded}) + "\n")
                 f.flush()

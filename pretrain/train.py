@@ -88,7 +88,7 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
     history: list[dict[str, Any]] = []
     if env.rank == 0:
         metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
-        history = metrics.read(run_dir) if (run_dir / metrics.METRICS_FILE).exists() else []  # for the backfill
+        history = metrics.read(run_dir)  # for the backfill
         lay = run.layout
         say(f"{begin.describe(cfg.model.init_from)} at step {start}; world {lay.world} = tp {lay.tp} x pp {lay.pp} "
             f"x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch {lay.global_batch} x {run.seq_len} tokens")

@@ -196,7 +196,7 @@ class _Commit:
     def records(self, rank: int) -> None:
         (self.tmp / DIGESTS).mkdir(exist_ok=True)
         atomic_write(self.tmp / DIGESTS / f"{rank}.json",
-                      json.dumps(checkpoint_files.take_digests(self.tmp)).encode())
+                     json.dumps(checkpoint_files.take_digests(self.tmp)).encode())
         if rank == 0:
             atomic_write(self.tmp / CONFIG, self.config_yaml.encode())
             atomic_write(self.tmp / META, json.dumps(self.meta.__dict__, indent=1, default=str).encode())
