@@ -233,7 +233,7 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
     lay, args = run.layout, run.model
     if env.layout != lay:
         raise RuntimeError(f"process groups were made for {env.layout}, the run was resolved for {lay}")
-    kernels.use_fused(cfg.model.fused_kernels)
+    kernels.use_fused(cfg.model.fused_kernels and env.device.type == "cuda")  # CPU: eager, no triton import
     kernels.use_loss_chunk(cfg.model.loss_chunk_tokens)
     torch.manual_seed(cfg.train.seed)
     factory = _factory(cfg, run)

@@ -21,15 +21,31 @@ from pretrain.kernels import varlen_attention
 if TYPE_CHECKING:
     from pretrain.model.documents import Documents
 
-_FUSED = False
+_KERNELS: dict[str, ModuleType] = {}  # op -> its Triton module while fused kernels are on; {} when off
+_FUSED_DEVICE = "cuda"  # the device type whose tensors the Triton kernels take
 _LOSS_CHUNK = 0  # tokens per chunk of the output head's loss; 0: sized by model.loss_chunks
+_OPS = ("rmsnorm", "rope", "swiglu", "cross_entropy")
 log = logging.getLogger(__name__)
 
 
 def use_fused(enabled: bool) -> None:
-    """Switch fused kernels on or off for the whole process (the model config's `fused_kernels`)."""
-    global _FUSED
-    _FUSED = enabled
+    """Switch fused kernels on or off for the whole process (the model config's `fused_kernels`).
+
+    The Triton modules are imported here, once, before any model code runs: the ops below only look them up in a
+    dict. An import at call time (importlib) is code Dynamo will not trace, so a compiled block would break its
+    graph at every norm, RoPE and SwiGLU (and a selective-recompute region would fall back to eager)."""
+    global _KERNELS
+    _KERNELS = import_kernels() if enabled else {}
+
+
+def import_kernels() -> dict[str, ModuleType]:
+    """Each op's Triton module (TRITON_INTERPRET is read when they are first imported), or {} without triton."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        log.warning("fused kernels requested but triton is not importable; using the eager ops")
+        return {}
+    return {op: importlib.import_module(f"pretrain.kernels.triton_{op}") for op in _OPS}
 
 
 def use_loss_chunk(tokens: int) -> None:
@@ -39,23 +55,11 @@ def use_loss_chunk(tokens: int) -> None:
 
 
 def fused_enabled(x: torch.Tensor) -> bool:
-    return _FUSED and x.is_cuda and _triton_available()
-
-
-def _triton_available() -> bool:
-    global _FUSED
-    try:
-        importlib.import_module("triton")
-        return True
-    except ImportError:
-        log.warning("fused kernels requested but triton is not importable; using the eager ops")
-        _FUSED = False
-        return False
+    return bool(_KERNELS) and x.device.type == _FUSED_DEVICE
 
 
 def _fused(name: str) -> ModuleType:
-    """The Triton module for an op, imported on first use (TRITON_INTERPRET is read at import time)."""
-    return importlib.import_module(f"pretrain.kernels.triton_{name}")
+    return _KERNELS[name]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

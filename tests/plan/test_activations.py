@@ -65,7 +65,8 @@ def test_fused_kernels_saved_bytes_in_the_interpreter(monkeypatch, mode):
     pytest.importorskip("triton")
     from pretrain import kernels
 
-    monkeypatch.setattr(kernels, "fused_enabled", lambda x: True)  # the CUDA dispatch, on CPU tensors
+    monkeypatch.setattr(kernels, "_KERNELS", kernels.import_kernels())  # the CUDA dispatch, on CPU tensors
+    monkeypatch.setattr(kernels, "_FUSED_DEVICE", "cpu")
     args = block_args()
     model = Transformer(args, REFERENCE, mode)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
