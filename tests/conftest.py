@@ -12,6 +12,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _cpu_children(request, monkeypatch):
+    """A test not marked `gpu` means CPU: every process it starts (ranks, CLIs, benchmarks, SLURM jobs) sees no CUDA
+    device, so on a GPU host it trains on gloo/CPU exactly as it does here, instead of calling set_device(1) on a
+    one-GPU machine or running fused kernels against CPU-recorded expectations. In-process code is unaffected
+    (CUDA is already initialised): tests that build models in-process put their tensors on CPU themselves."""
+    if "gpu" not in request.node.keywords:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def pytest_collection_modifyitems(config, items):
     """Without CUDA: skip the `gpu` tests. With CUDA: skip the Triton-interpreter cases (ids `cpu-*-interpreter`):
     Triton picks the interpreter or the GPU compiler when a kernel module is imported (TRITON_INTERPRET above),

@@ -9,10 +9,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def python_path(*first: str | Path) -> str:
+    """`first`, the repository, then whatever PYTHONPATH this process was given."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys([*map(str, first), str(REPO), *inherited]))
+
+
 def child_env(**extra: str) -> dict[str, str]:
-    """Environment for a child process: one thread per rank (2 cores, 2 ranks), repo importable."""
+    """Environment for a child process: one thread per rank (2 cores, 2 ranks), the repo importable first and the
+    caller's PYTHONPATH kept after it (a cluster's module system or a `pip --target` install lives there)."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=python_path(), TOKENIZERS_PARALLELISM="false")
     env.update(extra)
     return env
 

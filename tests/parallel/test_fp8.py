@@ -78,6 +78,7 @@ def test_projections_fp8_cannot_take_are_left_alone():
 def test_fp8_loss_and_gradients_follow_bf16_on_cuda(recipe):
     """A 4-block model (dim 512) in bf16, with and without FP8 projections: the loss within 2%, every gradient
     pointing the same way."""
+    pytest.importorskip("torchao")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no FP8 tensor cores")
     args = FLAVORS["debug"].replace(vocab_size=1024, dim=512, n_heads=8, n_kv_heads=4, ffn_hidden_dim=1536)

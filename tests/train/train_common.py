@@ -50,7 +50,7 @@ def train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
             f"data.path={shards}", "data.shuffle_buffer=16", "train.seq_len=32", "train.micro_batch_size=2",
             "train.grad_accum=2", "train.log_every=1", "optim.warmup_steps=2", "parallel.zero_stage=0",
             f"checkpoint.dir={run_dir}", "checkpoint.every=0", "tracking.enabled=false", "data.val_path=null",
-            "train.eval_every=0"]
+            "train.eval_every=0", "train.device=cpu", "train.backend=gloo"]
     out = ["-m", "pretrain", "train", "--config", str(REPO / "configs" / "debug.yaml")]
     for item in [*base, *overrides]:
         out += ["--set", item]
