@@ -87,7 +87,7 @@ def main() -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", *train_argv(args.config, overrides)]
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO)
+    code = subprocess.run(cmd, cwd=REPO).returncode  # a failed run still gets its JSON, with what it measured
     wall = time.time() - t0
 
     records = [r for r in read(run_dir) if r["step"] > args.warmup and not r.get("skipped")]
@@ -109,13 +109,21 @@ def main() -> int:
         "planned_mem_gib": plan.total / 2**30,
         "loss_first_last": [records[0]["loss"], records[-1]["loss"]] if records else None,
         "wall_s": wall,
+        "exit_code": code,
     }
-    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (no GPU peak)"
-    print(f"\n{result['device']}, {args.nproc} rank(s), {cfg.model.flavor}: {result['tokens_per_s']:,.0f} tokens/s, "
-          f"{result['tflops_per_rank']:.3g} TFLOP/s per rank, MFU {mfu}, peak memory "
-          f"{result['peak_mem_gib']:.2f} GiB (planned {result['planned_mem_gib']:.2f} GiB)")
     report(result, args.out)
+    print(f"\n{result['device']}, {args.nproc} rank(s), {cfg.model.flavor}: {_fmt(result['tokens_per_s'], ',.0f')} "
+          f"tokens/s, {_fmt(result['tflops_per_rank'], '.3g')} TFLOP/s per rank, MFU "
+          f"{_fmt(result['mfu'], '.1%', 'n/a (no GPU peak)')}, peak memory {_fmt(result['peak_mem_gib'], '.2f')} GiB "
+          f"(planned {result['planned_mem_gib']:.2f} GiB)")
+    if code != 0 or not records:
+        print(f"mfu: the training exited {code} with {len(records)} step(s) after the warm-up", file=sys.stderr)
+        return 1
     return 0
+
+
+def _fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

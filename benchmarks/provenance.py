@@ -4,6 +4,7 @@ be traced and re-measured."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -14,9 +15,20 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+def commit() -> str:
+    """PRETRAIN_COMMIT when set (a copy of the tree without `.git`, as on a lent GPU machine: the caller knows it),
+    else git's HEAD, else "unknown" (no repository, or no git binary): never a reason to lose a measurement."""
+    if os.environ.get("PRETRAIN_COMMIT"):
+        return os.environ["PRETRAIN_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    except OSError:
+        head = ""
+    return head or "unknown"
+
+
 def provenance(benchmark: str, device: str, config: Any) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    return {"benchmark": benchmark, "device": device, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+    return {"benchmark": benchmark, "device": device, "date": time.strftime("%Y-%m-%d"), "commit": commit(),
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "config": config}
 
 

@@ -35,5 +35,12 @@ def test_gpu_check_refuses_without_cuda_and_lists_its_steps():
                        capture_output=True, text=True, timeout=60)
     steps = [line.split(":")[0][3:] for line in p.stdout.splitlines() if line.startswith("== ")]
     assert steps == ["gpu_tests", "kernels", "mfu_125m", "peer_125m", "mfu_1b", "peer_1b"]
+    assert "gpu_check: commit " in p.stdout and "caches under" in p.stdout  # cold-start caches kept in $WORK
+    p = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--speed"], cwd=REPO,
+                       env=child_env(COMMIT="feedbeef", WORK="/tmp/gc"), capture_output=True, text=True, timeout=60)
+    limits = {line.split(":")[0][3:]: int(line.split("(limit ")[1].split(" s)")[0])
+              for line in p.stdout.splitlines() if line.startswith("== ")}
+    assert "commit feedbeef, caches under /tmp/gc" in p.stdout
+    assert limits["gpu_tests"] >= 300 and limits["mfu_1b_compile"] >= 300 and limits["mfu_1b_fp8"] >= 300
     for preset in ("configs/125m.yaml", "configs/1b.yaml"):
         assert (REPO / preset).exists() and preset in p.stdout
