@@ -10,7 +10,8 @@ The gradients are computed in forward, as Liger-Kernel's fused linear cross-entr
 three matmuls as the unfused one (logits, dh, dW) and backward only scales the saved dh and dW by the incoming
 gradient. Apple's cut-cross-entropy instead recomputes the logits in backward (a fourth matmul, 2*N*D*V FLOPs,
 about 6% of a 1B model's step at a 128k vocabulary). What lives from forward to backward is dh (N x D) and dW
-(V x D) in the input's dtype instead of the logits; dW is summed over chunks in fp32 and rounded once.
+(V x D) in the input's dtype instead of the logits; dW is summed over chunks in fp32 (on CUDA each chunk's product
+is accumulated by cuBLAS in fp32 straight into the sum) and rounded once.
 
 How a chunk's loss and gradient are computed is a `ChunkLoss`: plain PyTorch here (the reference, any device),
 the Triton kernel on CUDA (`triton_cross_entropy.chunk_loss`), megatron-core's vocab-parallel steps under tensor
@@ -18,6 +19,7 @@ parallelism (`pretrain.parallel.tensor`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -84,10 +86,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 if dh is not None:
                     torch.mm(grad, weight, out=dh[start:end])  # (c, V) @ (V, D)
-                if dw is not None and dw.dtype == grad.dtype:
-                    dw.addmm_(grad.t(), h)  # (V, c) @ (c, D), summed over chunks
-                elif dw is not None:
-                    dw.add_(grad.t() @ h)  # a chunk's bf16 product, summed in fp32
+                if dw is not None:
+                    _accumulate(dw, grad.t(), h)  # (V, c) @ (c, D), summed over chunks in fp32
             del logits, grad
         if dw is not None and weight.dtype != torch.float32:
             dw = dw.to(weight.dtype)  # rounded once, as one unchunked matmul would; half the bytes to backward
@@ -100,6 +100,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         return (None if dh is None else dh.mul_(grad_loss), None if dw is None else dw.mul_(grad_loss),
                 None, None, None, None, None, None)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b. For bf16/fp16 inputs on CUDA, cuBLAS accumulates in fp32 and adds into `acc` in the
+    same call (addmm's out_dtype): no chunk's product is rounded to bf16 and no (V x D) temporary is made. Where
+    that is not offered (CPU, an older torch), the chunk's product is made in the inputs' dtype and added in fp32:
+    each chunk's dW rounded once before the sum."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _fp32_addmm_on_cuda():
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
+@functools.lru_cache(maxsize=1)
+def _fp32_addmm_on_cuda() -> bool:
+    """Whether this torch's CUDA addmm takes bf16 inputs into an fp32 output (tried once on a tiny product)."""
+    try:
+        acc = torch.zeros(2, 2, device="cuda")
+        x = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+        torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
+        return bool(acc.eq(2).all())
+    except (RuntimeError, TypeError):
+        return False
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_loss: ChunkLoss,

@@ -18,7 +18,9 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 _aten = torch.ops.aten
 SAVED_OPS = {
     _aten.mm.default, _aten.addmm.default, _aten.bmm.default,
-    _aten._scaled_mm.default, _aten.max.default,  # FP8 (torchao): its matmuls, and the amax its scales come from
+    # FP8 (torchao): its matmuls, and the amax its scales come from (tensorwise: max of the whole tensor; rowwise:
+    # amax per row). Each is a full read of an activation for a few numbers: kept, never recomputed.
+    _aten._scaled_mm.default, _aten.max.default, _aten.amax.default,
     _aten._scaled_dot_product_flash_attention.default,  # CUDA flash
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,

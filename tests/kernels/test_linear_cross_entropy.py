@@ -179,3 +179,21 @@ def test_cross_entropy_rows_past_2_31_logits_elements_on_cuda():
         g = (torch.softmax(tail, dim=-1) - F.one_hot(t[-4:], V).float()) / N
     assert float(loss) == pytest.approx(float(want), rel=1e-3)
     torch.testing.assert_close(logits.grad[-4:].float(), g, rtol=2e-2, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_chunks_of_dw_are_summed_in_fp32_without_rounding_each_on_cuda():
+    """Each chunk's dW product goes into the fp32 sum unrounded (cuBLAS accumulates in fp32 into it): 64 chunks of
+    bf16 inputs agree with the fp32 sum of fp32 products to fp32 accuracy, not to bf16's 3 digits."""
+    from pretrain.kernels.linear_cross_entropy import _accumulate
+
+    g = torch.Generator("cuda").manual_seed(0)
+    acc = torch.zeros(256, 128, device="cuda")
+    want = torch.zeros(256, 128, device="cuda", dtype=torch.float64)
+    for _ in range(64):
+        a = torch.randn(256, 32, device="cuda", generator=g).to(torch.bfloat16)
+        b = torch.randn(32, 128, device="cuda", generator=g).to(torch.bfloat16)
+        _accumulate(acc, a, b)
+        want += a.double() @ b.double()
+    err = float((acc.double() - want).abs().max() / want.abs().max())
+    assert err < 1e-5, f"relative error {err:.2e}: products rounded to bf16 before the sum"

@@ -50,7 +50,7 @@ def test_boundaries_are_runs_of_one_id_and_never_cross_a_row():
 
 
 def _per_document_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, enable_gqa=False):
-    """What varlen flash attention computes, in plain SDPA one document at a time (torch 2.13's signature)."""
+    """What varlen flash attention computes, in plain SDPA one document at a time (torch >= 2.12's signature)."""
     assert tuple(window_size) == (-1, 0), "the caller must ask for causal attention"
     assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
     out = torch.empty_like(q)
@@ -61,13 +61,20 @@ def _per_document_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, enable
     return out
 
 
-def _per_document_sdpa_old(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
-    """torch <= 2.11's signature: `is_causal`, no grouped-query heads."""
+def _per_document_sdpa_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size):
+    """torch 2.11's signature: `window_size`, no grouped-query heads."""
+    assert q.shape[1] == k.shape[1], "without enable_gqa the kv heads must come expanded"
+    return _per_document_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window_size)
+
+
+def _per_document_sdpa_2_10(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
+    """torch 2.10's signature: `is_causal`, no grouped-query heads."""
     assert is_causal and q.shape[1] == k.shape[1], "older torch needs causal asked by name and kv heads expanded"
     return _per_document_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
 
 
-@pytest.mark.parametrize("kernel", [_per_document_sdpa, _per_document_sdpa_old], ids=["torch2.13", "torch2.11"])
+@pytest.mark.parametrize("kernel", [_per_document_sdpa, _per_document_sdpa_2_11, _per_document_sdpa_2_10],
+                         ids=["torch2.12+", "torch2.11", "torch2.10"])
 def test_varlen_call_equals_the_dense_mask_forward_and_backward(kernel):
     """The flattening, cu_seqlens and keywords the CUDA path hands to flash attention give exactly the dense
     reference's outputs and gradients (grouped-query heads: 4 query heads over 2 kv heads)."""

@@ -68,3 +68,26 @@ def test_recompute_is_off_for_inference_and_cached_decoding(mode):
     with torch.no_grad(), _Ops() as ops:
         model(torch.randint(0, 256, (1, 8)))
     assert ops.count[ATTENTION] == args.n_layers
+
+
+def test_selective_keeps_the_fp8_scales_amax():
+    """torchao's FP8 scales come from an amax of each tensor (tensorwise: aten.max) or each row (rowwise:
+    aten.amax): both are kept, so backward re-runs no reduction over a whole activation to rebuild a scale."""
+    from torch.utils.checkpoint import checkpoint
+
+    from pretrain.model.recompute import selective_context
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 16, generator=g, requires_grad=True)
+    x = torch.randn(8, 16, generator=g, requires_grad=True)
+
+    def scaled_matmul(x):
+        rowwise = x.abs().amax(dim=1, keepdim=True)
+        tensorwise = x.abs().max()
+        return ((x / rowwise) @ w).relu() * tensorwise
+
+    y = checkpoint(scaled_matmul, x, use_reentrant=False, context_fn=selective_context)
+    with _Ops() as backward:
+        y.square().sum().backward()
+    assert backward.count[aten.amax.default] == 0 and backward.count[aten.max.default] == 0
+    assert backward.count[aten.abs.default] > 0  # the control: the cheap elementwise op is recomputed
