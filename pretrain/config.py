@@ -12,10 +12,10 @@ import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 
 from pretrain.model.args import FLAVORS, ModelArgs
 
@@ -24,22 +24,36 @@ class ConfigError(ValueError):
     """A bad config: the message is one line naming the key and what to do."""
 
 
+# The bounds every numeric field shares. A float is finite: inf and nan pass `gt=0` and then crash a run (timedelta
+# overflows) or corrupt it silently (lr=inf trains nan weights and commits them). A count is a whole number below
+# 2**31: every count ends up in a C int (a tensor shape, DeepSpeed's config, a deque's maxlen), and long before that
+# the memory check (`pretrain.resolved.check_memory`) refuses a shape that cannot fit. Each field adds the bounds
+# its own meaning implies (positive, a fraction, ...).
+MAX_COUNT = 2**31 - 1
+Finite = FiniteFloat
+Count = Annotated[int, Field(le=MAX_COUNT)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # what torch.manual_seed takes
+MAX_TIMEOUT_S = 7 * 86400  # a week: timedelta and torch's millisecond timeouts overflow far beyond it
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSection(_Section):
     flavor: str = Field("debug", description=f"named shape: one of {', '.join(FLAVORS)}")
-    dim: int | None = Field(None, description="override the flavor's hidden size")
-    n_layers: int | None = Field(None, description="override the flavor's number of blocks")
-    n_heads: int | None = Field(None, description="override the flavor's query heads")
-    n_kv_heads: int | None = Field(None, description="override the flavor's key/value heads (GQA)")
-    vocab_size: int | None = Field(None, description="None: the tokenizer's size from the shard manifest")
-    ffn_hidden_dim: int | None = Field(None, description="override the SwiGLU hidden width")
-    rope_theta: float | None = Field(None, description="override the RoPE base")
-    norm_eps: float | None = Field(None, description="override the RMSNorm epsilon")
+    dim: Count | None = Field(None, gt=0, description="override the flavor's hidden size")
+    n_layers: Count | None = Field(None, gt=0, description="override the flavor's number of blocks")
+    n_heads: Count | None = Field(None, gt=0, description="override the flavor's query heads")
+    n_kv_heads: Count | None = Field(None, gt=0, description="override the flavor's key/value heads (GQA)")
+    vocab_size: Count | None = Field(None, gt=0, description="None: the tokenizer's size from the shard manifest")
+    ffn_hidden_dim: Count | None = Field(None, gt=0, description="override the SwiGLU hidden width")
+    rope_theta: Finite | None = Field(None, gt=1, le=1e12, description="override the RoPE base (> 1: the "
+                                      "wavelengths grow with the dimension; long-context models use up to ~1e10)")
+    norm_eps: Finite | None = Field(None, gt=0, lt=1, description="override the RMSNorm epsilon (small beside the "
+                                    "mean square it is added to)")
     tie_embeddings: bool | None = Field(None, description="share the input embedding with the output head")
-    init_std: float | None = Field(None, description="override the init std")
+    init_std: Finite | None = Field(None, gt=0, le=1, description="override the init std")
     document_mask: bool = Field(False, description="attend only within a document inside a packed sequence "
                                 "(CUDA bf16: varlen flash attention; elsewhere a dense mask)")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
@@ -48,19 +62,20 @@ class ModelSection(_Section):
     fused_kernels: bool = Field(True, description="use the Triton kernels on CUDA (always eager on CPU)")
     compile: bool = Field(False, description="torch.compile each transformer block (per block, as torchtitan "
                           "does); the first steps are slower while it compiles")
-    loss_chunk_tokens: int = Field(0, ge=0, description="tokens per chunk of the output head + loss (the logits are "
-                                   "never held whole); 0: as many as fit 512 MiB of working memory")
+    loss_chunk_tokens: Count = Field(0, ge=0, description="tokens per chunk of the output head + loss (the logits "
+                                     "are never held whole); 0: as many as fit 512 MiB of working memory")
     init_from: str | None = Field(None, description="start from these weights (a step_N dir, a run dir or a "
                                   "`pretrain import-hf` output): weights only, fresh optimizer, step 0; the model "
                                   "shape must match; ignored when resuming")
     init_from_any_tokenizer: bool = Field(False, description="allow init_from with shards made by another "
                                           "tokenizer (token ids then change meaning)")
 
-    @model_validator(mode="after")
-    def _known_flavor(self) -> "ModelSection":
-        if self.flavor not in FLAVORS:
-            raise ValueError(f"unknown flavor {self.flavor!r}; choose one of {', '.join(FLAVORS)}")
-        return self
+    @field_validator("flavor")
+    @classmethod
+    def _known_flavor(cls, flavor: str) -> str:
+        if flavor not in FLAVORS:
+            raise ValueError(f"unknown flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
+        return flavor
 
     def args(self, vocab_size: int | None = None) -> ModelArgs:
         """The flavor with this section's overrides applied; `vocab_size` fills in a vocab left as None."""
@@ -75,14 +90,14 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     path: str | list[str] = Field("", description="shard dir, glob, brace pattern, pipe: URL, or a list of them")
-    weights: list[float] | None = Field(None, description="mixture weights, one per entry of `path`")
+    weights: list[Finite] | None = Field(None, description="mixture weights, one per entry of `path`")
     val_path: str | list[str] | None = Field(None, description="held-out shards for validation loss, made with "
                                              "the training tokenizer; read in their own token proportions "
                                              "(data.weights apply to data.path only)")
     tokenizer: str | None = Field(None, description="the tokenizer the shards were made with (dir or file); None: "
                                   "the path recorded in the shard manifest. Copied into every checkpoint")
-    num_workers: int = Field(0, ge=0, description="dataloader worker processes per rank")
-    shuffle_buffer: int = Field(1000, ge=0, description="in-shard shuffle buffer (samples); 0 disables")
+    num_workers: Count = Field(0, ge=0, description="dataloader worker processes per rank")
+    shuffle_buffer: Count = Field(1000, ge=0, description="in-shard shuffle buffer (samples); 0 disables")
     reshard: bool = Field(False, description="restart the earliest saved epoch when a loader resume cannot be "
                           "exact (another dataset, seed or shuffle buffer, or some ranks' states missing); a DP or "
                           "worker change alone is re-split exactly without it")
@@ -92,35 +107,40 @@ class SpikeSection(_Section):
     """Loss-spike rollback (PaLM's manual recipe, automated): see pretrain/spikes.py."""
     enabled: bool = Field(False, description="watch loss and grad norm; on a confirmed spike restore the newest "
                           "checkpoint from before it and skip the data read since")
-    window: int = Field(100, ge=8, description="steps of recent history the median and spread are taken over; "
-                        "no step is judged before the window is full")
-    threshold: float = Field(6.0, gt=0, description="robust z-score of the loss (above the median, in scaled MADs) "
-                             "that makes a step suspicious")
-    grad_norm_threshold: float = Field(12.0, ge=0, description="robust z-score of the grad norm that makes a step "
-                                       "suspicious on its own (grad-norm spikes that leave the loss alone are "
-                                       "common and clipped: hence higher than `threshold`); 0: loss only")
-    confirm_steps: int = Field(3, gt=0, description="suspicious steps in a row that confirm a spike")
-    max_rollbacks: int = Field(3, ge=0, description="rollbacks a run may take; one more spike stops it (exit 3)")
-    skip_batches: int = Field(0, ge=0, description="global batches skipped beyond those the spike window read "
-                              "(the batches from the restored checkpoint up to the spike are always skipped)")
+    window: Count = Field(100, ge=8, description="steps of recent history the median and spread are taken over; "
+                          "no step is judged before the window is full")
+    threshold: Finite = Field(6.0, gt=0, le=1e6, description="robust z-score of the loss (above the median, in "
+                              "scaled MADs) that makes a step suspicious")
+    grad_norm_threshold: Finite = Field(12.0, ge=0, le=1e6, description="robust z-score of the grad norm that "
+                                        "makes a step suspicious on its own (grad-norm spikes that leave the loss "
+                                        "alone are common and clipped: hence higher than `threshold`); 0: loss only")
+    confirm_steps: Count = Field(3, gt=0, description="suspicious steps in a row that confirm a spike")
+    max_rollbacks: Count = Field(3, ge=0, description="rollbacks a run may take; one more spike stops it (exit 3)")
+    skip_batches: Count = Field(0, ge=0, description="global batches skipped beyond those the spike window read "
+                                "(the batches from the restored checkpoint up to the spike are always skipped)")
+    max_skip_batches: Count = Field(64, ge=0, description="after a rollback, global batches judged forward-only "
+                                    "(no update) and skipped while they are still spike-level, so one rollback gets "
+                                    "past a whole poisoned stretch; 0: no look-ahead")
 
 
 class TrainSection(_Section):
-    max_steps: int = Field(100, gt=0, description="optimizer steps to run")
-    micro_batch_size: int = Field(2, gt=0, description="sequences per rank per forward/backward")
-    grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step")
-    seq_len: int = Field(128, gt=0, description="tokens per training sequence")
-    seed: int = Field(1234, description="seeds init, data order and dropout-free RNG streams")
-    log_every: int = Field(10, gt=0, description="print/log a metrics line every N steps")
-    eval_every: int = Field(0, ge=0, description="validation every N steps; 0 disables")
-    eval_steps: int = Field(10, gt=0, description="micro-batches per validation")
+    max_steps: Count = Field(100, gt=0, description="optimizer steps to run")
+    micro_batch_size: Count = Field(2, gt=0, description="sequences per rank per forward/backward")
+    grad_accum: Count = Field(1, gt=0, description="micro-batches accumulated per optimizer step")
+    seq_len: Count = Field(128, gt=0, description="tokens per training sequence")
+    seed: Seed = Field(1234, description="seeds init, data order and dropout-free RNG streams")
+    log_every: Count = Field(10, gt=0, description="print/log a metrics line every N steps")
+    eval_every: Count = Field(0, ge=0, description="validation every N steps; 0 disables")
+    eval_steps: Count = Field(10, gt=0, description="micro-batches per validation")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="compute dtype; bf16 keeps fp32 master weights")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available else cpu")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on cuda, gloo on cpu")
-    max_nonfinite_steps: int = Field(3, gt=0, description="abort after this many non-finite steps in a row")
-    peak_tflops: float | None = Field(None, description="per-device peak for MFU; None: looked up by GPU name")
-    profile: tuple[int, int] | None = Field(None, description="[START, STEPS]: a torch profiler trace per rank of "
-                                            "steps START..START+STEPS-1 in <checkpoint.dir>/profiles (and MLflow)")
+    max_nonfinite_steps: Count = Field(3, gt=0, description="abort after this many non-finite steps in a row")
+    peak_tflops: Finite | None = Field(None, gt=0, le=1e5, description="per-device peak for MFU; None: looked up "
+                                       "by GPU name")
+    profile: tuple[Count, Count] | None = Field(None, description="[START, STEPS]: a torch profiler trace per rank "
+                                                "of steps START..START+STEPS-1 in <checkpoint.dir>/profiles (and "
+                                                "MLflow)")
     register_as: str | None = Field(None, description="at the end, export the final checkpoint for Hugging Face "
                                     "(<checkpoint.dir>/hf/step_N) and register it as a new version of this MLflow "
                                     "model (needs tracking.enabled)")
@@ -128,44 +148,55 @@ class TrainSection(_Section):
         "none", description="FP8 matmuls in the blocks' projections with torchao (CUDA, compute capability >= 8.9, "
         "tp = 1): tensorwise (fastest) or rowwise scaling")
     spike: SpikeSection = Field(default_factory=SpikeSection)
-    collective_timeout_s: float = Field(600.0, gt=0, description="a collective waiting longer than this for a dead "
-                                        "or hung rank fails the run (every process group, torch's own and the "
-                                        "libraries'), instead of hanging until the job's wall-clock limit")
+    collective_timeout_s: Finite = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="a collective waiting longer "
+                                         "than this for a dead or hung rank fails the run (every process group, "
+                                         "torch's own and the libraries'), instead of hanging until the job's "
+                                         "wall-clock limit; a week at most")
 
 
 class OptimSection(_Section):
-    lr: float = Field(3e-4, gt=0, description="peak learning rate")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
-    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    lr: Finite = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr_ratio: Finite = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
+    warmup_steps: Count = Field(10, ge=0, description="linear warmup steps")
     schedule: Literal["cosine", "linear", "wsd", "constant"] = Field("cosine", description="decay after warmup")
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps spent decaying")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (not on norms)")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+    decay_fraction: Finite = Field(0.2, gt=0, le=1, description="wsd: fraction of steps spent decaying")
+    weight_decay: Finite = Field(0.1, ge=0, description="AdamW decoupled weight decay (not on norms); "
+                                 "lr x weight_decay < 1")
+    beta1: Finite = Field(0.9, ge=0, lt=1)
+    beta2: Finite = Field(0.95, ge=0, lt=1)
+    eps: Finite = Field(1e-8, gt=0, lt=1, description="added to sqrt(v) in Adam's update: small beside it")
+    grad_clip: Finite = Field(1.0, ge=0, le=1e6, description="global grad-norm clip; 0 disables")
+
+    @model_validator(mode="after")
+    def _decay_below_one(self) -> "OptimSection":
+        # AdamW multiplies every weight by (1 - lr x weight_decay) each step: at 1 or more it zeroes or flips them.
+        if self.lr * self.weight_decay >= 1:
+            raise ValueError(f"optim.lr={self.lr:g} x optim.weight_decay={self.weight_decay:g} must be < 1: AdamW "
+                             "multiplies every weight by (1 - lr x weight_decay) each step")
+        return self
 
 
 class ParallelSection(_Section):
-    tp: int = Field(1, gt=0, description="tensor-parallel degree (megatron-core)")
-    pp: int = Field(1, gt=0, description="pipeline-parallel degree (DeepSpeed PipelineModule)")
+    tp: Count = Field(1, gt=0, description="tensor-parallel degree (megatron-core)")
+    pp: Count = Field(1, gt=0, description="pipeline-parallel degree (DeepSpeed PipelineModule)")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
     sequence_parallel: bool = Field(False, description="megatron-core sequence parallelism (CUDA only)")
 
     @model_validator(mode="after")
     def _deepspeed_rules(self) -> "ParallelSection":
         if self.pp > 1 and self.zero_stage >= 2:
-            raise ValueError(f"zero_stage={self.zero_stage} with pp={self.pp}: DeepSpeed's pipeline engine says "
-                             "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism; use zero_stage <= 1")
+            raise ValueError(f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: DeepSpeed's "
+                             "pipeline engine says ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism; "
+                             "use zero_stage <= 1")
         if self.sequence_parallel and self.tp == 1:
-            raise ValueError("sequence_parallel needs tp > 1")
+            raise ValueError("parallel.sequence_parallel needs tp > 1")
         return self
 
 
 class CheckpointSection(_Section):
     dir: str = Field("runs/debug", description="run directory: checkpoints, metrics.jsonl, mlruns")
-    every: int = Field(0, ge=0, description="checkpoint every N steps (and always at the end); 0: end only")
-    keep: int = Field(3, gt=0, description="complete checkpoints kept")
+    every: Count = Field(0, ge=0, description="checkpoint every N steps (and always at the end); 0: end only")
+    keep: Count = Field(3, gt=0, description="complete checkpoints kept")
     resume: str = Field("auto", description="auto (from `latest` if any) | none | a step_N directory")
     final: bool = Field(True, description="checkpoint at the end of the run (benchmarks turn it off)")
     background: bool = Field(True, description="write, hash and commit on a background thread: training pauses "
@@ -177,9 +208,9 @@ class TrackingSection(_Section):
     uri: str | None = Field(None, description="MLflow URI; None: $MLFLOW_TRACKING_URI or <checkpoint.dir>/mlruns")
     experiment: str = Field("pretrain", description="MLflow experiment name")
     run_name: str | None = Field(None, description="MLflow run name; None: the run directory's name")
-    system_metrics_s: float = Field(30.0, ge=0, description="seconds between samples of MLflow's system metrics "
-                                    "(CPU, host memory, disk, network; GPUs with NVML), on each node's first rank; "
-                                    "0: off")
+    system_metrics_s: Finite = Field(30.0, ge=0, le=86400, description="seconds between samples of MLflow's "
+                                     "system metrics (CPU, host memory, disk, network; GPUs with NVML), on each "
+                                     "node's first rank; 0: off; a day at most")
 
 
 class Config(_Section):
@@ -248,7 +279,14 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if len(parts) not in (2, 3) or not all(parts):
         raise ConfigError(f"override key {key!r} must be section.key or section.key.field (e.g. "
                           "train.max_steps=20, train.spike.enabled=true)")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return parts, ""
+    try:
+        return parts, yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer longer than Python converts (4300 digits)
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {key.strip()}: {raw[:40]!r}{'...' if len(raw) > 40 else ''} is not a YAML value "
+                          f"({why})") from None
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -283,6 +321,8 @@ def _one_line(err: ValidationError, where: str) -> ConfigError:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
+    if loc and msg.startswith(f"{loc}."):  # a section's own rule that names its dotted keys
+        loc = ""
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return ConfigError(f"{where}: {loc}: {msg}{shown}" if loc else f"{where}: {msg}{shown}")
@@ -307,6 +347,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        except ValueError as e:  # an integer longer than Python converts (4300 digits)
+            raise ConfigError(f"{path}: not a config: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     _check_keys(raw, where)
@@ -359,6 +401,9 @@ def check_layout(cfg: Config, world_size: int) -> None:
                           f"launch a multiple of {p.tp * p.pp} ranks")
     if args.dim % args.n_heads != 0:
         raise ConfigError(f"model.dim={args.dim} is not divisible by model.n_heads={args.n_heads}")
+    if args.head_dim % 2:
+        raise ConfigError(f"model.dim={args.dim} / model.n_heads={args.n_heads} = {args.head_dim}: RoPE rotates "
+                          "pairs of a head's channels, so the head dim must be even")
     if args.n_heads % args.kv_heads != 0:
         raise ConfigError(f"model.n_heads={args.n_heads} is not a multiple of model.n_kv_heads={args.kv_heads}")
     if args.n_heads % p.tp != 0:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,17 +220,19 @@ def _tokenizer_facts(cfg: Config, info: Any, manifest_dir: str) -> TokenizerFact
 
 
 def resolve_run(cfg: Config, world_size: int, *, require_data: bool = True,
-                vocab_without_data: int | None = None) -> ResolvedRun:
+                vocab_without_data: int | None = None, fit_host: bool = True) -> ResolvedRun:
     """Config + world + manifests -> the run, with every check that needs no process group. One-line
     ConfigError / DataError otherwise.
 
     Training, its `--dry-run` and the launcher's preflight share these checks (so a dry run that passes does not
     fail at start): the layout rules; data.path's shards (one tokenizer, enough documents for every DP rank x
     loader worker); the tokenizer's files (found and the right ones); data.val_path's shards (they exist, made
-    with the training tokenizer, enough documents for every DP rank x worker).
+    with the training tokenizer, enough documents for every DP rank x worker); and, for a run of this host (data
+    required, `fit_host`), that its memory estimate fits the host (`check_memory`).
 
     `require_data=False` (planning): when data.path names nothing, the model's vocabulary is model.vocab_size,
-    else `vocab_without_data` (the caller says which and why); data that is there is checked all the same.
+    else `vocab_without_data` (the caller says which and why); data that is there is checked all the same, the
+    memory is not (`pretrain plan` sizes a cluster elsewhere; the launcher's preflight runs on a login node).
     """
     check_layout(cfg, world_size)  # the cheap rules first: they fail before any manifest is read
     missing = _missing(cfg)
@@ -259,8 +263,80 @@ def resolve_run(cfg: Config, world_size: int, *, require_data: bool = True,
             _same_tokenizer("data.val_path", val_sets, tokenizer.identity, f"data.path ({sets[0].spec})")
             _splittable("data.val_path", val_sets, layout, cfg.data.num_workers)
             val_data = _facts(val_sets)
-    return ResolvedRun(layout=layout, model=model, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
-                       seq_len=cfg.train.seq_len, dtype=cfg.train.dtype, zero_stage=cfg.parallel.zero_stage)
+    run = ResolvedRun(layout=layout, model=model, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
+                      seq_len=cfg.train.seq_len, dtype=cfg.train.dtype, zero_stage=cfg.parallel.zero_stage)
+    if require_data and fit_host:
+        check_memory(cfg, run)
+    return run
+
+
+def _gpu_memory_here() -> int | None:
+    """Bytes of the largest GPU on this host, from nvidia-smi (a dry run imports no torch, and torch's own query
+    would open a CUDA context before the rank picks its device); None where none answers or none is visible. The
+    largest: a refusal must be certain, and nvidia-smi's numbering need not be CUDA_VISIBLE_DEVICES'."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30)
+        mib = [float(x) for x in out.stdout.split()] if out.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return int(max(mib) * 1024**2) if mib else None
+
+
+def _ranks_here(world: int) -> int:
+    """CPU ranks sharing this host's RAM: the launcher's LOCAL_WORLD_SIZE, else (a dry run) the whole world."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return min(world, int(local)) if local.isdigit() and int(local) > 0 else world
+
+
+def _on_gpu(cfg: Config, gpu_bytes: int | None) -> bool | None:
+    """Whether this run computes on CUDA: as train.device says; for auto, as torch sees it where torch is loaded
+    (the run starts in this process), else (a dry run) True where a GPU answers here and None (not known) where
+    none does: a dry run on a login node checks a config meant for GPU nodes, which their start checks again."""
+    if cfg.train.device != "auto":
+        return cfg.train.device == "cuda"
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    return True if gpu_bytes is not None else None
+
+
+def check_memory(cfg: Config, run: ResolvedRun) -> None:
+    """Refuse, in one line, a run whose per-rank memory estimate (`pretrain.parallel.describe.estimate`, what the
+    dry run prints) exceeds what this host has: a CUDA run's one GPU, a CPU run's RAM shared by the ranks on this
+    host (LOCAL_WORLD_SIZE, else the whole world). Only a certain failure is refused (the estimate against the
+    whole memory, no headroom): a seq_len or shape off by orders of magnitude used to pass the dry run and then
+    crash in an allocation or overflow. Where the device is not known here (a CUDA run, or train.device=auto in a
+    dry run, where no GPU answers: a login node) the run is checked at its start."""
+    import psutil
+
+    from pretrain.parallel.describe import Kernels, estimate
+
+    gpu_bytes = _gpu_memory_here() if cfg.train.device != "cpu" else None
+    on_gpu = _on_gpu(cfg, gpu_bytes)
+    if on_gpu is None or (on_gpu and gpu_bytes is None):
+        return
+    e = estimate(cfg, run.layout.world, run=run, kernels=None if on_gpu else Kernels.cpu())
+    ranks = 1 if on_gpu else _ranks_here(run.layout.world)
+    have = gpu_bytes if on_gpu else psutil.virtual_memory().total
+    if e.total * ranks <= have:
+        return
+    m, t = run.model, cfg.train
+    where = (f"this host's GPU ({_size(have)})" if on_gpu else
+             f"this host's {_size(have)} of RAM ({ranks} CPU rank{'s' if ranks > 1 else ''}"
+             + ("; train.device=auto and torch sees no GPU" if cfg.train.device == "auto" else "") + ")")
+    raise ConfigError(f"the run cannot fit: ~{_size(e.total)} per rank = activations "
+                      f"{_size(e.activations + e.transient + e.buffers)} (train.seq_len={t.seq_len} x "
+                      f"train.micro_batch_size={t.micro_batch_size}) + model states {_size(e.model_states)} "
+                      f"(model.dim={m.dim}, model.n_layers={m.n_layers}, model.ffn_hidden_dim={m.hidden_dim}, "
+                      f"model.vocab_size={run.vocab_size} padded to {m.vocab_size}), more than {where}; shrink "
+                      "them, or split the model over parallel.tp / parallel.pp / parallel.zero_stage")
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 1024**3:,.1f} GiB" if n_bytes >= 1024**3 else f"{n_bytes / 1024**2:,.1f} MiB"
 
 
 def held_out_note(cfg: Config, run: ResolvedRun) -> str | None:

@@ -176,7 +176,7 @@ def planned_run(cfg: Config, world_size: int, vocab_size: int | None = None) -> 
     from pretrain.resolved import resolve_run
 
     if vocab_size is None and cfg.model.vocab_size is None:
-        return resolve_run(cfg, world_size)
+        return resolve_run(cfg, world_size, fit_host=False)  # a description, not this host's run
     no_data = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": "", "val_path": None})})
     return resolve_run(no_data, world_size, require_data=False, vocab_without_data=vocab_size)
 
