@@ -188,7 +188,7 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
     if run.tokenizer is None and cfg.model.vocab_size is None:
         print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary ({why}; "
               "set model.vocab_size=N)")
-    print(describe(cfg, world, gpu=gpu, run=run))
+    print(describe(cfg, world, gpu=gpu, run=run, ranks_per_node=ranking.gpus_per_node if ranking else None))
     for line in _data_lines(run) + [held_out_note(cfg, run) or ""]:
         if line:
             print(line)

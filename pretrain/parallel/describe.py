@@ -160,6 +160,13 @@ class Estimate:
     def total(self) -> float:
         return self.model_states + self.activations + self.transient + self.buffers
 
+    @property
+    def saved_state(self) -> float:
+        """Bytes the most loaded rank writes per checkpoint: its weights (the module's, on its DP rank 0) and its
+        optimizer partition (fp32 master and Adam's moments). A background save keeps as much host memory per
+        rank (pretrain.checkpoint.files.Staging), pinned on CUDA."""
+        return self.weights + self.optimizer
+
 
 def model_states(params_here: float, dp: int, zero: int, weight_bytes: int, grad_bytes: int = 4,
                  optim_bytes: int = 12) -> tuple[float, float, float]:
@@ -261,7 +268,7 @@ def fits(e: Estimate, gpu: str) -> bool:
 
 
 def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: str | None = None, *,
-             run: ResolvedRun | None = None) -> str:
+             run: ResolvedRun | None = None, ranks_per_node: int | None = None) -> str:
     e = estimate(cfg, world_size, vocab_size, run=run)
     lay, args, T = e.layout, e.args, cfg.train.seq_len
     stage = f" on pipeline stage {e.worst_stage} ({e.in_flight} micro-batches in flight)" if lay.pp > 1 else ""
@@ -278,9 +285,20 @@ def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: s
         f"{cfg.model.activation_checkpointing}{', fused kernels' if cfg.model.fused_kernels else ', eager ops'})"
         f"{stage}; total ~{_size(e.total)}",
     ]
+    lines.append(host_line(e, cfg.checkpoint.background, ranks_per_node))
     if gpu is not None:
         lines.append(fit_line(e, gpu))
     return "\n".join(lines)
+
+
+def host_line(e: Estimate, background: bool, ranks_per_node: int | None) -> str:
+    """A checkpoint's size per rank and, with background saves, the host memory they keep for it."""
+    line = f"checkpoint: ~{_size(e.saved_state)} written per rank per save"
+    if not background:
+        return line + " (checkpoint.background=false: no host copy is kept)"
+    node = f", {_size(e.saved_state * ranks_per_node)} per node of {ranks_per_node}" if ranks_per_node else ""
+    return (line + f"; background saves keep as much host memory per rank{node} (pinned on CUDA, exactly that "
+            "size; checkpoint.background=false keeps none)")
 
 
 def throughput(cfg: Config, e: Estimate, peak_tflops: float, mfu: float) -> str:

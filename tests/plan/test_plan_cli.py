@@ -25,3 +25,16 @@ def test_plan_without_data_takes_the_flavors_vocabulary_and_says_so(capsys, pres
 def test_an_explicit_vocabulary_wins_over_the_flavors(capsys):
     out = plan(capsys, "--config", "configs/8b.yaml", "--nodes", "1", "--set", "model.vocab_size=32000")
     assert "assuming" not in out and "vocab=32000 (padded)" in out
+
+
+def test_plan_prints_the_host_memory_background_saves_keep(capsys):
+    """1b, ZeRO-2 bf16 on one node of 8: each rank writes its bf16 weights (2 bytes a parameter) and its eighth of
+    the fp32 master and Adam moments (12 / 8); background saves stage that much host memory per rank, exactly."""
+    out = plan(capsys, "--config", "configs/1b.yaml", "--nodes", "1", "--gpus-per-node", "8")
+    params = 1_235_814_400
+    per_rank = params * 2 + params * 12 / 8
+    line = next(x for x in out.splitlines() if x.startswith("checkpoint:"))
+    assert f"~{per_rank / 2**30:.2f} GiB written per rank" in line
+    assert f"{per_rank * 8 / 2**30:.2f} GiB per node of 8" in line and "pinned on CUDA" in line
+    out = plan(capsys, "--config", "configs/1b.yaml", "--nodes", "1", "--set", "checkpoint.background=false")
+    assert "no host copy is kept" in out
