@@ -108,7 +108,7 @@ class SpikeSection(_Section):
     enabled: bool = Field(False, description="watch loss and grad norm; on a confirmed spike restore the newest "
                           "checkpoint from before it and skip the data read since")
     window: Count = Field(100, ge=8, description="steps of recent history the median and spread are taken over; "
-                          "no step is judged before the window is full")
+                          "until it is full, the loss is judged against the last 8 calm steps (from step 9)")
     threshold: Finite = Field(6.0, gt=0, le=1e6, description="robust z-score of the loss (above the median, in "
                               "scaled MADs) that makes a step suspicious")
     grad_norm_threshold: Finite = Field(12.0, ge=0, le=1e6, description="robust z-score of the grad norm that "

@@ -2,39 +2,60 @@
 data read since, in the running process (PaLM's manual recovery, automated; detection is pretrain/spikes.py).
 
 A rollback, on every rank at the same step (the loop agreed on it):
-  1. wait for the save in flight; the target is the newest committed checkpoint with a step before the spike's
-     first suspicious step, verified by all ranks; none, or `max_rollbacks` used up: the run stops, exit 3
-     ("needs a person"), with a line saying why;
+  1. wait for the save in flight; the target is the newest committed checkpoint from before the step that
+     precedes the spike's first suspicious step (a stretch that starts inside a step's batch lifts that step's
+     loss only by the part it fills, often too little to be suspicious: that step is not trusted either),
+     verified by all ranks; none, or `max_rollbacks` used up: the run stops, exit 3 ("needs a person"), with a
+     line saying why;
   2. the loader is NOT rewound: it stays past every batch the window read (restored step + 1 .. the spike), and
      skips `skip_batches` more global batches;
-  3. the decision is made durable, in an order where a kill at any point resumes to the same decisions:
-     every rank's loader state -> rollbacks/<n>/; rank 0 points `latest` at the target and removes the
-     checkpoints after it (they hold the spike); last, rank 0 appends the record to rollbacks.jsonl (the commit
-     point, with the discarded steps' metrics). Killed before the record: the resume starts from the target,
-     reads the same data and sees the same spike. Killed after: the resume starts from the target with the
-     recorded loader state (`SpikeGuard.resumed`), so the skipped samples are never read again;
-  4. weights, optimizer, step, RNG and the detector's history come back from the target (CheckpointManager.rewind;
+  3. weights, optimizer, step, RNG and the detector's history come back from the target (CheckpointManager.rewind;
      a target of another layout, from before a resume that re-sliced it, is re-sliced only when an engine is
-     built: the run exits 42, to be requeued, and the next launch starts from it as in step 3);
+     built: the run exits 42, to be requeued, and the next launch starts from it as in step 5, without step 4);
+  4. the look-ahead (`max_skip_batches` > 0): a poisoned stretch can be longer than what the window read, and
+     training into its rest would spike again, a rollback per window. So the next global batches are judged
+     before any is trained, each by a forward-only pass of the restored weights (Engine.eval_step, the held-out
+     evaluation's path: no gradient, no update; the loss is the mean over the batch's micro-batches and the DP
+     ranks, the loss a training step on it would report) and the detector's robust z against the restored
+     history; a batch is spike-level above half the `threshold` (`LOOKAHEAD_BAR`: a false alarm here costs a
+     batch of data, not a rollback). Spike-level ones are skipped, and so is the first calm one: the stretch's
+     edge, which it may end inside, lifting that batch's loss too little to be judged (the same reason as step
+     1's); the loop goes on with the batch after it. At most `max_skip_batches` are judged; every rank agrees on
+     each decision (`DistEnv.any_of`). Cost: one forward per judged batch, 0.28-0.32 of a training step each
+     (debug model, one CPU rank, grad_accum 1 and 4);
+  5. the decision is made durable, in an order where a kill at any point resumes to the same decisions:
+     every rank's loader state (past the look-ahead) -> rollbacks/<n>/; rank 0 points `latest` at the target and
+     removes the checkpoints after it (they hold the spike); last, rank 0 appends the record to rollbacks.jsonl
+     (the commit point, with the look-ahead's judgements and the discarded steps' metrics). Killed before the
+     record (during the look-ahead too): the resume starts from the newest checkpoint, reads the same data,
+     sees the same spike and judges the same batches ahead. Killed after: the resume starts from the target
+     with the recorded loader state (`SpikeGuard.resumed`), so the skipped samples are never read again.
      metrics.jsonl is cut back to the target (it keeps one record per trained step; the spike's records are in
-     rollbacks.jsonl); MLflow gets a `rollbacks` metric and a tag per rollback; the loop continues from the target.
+     rollbacks.jsonl); MLflow gets a `rollbacks` metric and a tag per rollback; the loop continues from the
+     target.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 from pretrain import checkpoint, metrics
 from pretrain.config import Config
-from pretrain.spikes import SpikeDetector, Verdict
+from pretrain.spikes import MIN_HISTORY, SpikeDetector, Verdict
 
 ROLLBACKS_FILE = "rollbacks.jsonl"
 STATES_DIR = "rollbacks"  # rollbacks/<n>/rank_<r>.json: each rank's loader state after rollback n
 _CALM = Verdict(None, None, False, False)
+# A batch ahead is spike-level when its loss z exceeds this fraction of `threshold`: a false alarm there costs one
+# batch of data, not a rollback, and the restored history, from further back on a falling curve, is wider than the
+# one that confirmed the spike (the debug model's poisoned batches in tests/train/test_spike_rollback.py: z 9.9
+# against the spike's history, 5.1-5.8 against the restored one; in six clean debug runs no step's z exceeded 3.4).
+LOOKAHEAD_BAR = 0.5
 
 
 class NeedsPerson(RuntimeError):
@@ -91,9 +112,10 @@ class SpikeGuard:
             return None
         last = mine[-1]
         loader.load_state_dict(self._loader_states(last))
+        ahead = last.get("lookahead", {}).get("skipped", 0)
         return (f"rollback {last['rollback']} restored this checkpoint: the loader continues past the "
                 f"{last['skipped_batches']} batches it skipped (steps {last['restored_step'] + 1}-"
-                f"{last['detected_at']} and {last['skip_batches']} more)")
+                f"{last['detected_at']}, {last['skip_batches']} more, and {ahead} judged by the look-ahead)")
 
     def _loader_states(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         """Every DP rank's loader state after the rollback (one rank of each DP index wrote the same stream's):
@@ -123,42 +145,74 @@ class SpikeGuard:
         self.ckpt.wait()
         target = self._target(first)
         if target is None:
-            raise NeedsPerson(f"{what}: no checkpoint from before step {first} to roll back to; the run needs a "
-                              "person (a smaller checkpoint.every leaves one nearer)")
+            raise NeedsPerson(f"{what}: no checkpoint from before step {first - 1} to roll back to; the run needs "
+                              "a person (a smaller checkpoint.every leaves one nearer)")
         try:
             step_dir = checkpoint.choose(self.run_dir, str(self.run_dir / checkpoint.step_dir_name(target)), env)
         except checkpoint.CheckpointError as e:
             raise NeedsPerson(f"{what}: cannot roll back: {e}") from None
         for _ in range(cfg.skip_batches * self.grad_accum):
             next(batches)
-        skipped = step - target + cfg.skip_batches
-        lay = env.layout
-        record = {"rollback": n, "first_step": first, "detected_at": step, "restored_step": target,
-                  "skipped_batches": skipped, "skip_batches": cfg.skip_batches, "loss": res.loss,
-                  "grad_norm": res.grad_norm, "loss_z": verdict.loss_z, "grad_norm_z": verdict.grad_norm_z,
-                  "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}}
-        self._make_durable(record, loader.state_dict())
-        self.records.append(record)
-        record["restart"] = not self.ckpt.rewindable(step_dir)
-        if record["restart"]:  # written with another layout before a resume re-sliced it: only a start re-slices
+        read = step - target + cfg.skip_batches
+        restart = not self.ckpt.rewindable(step_dir)
+        if restart:  # written with another layout before a resume re-sliced it: only a start re-slices
+            ahead = {"skipped": 0, "judged": [], "ended": "restart"}
+            loader_state = loader.state_dict()
             then = f"{step_dir.name} has another layout, which only a start re-slices: restarting from it"
         else:
             loaded = self.ckpt.rewind(step_dir, engine)
             if self.detector is not None:
                 self.detector.load_state_dict(loaded.rank_state["spike"])
+            ahead, loader_state = self._look_ahead(engine, loader, batches)
             then = f"continuing from step {target}"
+        lay = env.layout
+        record = {"rollback": n, "first_step": first, "detected_at": step, "restored_step": target,
+                  "skipped_batches": read + ahead["skipped"], "skip_batches": cfg.skip_batches, "lookahead": ahead,
+                  "loss": res.loss, "grad_norm": res.grad_norm, "loss_z": verdict.loss_z,
+                  "grad_norm_z": verdict.grad_norm_z, "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}}
+        self._make_durable(record, loader_state)
+        self.records.append(record)
+        record["restart"] = restart
         if env.rank == 0:
             self.say(f"{what}: rollback {n} of at most {cfg.max_rollbacks}: restored {step_dir.name}; the "
-                     f"{skipped} global batches read since (and skipped) are never trained on; {then} (record: "
-                     f"{self.run_dir / ROLLBACKS_FILE})")
+                     f"{read} global batches read since (and skipped) are never trained on; "
+                     f"{_ahead_note(ahead, cfg.max_skip_batches)}; {then} (record: {self.run_dir / ROLLBACKS_FILE})")
         return record
 
+    def _look_ahead(self, engine: Any, loader: Any,
+                    batches: Iterator[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Collective: step 4 of the module's docstring, with the restored weights and history. What it did (for
+        the record) and this rank's loader state past the batches it skipped."""
+        judged: list[dict[str, Any]] = []
+        cfg, detector = self.cfg, self.detector
+        if not cfg.max_skip_batches:
+            ended = "off"
+        elif detector is None or len(detector.losses) < detector.min_history:
+            ended = "no history"
+        else:
+            ended = "max_skip_batches"
+            while len(judged) < cfg.max_skip_batches:
+                micro = [next(batches) for _ in range(self.grad_accum)]
+                loss = forward_loss(engine, micro)
+                z = detector.loss_z(loss)
+                (spiky,) = self.env.any_of(z > LOOKAHEAD_BAR * cfg.threshold)
+                judged.append({"loss": loss, "loss_z": z, "spike_level": spiky})
+                if not spiky:  # the stretch's edge: skipped too
+                    ended = "calm"
+                    break
+                if os.environ.get("PRETRAIN_INJECT_SIGKILL") == "during_lookahead":  # tests: pretrain/train.py
+                    os.kill(os.getpid(), signal.SIGKILL)
+        return {"skipped": len(judged), "judged": judged, "ended": ended}, loader.state_dict()
+
     def _target(self, first: int) -> int | None:
-        before = [s for s in checkpoint.list_steps(self.run_dir) if s < first]
+        """The newest checkpoint before the step that precedes the spike's first suspicious step: a stretch that
+        starts inside a step's batch lifts that step's loss only by the part it fills, often too little to be
+        suspicious, so the step just before the spike is not trusted either."""
+        before = [s for s in checkpoint.list_steps(self.run_dir) if s < first - 1]
         return max(before) if before else None
 
     def _make_durable(self, record: dict[str, Any], loader_state: dict[str, Any]) -> None:
-        """The order of step 3 in the module's docstring; every rank hears of a failure on any."""
+        """The order of step 5 in the module's docstring; every rank hears of a failure on any."""
         env, folder = self.env, self.run_dir / STATES_DIR / str(record["rollback"])
         failure = None
         try:
@@ -185,6 +239,29 @@ class SpikeGuard:
                 f.flush()
                 os.fsync(f.fileno())
         env.barrier()
+
+
+def forward_loss(engine: Any, micro: list[Any]) -> float:
+    """The global batch's loss under the current weights, forward only (the eval path: no gradient, no update):
+    the mean over its micro-batches and the DP ranks, the same on every rank, as a training step reports it."""
+    it = iter(micro)
+    return sum(engine.eval_step(it) for _ in micro) / len(micro)
+
+
+def _ahead_note(ahead: dict[str, Any], bound: int) -> str:
+    n, ended = ahead["skipped"], ahead["ended"]
+    if ended == "off":
+        return "no look-ahead (train.spike.max_skip_batches=0)"
+    if ended == "restart":
+        return "no look-ahead (it needs the restored weights in this process)"
+    if ended == "no history":
+        return f"no look-ahead (the restored history has fewer than {MIN_HISTORY} steps to judge against)"
+    if ended == "max_skip_batches":
+        return (f"a forward-only look-ahead skipped the next {n} too, all still spike-level "
+                f"(train.spike.max_skip_batches={bound})")
+    z = ahead["judged"][-1]["loss_z"]
+    return (f"a forward-only look-ahead skipped the next {n} too: {n - 1} still spike-level, then a calm one "
+            f"(loss z {z:.1f}), the stretch's edge")
 
 
 def _state_file(rank: int) -> str:

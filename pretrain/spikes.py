@@ -17,6 +17,21 @@ would absorb; the 1% floor keeps a flat plateau (MAD near 0) from calling noise 
 the history, so a spike cannot raise its own baseline. Non-finite steps are the non-finite guard's business
 (`train.max_nonfinite_steps`) and are ignored here.
 
+The first `window` steps are judged too, once `MIN_HISTORY` calm steps exist (the smallest `window` the config
+allows): the loss against the most recent `MIN_HISTORY` calm steps until the window is full. Not against all of
+them: the first steps are where the loss falls fastest, and a median over all of them lags far above the current
+loss, with a spread the fall itself inflates (the debug model on the demo corpus: to be flagged, a step's loss
+must exceed 10.0 at step 20 and 15.9 at step 40 against all of its history, 8.1 and 5.0 against the last 8
+steps). On a falling curve the recent median still lies above a clean step's loss: in six clean debug runs (up to
+1,000 steps, three learning rates, 1 and 2 ranks) no loss z before the window filled exceeded 1.8. In the very
+first steps junk is hardly more surprising than clean text to a model that has learned little, so no loss
+statistic tells them apart there. The grad norm is judged only once the window is full: early on it jumps by large
+factors with clean data (those runs: 2-4x around step 12, robust z up to 27 against the steps before), and
+clipping bounds what an unjudged grad-norm spike can do; junk data shows in the loss.
+
+After a rollback, `loss_z` judges forward-only losses of the batches ahead against the restored history (the same
+statistic, pretrain/rollback.py), so one rollback gets past a poisoned stretch longer than the spike window.
+
 Every rank computes the same verdicts from the same numbers (the step's loss and grad norm are global); the loop
 still agrees on a confirmed spike in the collective it runs each step anyway (pretrain/train.py), and the state
 is saved in every checkpoint, so a resumed run judges the next steps exactly as an uninterrupted one.
@@ -33,11 +48,12 @@ from pretrain.config import SpikeSection
 
 MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution is 0.6745 sigma
 RELATIVE_FLOOR = 0.01
+MIN_HISTORY = 8  # calm steps before the loss is judged: the smallest `window` the config accepts
 
 
 @dataclass(frozen=True)
 class Verdict:
-    loss_z: float | None       # None while the window fills, and for a skipped step
+    loss_z: float | None       # None before MIN_HISTORY calm steps, and for a skipped step
     grad_norm_z: float | None
     suspicious: bool
     confirmed: bool            # `confirm_steps` suspicious steps in a row end here
@@ -70,13 +86,15 @@ class SpikeDetector:
     def observe(self, step: int, loss: float, grad_norm: float, skipped: bool) -> Verdict:
         if skipped or not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return Verdict(None, None, False, False)
-        if len(self.losses) < self.cfg.window:
+        loss_z = self.loss_z(loss)
+        if loss_z is None:
             self.losses.append(loss)
             self.norms.append(grad_norm)
             return Verdict(None, None, False, False)
         cfg = self.cfg
-        loss_z, norm_z = robust_z(loss, list(self.losses)), robust_z(grad_norm, list(self.norms))
-        if loss_z <= cfg.threshold and not (cfg.grad_norm_threshold and norm_z > cfg.grad_norm_threshold):
+        norm_z = robust_z(grad_norm, list(self.norms))  # reported from the start, judged once the window is full
+        norm_spike = len(self.norms) >= cfg.window and 0 < cfg.grad_norm_threshold < norm_z
+        if loss_z <= cfg.threshold and not norm_spike:
             self.run = []
             self.losses.append(loss)
             self.norms.append(grad_norm)
@@ -87,6 +105,19 @@ class SpikeDetector:
         if confirmed:
             self.run = []
         return Verdict(loss_z, norm_z, True, confirmed, first)
+
+    @property
+    def min_history(self) -> int:
+        return min(self.cfg.window, MIN_HISTORY)
+
+    def loss_z(self, loss: float) -> float | None:
+        """The robust z of a loss against the calm history (its last `min_history` steps while the window fills);
+        None while it holds fewer than `min_history` steps (too few to tell noise from a spike)."""
+        n = len(self.losses)
+        if n < self.min_history:
+            return None
+        history = list(self.losses)
+        return robust_z(loss, history if n >= self.cfg.window else history[-self.min_history:])
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "norms": list(self.norms), "run": list(self.run)}

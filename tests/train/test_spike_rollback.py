@@ -2,8 +2,9 @@
 (documents of random letters, which the model trained on plain words finds very surprising) makes the loss
 spike; the run rolls back exactly once, to the checkpoint before the spike, and never trains on the poisoned
 samples after it. A second run is killed with SIGKILL twice during the episode (inside the spike window, then
-right after the rollback was recorded) and resumed each time: it ends in exactly the same state. With no
-rollbacks allowed, the same spike stops the run with exit 3 ("needs a person").
+right after the rollback was recorded) and resumed each time: it ends in exactly the same state. A stretch far
+longer than the spike window is got past with one rollback too (the look-ahead), durably across kills during and
+after the look-ahead. With no rollbacks allowed, the same spike stops the run with exit 3 ("needs a person").
 """
 from __future__ import annotations
 
@@ -20,17 +21,18 @@ from train_common import WORDS, launch as launch_ranks, shards_of, train_args
 POISON = re.compile(r"\b[qxzjv]{3,}\b")  # poisoned words use only these letters; no clean word does
 STEPS, EVERY = 40, 5
 SKIP = 2  # global batches skipped beyond the spike window: the poison's tail, read after the spike is confirmed
-SPIKE = ["train.spike.enabled=true", "train.spike.window=8", "train.spike.confirm_steps=2",
+CONFIRM = 2  # suspicious steps in a row that confirm a spike
+SPIKE = ["train.spike.enabled=true", "train.spike.window=8", f"train.spike.confirm_steps={CONFIRM}",
          f"train.spike.skip_batches={SKIP}"]
 
 
-def poisoned_shards(root: Path) -> Path:
+def poisoned_shards(root: Path, poison: range = range(40, 42)) -> Path:
     """400 short documents in one shard, read in order (no shuffle): DP rank 0 reads documents 0-199, and
-    documents 40-41 are the poison, read around step 30."""
+    `poison` are the poisoned ones (by default documents 40-41, read around step 30)."""
     rng = random.Random(0)
     texts = []
     for i in range(400):
-        if i in (40, 41):
+        if i in poison:
             texts.append(" ".join("".join(rng.choice("qxzjv") for _ in range(rng.randint(3, 8))) for _ in range(25)))
         else:
             texts.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + ".")
@@ -66,6 +68,18 @@ def replay(shards: Path, state: dict, batches: int) -> tuple[list[str], dict]:
     return texts, loader.state_dict()
 
 
+def fresh_loader(shards: Path) -> dict:
+    """DP rank 0's loader state before its first batch."""
+    from data_pipeline.loader import TokenLoader
+
+    return TokenLoader(str(shards), seq_len=32, batch_size=2, dp_rank=0, dp_size=2, seed=1234,
+                       shuffle_buffer=0).state_dict()
+
+
+def poisoned(texts: list[str]) -> int:
+    return sum(bool(POISON.search(t)) for t in texts)
+
+
 def rank0_loader(step_dir: Path) -> dict:
     from pretrain.checkpoint import files
 
@@ -80,10 +94,13 @@ def test_poisoned_stretch_rolls_back_once_and_resumes_to_the_same_decisions(shar
 
     (rb,) = records(run / "rollbacks.jsonl")  # exactly one rollback
     first, target, detected = rb["first_step"], rb["restored_step"], rb["detected_at"]
-    assert target == max(s for s in range(EVERY, first, EVERY)), "the newest checkpoint before the spike"
+    # the newest checkpoint before the step preceding the spike (which may hold the start of the stretch)
+    assert target == max(s for s in range(EVERY, first - 1, EVERY))
     assert re.search(rf"loss spike at steps {first}-{detected} .*: rollback 1 of at most 3: restored "
                      rf"step_{target}; the {detected - target + SKIP} global batches read since", p.stderr), \
         p.stderr[-3000:]
+    ahead = rb["lookahead"]["skipped"]
+    assert rb["skipped_batches"] == detected - target + SKIP + ahead
     trained = records(run / "metrics.jsonl")
     assert [r["step"] for r in trained] == list(range(1, STEPS + 1)), "one record per trained step"
     spiked = [r["loss"] for r in rb["discarded"] if r["step"] >= first]
@@ -94,7 +111,7 @@ def test_poisoned_stretch_rolls_back_once_and_resumes_to_the_same_decisions(shar
 
     # The poison was in the window the rollback skipped, and none of it in what was trained after the rollback:
     # replaying rank 0's loader from the recorded state reaches the final checkpoint's cursor exactly.
-    window, _ = replay(shards, rank0_loader(run / f"step_{target}"), (detected - target + SKIP) * 2)
+    window, _ = replay(shards, rank0_loader(run / f"step_{target}"), rb["skipped_batches"] * 2)
     assert any(POISON.search(t) for t in window), "the spike window read the poisoned documents"
     after = json.loads((run / "rollbacks" / "1" / "rank_00000.json").read_text())
     texts, end = replay(shards, after, (STEPS - target) * 2)
@@ -117,7 +134,7 @@ def test_poisoned_stretch_rolls_back_once_and_resumes_to_the_same_decisions(shar
     assert not [d for d in again.glob("step_*") if int(d.name[5:]) > target], "the spike's checkpoints are gone"
     p = launch(shards, again)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert f"rollback 1 restored this checkpoint: the loader continues past the {detected - target + SKIP}" in p.stderr
+    assert f"rollback 1 restored this checkpoint: the loader continues past the {rb['skipped_batches']}" in p.stderr
     (rb_again,) = records(again / "rollbacks.jsonl")
     assert {k: rb_again[k] for k in ("first_step", "detected_at", "restored_step", "loss", "loss_z")} == \
         {k: rb[k] for k in ("first_step", "detected_at", "restored_step", "loss", "loss_z")}
@@ -126,15 +143,77 @@ def test_poisoned_stretch_rolls_back_once_and_resumes_to_the_same_decisions(shar
         [{k: r[k] for k in same} for r in trained]
 
 
+LONG = range(40, 48)  # 8 poisoned documents in a row: about 10 global batches from step 30 on
+LONG_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def long_block(tmp_path_factory) -> Path:
+    return poisoned_shards(tmp_path_factory.mktemp("long") / "data", poison=LONG)
+
+
+@pytest.mark.distributed
+def test_a_poisoned_stretch_longer_than_the_window_costs_one_rollback_and_is_never_trained(long_block, tmp_path):
+    """The look-ahead: after restoring, the batches ahead are judged forward-only and skipped while spike-level
+    (and the calm one at the stretch's edge), so the loop never trains into the rest of the stretch."""
+    state, per_step = fresh_loader(long_block), []
+    for _ in range(LONG_STEPS + 20):
+        texts, state = replay(long_block, state, 2)
+        per_step.append(poisoned(texts))
+    assert sum(1 for n in per_step if n) > 3 * CONFIRM, f"the planted block is long enough: {per_step}"
+
+    run = tmp_path / "run"
+    p = launch(long_block, run, f"train.max_steps={LONG_STEPS}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (rb,) = records(run / "rollbacks.jsonl")  # exactly one rollback
+    target, ahead = rb["restored_step"], rb["lookahead"]
+    assert ahead["ended"] == "calm" and ahead["skipped"] > 2, ahead
+    assert all(j["spike_level"] for j in ahead["judged"][:-1]) and not ahead["judged"][-1]["spike_level"]
+    assert rb["skipped_batches"] == rb["detected_at"] - target + SKIP + ahead["skipped"]
+    assert re.search(rf"rollback 1 of at most 3: restored step_{target}; .* a forward-only look-ahead skipped the "
+                     rf"next {ahead['skipped']} too: {ahead['skipped'] - 1} still spike-level, then a calm one",
+                     p.stderr), p.stderr[-3000:]
+    assert [r["step"] for r in records(run / "metrics.jsonl")] == list(range(1, LONG_STEPS + 1))
+
+    # Replaying the loader: no poisoned sample in any step that was kept (1..target, then from the recorded state
+    # to the end), and the run trained exactly the replayed batches.
+    kept, at_target = replay(long_block, fresh_loader(long_block), target * 2)
+    assert not poisoned(kept) and at_target == rank0_loader(run / f"step_{target}")
+    after = json.loads((run / "rollbacks" / "1" / "rank_00000.json").read_text())
+    texts, end = replay(long_block, after, (LONG_STEPS - target) * 2)
+    assert not poisoned(texts), "a poisoned sample was trained on after the rollback"
+    assert end == rank0_loader(run / f"step_{LONG_STEPS}")
+
+    # Killed during the look-ahead (nothing recorded: the resume sees the same spike and looks ahead again), then
+    # right after the rollback was recorded (the resume starts past everything the look-ahead skipped): the run
+    # ends where the uninterrupted one did.
+    again = tmp_path / "again"
+    p = launch(long_block, again, f"train.max_steps={LONG_STEPS}", PRETRAIN_INJECT_SIGKILL="during_lookahead")
+    assert p.returncode != 0 and not (again / "rollbacks.jsonl").exists(), p.stderr[-2000:]
+    p = launch(long_block, again, f"train.max_steps={LONG_STEPS}", PRETRAIN_INJECT_SIGKILL="after_rollback")
+    assert p.returncode != 0 and (again / "latest").read_text().strip() == f"step_{target}", p.stderr[-2000:]
+    p = launch(long_block, again, f"train.max_steps={LONG_STEPS}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"the loader continues past the {rb['skipped_batches']} batches it skipped" in p.stderr, p.stderr[-2000:]
+    (rb_again,) = records(again / "rollbacks.jsonl")
+    assert {k: rb_again[k] for k in ("first_step", "detected_at", "restored_step", "lookahead")} == \
+        {k: rb[k] for k in ("first_step", "detected_at", "restored_step", "lookahead")}
+    same = ("step", "loss", "grad_norm", "loss_z", "grad_norm_z", "rollbacks")
+    assert [{k: r[k] for k in same} for r in records(again / "metrics.jsonl")] == \
+        [{k: r[k] for k in same} for r in records(run / "metrics.jsonl")]
+
+
 @pytest.mark.distributed
 def test_a_pipeline_run_rolls_back_in_process(shards, tmp_path):
-    """DeepSpeed's pipeline engine reloads the restored checkpoint into the live stages (PP2, ZeRO-1)."""
+    """DeepSpeed's pipeline engine reloads the restored checkpoint into the live stages (PP2, ZeRO-1), and the
+    look-ahead judges the batches ahead with its eval_batch."""
     run = tmp_path / "run"
     p = launch(shards, run, "parallel.pp=2", "parallel.zero_stage=1", "train.spike.window=12",
                "train.spike.threshold=10")  # one DP rank: a noisier loss than two ranks average
     assert p.returncode == 0, p.stderr[-3000:]
     (rb,) = records(run / "rollbacks.jsonl")
     assert rb["layout"] == {"tp": 1, "pp": 2, "dp": 1}
+    assert rb["lookahead"]["ended"] == "calm", "the look-ahead ran forward-only through the pipeline's eval path"
     assert [r["step"] for r in records(run / "metrics.jsonl")] == list(range(1, STEPS + 1))
 
 
@@ -156,6 +235,37 @@ def test_a_rollback_to_a_checkpoint_of_another_layout_restarts_from_it(shards, t
     (rb,) = records(run / "rollbacks.jsonl")
     assert rb["restored_step"] == 25 and rb["layout"]["dp"] == 1
     assert [r["step"] for r in records(run / "metrics.jsonl")] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("bound, skipped, ended", [(64, 4, "calm"), (2, 2, "max_skip_batches"), (0, 0, "off")])
+def test_the_look_ahead_skips_spike_level_batches_and_the_calm_edge_up_to_its_bound(tmp_path, bound, skipped, ended):
+    """The decisions alone (no run): global batches of 2 micro-batches whose forward loss is given, judged against
+    a flat history of loss 3.0; the loader's state is taken after the last batch judged."""
+    from types import SimpleNamespace
+
+    from pretrain.config import load_config
+    from pretrain.rollback import SpikeGuard
+
+    cfg = load_config(None, ["train.spike.enabled=true", "train.spike.window=8", f"train.spike.max_skip_batches="
+                             f"{bound}", "train.grad_accum=2", "checkpoint.every=5", f"checkpoint.dir={tmp_path}"])
+    env = SimpleNamespace(rank=0, any_of=lambda *flags: flags)
+    guard = SpikeGuard(cfg, env, ckpt=None, say=print)
+    for step in range(1, 9):
+        guard.detector.observe(step, 3.0, 1.0, False)
+    losses = [9.0, 9.0, 8.0, 8.0, 7.5, 7.5, 3.0, 3.0, 3.0, 3.0]  # 3 spike-level batches, then calm ones
+    read: list[float] = []
+
+    def batches():
+        for x in losses:
+            read.append(x)
+            yield x
+
+    engine = SimpleNamespace(eval_step=next)  # a micro-batch "is" its loss
+    loader = SimpleNamespace(state_dict=lambda: {"read": len(read)})
+    ahead, state = guard._look_ahead(engine, loader, batches())
+    assert (ahead["skipped"], ahead["ended"]) == (skipped, ended)
+    assert [j["spike_level"] for j in ahead["judged"]] == [True, True, True, False][:skipped]
+    assert state == {"read": 2 * skipped}, "the loader is past every judged batch, and no further"
 
 
 def test_a_spike_past_max_rollbacks_needs_a_person(shards, tmp_path):
