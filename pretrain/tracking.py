@@ -15,7 +15,9 @@ run for minutes when the server went away). When the server cannot be reached th
 the calls queued and tries again with backoff; training goes on, metrics.jsonl has every step, and the queue is
 sent when the server is back. Whatever is still queued when the process ends is not lost either: the next
 launch on this checkpoint.dir compares MLflow's history with metrics.jsonl and sends the committed steps MLflow
-lacks (a backfill), also when the outage began in an earlier segment.
+lacks (a backfill), also when the outage began in an earlier segment. Into the same run: each checkpoint records
+the run id, and a launch resumed while MLflow is away records the id it resumed from until its tracker opens
+(`checkpoint_run_id`).
 """
 from __future__ import annotations
 
@@ -210,7 +212,7 @@ class Tracker:
             if self._created is None:  # a retry after a later call failed must not make a second run
                 self._created = self.client.create_run(self._experiment(cfg), run_name=cfg.tracking.run_name
                                                        or Path(cfg.checkpoint.dir).resolve().name).info.run_id
-            run_id = self._created
+            run_id = self.run_id = self._created  # known now, not after the params: checkpoints record it sooner
             self._tags(run_id, tags)
             # The config as written, then what it resolved to: model.dim/n_layers/vocab_size are the model's real
             # ones (the config's None means "the flavor's" / "the tokenizer's"), plus layout, tokenizer and data.
@@ -219,7 +221,6 @@ class Tracker:
             for i in range(0, len(params), 100):  # MLflow's batch limit is 100 params
                 self.client.log_batch(run_id, params=params[i:i + 100])
             self.client.log_text(run_id, cfg.to_yaml(), "config.yaml")
-            self.run_id = run_id
         # Committed steps MLflow lacks (sent from metrics.jsonl): an outage in an earlier segment, or a new run
         # forked from a checkpoint whose MLflow run is elsewhere.
         missing = [r for r in history if r.get("step", 0) > self._logged_up_to]
@@ -354,6 +355,14 @@ def system_metrics(run_id: str, uri: str, interval_s: float, node: int) -> Any:
                                    resume_logging=True)
     monitor.start()
     return monitor
+
+
+def checkpoint_run_id(tracker: Tracker | None, resumed_run_id: str | None) -> str | None:
+    """The MLflow run id a checkpoint records: the tracker's once its run is open, until then (MLflow unreachable
+    since the start of a resumed launch, or tracking off in this launch) the one the launch resumed from. A null
+    there would make the next healthy launch start a new MLflow run; with it, that launch continues the run and
+    backfills the steps it lacks."""
+    return (tracker.run_id if tracker else None) or resumed_run_id
 
 
 def open_tracker(cfg: Config, run: ResolvedRun, rank: int, *, resume_run_id: str | None = None,

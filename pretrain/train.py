@@ -15,8 +15,9 @@ unfinished copy removed); 2 bad config/data/checkpoint (one line on stderr).
 
 Fault injection for tests (documented, env only, off by default): PRETRAIN_INJECT_NONFINITE="5,6" makes the loss
 of optimizer steps 5 and 6 NaN inside the engine's forward, so the engine's non-finite guard -- not ours -- is
-what gets exercised; PRETRAIN_INJECT_SIGKILL="before_step:31" or "after_rollback" kills every rank with SIGKILL
-there (a node lost at the worst moment: the resume must reach the same state).
+what gets exercised; PRETRAIN_INJECT_SIGKILL="before_step:31", "after_rollback" or "during_lookahead" (once a
+rollback's look-ahead judged a batch spike-level, pretrain/rollback.py) kills every rank with SIGKILL there (a
+node lost at the worst moment: the resume must reach the same state).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from pretrain.resolved import ResolvedRun, held_out_note, resolve_run
 from pretrain.profiling import PROFILE_DIR, StepProfiler
 from pretrain.rollback import NeedsPerson, SpikeGuard
 from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
-from pretrain.tracking import open_tracker, step_values, ui_hint
+from pretrain.tracking import checkpoint_run_id, open_tracker, step_values, ui_hint
 
 EXIT_OK, EXIT_NEEDS_PERSON, EXIT_LOST_PEER, EXIT_SAVE_FAILED = 0, 3, 4, 5  # 2 (bad input): the CLI's
 
@@ -141,7 +142,7 @@ def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any
             # and the requeued run must resume from here. Periodic saves wait for a calm, finite step.
             last = step == cfg.train.max_steps and cfg.checkpoint.final
             if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0 and spikes.calm):
-                ckpt.save(step, engine, loader, tracker.run_id if tracker else None,
+                ckpt.save(step, engine, loader, checkpoint_run_id(tracker, run_id),
                           on_commit=(lambda s=step: tracker.flush(up_to=s)) if tracker else None,
                           extra=spikes.state())
                 log.committed()

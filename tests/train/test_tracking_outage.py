@@ -2,7 +2,8 @@
 
 The run keeps stepping at its own pace, says once that MLflow is away, ends on time with exit 0, and no step is
 lost: the next launch on the same checkpoint.dir (here, one that finds the run already finished) sends MLflow
-the committed steps it lacks from metrics.jsonl. A dry run names an unreachable tracking URI in one line."""
+the committed steps it lacks from metrics.jsonl, into the same MLflow run, also when MLflow was already away when
+a resumed launch started. A dry run names an unreachable tracking URI in one line."""
 from __future__ import annotations
 
 import os
@@ -103,11 +104,40 @@ def test_a_server_that_dies_mid_run_costs_no_time_and_no_step(tmp_path):
     server.stop()
 
 
-def test_an_unreachable_uri_at_start(tmp_path):
-    shards = tiny_shards(tmp_path / "data") / "shards"
+def _dead_uri() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket is closed
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket is closed
+
+
+def test_a_resume_while_mlflow_is_away_stays_in_its_mlflow_run(tmp_path):
+    """The launch resumed while MLflow is unreachable checkpoints the run id it resumed from; the next launch, with
+    MLflow back, continues that run and backfills it: one run in the experiment, holding every step. (MLflow's
+    SQLite store stands in for the server here: the same store, without a server's minute-long start.)"""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.MlflowClient(tracking_uri=store).create_experiment(  # the store's tables made beforehand
+        "continued", artifact_location=(tmp_path / "artifacts").as_uri())
+    shards = tiny_shards(tmp_path / "data") / "shards"
+
+    def launch(steps: int, uri: str) -> subprocess.CompletedProcess:
+        args = train_args(shards, tmp_path / "run", f"train.max_steps={steps}", "checkpoint.every=5",
+                          "tracking.enabled=true", f"tracking.uri={uri}", "tracking.experiment=continued")
+        p = subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        return p
+
+    launch(10, store)
+    assert "is unreachable" in launch(20, _dead_uri()).stderr  # steps 11-20, checkpoints 15 and 20
+    assert "MLflow did not have" in launch(20, store).stderr  # steps 11-20, into the run of steps 1-10
+    assert _loss_steps(store, "continued") == list(range(1, 21))
+
+
+def test_an_unreachable_uri_at_start(tmp_path):
+    shards = tiny_shards(tmp_path / "data") / "shards"
+    dead = _dead_uri()
     args = train_args(shards, tmp_path / "run", "train.max_steps=6", "tracking.enabled=true",
                       f"tracking.uri={dead}")
     started = time.monotonic()
