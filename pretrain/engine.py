@@ -191,9 +191,10 @@ class Engine:
         try:
             path, client = self.ds.load_checkpoint(str(step_dir), tag=MODEL_DIR, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
-        except CheckpointError:  # refused by name (pretrain/checkpoint/files.py)
+        except CheckpointError:  # a file refused or unreadable, by name (pretrain/checkpoint/files.py)
             raise
-        except (RuntimeError, KeyError, ValueError, AssertionError, FileNotFoundError, IndexError) as e:
+        except (RuntimeError, KeyError, ValueError, AssertionError, OSError, IndexError, TypeError, AttributeError,
+                EOFError) as e:  # a file that loads but does not hold what DeepSpeed expects there
             reason = (str(e).strip().splitlines() or [""])[0][:300]
             raise CheckpointError(f"{step_dir}/{MODEL_DIR}: DeepSpeed could not load it ({type(e).__name__}: "
                                   f"{reason}); was it written with this layout (tp/pp/dp, ZeRO stage)?") from e
@@ -201,7 +202,11 @@ class Engine:
             raise CheckpointError(f"{step_dir}/{MODEL_DIR}: DeepSpeed found no loadable checkpoint")
         if not client or "global_step" not in client:
             raise CheckpointError(f"{step_dir}/{MODEL_DIR}: checkpoint has no global_step (not written by Engine)")
-        self.global_step = int(client["global_step"])
+        step = client["global_step"]
+        if type(step) is not int or step < 0:
+            raise CheckpointError(f"{step_dir}/{MODEL_DIR}: field global_step must be a whole number >= 0, not "
+                                  f"{str(step)[:40]!r}")
+        self.global_step = step
 
     def load_resliced(self, reader: CheckpointReader) -> None:
         """A checkpoint of another layout (tp/pp/dp/ZeRO/dtype): its fp32 master weights, Adam moments and step,

@@ -3,6 +3,7 @@
     commit.py     the commit protocol (temp dir, per-rank files, manifest of sizes and hashes written last,
                   `latest`), verification, the choice of a step to resume, rank state and RNG; background saves
     files.py      how one file is written (hashed as it goes) and read (no code runs from a pickle)
+    records.py    what `latest`, manifest.json and meta.json may say (typed, paths inside the step, no symlinks)
     manager.py    CheckpointManager: the train loop's one handle (run lock, start point, save, wait)
     run_lock.py   one launch per checkpoint directory
     resume.py     where a launch starts: fresh, `model.init_from`, a checkpoint of this or another layout
@@ -15,11 +16,11 @@ Hugging Face import and export live beside it in pretrain/hf/.
 """
 from pretrain.checkpoint.commit import (CONFIG, LATEST, MANIFEST, META, TOKENIZER_DIR, CheckpointError,
                                         CheckpointWriteError, Collective, Loaded, Meta, PendingSave, atomic_write,
-                                        choose, list_steps, load, point_latest, rank_file, read_meta,
+                                        choose, list_steps, load, point_latest, rank_file, read_meta, read_rank_file,
                                         remove_stale_temps, resolve_checkpoint_arg, save, save_in_background,
                                         step_dir_name, verify, write_manifest)
 
 __all__ = ["CONFIG", "LATEST", "MANIFEST", "META", "TOKENIZER_DIR", "CheckpointError", "CheckpointWriteError",
            "Collective", "Loaded", "Meta", "PendingSave", "atomic_write", "choose", "list_steps", "load",
-           "point_latest", "rank_file", "read_meta", "remove_stale_temps", "resolve_checkpoint_arg", "save",
-           "save_in_background", "step_dir_name", "verify", "write_manifest"]
+           "point_latest", "rank_file", "read_meta", "read_rank_file", "remove_stale_temps", "resolve_checkpoint_arg",
+           "save", "save_in_background", "step_dir_name", "verify", "write_manifest"]

@@ -14,9 +14,12 @@ returns None -- a known way to "resume" on random weights. So a save here is:
 
 `save_in_background` runs the same stages with training paused only for the host copy of the state.
 
-A load verifies the manifest (every file present, sizes and recorded hashes match). `resume: auto` walks from
-`latest` back to older checkpoints and says so when it skips one; an explicit path that fails to verify is a
-hard error. Ranks all-reduce the step they chose so that no two ranks resume from different checkpoints.
+A load verifies the manifest (every file present, sizes and recorded hashes match) after checking what the run
+directory's small files say (records.py: `latest` a bare step name of this run, manifest paths inside the step,
+no symlink, meta.json a typed record). `resume: auto` walks from `latest` back to older checkpoints and says so
+when it skips one (a `latest` that is no step name of this run is skipped the same way); an explicit path that
+fails to verify is a hard error. Ranks all-reduce the step they chose so that no two ranks resume from different
+checkpoints.
 
 The module knows nothing about the model: the engine's save/load are callbacks, so the protocol is tested on
 its own with 2 gloo ranks.
@@ -28,11 +31,10 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -40,18 +42,13 @@ import numpy as np
 import torch
 
 from pretrain.checkpoint import files as checkpoint_files
+from pretrain.checkpoint import records
+from pretrain.checkpoint.records import LATEST, MANIFEST, META, CheckpointError, Meta
 
-MANIFEST = "manifest.json"
-META = "meta.json"
 CONFIG = "config.yaml"
-LATEST = "latest"
 TOKENIZER_DIR = "tokenizer"  # a copy of the tokenizer files, so a checkpoint is self-contained
-_STEP_RE = re.compile(r"^step_(\d+)$")
+_STEP_RE = records.STEP_RE
 DIGESTS = ".digests"  # inside a step being written: each rank's sha256 of the files it wrote, for the manifest
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: the message is one line naming the directory and the reason."""
 
 
 class Collective(Protocol):
@@ -61,17 +58,6 @@ class Collective(Protocol):
 
     def barrier(self) -> None: ...
     def all_reduce_max(self, value: float) -> float: ...
-
-
-@dataclass
-class Meta:
-    """What rank 0 records about a checkpoint besides the tensors."""
-    step: int
-    mlflow_run_id: str | None = None
-    tokenizer: dict[str, Any] = field(default_factory=dict)  # identity of the shards' tokenizer (hash, dir, eos)
-    layout: dict[str, Any] = field(default_factory=dict)
-    resolved: dict[str, Any] = field(default_factory=dict)  # pretrain.resolved.ResolvedRun.to_dict()
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def step_dir_name(step: int) -> str:
@@ -275,8 +261,11 @@ class CheckpointWriteError(CheckpointError):
 
 
 def _write_failure(run_dir: Path, step: int, error: OSError | None) -> str:
-    latest = run_dir / LATEST
-    good = run_dir / latest.read_text().strip() if latest.is_file() else None
+    try:
+        name = records.read_latest(run_dir)
+    except CheckpointError:
+        name = None
+    good = run_dir / name if name else None
     cause = (f"{error.strerror or error} ({error.filename})" if error is not None and error.filename else
              f"{error}" if error is not None else "another rank could not write its part")
     return (f"could not write checkpoint step_{step} in {run_dir}: {cause}; removed the unfinished copy. The last "
@@ -295,28 +284,40 @@ def _prune(run_dir: Path, keep: int, protect: Path) -> None:
 
 
 def list_steps(run_dir: Path) -> list[int]:
+    """The N of every `step_<N>` directory of the run (a symlink named so is none: see records.step_dir_in)."""
     if not run_dir.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in run_dir.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name)))
+    return sorted(int(m.group(1)) for p in run_dir.iterdir()
+                  if (m := _STEP_RE.match(p.name)) and p.is_dir() and not p.is_symlink())
 
 
 def verify(step_dir: str | Path, *, hashes: bool = True, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """The manifest of a complete checkpoint, or CheckpointError saying what is wrong with it. Every file's size is
     checked; with `share=(i, n)` only every n-th file from the i-th has its sha256 computed (the rest is another
-    rank's share)."""
+    rank's share).
+
+    Before any file is opened (pretrain/checkpoint/records.py): every manifest entry is a path inside the
+    directory, no symlink is in it, and it holds no file the manifest does not list (DeepSpeed and the offline
+    reader find some files by name, so one planted beside the vouched ones would be read unchecked). After the
+    sizes and hashes: meta.json is a valid record whose step is the directory's and the manifest's."""
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
         raise CheckpointError(f"checkpoint {step_dir} does not exist")
     mpath = step_dir / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise CheckpointError(f"checkpoint {step_dir} is incomplete: no {MANIFEST} (the save did not finish)")
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {step_dir}: {MANIFEST} is unreadable ({e})") from None
+    manifest = records.check_manifest(step_dir, records.read_json(mpath))
+    files = manifest["files"]
+    records.refuse_symlinks(step_dir)
+    listed = {records.inside_path(step_dir, rel) for rel in files} | {mpath}
+    for p in step_dir.rglob("*"):
+        if not p.is_dir() and p not in listed:
+            raise CheckpointError(f"checkpoint {step_dir}: {p.relative_to(step_dir).as_posix()} is not in its "
+                                  f"{MANIFEST} (a save lists every file it writes); refusing the checkpoint")
+    if META not in files:
+        raise CheckpointError(f"checkpoint {step_dir} is incomplete: {MANIFEST} does not list {META}")
     for index, (rel, entry) in enumerate(sorted(files.items())):
-        p = step_dir / rel
+        p = records.inside_path(step_dir, rel)
         if not p.is_file():
             raise CheckpointError(f"checkpoint {step_dir} is incomplete: {rel} is missing")
         size = p.stat().st_size
@@ -325,6 +326,7 @@ def verify(step_dir: str | Path, *, hashes: bool = True, share: tuple[int, int] 
                                   f"manifest says {entry['size']}")
         if hashes and index % share[1] == share[0] and "sha256" in entry and _sha256(p) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {step_dir} is corrupt: {rel} does not match its sha256")
+    records.parse_meta(step_dir, records.read_json(step_dir / META), manifest["step"])
     return manifest
 
 
@@ -332,16 +334,22 @@ def _say(msg: str) -> None:
     print(f"[checkpoint] {msg}", file=sys.stderr, flush=True)
 
 
-def _auto_candidates(run_dir: Path) -> list[Path]:
-    """`latest` first, then every step_<N> newest first (a `latest` may point at a pruned or broken dir)."""
+def _auto_candidates(run_dir: Path) -> tuple[list[Path], str | None]:
+    """`latest` first, then every step_<N> newest first (a `latest` may point at a pruned or broken dir), and why
+    `latest` was not followed, if it was not (records.read_latest: only a bare step name of this run counts)."""
     out: list[Path] = []
-    latest = run_dir / LATEST
-    if latest.is_file():
-        name = latest.read_text().strip()
-        out.append(run_dir / name)
-    out += [run_dir / step_dir_name(s) for s in sorted(list_steps(run_dir), reverse=True)]
+    refused = None
+    try:
+        if (name := records.read_latest(run_dir)) is not None:
+            out.append(run_dir / name)
+    except CheckpointError as e:
+        refused = str(e)
+    if run_dir.is_dir():  # symlinks named step_<N> too: verification refuses them by name, never silently
+        named = [(n, p) for p in run_dir.iterdir() if (n := records.step_of_name(p.name)) is not None
+                 and (p.is_dir() or p.is_symlink())]
+        out += [p for _, p in sorted(named, key=lambda x: x[0], reverse=True)]
     seen: set[Path] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
+    return [p for p in out if not (p in seen or seen.add(p))], refused
 
 
 def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
@@ -358,9 +366,15 @@ def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
     if resume == "none":
         pass
     elif resume == "auto":
-        skipped: list[str] = []
-        for cand in _auto_candidates(run_dir):
-            reason = _verify_together(cand, env)
+        # A `latest` that is no bare step name of this run is refused and the walk goes on over this run's own
+        # step directories, newest first: never another run's checkpoint, and never an older one of this run than
+        # the newest that verifies (which would have its newer steps pruned and metrics.jsonl cut back).
+        candidates, refused = _auto_candidates(run_dir)
+        skipped: list[str] = [refused] if refused else []
+        if refused and loud:
+            _say(f"refusing: {refused}")
+        for cand in candidates:
+            reason = _verify_together(cand, env, in_run=True)
             if reason is not None:
                 skipped.append(reason)
                 if loud:
@@ -389,11 +403,14 @@ def choose(run_dir: str | Path, resume: str, env: Collective) -> Path | None:
     return chosen
 
 
-def _verify_together(step_dir: Path, env: Collective) -> str | None:
+def _verify_together(step_dir: Path, env: Collective, *, in_run: bool = False) -> str | None:
     """Why `step_dir` is unusable, or None (collective). Every rank checks every file's size and hashes its share
     of the files, so a resume reads the checkpoint once in all, not once per rank; a failure anywhere fails it
-    everywhere."""
+    everywhere. `in_run`: found in the run directory, where a symlinked step would lead out of the run (a path
+    the user names may be one)."""
     try:
+        if in_run:
+            records.step_dir_in(step_dir.parent, step_dir.name)
         verify(step_dir, share=(env.rank, env.world_size))
         reason = None
     except CheckpointError as e:
@@ -404,8 +421,7 @@ def _verify_together(step_dir: Path, env: Collective) -> str | None:
 
 
 def _step_of(step_dir: Path) -> int:
-    manifest = json.loads((step_dir / MANIFEST).read_text())
-    return int(manifest["step"])
+    return int(records.check_manifest(step_dir, records.read_json(step_dir / MANIFEST))["step"])
 
 
 @dataclass
@@ -420,24 +436,54 @@ def load(step_dir: str | Path, env: Collective, *, load_model: Callable[[Path], 
     """Load a chosen (verified) checkpoint: engine state via callback, a rank's state (this rank's, or
     `saved_rank`'s when the layout changed), RNG restored last."""
     step_dir = Path(step_dir)
+    meta = read_meta(step_dir)
     load_model(step_dir)
     rank = env.rank if saved_rank is None else saved_rank
-    state = checkpoint_files.load(step_dir / rank_file(rank))
-    meta = Meta(**json.loads((step_dir / META).read_text()))
-    set_rng_state(state.pop("rng"))
+    path = step_dir / rank_file(rank)
+    state = read_rank_file(path, meta.step)
+    try:
+        set_rng_state(state.pop("rng"))
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: field rng is not the RNG state a save records ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
     return Loaded(step=meta.step, meta=meta, rank_state=state)
 
 
+def read_rank_file(path: Path, step: int | None = None) -> dict[str, Any]:
+    """A rank file's state (loader cursor, RNG, ...), checked: an object with the fields a save writes, of `step`
+    when given; any fault a CheckpointError naming the file and the field."""
+    state = checkpoint_files.load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a rank file's state")
+    for key, kind in (("rng", dict), ("loader", dict)):
+        if not isinstance(state.get(key), kind):
+            raise CheckpointError(f"{path}: field {key} is missing or not an object")
+    got = state.get("step", step)
+    if (got is not None and type(got) is not int) or (step is not None and got != step):
+        raise CheckpointError(f"{path}: field step is {records.show(got)}" + (
+            f", but {META} says {step}" if step is not None else ", not a whole number"))
+    return state
+
+
 def read_meta(step_dir: str | Path) -> Meta:
-    return Meta(**json.loads((Path(step_dir) / META).read_text()))
+    """meta.json of a step directory as a checked record (pretrain/checkpoint/records.py): CheckpointError naming
+    the file and the field otherwise."""
+    step_dir = Path(step_dir)
+    path = step_dir / META
+    if not os.path.lexists(path):
+        raise CheckpointError(f"checkpoint {step_dir} has no {META}")
+    mpath = step_dir / MANIFEST
+    manifest = records.check_manifest(step_dir, records.read_json(mpath)) if os.path.lexists(mpath) else None
+    return records.parse_meta(step_dir, records.read_json(path), manifest["step"] if manifest else None)
 
 
 def resolve_checkpoint_arg(path: str | Path) -> Path:
-    """A run dir (-> its `latest`) or a step dir, verified: what `pretrain generate --checkpoint` accepts."""
+    """A run dir (-> its `latest`) or a step dir, verified: what `pretrain generate --checkpoint` accepts. A run
+    dir's `latest` must name one of its own step dirs (records.read_latest), else the command is refused."""
     path = Path(path)
-    if path.name == LATEST and path.is_file():  # RUN/latest: the step it names
+    if path.name == LATEST and os.path.lexists(path) and not path.is_dir():  # RUN/latest: the step it names
         path = path.parent
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
+    if (name := records.read_latest(path)) is not None:
+        path = records.step_dir_in(path, name)
     verify(path)
     return path

@@ -49,17 +49,32 @@ def allowed_globals() -> tuple[Any, ...]:
 
 
 def load(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) -> Any:
-    """torch.load restricted to tensors, plain data and `allowed_globals()`."""
+    """torch.load restricted to tensors, plain data and `allowed_globals()`. Whatever stops the load (a refused
+    object, a truncated or foreign file: torch says RuntimeError, EOFError, KeyError, ... by case) is a
+    CheckpointError naming the file, so every command that reads a checkpoint says it in one line."""
+    from pretrain.checkpoint.records import CheckpointError
+
+    if os.path.islink(path):  # verify refused it already where a step was verified; here for every other caller
+        raise CheckpointError(f"{path}: is a symlink; a save never writes one, refusing to follow it")
     try:
         with torch.serialization.safe_globals(list(allowed_globals())):
             return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
-        from pretrain.checkpoint import CheckpointError
-
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None and "Unsupported global" not in str(e):
+            raise CheckpointError(f"{path}: cannot be read ({_first_line(e)}): not a file a save wrote") from None
         what = f"`{found.group(1)}`" if found else "an object outside the allowed list"
         raise CheckpointError(f"{path}: refusing to load it: it asks to run or build {what}, which no checkpoint "
                               f"written by this project contains (a pickle can run code when it is loaded)") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to parse the file is the file's: name it, one line
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {_first_line(e)}): truncated, or not "
+                              "a file a save wrote") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:160]
 
 
 _WRITTEN: dict[str, tuple[int, str]] = {}  # absolute path -> (bytes, sha256) of what this process saved
@@ -110,17 +125,21 @@ class Staging:
     (the allocator hands large blocks back to the OS when they are freed), and on CUDA a device-to-host copy
     into pageable memory runs at a fraction of the rate of one into pinned memory, which is slow to allocate.
     So the buffers stay, pinned when the state is on a GPU (pageable where the host refuses to lock more): the
-    steady cost is one more copy of this rank's state in host memory, which every save needed anyway while it
-    was written.
+    steady cost is one more copy of this rank's state in host memory, exactly its bytes (`host_bytes`; the
+    planner prints it per node), which every save needed anyway while it was written.
 
     Buffers are handed out in request order: a save copies the same tree in the same order each time, so its
     i-th storage lands in the buffer the previous save's i-th storage used when the sizes agree, and in a new
     one when they do not (a tree that changed shape costs one allocation, never a wrong buffer)."""
 
     def __init__(self) -> None:
-        self.buffers: list[torch.UntypedStorage] = []
+        self.buffers: list[HostBuffer] = []
         self.taken = 0
         self.from_device = False
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(b.storage.nbytes() for b in self.buffers)
 
     def begin(self) -> None:
         self.taken, self.from_device = 0, False
@@ -128,15 +147,13 @@ class Staging:
     def copy(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
         from_gpu = storage.device.type == "cuda"
         i, self.taken = self.taken, self.taken + 1
-        if i < len(self.buffers) and self.buffers[i].nbytes() == storage.nbytes():
-            buf = self.buffers[i]
-        else:
-            buf = _host_buffer(storage.nbytes(), pinned=from_gpu)
-            self.buffers[i:i + 1] = [buf]
-        pinned = from_gpu and buf.is_pinned()
-        buf.copy_(storage, non_blocking=pinned)  # into pinned memory: asynchronous, ordered after the step
+        if not (i < len(self.buffers) and self.buffers[i].storage.nbytes() == storage.nbytes()):
+            self.buffers[i:i + 1] = [HostBuffer(storage.nbytes(), pin=from_gpu)]
+        buf = self.buffers[i]
+        pinned = from_gpu and buf.pinned
+        buf.storage.copy_(storage, non_blocking=pinned)  # into pinned memory: asynchronous, ordered after the step
         self.from_device |= pinned
-        return buf
+        return buf.storage
 
     def end(self) -> None:
         """The copies are complete (the writer thread may read them); buffers this save did not use are freed."""
@@ -145,13 +162,33 @@ class Staging:
             torch.cuda.synchronize()
 
 
-def _host_buffer(nbytes: int, *, pinned: bool) -> torch.UntypedStorage:
-    if pinned:
-        try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).untyped_storage()
-        except RuntimeError:  # the host cannot lock that much more memory: pageable memory still works, slower
-            pass
-    return torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+class HostBuffer:
+    """`nbytes` of host memory, page-locked in place when `pin` (cudaHostRegister), unlocked when dropped.
+
+    Why not `torch.empty(pin_memory=True)`: that goes through torch's caching host allocator, which rounds every
+    block up to a power of two and keeps freed blocks: a 1b ZeRO-2 state of about 17 GB would lock about 28 GiB,
+    for every rank of a node. Registering an ordinary allocation locks exactly its bytes. Where the host refuses
+    (its locked-memory limit, or memory short), the buffer stays pageable: the copy is slower, the save the same.
+    Unlocking when the buffer is dropped leaves any view of it valid (pageable again)."""
+
+    def __init__(self, nbytes: int, *, pin: bool):
+        self.storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+        self.pinned = pin and nbytes > 0 and _register(self.storage.data_ptr(), nbytes)
+
+    def __del__(self) -> None:
+        if self.pinned:
+            _unregister(self.storage.data_ptr())
+
+
+_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context of the process
+
+
+def _register(ptr: int, nbytes: int) -> bool:
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, _PORTABLE)) == 0
+
+
+def _unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 STAGING = Staging()

@@ -39,10 +39,11 @@ than the budget is opened once, as before.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -76,15 +77,18 @@ class CheckpointReader:
         lay = self.run.layout
         self.tp, self.pp, self.dp, self.zero = lay.tp, lay.pp, lay.dp, self.run.zero_stage
         self._files: dict[str, Any] = {}
+        self._current = ""  # the file last asked for: what a content error names
         self._full = reference_shapes(self.run.model)
-        # Per TP rank: reference name -> (engine name, local shape, model-parallel slice), in model order.
-        self._local: list[dict[str, tuple[str, torch.Size, int]]] = [self._local_params(t) for t in range(self.tp)]
-        self._names = list(self._local[0])
-        missing = set(self._full) - set(self._names)
-        if missing or set(self._names) - set(self._full):
-            raise CheckpointError(f"{self.dir}: parameters do not match the recorded model "
-                                  f"(missing {sorted(missing)[:3]}, unexpected {sorted(set(self._names) - set(self._full))[:3]})")
-        self._where = [self._locate(t) for t in range(self.tp)]
+        with self._content():
+            # Per TP rank: reference name -> (engine name, local shape, model-parallel slice), in model order.
+            self._local: list[dict[str, tuple[str, torch.Size, int]]] = [self._local_params(t)
+                                                                         for t in range(self.tp)]
+            self._names = list(self._local[0])
+            missing, unexpected = set(self._full) - set(self._names), set(self._names) - set(self._full)
+            if missing or unexpected:
+                raise CheckpointError(f"{self.dir}: parameters do not match the recorded model (missing "
+                                      f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+            self._where = [self._locate(t) for t in range(self.tp)]
 
     # ---------------------------------------------------------------------------------------------- public
 
@@ -104,7 +108,7 @@ class CheckpointReader:
         dim = self.tp_split_dim(name)
         # no_grad: DeepSpeed saved its flat partitions with requires_grad, and an autograd graph from a view would
         # keep the whole mapped partition alive for as long as the caller keeps the result.
-        with torch.no_grad():
+        with torch.no_grad(), self._content():
             pieces = [self._read_local(t, name, kind) for t in range(self.tp if dim is not None else 1)]
             whole = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
         if self.mapped_bytes > self.map_budget:
@@ -126,6 +130,10 @@ class CheckpointReader:
 
     def optimizer_step(self) -> int:
         """Adam's step count (optimizer steps taken; skipped non-finite steps do not count)."""
+        with self._content():
+            return self._optimizer_step()
+
+    def _optimizer_step(self) -> int:
         if self.zero == 0:
             state = self._load(self._model_file(0)).get("optimizer") or {}
             steps = [s["step"] for s in state.get("state", {}).values() if "step" in s]
@@ -138,13 +146,31 @@ class CheckpointReader:
     # --------------------------------------------------------------------------------------------- files
 
     def _load(self, name: str) -> Any:
+        self._current = name
         if name not in self._files:
             path = self.dir / name
             if not path.is_file():
                 raise CheckpointError(f"{self.dir}: {name} is missing (written with tp {self.tp} x pp {self.pp} x "
                                       f"dp {self.dp} ZeRO-{self.zero})")
-            self._files[name] = checkpoint_files.load(path, mmap=True)
+            state = checkpoint_files.load(path, mmap=True)  # unreadable: CheckpointError naming the file
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path}: holds a {type(state).__name__}, not DeepSpeed's state dict")
+            self._files[name] = state
         return self._files[name]
+
+    @contextlib.contextmanager
+    def _content(self) -> Iterator[None]:
+        """A DeepSpeed file that loads but lacks what its layout puts there (a key, a type, a shape) is a
+        CheckpointError naming the file, not a traceback from deep inside a read."""
+        try:
+            yield
+        except CheckpointError:  # already says which file and what (a RuntimeError too)
+            raise
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError, StopIteration) as e:
+            where = self.dir / self._current if self._current else self.dir
+            raise CheckpointError(f"{where}: does not hold what tp {self.tp} x pp {self.pp} x dp {self.dp} "
+                                  f"ZeRO-{self.zero} writes there ({type(e).__name__}: "
+                                  f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
 
     def _unmap(self) -> None:
         """Forget every loaded file: their mappings go (and with them their resident pages) once the last tensor

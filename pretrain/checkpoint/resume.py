@@ -39,6 +39,7 @@ def choose_start(cfg: Config, run: ResolvedRun, env: Any, say: Any) -> StartPoin
     chosen = checkpoint.choose(Path(cfg.checkpoint.dir), cfg.checkpoint.resume, env)
     if chosen is None:
         return StartPoint(None, None, init_source(cfg, run) if cfg.model.init_from else None)
+    check_tokenizer(chosen, run, cfg.model.init_from_any_tokenizer)
     saved = saved_run(chosen, run)
     if saved is None:
         return StartPoint(chosen, None, None)
@@ -60,7 +61,24 @@ def restore(start: StartPoint, env: Any, engine: Any, loader: Any) -> checkpoint
         loaded = checkpoint.load(start.checkpoint, env, load_model=lambda _: engine.load_resliced(start.init),
                                  saved_rank=peer_rank(start.saved.layout, env.dp_rank))
         loader.load_state_dict(old_loader_states(start.checkpoint, start.saved.layout))
+    if engine.global_step != loaded.step:  # the schedule runs on the engine's count, the loop on meta.json's
+        raise checkpoint.CheckpointError(f"{start.checkpoint}: DeepSpeed's files are at step {engine.global_step}, "
+                                         f"{checkpoint.META} says {loaded.step}")
     return loaded
+
+
+def check_tokenizer(step_dir: Path, run: ResolvedRun, any_tokenizer: bool) -> None:
+    """A resume goes on with the shards at data.path: they must be made with the tokenizer the checkpoint was
+    trained with (the identity hash in meta.json), else every token id would mean another word than the embedding
+    learned; `model.init_from_any_tokenizer` is the one explicit opt-in, as for `model.init_from`."""
+    meta = checkpoint.read_meta(step_dir)
+    theirs = meta.tokenizer.get("identity") or (meta.resolved.get("tokenizer") or {}).get("identity")
+    ours = run.tokenizer.identity if run.tokenizer else None
+    if theirs and ours and theirs != ours and not any_tokenizer:
+        raise checkpoint.CheckpointError(
+            f"{step_dir / checkpoint.META}: field tokenizer.identity {theirs[:12]} is not the tokenizer the shards "
+            f"at data.path were made with ({ours[:12]}): resume with shards made by "
+            f"{step_dir / checkpoint.TOKENIZER_DIR}, or set model.init_from_any_tokenizer=true to train on with them")
 
 
 def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:
@@ -94,6 +112,5 @@ def old_loader_states(step_dir: Path, saved: Any) -> list[dict]:
     """Every old DP rank's loader state (from one of its ranks' files): with them the loader continues this DP
     rank's stream exactly when the DP size is the same, or re-splits the samples not yet consumed exactly over the
     new ranks when it changed."""
-    from pretrain.checkpoint import files as checkpoint_files
-
-    return [checkpoint_files.load(step_dir / checkpoint.rank_file(peer_rank(saved, d)))["loader"] for d in range(saved.dp)]
+    return [checkpoint.read_rank_file(step_dir / checkpoint.rank_file(peer_rank(saved, d)))["loader"]
+            for d in range(saved.dp)]

@@ -11,8 +11,9 @@ generate and `model.init_from` read through this interface only, so each works f
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -32,18 +33,42 @@ class WeightSource(Protocol):
 
 
 class ImportedWeights:
-    """An imported checkpoint's weights, stored in the dtype they came in (so export reproduces them exactly)."""
+    """An imported checkpoint's weights, stored in the dtype they came in (so export reproduces them exactly).
+    Every file the safetensors index names must lie in `weights/` (verify checked there is no symlink), and any
+    fault reading one is a CheckpointError naming it."""
 
     def __init__(self, step_dir: str | Path):
         self.step_dir = Path(step_dir)
         self.run = ResolvedRun.of_checkpoint(self.step_dir)
-        self._files = SafetensorsDir(self.step_dir / IMPORTED_WEIGHTS)
+        folder = self.step_dir / IMPORTED_WEIGHTS
+        with _reading(folder):
+            self._files = SafetensorsDir(folder)
+        for path in self._files.files.values():
+            if path.parent != folder or path.name in ("", ".", ".."):
+                raise checkpoint.CheckpointError(f"{folder}: its safetensors index names {path}, which is not a file "
+                                                 f"in {folder}; refusing to open it")
 
     def names(self) -> list[str]:
         return self._files.names()
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._files.tensor(name)
+        where = self._files.files.get(name, self.step_dir / IMPORTED_WEIGHTS)
+        with _reading(where):
+            return self._files.tensor(name)
+
+
+@contextlib.contextmanager
+def _reading(where: Path) -> Iterator[None]:
+    """A truncated or foreign safetensors file (or index) is a CheckpointError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except checkpoint.CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise checkpoint.CheckpointError(f"{where}: cannot be read ({type(e).__name__}: "
+                                         f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
 
 
 def open_weights(path: str | Path) -> tuple[Path, WeightSource]:

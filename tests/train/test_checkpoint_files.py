@@ -204,6 +204,32 @@ def test_the_next_background_save_reuses_the_host_buffers(tmp_path):
     assert torch.equal(checkpoint_files.load(tmp_path / "step.pt")["m"], grown)
 
 
+def test_pinned_staging_locks_exactly_the_state_and_falls_back_to_pageable(monkeypatch):
+    """Host buffers for GPU state are locked in place at their exact size (torch's pinned allocator would round
+    each up to a power of two and keep it), unlocked when dropped, and pageable where the host refuses to lock."""
+    locked: dict[int, int] = {}
+    refuse = {"now": False}
+
+    def register(ptr: int, nbytes: int) -> bool:
+        if refuse["now"]:
+            return False
+        locked[ptr] = nbytes
+        return True
+
+    monkeypatch.setattr(checkpoint_files, "_register", register)
+    monkeypatch.setattr(checkpoint_files, "_unregister", lambda ptr: locked.pop(ptr))
+    sizes = [3 * 2**20 + 5, 1000, 2**20 + 1]  # none a power of two
+    buffers = [checkpoint_files.HostBuffer(n, pin=True) for n in sizes]
+    assert all(b.pinned for b in buffers) and sorted(locked.values()) == sorted(sizes)
+    assert [b.storage.nbytes() for b in buffers] == sizes
+    del buffers
+    assert locked == {}  # dropped buffers are unlocked
+    refuse["now"] = True
+    short = checkpoint_files.HostBuffer(4096, pin=True)
+    assert not short.pinned and short.storage.nbytes() == 4096  # pageable: the save still works, slower
+    assert not checkpoint_files.HostBuffer(4096, pin=False).pinned  # CPU state is never locked
+
+
 @pytest.mark.gpu
 def test_a_background_save_of_gpu_state_stages_it_in_pinned_memory(tmp_path):
     state = {"w": torch.randn(1024, 1024, device="cuda"), "step": 7}
@@ -212,5 +238,6 @@ def test_a_background_save_of_gpu_state_stages_it_in_pinned_memory(tmp_path):
     state["w"].zero_()  # the next step changes the weights while the writer thread runs
     staged = jobs[0][0]["w"]
     assert staged.is_pinned() and staged.device.type == "cpu" and staged.abs().sum() > 0
+    assert checkpoint_files.STAGING.host_bytes == 1024 * 1024 * 4  # exactly the state, not a rounded block
     checkpoint_files.write_all(jobs)
     assert checkpoint_files.load(tmp_path / "gpu.pt")["w"].abs().sum() > 0
