@@ -67,8 +67,8 @@ class ModelSection(_Section):
     init_from: str | None = Field(None, description="start from these weights (a step_N dir, a run dir or a "
                                   "`pretrain import-hf` output): weights only, fresh optimizer, step 0; the model "
                                   "shape must match; ignored when resuming")
-    init_from_any_tokenizer: bool = Field(False, description="allow init_from with shards made by another "
-                                          "tokenizer (token ids then change meaning)")
+    init_from_any_tokenizer: bool = Field(False, description="allow init_from, or a resume, with shards made by "
+                                          "another tokenizer than the checkpoint's (token ids then change meaning)")
 
     @field_validator("flavor")
     @classmethod
