@@ -36,5 +36,10 @@ class ShardError(DataError):
     """A shard is missing, truncated, corrupt, or fails its checksum: names the shard."""
 
 
+class ShardMismatchError(ShardError):
+    """A shard read to its end is not the one its manifest entry vouches for: another sample count, or other
+    bytes (sha256). Raised by the loader at the shard's end, before any sample of its next shard is used."""
+
+
 class LoaderStateError(DataError):
     """A loader state cannot be resumed here: other dataset, DP size, worker count, seed (or a bad state)."""

@@ -19,6 +19,9 @@ workers prefetched. On resume each worker jumps to its cursor; at most the curre
 round-robin continues with the right worker. On another dp_size or worker count, the states of all old ranks
 re-split the rest of the epoch exactly (partition.py, loader_state.py; see `TokenLoader.load_state_dict`).
 
+Trust: every shard is read to its end and checked there against its manifest entry (sha256 of the bytes read,
+sample count; shard_reader.py), before the slot reads anything of its next shard: see `_read_segment`.
+
 With a finite `epochs`, a slot's last incomplete batch is dropped and the number of dropped tokens is logged.
 With several sources, the stream ends when the first source runs out of epochs.
 """
@@ -35,9 +38,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import errors
-from data_pipeline.errors import DataError, LoaderStateError, ShardError
+from data_pipeline.errors import DataError, LoaderStateError, ShardError, ShardMismatchError
 from data_pipeline.handlers import CountingHandler
-from data_pipeline.manifest import Manifest
+from data_pipeline.manifest import Manifest, ShardInfo
 from data_pipeline.loader_state import (MERGED, STATE_FORMAT, STATE_VERSION, check_state, history_of,
                                         merge_states, plain_cursor, resplit, workers_of)
 from data_pipeline.partition import Change, Partition
@@ -77,28 +80,39 @@ class _Plan:
 
 
 # ---- reading one slot's documents ---------------------------------------------------------------------------
-def _read_segment(url: str, seg: Segment, perm: list[int], offset: int, total: int) -> Iterator[tuple[int, bytes]]:
-    """Yield (offset, tokens.npy bytes) for perm[offset:], reading the shard once from its start."""
+def _read_segment(url: str, seg: Segment, perm: list[int], offset: int,
+                  info: ShardInfo) -> Iterator[tuple[int, bytes]]:
+    """Yield (offset, tokens.npy bytes) for perm[offset:], reading the shard once, from its start to its end.
+
+    The whole shard is read, also on a resume at offset k (the samples before k are read again, undecoded, to
+    rebuild the shuffle buffer) and when the segment ends before the shard does, so that its sha256 and
+    sample count are checked against `info` (the manifest entry) at its end: a ShardMismatchError then.
+    What that check can protect: a sample is yielded as soon as the shuffle order lets it out, so the samples
+    released while the shard streams may already be in batches (and optimizer steps) before the error; the
+    ones released only once the segment's last sample is read wait for the check. No sample of the slot's next
+    shard is read before it.
+    """
     emitted = set(perm[:offset])
     local = None if seg.members is None else {m: k for k, m in enumerate(seg.members)}
     held: dict[int, dict] = {}
-    p, n, i = offset, len(perm), -1
-    for i, (key, parts) in enumerate(iter_raw_samples(url)):
-        if i < seg.start:
-            continue
-        if i >= seg.stop:
-            break
+    p, n, last = offset, len(perm), seg.stop - 1
+    for i, (key, parts) in enumerate(iter_raw_samples(url, expect=info)):
+        if i < seg.start or i > last:
+            continue  # before the segment: skipped undecoded; after it: read only for the shard's check
         k = i - seg.start if local is None else local.get(i)
         if k is None or k in emitted:
             continue
         held[k] = parts
-        while p < n and perm[p] in held:
+        while i < last and p < n and perm[p] in held:
             yield p, held.pop(perm[p]).get("tokens.npy")
             p += 1
-    if p < n:
-        # Python's tarfile ends a stream silently at a damaged header: the manifest count is what catches it
-        raise ShardError(f"{url}: only {i + 1} of {total} samples readable (corrupt tar header or truncated "
-                         "file; run `pretrain-data verify`)")
+    # here the shard has been read to its end and matched its manifest entry
+    while p < n and perm[p] in held:
+        yield p, held.pop(perm[p]).get("tokens.npy")
+        p += 1
+    if p < n:  # cannot happen once the sample count matched; kept as a guard against a plan/shard mismatch
+        raise ShardError(f"{url}: only {p} of the {n} samples planned from it were found (run `pretrain-data "
+                         "verify`)")
 
 
 def _tokens(blob: bytes | None, where: str, shards: ShardSet) -> np.ndarray:
@@ -113,13 +127,19 @@ def _tokens(blob: bytes | None, where: str, shards: ShardSet) -> np.ndarray:
 
 
 def _read_one(shards: ShardSet, shard: int, index: int) -> np.ndarray:
-    """The tokens of sample `index` (tar order) of one shard: a document carried over a layout change."""
+    """The tokens of sample `index` (tar order) of one shard: a document carried over a layout change.
+
+    The shard is read to its end for its sha256/sample-count check (the carried document is returned only
+    after it): after a layout change each slot does this for at most a few carried documents."""
     url = shards.urls[shard]
-    for i, (_, parts) in enumerate(iter_raw_samples(url)):
+    found = None
+    for i, (_, parts) in enumerate(iter_raw_samples(url, expect=shards.shards[shard])):
         if i == index:
-            return _tokens(parts.get("tokens.npy"), f"{url}[sample {index}]", shards)
-    raise ShardError(f"{url}: has no sample {index} (manifest says {shards.shards[shard].samples}; run "
-                     "`pretrain-data verify`)")
+            found = parts.get("tokens.npy")
+    if found is None:
+        raise ShardError(f"{url}: has no sample {index} (manifest says {shards.shards[shard].samples}; run "
+                         "`pretrain-data verify`)")
+    return _tokens(found, f"{url}[sample {index}]", shards)
 
 
 class _DocStream:
@@ -148,7 +168,7 @@ class _DocStream:
                 perm = self.partition.order(self.source, e, self.slot, g, seg.size)
                 url = self.shards.urls[seg.shard]
                 try:
-                    for off, blob in _read_segment(url, seg, perm, o, self.shards.shards[seg.shard].samples):
+                    for off, blob in _read_segment(url, seg, perm, o, self.shards.shards[seg.shard]):
                         here = (e, g, off)
                         if off + 1 < seg.size:
                             self.pos = (e, g, off + 1)
@@ -160,7 +180,8 @@ class _DocStream:
                 except ShardError as err:  # raises past max_bad_shards; else the segment's rest is skipped
                     if self.bad_shards.max_errors == 0:
                         raise
-                    self.bad_shards(ShardError(f"{err} [its samples in {seg.start}-{seg.stop - 1} not yet read in "
+                    lost = ("not yet delivered" if isinstance(err, ShardMismatchError) else "not yet read")
+                    self.bad_shards(ShardError(f"{err} [its samples in {seg.start}-{seg.stop - 1} {lost} in "
                                                f"epoch {e} are lost for this epoch]"))
                     if g + 1 < len(segs):
                         self.pos = (e, g + 1, 0)

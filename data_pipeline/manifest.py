@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 
@@ -98,6 +99,49 @@ class Manifest:
         return json.dumps(body, indent=1)
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # JSON true/false and 5.0 are not counts
+
+
+def _count(value: object, where: str, low: int = 0, meaning: str = "") -> None:
+    if not _is_int(value) or value < low:
+        raise ManifestError(f"{where} is {json.dumps(value)}, expected an integer >= {low}{meaning}")
+
+
+def _check_tokenizer_fields(tok: TokenizerInfo, where: str) -> None:
+    """The tokenizer's ids are what every token is checked against: they must be ids of its vocabulary."""
+    _count(tok.vocab_size, f"{where}: tokenizer.vocab_size", 1)
+    for key in ("identity", "kind", "path"):
+        if not isinstance(getattr(tok, key), str):
+            raise ManifestError(f"{where}: tokenizer.{key} is {json.dumps(getattr(tok, key))}, expected a string")
+    if not _is_int(tok.eos_id) or not 0 <= tok.eos_id < tok.vocab_size:  # it ends every document
+        raise ManifestError(f"{where}: tokenizer.eos_id is {json.dumps(tok.eos_id)}, expected an id in "
+                            f"[0, {tok.vocab_size})")
+    for key in ("bos_id", "pad_id"):
+        value = getattr(tok, key)
+        if value is not None and (not _is_int(value) or value < 0):
+            raise ManifestError(f"{where}: tokenizer.{key} is {json.dumps(value)}, expected an id >= 0 or null")
+
+
+def _check_shard_fields(shard: ShardInfo, where: str) -> None:
+    """One shard entry: what the loader splits epochs by (samples), weighs sources by (tokens) and checks each
+    shard against as it streams (bytes, sha256); a nonsense value is refused here, naming the entry and field."""
+    if not isinstance(shard.name, str) or not shard.name or shard.name in (".", "..") or "/" in shard.name \
+            or "\\" in shard.name:
+        raise ManifestError(f"{where}.name is {json.dumps(shard.name)}, expected a shard file name in the "
+                            "manifest's directory")
+    where = f"{where} ({shard.name})"
+    _count(shard.samples, f"{where}.samples")
+    _count(shard.tokens, f"{where}.tokens", shard.samples if _is_int(shard.samples) else 0,
+           " (its samples: every document ends with eos)")
+    _count(shard.bytes, f"{where}.bytes")
+    if not isinstance(shard.sha256, str) or not _SHA256.fullmatch(shard.sha256):
+        raise ManifestError(f"{where}.sha256 is {json.dumps(shard.sha256)}, expected 64 lowercase hex digits")
+
+
 def parse_manifest(text: str, where: str) -> Manifest:
     """Parse manifest JSON text; `where` names it in errors."""
     try:
@@ -119,6 +163,13 @@ def parse_manifest(text: str, where: str) -> Manifest:
         raise ManifestError(f"{where}: missing or unexpected field ({e})") from None
     if manifest.dtype not in ("uint16", "uint32"):
         raise ManifestError(f"{where}: dtype {manifest.dtype!r} is not uint16/uint32")
+    _check_tokenizer_fields(manifest.tokenizer, where)
+    seen: set[str] = set()
+    for i, shard in enumerate(manifest.shards):
+        _check_shard_fields(shard, f"{where}: shards[{i}]")
+        if shard.name in seen:
+            raise ManifestError(f"{where}: shards[{i}].name {shard.name!r} is listed twice")
+        seen.add(shard.name)
     if body.get("total_tokens") != manifest.total_tokens or body.get("total_samples") != manifest.total_samples:
         raise ManifestError(f"{where}: totals do not match the sum of its shards (edited by hand?)")
     return manifest

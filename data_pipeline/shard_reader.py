@@ -10,19 +10,29 @@ readers:
 Grouping members into samples is done here because the loader must be able to *skip* a sample without
 decoding it (resume, and splitting a shard between workers). Any tar-level failure becomes one ShardError
 naming the shard and how many samples were read before it.
+
+Given the shard's manifest entry (`expect=`), the reader also checks that the shard is the one the manifest
+vouches for, in the same single pass: every byte read is hashed (sha256) on its way to the parser, the stream
+is read to its very end (past the tar end blocks), and there the sample count and the digest must match the
+entry, else a one-line ShardMismatchError naming the shard. Nothing is read twice.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import tarfile
+import zlib
 from typing import Iterator
 
 import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import tar_file_iterator
 
-from data_pipeline.errors import ShardError
+from data_pipeline.errors import ShardError, ShardMismatchError
+from data_pipeline.manifest import ShardInfo
+
+_CHUNK = 1 << 20  # bytes per read from the file or pipe (and per hash update)
 
 
 def _split_name(fname: str) -> tuple[str, str]:
@@ -34,6 +44,16 @@ def _split_name(fname: str) -> tuple[str, str]:
 
 class _TarFormatError(ValueError):
     pass
+
+
+def _header_checksum(header: bytes) -> int:
+    """The ustar checksum: the sum of the header's bytes, its checksum field counted as 8 spaces.
+
+    Summed with adler32, whose first half is 1 + the byte sum mod 65521: exact for 256 bytes (at most
+    65280), and ~5x faster than `sum()` over a bytes object, which was a fifth of the loader's time."""
+    low = (zlib.adler32(header[:256]) & 0xFFFF) - 1
+    high = (zlib.adler32(header[256:512]) & 0xFFFF) - 1
+    return low + high - sum(header[148:156]) + 256
 
 
 def _fast_members(stream) -> Iterator[dict]:
@@ -55,7 +75,7 @@ def _fast_members(stream) -> Iterator[dict]:
                     else int(size_field.strip(b"\0 ") or b"0", 8))
         except ValueError:
             raise _TarFormatError("damaged header (non-numeric size or checksum field)") from None
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+        if stored != _header_checksum(header):
             raise _TarFormatError("damaged header (checksum mismatch)")
         data = read(size)
         if len(data) < size:
@@ -86,20 +106,78 @@ def _fast_members(stream) -> Iterator[dict]:
         yield {"fname": name, "data": data}
 
 
-def _open(url: str):
+class _HashingRaw(io.RawIOBase):
+    """A raw stream that hashes (sha256) and counts every byte it passes on, in order.
+
+    A BufferedReader on top of it serves the parser's small reads (512-byte headers, member data) from chunks
+    of _CHUNK bytes, so the hash is updated once per chunk, not per read. (Hashing each chunk on a side thread
+    while the parser reads on measured no faster on 2 cores: the hand-offs cost what the overlap saves.)"""
+
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self._readinto = getattr(source, "readinto", None)  # a local file's FileIO; a pipe: only read()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._readinto is not None:
+            n = self._readinto(buffer) or 0
+            view = memoryview(buffer)[:n]
+        else:
+            data = self.source.read(len(buffer))
+            n = len(data)
+            buffer[:n] = data
+            view = data
+        self.sha256.update(view)
+        self.size += n
+        return n
+
+
+def _open(url: str, raw: bool = False):
+    """The shard's byte stream: a local file (unbuffered with raw=True), else webdataset's gopen (pipe:, ...)."""
     if "://" not in url and not url.startswith("pipe:"):
-        return open(url, "rb", buffering=1 << 20)
+        return open(url, "rb", buffering=0 if raw else _CHUNK)
     return gopen(url, "rb")
 
 
-def iter_raw_samples(url: str, name: str | None = None, reader: str = "fast") -> Iterator[tuple[str, dict]]:
-    """Yield (key, {extension: bytes}) for each sample in the shard, in tar order."""
+def _drain(stream) -> None:
+    """Read to the end of the stream: the bytes after the tar end marker (padding) are part of the hash too."""
+    while stream.read(_CHUNK):
+        pass
+
+
+def _check_end(name: str, expect: ShardInfo, samples: int, hashing: _HashingRaw) -> None:
+    """The whole shard has been read: its sample count and sha256 must be what the manifest says."""
+    if samples != expect.samples:
+        raise ShardMismatchError(f"{name}: holds {samples} samples, its manifest entry says {expect.samples} "
+                                 "(manifest.json edited, or the shard replaced: run `pretrain-data verify`)")
+    digest = hashing.sha256.hexdigest()
+    if digest != expect.sha256:
+        raise ShardMismatchError(f"{name}: sha256 {digest[:16]}... of its {hashing.size} bytes differs from its "
+                                 f"manifest entry's {expect.sha256[:16]}... (changed since prepare: corrupt copy? "
+                                 "run `pretrain-data verify`)")
+
+
+def iter_raw_samples(url: str, name: str | None = None, reader: str = "fast",
+                     expect: ShardInfo | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield (key, {extension: bytes}) for each sample in the shard, in tar order.
+
+    With `expect` (the shard's manifest entry), once the last sample is yielded the stream is read to its end
+    and a ShardMismatchError raised if its sample count or sha256 differ from the entry. A consumer that stops
+    early (closes the generator) gets no check: only a shard read to its end can be vouched for.
+    """
     name = name or url
     count = 0
     try:
-        stream = _open(url)
+        source = _open(url, raw=expect is not None)
     except (OSError, ValueError) as e:
         raise ShardError(f"{name}: cannot open ({e})") from None
+    hashing = None if expect is None else _HashingRaw(source)
+    stream = source if hashing is None else io.BufferedReader(hashing, _CHUNK)
     key, parts = None, {}
     complete = False
     members = _fast_members(stream) if reader == "fast" else tar_file_iterator(stream)
@@ -115,18 +193,22 @@ def iter_raw_samples(url: str, name: str | None = None, reader: str = "fast") ->
         if key is not None:
             yield key, parts
             count += 1
+        if hashing is not None:
+            _drain(stream)
         complete = True
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        failed = _close(stream)  # a pipe: command that failed explains an unreadable stream best
+        failed = _close(source)  # a pipe: command that failed explains an unreadable stream best
         if failed:
             raise ShardError(f"{name}: reading failed ({failed})") from None
         reason = " ".join(str(e).split(" @ ")[0].split()) or type(e).__name__
         raise ShardError(f"{name}: corrupt or truncated tar after {count} complete samples ({reason})") from None
     finally:
-        failed = _close(stream)
+        failed = _close(source)
         if complete and failed:
             raise ShardError(f"{name}: reading failed ({failed})")
         # not complete: the consumer stopped early (a pipe then dies of SIGPIPE, which is not an error)
+    if hashing is not None:
+        _check_end(name, expect, count, hashing)
 
 
 def _close(stream) -> str | None:
