@@ -195,6 +195,8 @@ class Engine:
             raise
         except (RuntimeError, KeyError, ValueError, AssertionError, OSError, IndexError, TypeError, AttributeError,
                 EOFError) as e:  # a file that loads but does not hold what DeepSpeed expects there
+            if checkpoint_files.host_failure(e):
+                raise
             reason = (str(e).strip().splitlines() or [""])[0][:300]
             raise CheckpointError(f"{step_dir}/{MODEL_DIR}: DeepSpeed could not load it ({type(e).__name__}: "
                                   f"{reason}); was it written with this layout (tp/pp/dp, ZeRO stage)?") from e

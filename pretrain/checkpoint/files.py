@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import errno
 import functools
 import hashlib
+import mmap
 import os
 import pickle
 import re
@@ -66,11 +69,23 @@ def load(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) -> 
         what = f"`{found.group(1)}`" if found else "an object outside the allowed list"
         raise CheckpointError(f"{path}: refusing to load it: it asks to run or build {what}, which no checkpoint "
                               f"written by this project contains (a pickle can run code when it is loaded)") from None
-    except MemoryError:
-        raise
     except Exception as e:  # noqa: BLE001 - any failure to parse the file is the file's: name it, one line
+        if host_failure(e):
+            raise
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {_first_line(e)}): truncated, or not "
                               "a file a save wrote") from None
+
+
+_HOST_ERRNOS = {errno.EIO, errno.ESTALE, errno.ENOMEM, errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno.ENOTCONN,
+                errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ECONNRESET}  # EINVAL, ENOENT...: the file's own fault
+
+
+def host_failure(e: BaseException) -> bool:
+    """Whether a failed read is the host's or the disk's (memory short, an I/O error, a stale NFS handle), not the
+    file's: such an error keeps its own message instead of becoming "truncated, or not a file a save wrote"."""
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno in _HOST_ERRNOS):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("can't allocate memory", "out of memory"))
 
 
 def _first_line(e: BaseException) -> str:
@@ -126,7 +141,7 @@ class Staging:
     into pageable memory runs at a fraction of the rate of one into pinned memory, which is slow to allocate.
     So the buffers stay, pinned when the state is on a GPU (pageable where the host refuses to lock more): the
     steady cost is one more copy of this rank's state in host memory, exactly its bytes (`host_bytes`; the
-    planner prints it per node), which every save needed anyway while it was written.
+    planner's `checkpoint:` line estimates it), which every save needed anyway while it was written.
 
     Buffers are handed out in request order: a save copies the same tree in the same order each time, so its
     i-th storage lands in the buffer the previous save's i-th storage used when the sizes agree, and in a new
@@ -163,32 +178,66 @@ class Staging:
 
 
 class HostBuffer:
-    """`nbytes` of host memory, page-locked in place when `pin` (cudaHostRegister), unlocked when dropped.
+    """`nbytes` of host memory, page-locked in place when `pin`, unlocked when dropped.
 
     Why not `torch.empty(pin_memory=True)`: that goes through torch's caching host allocator, which rounds every
     block up to a power of two and keeps freed blocks: a 1b ZeRO-2 state of about 17 GB would lock about 28 GiB,
-    for every rank of a node. Registering an ordinary allocation locks exactly its bytes. Where the host refuses
-    (its locked-memory limit, or memory short), the buffer stays pageable: the copy is slower, the save the same.
-    Unlocking when the buffer is dropped leaves any view of it valid (pageable again)."""
+    for every rank of a node. Here the buffer is an anonymous mapping of its own (page-aligned, sharing no page
+    with another allocation, so two registrations never overlap) locked with the driver's cuMemHostRegister:
+    exactly its bytes, rounded up to a page. The driver API is used rather than the runtime's cudaHostRegister
+    because a failed runtime call leaves its error pending on the thread, and torch's next kernel launch would
+    raise it; a driver call's failure is only its return value. Where the host refuses (memory short, no CUDA
+    context on this thread) the buffer stays pageable: the copy is slower, the save the same. Unlocking when
+    the buffer is dropped leaves any view of it valid (pageable again)."""
 
     def __init__(self, nbytes: int, *, pin: bool):
-        self.storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
-        self.pinned = pin and nbytes > 0 and _register(self.storage.data_ptr(), nbytes)
+        self.context = None
+        if pin and nbytes > 0:
+            self._pages = mmap.mmap(-1, nbytes)  # kept alive by the storage below (it exports this buffer)
+            self.storage = torch.frombuffer(self._pages, dtype=torch.uint8).untyped_storage()
+            self.context = _pin(self.storage.data_ptr(), nbytes)
+        else:
+            self.storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+
+    @property
+    def pinned(self) -> bool:
+        return self.context is not None
 
     def __del__(self) -> None:
-        if self.pinned:
-            _unregister(self.storage.data_ptr())
+        if getattr(self, "context", None) is not None:
+            _unpin(self.storage.data_ptr(), self.context)
 
 
-_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context of the process
+_PORTABLE = 1  # CU_MEMHOSTREGISTER_PORTABLE: pinned for every CUDA context of the process
 
 
-def _register(ptr: int, nbytes: int) -> bool:
-    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, _PORTABLE)) == 0
+@functools.lru_cache(maxsize=1)
+def _driver() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:  # no NVIDIA driver on this host
+        return None
 
 
-def _unregister(ptr: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(ptr)
+def _pin(ptr: int, nbytes: int) -> ctypes.c_void_p | None:
+    """Lock [ptr, ptr + nbytes) with the CUDA context current on this thread; that context, or None if refused."""
+    cuda = _driver()
+    if cuda is None:
+        return None
+    context = ctypes.c_void_p()
+    if cuda.cuCtxGetCurrent(ctypes.byref(context)) != 0 or not context.value:
+        return None
+    ok = cuda.cuMemHostRegister_v2(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), ctypes.c_uint(_PORTABLE)) == 0
+    return context if ok else None
+
+
+def _unpin(ptr: int, context: ctypes.c_void_p) -> None:
+    """Unlock what _pin locked, from whatever thread drops the buffer (with the context it was locked in)."""
+    cuda = _driver()
+    if cuda is None or cuda.cuCtxPushCurrent_v2(context) != 0:
+        return
+    cuda.cuMemHostUnregister(ctypes.c_void_p(ptr))
+    cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
 
 
 STAGING = Staging()

@@ -167,6 +167,8 @@ class CheckpointReader:
         except CheckpointError:  # already says which file and what (a RuntimeError too)
             raise
         except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError, StopIteration) as e:
+            if checkpoint_files.host_failure(e):
+                raise
             where = self.dir / self._current if self._current else self.dir
             raise CheckpointError(f"{where}: does not hold what tp {self.tp} x pp {self.pp} x dp {self.dp} "
                                   f"ZeRO-{self.zero} writes there ({type(e).__name__}: "

@@ -26,7 +26,9 @@ Two mechanisms, for two different questions:
   for milliseconds, so every check-and-take-over is atomic: of several launches taking over one stale lock
   together, exactly one judges it stale; the others then find the winner's fresh record and are refused. (Without
   it, a launch that judged the stale record could rename the first winner's fresh lock away.) Where the file
-  system refuses locks the guard is skipped and the rename protocol below still catches most races.
+  system refuses locks the guard is skipped and the rename protocol below still catches most races; NFS mounted
+  `nolock` (and some FUSE file systems) grant such locks per host only, so there the guard orders the launches
+  of one host and the re-check covers launches of different hosts.
 The record is written to a file of our own and hard-linked into place (a link fails if the name exists: never seen
 half-written, one creator wins). A stale lock is renamed away, and what was renamed is compared with what was
 judged (inode, mtime, record): if it is something else, it is put back and this launch is refused.
@@ -220,6 +222,9 @@ class RunLock:
                 return None
             except FileExistsError:
                 pass
+            except OSError as e:  # EPERM, ENOTSUP: object stores mounted through FUSE have no hard links
+                raise RunLocked(f"{self.path.parent}: cannot create {LOCK_FILE} ({e.strerror}): the run lock needs "
+                                "hard links; put checkpoint.dir on a POSIX file system (local, NFS, Lustre)") from None
             seen = self._look()
             if seen is None:
                 continue

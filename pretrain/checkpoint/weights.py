@@ -18,6 +18,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from pretrain import checkpoint
+from pretrain.checkpoint import files as checkpoint_files
 from pretrain.config import Config, ConfigError
 from pretrain.resolved import ResolvedRun
 from pretrain.hf.safetensors_dir import SafetensorsDir
@@ -67,6 +68,8 @@ def _reading(where: Path) -> Iterator[None]:
     except checkpoint.CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        if checkpoint_files.host_failure(e):
+            raise
         raise checkpoint.CheckpointError(f"{where}: cannot be read ({type(e).__name__}: "
                                          f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
 

@@ -119,10 +119,10 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def _fp32_addmm_on_cuda() -> bool:
     """Whether this torch's CUDA addmm takes bf16 inputs into an fp32 output (tried once on a tiny product)."""
     try:
-        acc = torch.zeros(2, 2, device="cuda")
+        acc = torch.ones(2, 2, device="cuda")  # 1 + 2: accumulated into acc, not written over it
         x = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
         torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
-        return bool(acc.eq(2).all())
+        return bool(acc.eq(3).all())
     except (RuntimeError, TypeError):
         return False
 

@@ -296,7 +296,8 @@ def host_line(e: Estimate, background: bool, ranks_per_node: int | None) -> str:
     line = f"checkpoint: ~{_size(e.saved_state)} written per rank per save"
     if not background:
         return line + " (checkpoint.background=false: no host copy is kept)"
-    node = f", {_size(e.saved_state * ranks_per_node)} per node of {ranks_per_node}" if ranks_per_node else ""
+    node = (f", at most {_size(e.saved_state * ranks_per_node)} per node of {ranks_per_node}" if ranks_per_node
+            else "")  # at most: only DP rank 0 of each model slice writes the module's weights
     return (line + f"; background saves keep as much host memory per rank{node} (pinned on CUDA, exactly that "
             "size; checkpoint.background=false keeps none)")
 

@@ -35,6 +35,6 @@ def test_plan_prints_the_host_memory_background_saves_keep(capsys):
     per_rank = params * 2 + params * 12 / 8
     line = next(x for x in out.splitlines() if x.startswith("checkpoint:"))
     assert f"~{per_rank / 2**30:.2f} GiB written per rank" in line
-    assert f"{per_rank * 8 / 2**30:.2f} GiB per node of 8" in line and "pinned on CUDA" in line
+    assert f"at most {per_rank * 8 / 2**30:.2f} GiB per node of 8" in line and "pinned on CUDA" in line
     out = plan(capsys, "--config", "configs/1b.yaml", "--nodes", "1", "--set", "checkpoint.background=false")
     assert "no host copy is kept" in out

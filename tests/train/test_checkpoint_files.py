@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import shutil
 import subprocess
 import sys
@@ -205,23 +206,27 @@ def test_the_next_background_save_reuses_the_host_buffers(tmp_path):
 
 
 def test_pinned_staging_locks_exactly_the_state_and_falls_back_to_pageable(monkeypatch):
-    """Host buffers for GPU state are locked in place at their exact size (torch's pinned allocator would round
-    each up to a power of two and keep it), unlocked when dropped, and pageable where the host refuses to lock."""
+    """Host buffers for GPU state are page-aligned mappings of their own, locked in place at their exact size
+    (torch's pinned allocator would round each up to a power of two and keep it), unlocked when dropped, and
+    pageable where the host refuses to lock (here: no CUDA driver or context at all)."""
+    assert checkpoint_files.HostBuffer(4096, pin=True).pinned is bool(checkpoint_files._pin(0, 0) is not None)
     locked: dict[int, int] = {}
     refuse = {"now": False}
 
-    def register(ptr: int, nbytes: int) -> bool:
+    def pin(ptr: int, nbytes: int):
         if refuse["now"]:
-            return False
+            return None
         locked[ptr] = nbytes
-        return True
+        return "context"
 
-    monkeypatch.setattr(checkpoint_files, "_register", register)
-    monkeypatch.setattr(checkpoint_files, "_unregister", lambda ptr: locked.pop(ptr))
+    monkeypatch.setattr(checkpoint_files, "_pin", pin)
+    monkeypatch.setattr(checkpoint_files, "_unpin", lambda ptr, context: locked.pop(ptr))
     sizes = [3 * 2**20 + 5, 1000, 2**20 + 1]  # none a power of two
     buffers = [checkpoint_files.HostBuffer(n, pin=True) for n in sizes]
     assert all(b.pinned for b in buffers) and sorted(locked.values()) == sorted(sizes)
     assert [b.storage.nbytes() for b in buffers] == sizes
+    assert all(ptr % mmap.PAGESIZE == 0 for ptr in locked)  # pages of their own: no two locks overlap
+    buffers[0].storage.copy_(torch.arange(sizes[0], dtype=torch.uint8).untyped_storage())  # writable
     del buffers
     assert locked == {}  # dropped buffers are unlocked
     refuse["now"] = True
