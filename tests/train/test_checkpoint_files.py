@@ -209,7 +209,8 @@ def test_pinned_staging_locks_exactly_the_state_and_falls_back_to_pageable(monke
     """Host buffers for GPU state are page-aligned mappings of their own, locked in place at their exact size
     (torch's pinned allocator would round each up to a power of two and keep it), unlocked when dropped, and
     pageable where the host refuses to lock (here: no CUDA driver or context at all)."""
-    assert checkpoint_files.HostBuffer(4096, pin=True).pinned is bool(checkpoint_files._pin(0, 0) is not None)
+    if not torch.cuda.is_available():  # no driver or no context: asked to pin, it stays pageable and works
+        assert not checkpoint_files.HostBuffer(4096, pin=True).pinned
     locked: dict[int, int] = {}
     refuse = {"now": False}
 
