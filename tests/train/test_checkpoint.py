@@ -7,18 +7,8 @@ from pathlib import Path
 import pytest
 
 from spawn import torchrun
+from train_common import Solo
 from pretrain import checkpoint as ckpt
-
-
-class Solo:
-    """A one-rank Collective for the single-process checks."""
-    rank, world_size = 0, 1
-
-    def barrier(self) -> None:
-        pass
-
-    def all_reduce_max(self, value: float) -> float:
-        return value
 
 
 def _save(run_dir: Path, step: int, keep: int = 3) -> Path:

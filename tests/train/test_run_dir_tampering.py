@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_common import run_python, tiny_shards, train_args
+from train_common import Solo, run_python, tiny_shards, train_args
 
 from pretrain import checkpoint
 from pretrain.checkpoint import files as checkpoint_files
@@ -32,17 +32,6 @@ pytestmark = pytest.mark.slow
 
 RANK = "rank_00000.pt"
 MODEL = "model/mp_rank_00_model_states.pt"
-
-
-class Solo:
-    """A one-rank Collective."""
-    rank, world_size = 0, 1
-
-    def barrier(self) -> None:
-        pass
-
-    def all_reduce_max(self, value: float) -> float:
-        return value
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,17 @@ WORDS = ("the a model data token train loss step rank shard layer head query key
 _CACHE: dict[str, Path] = {}
 
 
+class Solo:
+    """A one-rank Collective (pretrain.checkpoint's protocol), for checks in one process."""
+    rank, world_size = 0, 1
+
+    def barrier(self) -> None:
+        pass
+
+    def all_reduce_max(self, value: float) -> float:
+        return value
+
+
 def tiny_shards(root: Path) -> Path:
     """A synthetic corpus -> BPE tokenizer -> webdataset shards, through the real `pretrain-data` CLI.
 
