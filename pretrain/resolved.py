@@ -312,7 +312,7 @@ def check_memory(cfg: Config, run: ResolvedRun) -> None:
     dry run, where no GPU answers: a login node) the run is checked at its start."""
     import psutil
 
-    from pretrain.parallel.describe import Kernels, estimate
+    from pretrain.parallel.describe import Kernels, estimate, size_text
 
     gpu_bytes = _gpu_memory_here() if cfg.train.device != "cpu" else None
     on_gpu = _on_gpu(cfg, gpu_bytes)
@@ -324,19 +324,15 @@ def check_memory(cfg: Config, run: ResolvedRun) -> None:
     if e.total * ranks <= have:
         return
     m, t = run.model, cfg.train
-    where = (f"this host's GPU ({_size(have)})" if on_gpu else
-             f"this host's {_size(have)} of RAM ({ranks} CPU rank{'s' if ranks > 1 else ''}"
+    where = (f"this host's GPU ({size_text(have)})" if on_gpu else
+             f"this host's {size_text(have)} of RAM ({ranks} CPU rank{'s' if ranks > 1 else ''}"
              + ("; train.device=auto and torch sees no GPU" if cfg.train.device == "auto" else "") + ")")
-    raise ConfigError(f"the run cannot fit: ~{_size(e.total)} per rank = activations "
-                      f"{_size(e.activations + e.transient + e.buffers)} (train.seq_len={t.seq_len} x "
-                      f"train.micro_batch_size={t.micro_batch_size}) + model states {_size(e.model_states)} "
+    raise ConfigError(f"the run cannot fit: ~{size_text(e.total)} per rank = activations "
+                      f"{size_text(e.activations + e.transient + e.buffers)} (train.seq_len={t.seq_len} x "
+                      f"train.micro_batch_size={t.micro_batch_size}) + model states {size_text(e.model_states)} "
                       f"(model.dim={m.dim}, model.n_layers={m.n_layers}, model.ffn_hidden_dim={m.hidden_dim}, "
                       f"model.vocab_size={run.vocab_size} padded to {m.vocab_size}), more than {where}; shrink "
                       "them, or split the model over parallel.tp / parallel.pp / parallel.zero_stage")
-
-
-def _size(n_bytes: float) -> str:
-    return f"{n_bytes / 1024**3:,.1f} GiB" if n_bytes >= 1024**3 else f"{n_bytes / 1024**2:,.1f} MiB"
 
 
 def held_out_note(cfg: Config, run: ResolvedRun) -> str | None:

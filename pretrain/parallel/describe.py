@@ -74,7 +74,7 @@ GPU_MEMORY_GIB: list[tuple[str, float]] = [
 ]
 
 
-def _size(n_bytes: float) -> str:
+def size_text(n_bytes: float) -> str:
     return f"{n_bytes / GiB:.2f} GiB" if n_bytes >= GiB else f"{n_bytes / 1024**2:.2f} MiB"
 
 
@@ -258,9 +258,9 @@ def fit_line(e: Estimate, gpu: str) -> str:
     need = e.total
     if need <= usable:
         return (f"fits {gpu} ({cap:g} GiB, {usable / GiB:.1f} GiB usable after {HEADROOM:.0%} headroom): "
-                f"~{_size(need)} per rank, {_size(usable - need)} to spare")
+                f"~{size_text(need)} per rank, {size_text(usable - need)} to spare")
     return (f"DOES NOT FIT {gpu} ({cap:g} GiB, {usable / GiB:.1f} GiB usable after {HEADROOM:.0%} headroom): "
-            f"~{_size(need)} per rank, {_size(need - usable)} over ({need / usable:.2f}x)")
+            f"~{size_text(need)} per rank, {size_text(need - usable)} over ({need / usable:.2f}x)")
 
 
 def fits(e: Estimate, gpu: str) -> bool:
@@ -279,11 +279,11 @@ def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: s
         f"sequences = {lay.global_batch * T:,} tokens per step",
         f"model: {cfg.model.flavor} dim={args.dim} layers={args.n_layers} heads={args.n_heads}/{args.kv_heads} "
         f"ffn={args.hidden_dim} vocab={lay.padded_vocab_size} (padded) params={e.params:,} ({e.params / 1e9:.3f} B)",
-        f"per-rank memory estimate: weights {_size(e.weights)}, grads {_size(e.grads)}, optimizer "
-        f"{_size(e.optimizer)}, activations ~{_size(e.activations)} saved + {_size(e.transient)} in backward"
-        f"{' + ' + _size(e.buffers) + ' pipeline buffers' if e.buffers else ''} (recompute "
+        f"per-rank memory estimate: weights {size_text(e.weights)}, grads {size_text(e.grads)}, optimizer "
+        f"{size_text(e.optimizer)}, activations ~{size_text(e.activations)} saved + {size_text(e.transient)} in backward"
+        f"{' + ' + size_text(e.buffers) + ' pipeline buffers' if e.buffers else ''} (recompute "
         f"{cfg.model.activation_checkpointing}{', fused kernels' if cfg.model.fused_kernels else ', eager ops'})"
-        f"{stage}; total ~{_size(e.total)}",
+        f"{stage}; total ~{size_text(e.total)}",
     ]
     lines.append(host_line(e, cfg.checkpoint.background, ranks_per_node))
     if gpu is not None:
@@ -293,10 +293,10 @@ def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: s
 
 def host_line(e: Estimate, background: bool, ranks_per_node: int | None) -> str:
     """A checkpoint's size per rank and, with background saves, the host memory they keep for it."""
-    line = f"checkpoint: ~{_size(e.saved_state)} written per rank per save"
+    line = f"checkpoint: ~{size_text(e.saved_state)} written per rank per save"
     if not background:
         return line + " (checkpoint.background=false: no host copy is kept)"
-    node = (f", at most {_size(e.saved_state * ranks_per_node)} per node of {ranks_per_node}" if ranks_per_node
+    node = (f", at most {size_text(e.saved_state * ranks_per_node)} per node of {ranks_per_node}" if ranks_per_node
             else "")  # at most: only DP rank 0 of each model slice writes the module's weights
     return (line + f"; background saves keep as much host memory per rank{node} (pinned on CUDA, exactly that "
             "size; checkpoint.background=false keeps none)")
