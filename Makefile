@@ -6,14 +6,23 @@ STAMP   := $(VENV)/.installed
 # CPU torch first (a file on this project's machines); a GPU cluster's env brings its own CUDA build.
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
+# pytest-xdist workers: two on this project's 2-core machines (each test's ranks are single-threaded; a module's
+# tests stay on one worker, see tests/conftest.py). WORKERS=0 runs in one process.
+WORKERS ?= 2
+XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
+# The inner loop: no training launches, no ranks, no cluster.
+QUICK   := not slow and not distributed and not slurm
 
-.PHONY: demo test install clean gpu-check
+.PHONY: demo test check coverage install clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
+	# On a CPU-only host DeepSpeed JIT-compiles its shared-memory comm op (about 30 s) at the first
+	# init_distributed of every new environment; build it here, once (a no-op where CUDA is DeepSpeed's accelerator).
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 || true
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +31,19 @@ demo: $(STAMP)
 	$(BIN)/python -m pretrain.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+
+# Unit tests only (under 3 minutes): run it while you work, `make test` before you push.
+check: $(STAMP)
+	$(BIN)/python -m pytest $(XDIST) -m "$(QUICK)" $(PYTEST_ARGS)
+
+# The whole suite under coverage.py, every child process included; report in the terminal and .coverage/html.
+coverage: $(STAMP)
+	rm -rf .coverage && mkdir .coverage
+	$(BIN)/python -m coverage run -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m coverage combine -q
+	$(BIN)/python -m coverage report
+	$(BIN)/python -m coverage html -q -d .coverage/html
 
 # On a machine with one CUDA GPU and the project installed in .venv with a CUDA torch (e.g. TORCH=torch):
 # GPU tests, kernel timings, the 125m and 1b presets as shipped beside the transformers peer (about 6 minutes).

@@ -7,7 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from spawn import REPO, child_env, python_path
+
+pytestmark = pytest.mark.slow  # each test is a pytest process of its own
 
 PLUGIN = ("import torch\ntorch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: 1\n"
           "torch.cuda.get_device_capability = lambda *a: (9, 0)\n")

@@ -30,6 +30,7 @@ def test_refused_on_cpu_naming_the_setting():
     check_fp8("none", torch.device("cpu"))  # off: nothing to check
 
 
+@pytest.mark.slow
 def test_a_cpu_run_with_fp8_exits_2_in_one_line(tmp_path_factory):
     data = tiny_shards(tmp_path_factory.mktemp("data"))
     args = train_args(data / "shards", tmp_path_factory.mktemp("run") / "run", "train.fp8=tensorwise",

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from spawn import REPO, child_env
 
 WORKER = r"""
@@ -45,6 +47,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_host_reads_per_step_do_not_grow_with_grad_accum():
     p = subprocess.run([sys.executable, "-c", WORKER], cwd=REPO, env=child_env(), capture_output=True, text=True,
                        timeout=300)
