@@ -6,19 +6,23 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from spawn import child_env, torchrun  # noqa: F401  (re-exported to the slurm tests)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 SBATCH = REPO / "slurm" / "pretrain.sbatch"
+DEBUG_CONFIG = str(REPO / "configs" / "debug.yaml")
 FAKE_TRAIN = Path(__file__).with_name("fake_train.py")
+# The stand-in's run that the fake-trainer tests (test_sbatch.py, test_launch_signals.py) reproduce: one shared
+# uninterrupted reference (conftest.py: fake_reference).
+FAKE_STEPS = 40
+FAKE_SEED = 5
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
-
-
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,21 @@ def job_info(cluster: Cluster, job_id: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
 
 
+def jobs_info(cluster: Cluster, job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """`scontrol show job` of several jobs with one call (every job the controller still keeps), by job id."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o"], env=cluster.env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    jobs = {}
+    for line in proc.stdout.splitlines():
+        info = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        if info.get("JobId") in job_ids:
+            jobs[info["JobId"]] = info
+    missing = set(job_ids) - set(jobs)
+    assert not missing, f"the controller does not know jobs {sorted(missing)}"
+    return jobs
+
+
 def wait_job(cluster: Cluster, job_id: str, timeout: float) -> dict[str, str]:
     """Poll until the job reaches a final state (a requeued job passes through PENDING again)."""
     deadline = time.monotonic() + timeout
@@ -59,7 +78,56 @@ def wait_job(cluster: Cluster, job_id: str, timeout: float) -> dict[str, str]:
         if time.monotonic() > deadline:
             subprocess.run(["scancel", job_id], env=cluster.env())
             raise AssertionError(f"job {job_id} still {info['JobState']} ({info.get('Reason')}) after {timeout} s")
-        time.sleep(0.5)
+        time.sleep(0.2)
+
+
+@dataclass
+class Watched:
+    """A submitted job for `watch`: signalled with `scancel <scancel>` once `reached(self)` holds (if it has a
+    trigger), and followed to its final state (`info`, with `ended` the monotonic time it was seen there)."""
+    name: str
+    job: str
+    out: Path  # the job's --output file
+    run: Path = field(default_factory=Path)  # its checkpoint.dir
+    reached: Callable[["Watched"], bool] | None = None
+    scancel: tuple[str, ...] = ("--signal=USR1", "--batch")
+    state: str = "PENDING"  # last JobState seen
+    signalled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    info: dict[str, str] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.out.read_text() if self.out.exists() else ""
+
+
+def watch(cluster: Cluster, jobs: list[Watched], timeout: float) -> None:
+    """Run the jobs together: signal each as it reaches its point, return once all are final.
+
+    The triggers (a file read, or the last state seen) are checked every 50 ms, the states of all jobs every
+    200 ms with one `scontrol` call; a job with a trigger that ends before its point was reached fails here."""
+    deadline = time.monotonic() + timeout
+    pending = list(jobs)
+    next_poll = 0.0
+    while pending:
+        for w in pending:
+            if w.reached is not None and not w.signalled and w.reached(w):
+                subprocess.run(["scancel", *w.scancel, w.job], env=cluster.env(), check=True)
+                w.signalled = True
+        if time.monotonic() >= next_poll:
+            infos = jobs_info(cluster, [w.job for w in pending])
+            next_poll = time.monotonic() + 0.2
+            for w in list(pending):
+                info = infos[w.job]
+                w.state = info["JobState"]
+                if info["JobState"] in FINAL_STATES:
+                    assert w.reached is None or w.signalled, f"{w.name}: the job ended before its point was reached"
+                    w.info, w.ended = info, time.monotonic()
+                    pending.remove(w)
+        if pending and time.monotonic() > deadline:
+            subprocess.run(["scancel", *[w.job for w in pending]], env=cluster.env())
+            raise AssertionError(f"still running after {timeout} s: {[(w.name, w.state) for w in pending]}")
+        time.sleep(0.05)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -108,3 +176,36 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     steps = [r["step"] for r in records]
     assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
     return {r["step"]: r["loss"] for r in records}
+
+
+# The real `pretrain train` runs of the signal sweep (tests/slurm/test_signal_sweep.py), whose "save and eval" job is
+# also test_real_training.py's preempted job: the debug model for 12 steps, checkpoint every 2 steps, evaluate every
+# 4 (on the training shards: the point is the timing, not the number), every step logged.
+SWEEP_STEPS = 12
+SWEEP_EXTRA = ("checkpoint.every=2", "train.eval_every=4", "train.eval_steps=2", "train.log_every=1")
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    steps_logged: int | None  # signal once metrics.jsonl has this many steps (None: on the output's `done:` line)
+    requeued: bool | None  # whether the job must go through a requeue (None: either way, by timing)
+    scancel: tuple[str, ...] = ("--signal=USR1", "--batch")  # the notice, to the batch shell
+
+    def reached(self, job: Watched) -> bool:
+        if self.steps_logged is None:
+            return f"done: step {SWEEP_STEPS}" in job.log()
+        if self.steps_logged == 0:
+            return job.state == "RUNNING"
+        return len(read_jsonl(job.run / "metrics.jsonl")) >= self.steps_logged
+
+
+SWEEP_POINTS = [
+    Point("start-up", 0, requeued=None),  # the job runs; the ranks are starting (or srun is not up yet)
+    Point("early steps", 1, requeued=True),
+    Point("save and eval", 3, requeued=True),  # step 4 trains, evaluates and saves next
+    Point("last step", SWEEP_STEPS - 1, requeued=None),  # lands before or after the last step's stop check
+    Point("after done", None, requeued=False),  # the final checkpoint is committed: nothing to requeue
+    # SIGTERM straight to the step's processes (launchers and ranks), as `scancel --signal=TERM` sends it
+    Point("TERM to the steps", 2, requeued=True, scancel=("--signal=TERM",)),
+]

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from slurm_helpers import FAKE_TRAIN, REPO, child_env, read_jsonl, write_config
+from slurm_helpers import FAKE_SEED, FAKE_STEPS, FAKE_TRAIN, REPO, child_env, read_jsonl, write_config
 
+# No cluster here: not in the "slurm" xdist group. The uninterrupted reference is the stand-in's shared one
+# (conftest.py: fake_reference, built once per session whichever worker asks first).
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-STEPS = 30
+STEPS = FAKE_STEPS
 
 
 def _launch(cfg: Path, **env: str) -> subprocess.Popen:
@@ -34,11 +36,10 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def test_usr1_to_the_launcher_checkpoints_exits_42_and_a_relaunch_resumes(tmp_path: Path) -> None:
-    reference = _finish(_launch(write_config(tmp_path / "ref.yaml", tmp_path / "ref", max_steps=STEPS, seed=9)))
-    assert reference[0] == 0, reference[1]
+def test_usr1_to_the_launcher_checkpoints_exits_42_and_a_relaunch_resumes(fake_reference: list[dict],
+                                                                          tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cfg = write_config(tmp_path / "cfg.yaml", run, max_steps=STEPS, seed=9)
+    cfg = write_config(tmp_path / "cfg.yaml", run, max_steps=STEPS, seed=FAKE_SEED)
 
     # 1. A notice or a stop request (SIGTERM: `kill`, a container runtime) during start-up: the ranks are still
     #    importing torch.
@@ -62,8 +63,8 @@ def test_usr1_to_the_launcher_checkpoints_exits_42_and_a_relaunch_resumes(tmp_pa
     stopped_at = len(read_jsonl(run / "metrics.jsonl"))
     assert 3 <= stopped_at < STEPS
 
-    # 3. Plain relaunch finishes; the curve is the uninterrupted one, step for step.
+    # 3. Plain relaunch finishes (exit 0); the curve is the uninterrupted one (plain torchrun), step for step.
     code, out = _finish(_launch(cfg))
     assert code == 0, out
-    assert read_jsonl(run / "metrics.jsonl") == read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    assert read_jsonl(run / "metrics.jsonl") == fake_reference
     assert [a["start_step"] for a in read_jsonl(run / "attempts.jsonl") if a["rank"] == 0] == [0, 0, 0, stopped_at]

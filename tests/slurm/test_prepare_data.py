@@ -14,7 +14,7 @@ from data_pipeline.manifest import read_manifest
 from data_pipeline.shard_reader import decode_tokens, iter_raw_samples
 from slurm_helpers import REPO, Cluster, child_env, sbatch, wait_job
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 SCRIPT = REPO / "slurm" / "prepare_data.sbatch"
 WORDS = "river stone winter light market garden bridge letter village summer water story".split()
@@ -57,7 +57,7 @@ def test_array_job_shards_hold_the_same_documents_as_one_prepare(slurm_cluster: 
     deadline = time.monotonic() + 120
     while not (marker.exists() and marker.read_text().strip()):
         assert time.monotonic() < deadline, f"array {array}: task 0 never queued the merge job"
-        time.sleep(0.5)
+        time.sleep(0.2)
     merge = marker.read_text().strip()
     info = wait_job(slurm_cluster, merge, timeout=240)
     merge_log = (out / "parts" / f"merge-{merge}.out").read_text()

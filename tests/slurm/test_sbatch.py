@@ -9,74 +9,78 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from slurm_helpers import (FAKE_TRAIN, SBATCH, Cluster, child_env, job_info, read_jsonl, sbatch, torchrun,
-                           wait_job, write_config)
+from slurm_helpers import (FAKE_SEED, FAKE_STEPS, FAKE_TRAIN, SBATCH, Cluster, Watched, child_env, read_jsonl,
+                           sbatch, watch, write_config)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
-MAX_STEPS = 40
-SEED = 5
+MAX_STEPS = FAKE_STEPS
+SEED = FAKE_SEED
 # The batch script's #SBATCH defaults are for a GPU cluster; the local one has 2 CPUs per node and no GPUs.
 LOCAL = ["--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """The stand-in on one node, 2 ranks, plain torchrun: the losses every SLURM run must reproduce exactly."""
-    tmp = tmp_path_factory.mktemp("reference")
-    cfg = write_config(tmp / "cfg.yaml", tmp / "run", max_steps=MAX_STEPS, seed=SEED)
-    torchrun(2, [str(FAKE_TRAIN), "--config", str(cfg)], timeout=300)
-    metrics = read_jsonl(tmp / "run" / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1))
-    return metrics
 
 
 def _job_env(cluster: Cluster, **extra: str) -> dict[str, str]:
     return cluster.env(PRETRAIN_TRAIN_CMD=str(FAKE_TRAIN), **extra)
 
 
-def test_two_nodes_train_to_completion_like_a_local_run(slurm_cluster: Cluster, reference: list[dict],
-                                                        tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", max_steps=MAX_STEPS, seed=SEED)
-    job = sbatch(slurm_cluster, [*LOCAL, f"--output={tmp_path}/%x-%j.out", str(SBATCH), str(cfg)],
-                 _job_env(slurm_cluster))
-    info = wait_job(slurm_cluster, job, timeout=180)
-    log = (tmp_path / f"pretrain-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED", log
+def _usr1_mid_run(job: Watched) -> bool:
+    return len(read_jsonl(job.run / "metrics.jsonl")) >= 5  # mid-run: ranks are up and stepping
 
-    assert read_jsonl(tmp_path / "run" / "metrics.jsonl") == reference  # bitwise: same floats, same steps
-    attempts = sorted(read_jsonl(tmp_path / "run" / "attempts.jsonl"), key=lambda a: a["rank"])
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory,
+         fake_reference_in_background: object) -> dict[str, Watched]:
+    """This module's three jobs, submitted together (the cluster runs two at a time; the one that must fail fast
+    first, so it never waits for a free CPU), each test reading its own. The USR1 job is signalled once 5 steps
+    are logged, as a user does: what SLURM does ahead of a time limit (--signal=B:USR1@...) or a preemption,
+    USR1 to the batch shell only."""
+    tmp = tmp_path_factory.mktemp("sbatch")
+    specs = {  # name: (config extra, job environment extra, trigger)
+        "does not fit": ("parallel:\n  tp: 2\n  pp: 2\n", {}, None),  # tp x pp = 4 on 2 nodes x 1 rank
+        "usr1": ("", {"FAKE_TRAIN_STEP_SECONDS": "0.25"}, _usr1_mid_run),
+        "completion": ("", {}, None),
+    }
+    watched = []
+    for name, (extra, env, trigger) in specs.items():
+        d = tmp / name.replace(" ", "-")
+        d.mkdir()
+        cfg = write_config(d / "cfg.yaml", d / "run", max_steps=MAX_STEPS, seed=SEED, extra=extra)
+        submitted = time.monotonic()
+        job = sbatch(slurm_cluster, [*LOCAL, f"--output={d}/%x-%j.out", str(SBATCH), str(cfg)],
+                     _job_env(slurm_cluster, **env))
+        watched.append(Watched(name, job, d / f"pretrain-{job}.out", d / "run", reached=trigger,
+                               submitted=submitted))
+    watch(slurm_cluster, watched, timeout=400)
+    return {w.name: w for w in watched}
+
+
+def test_two_nodes_train_to_completion_like_a_local_run(jobs: dict[str, Watched], fake_reference: list[dict]) -> None:
+    w = jobs["completion"]
+    job, log = w.job, w.log()
+    assert w.info["JobState"] == "COMPLETED", log
+
+    assert read_jsonl(w.run / "metrics.jsonl") == fake_reference  # bitwise: same floats, same steps
+    attempts = sorted(read_jsonl(w.run / "attempts.jsonl"), key=lambda a: a["rank"])
     # One rank per node, both nodes of the allocation, rendezvous at the first node on the job's port.
     assert [(a["rank"], a["world"], a["node"]) for a in attempts] == [(0, 2, "slurm-n1"), (1, 2, "slurm-n2")]
     assert {a["master"] for a in attempts} == {f"slurm-n1:{20000 + int(job) % 20000}"}
     assert "--nnodes 2 --node-rank 1 --master-addr slurm-n1" in log
 
 
-def test_usr1_checkpoints_requeues_and_resumes_the_same_curve(slurm_cluster: Cluster, reference: list[dict],
-                                                              tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    cfg = write_config(tmp_path / "cfg.yaml", run, max_steps=MAX_STEPS, seed=SEED)
-    job = sbatch(slurm_cluster, [*LOCAL, f"--output={tmp_path}/%x-%j.out", str(SBATCH), str(cfg)],
-                 _job_env(slurm_cluster, FAKE_TRAIN_STEP_SECONDS="0.25"))
-    deadline = time.monotonic() + 120
-    while len(read_jsonl(run / "metrics.jsonl")) < 5:  # mid-run: ranks are up and stepping
-        assert time.monotonic() < deadline, "the job never started stepping"
-        assert job_info(slurm_cluster, job)["JobState"] in {"PENDING", "RUNNING"}
-        time.sleep(0.2)
-    # What SLURM does ahead of a time limit (--signal=B:USR1@...) or a preemption: USR1 to the batch shell only.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_cluster.env(), check=True)
-
-    info = wait_job(slurm_cluster, job, timeout=240)
-    log = (tmp_path / f"pretrain-{job}.out").read_text()  # --open-mode=append: both runs' output
-    assert info["JobState"] == "COMPLETED", log
-    assert info["Restarts"] == "1", log  # requeued once, same job id
+def test_usr1_checkpoints_requeues_and_resumes_the_same_curve(jobs: dict[str, Watched],
+                                                              fake_reference: list[dict]) -> None:
+    w = jobs["usr1"]
+    job, run, log = w.job, w.run, w.log()  # --open-mode=append: both runs' output
+    assert w.signalled
+    assert w.info["JobState"] == "COMPLETED", log
+    assert w.info["Restarts"] == "1", log  # requeued once, same job id
 
     # The stopped run wrote steps 1..k, the requeued one k+1..MAX_STEPS: together exactly the uninterrupted curve.
-    assert read_jsonl(run / "metrics.jsonl") == reference
+    assert read_jsonl(run / "metrics.jsonl") == fake_reference
     attempts = read_jsonl(run / "attempts.jsonl")
     first = [a for a in attempts if a["restart_count"] == 0]
     second = [a for a in attempts if a["restart_count"] == 1]
@@ -86,23 +90,18 @@ def test_usr1_checkpoints_requeues_and_resumes_the_same_curve(slurm_cluster: Clu
     assert "scontrol requeue" in log and re.search(r"run 2 on slurm-n\[1-2\]", log)
 
 
-def test_world_size_that_does_not_fit_fails_fast_with_one_line(slurm_cluster: Cluster, tmp_path: Path) -> None:
+def test_world_size_that_does_not_fit_fails_fast_with_one_line(jobs: dict[str, Watched]) -> None:
     # tp x pp = 4 cannot be split over 2 nodes x 1 rank.
-    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", max_steps=MAX_STEPS, seed=SEED,
-                       extra="parallel:\n  tp: 2\n  pp: 2\n")
-    started = time.monotonic()
-    job = sbatch(slurm_cluster, [*LOCAL, f"--output={tmp_path}/%x-%j.out", str(SBATCH), str(cfg)],
-                 _job_env(slurm_cluster))
-    info = wait_job(slurm_cluster, job, timeout=120)
-    log = (tmp_path / f"pretrain-{job}.out").read_text()
-    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
+    w = jobs["does not fit"]
+    log = w.log()
+    assert w.info["JobState"] == "FAILED" and w.info["ExitCode"] == "2:0", log
     errors = [line for line in log.splitlines() if line.startswith("launch: error:")]
     assert len(errors) == 2 and len(set(errors)) == 1, log  # one line, identical on each node
     assert "not divisible by tp x pp = 2 x 2" in errors[0] and "world size 2 (2 nodes x 1 per node)" in errors[0]
     # Nothing started: no rank wrote anything, torchrun never ran a rendezvous.
-    assert not (tmp_path / "run").exists()
+    assert not w.run.exists()
     assert "torch.distributed.run" not in log and "rendezvous" not in log.lower()
-    assert time.monotonic() - started < 60
+    assert w.ended - w.submitted < 60  # from sbatch to FAILED seen; submitted first, it never waits for a CPU
 
 
 def test_hostlist_parser_agrees_with_scontrol(slurm_cluster: Cluster) -> None:
