@@ -69,5 +69,20 @@ def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def oracle_shards(root: Path, tokenizer: Path) -> Path:
+    """root/shards: 200 short documents of the oracle's words tokenized with `tokenizer`, through `pretrain-data
+    prepare` called in this process (the data CLI is not what these tests check; a process would only add its
+    start-up)."""
+    from data_pipeline.cli import main as data_cli
+
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the model {i} learns a token rate warm step"}) + "\n"
+                              for i in range(200)))
+    assert data_cli(["prepare", "--input", str(corpus), "--tokenizer", str(tokenizer), "--out", str(root / "shards"),
+                     "--workers", "0", "--no-progress"]) == 0
+    return root / "shards"
+
+
 def tokens(batch: int = 2, length: int = 40, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))

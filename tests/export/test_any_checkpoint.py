@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from hf_oracle import VOCAB, make_hf_model, saved_tensors  # noqa: E402
+from hf_oracle import VOCAB, make_hf_model, oracle_shards, saved_tensors  # noqa: E402
 from spawn import REPO, child_env, torchrun  # noqa: E402
 from train_common import tiny_shards, train_args  # noqa: E402
 
@@ -58,6 +58,7 @@ def test_any_step_exports_fp32_master_weights_and_bf16_by_default(tmp_path):
         not_bf16 += int(not torch.equal(master, master.bfloat16().float()))
     assert not_bf16 > 0, "every exported weight is bf16-representable: exported the bf16 copy, not the master"
 
+    # A fresh process on purpose: its stdout must start with the text, no library start-up notice before it.
     out = subprocess.run([sys.executable, "-m", "pretrain", "generate", "--checkpoint", str(run / "step_1"),
                           "--prompt", "the model", "--max-new-tokens", "8", "--temperature", "0"],
                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
@@ -85,16 +86,10 @@ def test_train_from_imported_model_on_a_pipeline_layout(tmp_path):
     inside a vocabulary padded from 300 to 384 rows."""
     make_hf_model(tmp_path / "hf")
     assert cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"the model {i} learns a token rate warm step"}) + "\n"
-                              for i in range(200)))
-    p = subprocess.run([sys.executable, "-m", "data_pipeline", "prepare", "--input", str(corpus), "--tokenizer",
-                        str(tmp_path / "ckpt" / "tokenizer"), "--out", str(tmp_path / "shards"), "--workers", "0",
-                        "--no-progress"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
+    shards = oracle_shards(tmp_path / "data", tmp_path / "ckpt" / "tokenizer")
     sets = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_dim=96",
             "model.norm_eps=1e-6", "model.rope_theta=50000.0", "model.vocab_size=300",
-            f"model.init_from={tmp_path / 'ckpt'}", f"data.path={tmp_path / 'shards'}", "data.val_path=null",
+            f"model.init_from={tmp_path / 'ckpt'}", f"data.path={shards}", "data.val_path=null",
             "train.eval_every=0", "train.seq_len=16", "train.micro_batch_size=1", "train.grad_accum=2",
             "train.max_steps=1", "optim.lr=1e-30", "parallel.pp=2", "parallel.zero_stage=1",
             "tracking.enabled=false", f"checkpoint.dir={tmp_path / 'run'}", "train.device=cpu"]

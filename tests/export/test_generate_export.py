@@ -70,7 +70,7 @@ def test_transformers_greedy_equals_pretrain_generate(trained, tmp_path):
     assert theirs == ours
 
 
-def test_tokenizer_override_and_refusal(trained, tmp_path):
+def test_tokenizer_override_and_refusal(trained, tmp_path, capsys):
     import shutil
 
     from pretrain import checkpoint
@@ -89,10 +89,10 @@ def test_tokenizer_override_and_refusal(trained, tmp_path):
     manifest["files"][checkpoint.META] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (copied / checkpoint.MANIFEST).write_text(json.dumps(manifest))
 
-    p = subprocess.run([sys.executable, "-m", "pretrain", "export-hf", "--checkpoint", str(copied), "--out",
-                        str(tmp_path / "hf")], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 2 and "holds no tokenizer" in p.stderr and "pass --tokenizer" in p.stderr, p.stderr
+    capsys.readouterr()
+    code = cli(["export-hf", "--checkpoint", str(copied), "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no tokenizer" in err and "pass --tokenizer" in err, err
     assert not (tmp_path / "hf").exists()
 
     tok_dir = step / checkpoint.TOKENIZER_DIR

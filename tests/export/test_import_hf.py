@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_oracle import VOCAB, make_hf_model, saved_tensors, tokens  # noqa: E402
+from hf_oracle import VOCAB, make_hf_model, oracle_shards, saved_tensors, tokens  # noqa: E402
 from spawn import REPO, child_env, torchrun  # noqa: E402
 
 from pretrain.cli import main as cli  # noqa: E402
@@ -92,18 +92,6 @@ def test_import_refuses_what_our_model_cannot_express(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
-def _shards(tmp_path: Path, tokenizer: Path) -> Path:
-    tmp_path.mkdir()
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"the model {i} learns a token rate warm step"}) + "\n"
-                              for i in range(200)))
-    p = subprocess.run([sys.executable, "-m", "data_pipeline", "prepare", "--input", str(corpus), "--tokenizer",
-                        str(tokenizer), "--out", str(tmp_path / "shards"), "--workers", "0", "--no-progress"],
-                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return tmp_path / "shards"
-
-
 def test_train_init_from_checks_shape_and_tokenizer(tmp_path):
     """`pretrain train` with model.init_from: a config whose shape differs, or shards made with another tokenizer,
     is one line and exit 2 before the model is built."""
@@ -112,7 +100,8 @@ def test_train_init_from_checks_shape_and_tokenizer(tmp_path):
     from data_pipeline.tokenizer import train_bpe
 
     train_bpe(["the model learns a token"] * 50, 300, str(tmp_path / "other_tok"), show_progress=False)
-    same, other = _shards(tmp_path / "a", tmp_path / "hf"), _shards(tmp_path / "b", tmp_path / "other_tok")
+    same = oracle_shards(tmp_path / "a", tmp_path / "hf")
+    other = oracle_shards(tmp_path / "b", tmp_path / "other_tok")
     base = ["train", "--config", "configs/debug.yaml"] + [
         x for kv in ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
                      "model.ffn_hidden_dim=96", "model.norm_eps=1e-6", "model.rope_theta=50000.0",

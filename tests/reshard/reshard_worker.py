@@ -1,11 +1,14 @@
-"""Runs inside torchrun (gloo, CPU): writes committed checkpoints of some layouts, and resumes them on others.
+"""Runs inside torchrun (gloo, CPU), or as one plain process for one rank: writes committed checkpoints of some
+layouts, and resumes them on others.
 
-Modes (one launch each, several cases per launch: importing DeepSpeed + megatron-core dominates the cost):
-  write  CASES_JSON OUT   for each case: train STEPS_A steps on its layout, commit OUT/<name>/step_<STEPS_A>, and
-                          dump the live engine's oracle for the reader test (OUT/<name>.oracle.pt, rank 0)
-  resume CASES_JSON OUT   for each case: train STEPS_B straight on the target layout, then resume OUT/<source>/step_6
-                          on it (re-sliced) and train to STEPS_B; optionally again with Adam's moments reset
-Results go to OUT/results_<mode>_<world>.json (rank 0).
+    reshard_worker.py OUT MODE CASES_JSON [MODE CASES_JSON ...]
+
+Jobs run in order in one launch (several cases each: importing DeepSpeed + megatron-core dominates the cost):
+  write  CASES_JSON   for each case: train STEPS_A steps on its layout, commit OUT/<name>/step_<STEPS_A>, and
+                      dump the live engine's oracle for the reader test (OUT/<name>.oracle.pt, rank 0)
+  resume CASES_JSON   for each case: train STEPS_B straight on the target layout, then resume OUT/<source>/step_6
+                      on it (re-sliced) and train to STEPS_B; optionally again with Adam's moments reset
+Results go to OUT/results_<mode>_<world>.json (rank 0), one file per job.
 """
 from __future__ import annotations
 
@@ -129,21 +132,28 @@ def resume(case: dict, out: Path) -> dict:
             "global_step_after": engine.global_step, "state_exact": exact}
 
 
-def main() -> None:
+def run_job(mode: str, cases: list[dict], out: Path) -> None:
+    """Every case of one job, each on its own fresh process groups; results on rank 0."""
     from megatron.core import parallel_state
 
-    mode, cases, out = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     results = {}
     for case in cases:
         try:
             results[case["name"]] = {"write": write, "resume": resume}[mode](case, out)
         except Exception:  # the other ranks may wait in a collective forever: end the launch, loudly
-            print(f"case {case['name']} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            print(f"{mode} case {case['name']} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             os._exit(1)
         parallel_state.destroy_model_parallel()
         dist.barrier()
     if dist.get_rank() == 0:
         (out / f"results_{mode}_{WORLD}.json").write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    out, jobs = Path(sys.argv[1]), sys.argv[2:]
+    assert jobs and len(jobs) % 2 == 0, "usage: reshard_worker.py OUT MODE CASES_JSON [MODE CASES_JSON ...]"
+    for mode, cases in zip(jobs[::2], jobs[1::2]):
+        run_job(mode, json.loads(Path(cases).read_text()), out)
     dist.destroy_process_group()
 
 

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from pretrain.checkpoint.reader import CheckpointReader
+from pretrain.cli import main as cli
 from spawn import REPO, child_env
+
+from conftest import XDIST_GROUP
+
+pytestmark = pytest.mark.xdist_group(XDIST_GROUP)
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
@@ -47,8 +52,12 @@ def test_convert_to_universal_writes_whole_tensors_deepspeed_can_reslice(sources
         assert float(torch.load(folder / "step.pt", weights_only=False)) == 6.0
 
 
-def test_convert_refuses_what_it_cannot_do(tmp_path):
-    bad = _convert("--checkpoint", str(tmp_path / "nope"), "--to", "universal", "--out", str(tmp_path / "o"))
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
-    helped = _convert("--help")
-    assert helped.returncode == 0 and "--to {universal}" in helped.stdout
+def test_convert_refuses_what_it_cannot_do(tmp_path, capsys):
+    """In this process (the CLI's own main): a fresh process's start-up output is what the conversion above checks."""
+    code = cli(["convert-checkpoint", "--checkpoint", str(tmp_path / "nope"), "--to", "universal",
+                "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().count("\n") == 0 and "does not exist" in err, err
+    with pytest.raises(SystemExit) as helped:
+        cli(["convert-checkpoint", "--help"])
+    assert helped.value.code == 0 and "--to {universal}" in capsys.readouterr().out

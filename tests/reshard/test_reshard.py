@@ -28,38 +28,24 @@ from pathlib import Path
 
 import pytest
 
-from conftest import launch
+from conftest import MOMENTS_RESET, RESUMES, XDIST_GROUP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
 from test_parity import BF16_TOL, DP_TOL, TP_PP_TOL  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group(XDIST_GROUP)
+
+# The resumes (tests/reshard/conftest.py RESUMES, run with the sources) whose curve must match, and how closely.
+TOLERANCE = {"dp2_zero2_to_dp1_zero1": DP_TOL, "tp2_to_tp1": TP_PP_TOL, "tp1_to_tp2": TP_PP_TOL,
+             "pp2_to_pp1": DP_TOL, "zero1_to_zero3": DP_TOL, "pp2tp2_4ranks_to_dp2": DP_TOL,
+             "dp2_zero2_to_pp2_zero1": TP_PP_TOL, "bf16_zero3_to_zero1": BF16_TOL}
 # (name, source, target layout, world of the target, tolerance)
-CASES = [
-    ("dp2_zero2_to_dp1_zero1", "dp2_zero2", {"zero": 1}, 1, DP_TOL),
-    ("tp2_to_tp1", "tp2", {"zero": 0}, 1, TP_PP_TOL),
-    ("tp1_to_tp2", "dp2_zero1", {"tp": 2, "zero": 1}, 2, TP_PP_TOL),
-    ("pp2_to_pp1", "pp2", {"zero": 0}, 2, DP_TOL),
-    ("zero1_to_zero3", "dp2_zero1", {"zero": 3}, 2, DP_TOL),
-    ("pp2tp2_4ranks_to_dp2", "pp2_tp2", {"zero": 2}, 2, DP_TOL),
-    ("dp2_zero2_to_pp2_zero1", "dp2_zero2", {"pp": 2, "zero": 1}, 2, TP_PP_TOL),
-    ("bf16_zero3_to_zero1", "dp2_zero3_bf16", {"zero": 1, "set": ["train.dtype=bf16"]}, 2, BF16_TOL),
-]
-RESET = ("zero1_to_zero3_moments_reset", "dp2_zero1", {"zero": 3}, 2, DP_TOL)
+CASES = [(n, s, t, w, TOLERANCE[n]) for n, s, t, w in RESUMES if n in TOLERANCE]
+RESET = (MOMENTS_RESET, DP_TOL)  # the same resume as zero1_to_zero3, with Adam's moments zeroed after the load
 # Another vocabulary padding (tokenizer 300: 512 rows at tp 2, 384 at tp 1): the trained padded head rows 384..511
 # are cut, and they took part in the softmax, so the function changes and the curve cannot match a straight run.
-PADDING = ("tp2_to_dp2_vocab_padding_512_to_384", "tp2_vocab300", {"zero": 1, "set": ["model.vocab_size=300"]}, 2,
-           None)
-
-
-@pytest.fixture(scope="session")
-def resumed(sources) -> dict:
-    out, _ = sources
-    results: dict = {}
-    for world in (2, 1):
-        cases = [{"name": n, "source": s, "target": t, **({"reset_moments": True} if n == RESET[0] else {})}
-                 for n, s, t, w, _ in CASES + [RESET, PADDING] if w == world]
-        results.update(launch("resume", world, cases, out))
-    return results
+PADDING = "tp2_to_dp2_vocab_padding_512_to_384"
+assert len(CASES) == len(TOLERANCE) and {n for n, *_ in RESUMES} == {*TOLERANCE, MOMENTS_RESET, PADDING}
 
 
 def _deviation(r: dict) -> float:
@@ -89,14 +75,14 @@ def test_forgetting_adam_moments_fails_the_comparison(resumed):
     """The comparison can fail: the same resume with the moments zeroed (weights and step kept) is far off."""
     dev = _deviation(resumed[RESET[0]])
     print(f"{RESET[0]}: max relative loss deviation {dev:.2e}", file=sys.stderr)
-    assert dev > 100 * RESET[4], f"moments reset deviates only {dev:.2e}: the test could not tell"
+    assert dev > 100 * RESET[1], f"moments reset deviates only {dev:.2e}: the test could not tell"
 
 
 @pytest.mark.distributed
 def test_vocabulary_padding_change_keeps_every_shared_row(resumed):
     """Rows 0..383 of the embedding and head (and their moments) arrive bit for bit; the run trains on."""
-    r = resumed[PADDING[0]]
+    r = resumed[PADDING]
     assert r["state_exact"] is True and r["global_step_after"] == 12
-    print(f"{PADDING[0]}: max relative loss deviation {_deviation(r):.2e} (no tolerance: another function)",
+    print(f"{PADDING}: max relative loss deviation {_deviation(r):.2e} (no tolerance: another function)",
           file=sys.stderr)
     assert r["resumed"][-1] < r["resumed"][0]
