@@ -40,16 +40,30 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
+# `python -m pretrain ARGS` with the manifest's read-back hashing reported on stderr (`READ <file name>`): the
+# commit module's _sha256 wrapped, nothing else changed.
+_REPORT_READS = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+                 "import pretrain.checkpoint.commit as c; real = c._sha256; "
+                 "c._sha256 = lambda p: (print('READ', p.name, file=sys.stderr), real(p))[1]; "
+                 "runpy.run_module('pretrain', run_name='__main__')")
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, Path]:
-    """A 1-rank bf16 ZeRO-1 run checkpointed at step 2, and its shards."""
+def run(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """A 1-rank bf16 ZeRO-1 run checkpointed at step 2, its shards, and the files its save read back to hash.
+
+    The run that makes the checkpoint reports its reads itself (see `_REPORT_READS`): one launch, not a second
+    run only to watch a save."""
     base = tmp_path_factory.mktemp("safe")
     shards = tiny_shards(base / "data") / "shards"
     run = base / "run"
-    p = run_python(train_args(shards, run, "train.max_steps=2", "checkpoint.every=2", "train.dtype=bf16",
-                              "parallel.zero_stage=1"))
+    args = train_args(shards, run, "train.max_steps=2", "checkpoint.every=2", "train.dtype=bf16",
+                      "parallel.zero_stage=1")
+    p = subprocess.run([sys.executable, "-c", _REPORT_READS, *args[1:]], cwd=REPO, env=child_env(),
+                       capture_output=True, text=True, timeout=300)  # args[1:]: "pretrain train ...", no "-m"
     assert p.returncode == 0, p.stderr[-3000:]
-    return run, shards
+    reads = [line.split()[1] for line in p.stderr.splitlines() if line.startswith("READ ")]
+    return run, shards, reads
 
 
 def _poisoned(run: Path, into: Path, file: str) -> tuple[Path, Path]:
@@ -112,17 +126,8 @@ def test_every_file_is_hashed_and_a_flipped_byte_anywhere_is_refused(run, tmp_pa
     for rel, entry in manifest["files"].items():
         assert entry["sha256"] == hashlib.sha256((step / rel).read_bytes()).hexdigest(), rel
 
-    # a save, with the manifest's read-back hashing reported: never a .pt
-    target = tmp_path / "again"
-    p = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = sys.argv[1:]; "
-                        "import pretrain.checkpoint.commit as c; real = c._sha256; "
-                        "c._sha256 = lambda p: (print('READ', p.name, file=sys.stderr), real(p))[1]; "
-                        "runpy.run_module('pretrain', run_name='__main__')",
-                        *train_args(run[1], target, "train.max_steps=1", "train.dtype=bf16",
-                                    "parallel.zero_stage=1")[1:]],
-                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    reads = [line.split()[1] for line in p.stderr.splitlines() if line.startswith("READ ")]
+    # the save that made step_2, with the manifest's read-back hashing reported: never a .pt
+    reads = run[2]
     assert reads and not [r for r in reads if r.endswith(".pt")], reads
 
     copy = tmp_path / "run"

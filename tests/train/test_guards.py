@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from train_common import losses, run_python, tiny_shards, train_args
 
+from pretrain.cli import main as cli
 
-def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
+
+def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path, capfd):
     shards = tiny_shards(tmp_path / "data") / "shards"
     run = tmp_path / "run"
     args = train_args(shards, run, "train.max_steps=10", "checkpoint.every=1", "checkpoint.keep=5",
@@ -46,13 +48,15 @@ def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path):
     logged = [m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")]
     assert sorted(logged) == list(range(1, 11)), "no step twice, even after falling back past a flushed one"
 
-    # Any committed checkpoint is self-contained for sampling: the latest, or an intermediate one.
-    g = run_python(["-m", "pretrain", "generate", "--checkpoint", str(run), "--prompt", "the model",
-                   "--max-new-tokens", "8", "--temperature", "0"])
-    assert g.returncode == 0 and g.stdout.startswith("the model"), g.stderr[-2000:]
-    g = run_python(["-m", "pretrain", "generate", "--checkpoint", str(run / "step_9"), "--prompt", "x",
-                   "--max-new-tokens", "4"])
-    assert g.returncode == 0 and g.stdout.startswith("x"), g.stderr[-2000:]
-    x = run_python(["-m", "pretrain", "export-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")])
-    assert x.returncode == 0, x.stderr[-2000:]
+    # Any committed checkpoint is self-contained for sampling: the latest, or an intermediate one. The commands
+    # run in this process (the same CLI entry point as `python -m pretrain`): three more interpreters importing torch
+    # would cost more than the whole run above.
+    assert cli(["generate", "--checkpoint", str(run), "--prompt", "the model", "--max-new-tokens", "8",
+                "--temperature", "0"]) == 0
+    out, err = capfd.readouterr()
+    assert out.startswith("the model"), err[-2000:]
+    assert cli(["generate", "--checkpoint", str(run / "step_9"), "--prompt", "x", "--max-new-tokens", "4"]) == 0
+    out, err = capfd.readouterr()
+    assert out.startswith("x"), err[-2000:]
+    assert cli(["export-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0, capfd.readouterr().err
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spawn import REPO, child_env
-from train_common import run_python, tiny_shards, train_args
+from shared_runs import plain_run
 
 from pretrain.cli import main as cli
 
@@ -24,12 +24,8 @@ def _one_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    """A 1-rank run of 2 steps, checkpointed at the end."""
-    base = tmp_path_factory.mktemp("errors")
-    shards = tiny_shards(base / "data") / "shards"
-    p = run_python(train_args(shards, base / "run", "train.max_steps=2"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    return base / "run"
+    """A finished 1-rank run without tracking (the session's shared plain run: read here, never written to)."""
+    return plain_run(tmp_path_factory)[0]
 
 
 def test_generate_and_export_arguments(finished, tmp_path, capfd):

@@ -49,7 +49,9 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                              "--artifacts-destination", (root / "artifacts").as_uri()],
-                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=child_env())
+                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+                            # no GenAI job runner: one more process importing MLflow, which tracking never uses
+                            env=child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     uri = f"http://127.0.0.1:{port}"
 
     def wait_ready():

@@ -1,6 +1,7 @@
 """A run directory that a planted or edited file cannot turn against its owner (issue 23, findings 1-4).
 
-One real 1-rank run is checkpointed at steps 2 and 4 (module fixture); each test damages its own copy, with the
+One real 1-rank run checkpointed at steps 2 and 4 (the session's shared plain run, tests/train/shared_runs.py);
+each test damages its own copy, with the
 manifest re-hashed where it vouches for the file, so what stops the damage is the validation, not the hash:
 - `latest` that leads out of the run (relative or absolute, a symlink): resume `auto` resumes this run's own
   newest step (never the foreign one, step_4 kept, metrics.jsonl not cut); `generate --checkpoint RUN` refuses;
@@ -22,7 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_common import Solo, run_python, tiny_shards, train_args
+from shared import copy_of
+from shared_runs import plain_run
+from train_common import Solo, run_python, train_args
 
 from pretrain import checkpoint
 from pretrain.checkpoint import files as checkpoint_files
@@ -36,12 +39,8 @@ MODEL = "model/mp_rank_00_model_states.pt"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(run dir checkpointed at steps 2 and 4, its shards)."""
-    base = tmp_path_factory.mktemp("tamper")
-    shards = tiny_shards(base / "data") / "shards"
-    run = base / "run"
-    p = run_python(train_args(shards, run, "train.max_steps=4", "checkpoint.every=2"))
-    assert p.returncode == 0, p.stderr[-3000:]
+    """(run dir checkpointed at steps 2 and 4, its shards): the session's shared plain run, never written to."""
+    run, shards = plain_run(tmp_path_factory)
     assert checkpoint.list_steps(run) == [2, 4]
     return run, shards
 
@@ -49,7 +48,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture
 def run(trained, tmp_path) -> Path:
     """This test's own copy of the run."""
-    return Path(shutil.copytree(trained[0], tmp_path / "run"))
+    return copy_of(trained[0], tmp_path / "run")
 
 
 def rehash(step: Path, rel: str) -> None:

@@ -149,12 +149,21 @@ def test_another_hosts_live_heartbeat_is_respected(tmp_path, monkeypatch):
         RunLock(tmp_path).acquire()
 
 
+def _refused_naming(cmd: list[str], holder: str) -> None:
+    """A second launch of `cmd` exits 2 at once, in one line naming `holder`."""
+    second = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"is in use by another training run {holder}" in second.stderr, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr, second.stderr[-3000:]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("record", ["readable", "unreadable"])
-def test_the_same_command_twice_on_one_directory(tmp_path, record):
-    """The second launch exits 2 at once, naming the first (or, its record damaged, its fresh heartbeat); the first
-    goes on untouched, its metrics.jsonl not cut (stopped here by a notice: checkpoint, exit 42) and frees the
-    lock. Holding the lock, the first also removed the temporary step directory a killed save had left."""
+def test_the_same_command_twice_on_one_directory_with_a_readable_then_an_unreadable_record(tmp_path):
+    """The second launch exits 2 at once, naming the first; with the first's record then damaged in place, a third
+    is refused too, naming its fresh heartbeat (one live run serves both cases: each extra launch costs seconds of
+    start-up). The first goes on untouched, its metrics.jsonl not cut (stopped here by a notice: checkpoint, exit
+    42) and frees the lock. Holding the lock, the first also removed the temporary step directory a killed save had
+    left."""
     shards = tiny_shards(tmp_path / "data") / "shards"
     run = tmp_path / "run"
     (run / ".tmp_step_7" / "model").mkdir(parents=True)
@@ -166,14 +175,10 @@ def test_the_same_command_twice_on_one_directory(tmp_path, record):
         while not (run / "metrics.jsonl").exists():
             assert time.monotonic() < deadline and first.poll() is None, first.communicate()[1][-3000:]
             time.sleep(0.1)
-        if record == "unreadable":
-            (run / LOCK_FILE).write_text("\0" * 40)  # in place: the first run's heartbeat still refreshes this file
-        second = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2, second.stderr[-3000:]
-        holder = (f"(its {LOCK_FILE} is unreadable but was refreshed" if record == "unreadable"
-                  else f"(host {socket.gethostname()} pid {first.pid}")
-        assert f"is in use by another training run {holder}" in second.stderr, second.stderr[-3000:]
-        assert "Traceback" not in second.stderr, second.stderr[-3000:]
+        _refused_naming(cmd, f"(host {socket.gethostname()} pid {first.pid}")
+        assert first.poll() is None, "the first run died"
+        (run / LOCK_FILE).write_text("\0" * 40)  # in place: the first run's heartbeat still refreshes this file
+        _refused_naming(cmd, f"(its {LOCK_FILE} is unreadable but was refreshed")
         assert first.poll() is None, "the first run died"
         first.send_signal(signal.SIGUSR1)
         _, err = first.communicate(timeout=300)

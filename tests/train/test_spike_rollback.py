@@ -5,6 +5,10 @@ samples after it. A second run is killed with SIGKILL twice during the episode (
 right after the rollback was recorded) and resumed each time: it ends in exactly the same state. A stretch far
 longer than the spike window is got past with one rollback too (the look-ahead), durably across kills during and
 after the look-ahead. With no rollbacks allowed, the same spike stops the run with exit 3 ("needs a person").
+
+Each launch costs seconds of start-up for well under a second of training, so launches are shared where a state is
+the same: the run killed inside the spike window (module fixture `episode`) is both the first kill of the resume
+sequence and, copied, the 2-rank run a 1-rank relaunch rolls back from (a checkpoint of another layout).
 """
 from __future__ import annotations
 
@@ -12,10 +16,12 @@ import json
 import random
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from shared import copy_of
 from train_common import WORDS, launch as launch_ranks, shards_of, train_args
 
 POISON = re.compile(r"\b[qxzjv]{3,}\b")  # poisoned words use only these letters; no clean word does
@@ -86,12 +92,36 @@ def rank0_loader(step_dir: Path) -> dict:
     return files.load(step_dir / "rank_00000.pt")["loader"]
 
 
-@pytest.mark.distributed
-def test_poisoned_stretch_rolls_back_once_and_resumes_to_the_same_decisions(shards, tmp_path):
-    run = tmp_path / "run"
-    p = launch(shards, run, "tracking.enabled=true")
-    assert p.returncode == 0, p.stderr[-3000:]
+@dataclass
+class Episode:
+    """The spike episode on 2 ranks: `run` trained straight through it (tracked; `straight` is that launch), and
+    `again` killed inside its spike window (at step `killed_at`, before the spike is confirmed: nothing recorded),
+    which the first test goes on resuming. `killed` is a copy of `again` as the kill left it (its newest checkpoint
+    the last one before the spike), for a test that resumes it on another layout."""
+    run: Path
+    straight: subprocess.CompletedProcess
+    again: Path
+    killed_at: int
+    killed: Path
 
+
+@pytest.fixture(scope="module")
+def episode(shards, tmp_path_factory) -> Episode:
+    base = tmp_path_factory.mktemp("episode")
+    run, again = base / "run", base / "again"
+    straight = launch(shards, run, "tracking.enabled=true")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    rollbacks = records(run / "rollbacks.jsonl")
+    assert len(rollbacks) == 1, rollbacks
+    killed_at = rollbacks[0]["detected_at"]
+    p = launch(shards, again, PRETRAIN_INJECT_SIGKILL=f"before_step:{killed_at}")
+    assert p.returncode != 0 and not (again / "rollbacks.jsonl").exists(), p.stderr[-2000:]
+    return Episode(run, straight, again, killed_at, copy_of(again, base / "killed"))
+
+
+@pytest.mark.distributed
+def test_poisoned_stretch_rolls_back_once_and_resumes_to_the_same_decisions(shards, episode):
+    run, p = episode.run, episode.straight
     (rb,) = records(run / "rollbacks.jsonl")  # exactly one rollback
     first, target, detected = rb["first_step"], rb["restored_step"], rb["detected_at"]
     # the newest checkpoint before the step preceding the spike (which may hold the start of the stretch)
@@ -124,11 +154,11 @@ def test_poisoned_stretch_rolls_back_once_and_resumes_to_the_same_decisions(shar
     assert mlrun.data.tags["rollbacks"] == "1" and f"restored step {target}" in mlrun.data.tags["rollback_1"]
     assert sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")) == list(range(1, STEPS + 1))
 
-    # Killed inside the spike window (before it is confirmed), then right after the rollback is recorded: each
-    # resume reaches the same decisions, and the run ends bitwise where the uninterrupted one did.
-    again = tmp_path / "again"
-    p = launch(shards, again, PRETRAIN_INJECT_SIGKILL=f"before_step:{detected}")
-    assert p.returncode != 0 and not (again / "rollbacks.jsonl").exists(), p.stderr[-2000:]
+    # Killed inside the spike window (before it is confirmed: the fixture's second launch), then right after the
+    # rollback is recorded: each resume reaches the same decisions, and the run ends bitwise where the uninterrupted
+    # one did.
+    again = episode.again
+    assert episode.killed_at == detected
     p = launch(shards, again, PRETRAIN_INJECT_SIGKILL="after_rollback")
     assert p.returncode != 0 and (again / "latest").read_text().strip() == f"step_{target}", p.stderr[-2000:]
     assert not [d for d in again.glob("step_*") if int(d.name[5:]) > target], "the spike's checkpoints are gone"
@@ -218,12 +248,13 @@ def test_a_pipeline_run_rolls_back_in_process(shards, tmp_path):
 
 
 @pytest.mark.distributed
-def test_a_rollback_to_a_checkpoint_of_another_layout_restarts_from_it(shards, tmp_path):
+def test_a_rollback_to_a_checkpoint_of_another_layout_restarts_from_it(shards, episode, tmp_path):
     """A run resumed on fewer ranks spikes before its first checkpoint: the checkpoint to return to has the old
     layout, which only a start re-slices. The rollback is recorded, the run exits 42 (requeue), and the next
-    launch starts from it with the loader past the spike."""
-    run = tmp_path / "run"
-    assert launch(shards, run, "train.max_steps=25").returncode == 0  # 2 ranks, up to just before the spike
+    launch starts from it with the loader past the spike. The 2-rank run is the episode's, killed inside the spike
+    window: its newest checkpoint, step_25, is the last one before the spike."""
+    run = copy_of(episode.killed, tmp_path / "run")
+    assert (run / "latest").read_text().strip() == "step_25", "the 2-rank run stopped just after step_25"
     p = launch(shards, run, "checkpoint.every=50", nproc=1)  # re-sliced for 1 rank, no checkpoint before the spike
     assert p.returncode == 42, p.stderr[-3000:]
     assert re.search(r"restored step_25; .* step_25 has another layout, which only a start re-slices: restarting "
