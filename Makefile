@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers: two on this project's 2-core machines (each test's ranks are single-threaded; a module's
 # tests stay on one worker, see tests/conftest.py). WORKERS=0 runs in one process.
 WORKERS ?= 2
-XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
+XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadscope)
 # The inner loop: no training launches, no ranks, no cluster.
 QUICK   := not slow and not distributed and not slurm
 

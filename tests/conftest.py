@@ -22,7 +22,6 @@ def _cpu_children(request, monkeypatch):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Without CUDA: skip the `gpu` tests. With CUDA: skip the Triton-interpreter cases (ids `cpu-*-interpreter`):
     Triton picks the interpreter or the GPU compiler when a kernel module is imported (TRITON_INTERPRET above),
@@ -36,26 +35,37 @@ def pytest_collection_modifyitems(config, items):
         marked = [item for item in items if "gpu" in item.keywords]
     for item in marked:
         item.add_marker(skip)
-    _one_worker_per_module(items)
+    _longest_first(items)
 
 
-def _one_worker_per_module(items) -> None:
-    """Under pytest-xdist's `--dist loadgroup` (`make test`), the tests of one module run on one worker, so a
-    module fixture (a trained run, a parity table) is built once; a module that shares a session product with
-    others names a common `xdist_group` itself (tests/slurm: one cluster). Runs before xdist reads the marks.
-
-    Groups are then ordered longest first (the SLURM cluster's, then those that launch training, then unit
-    tests), so the two workers finish together instead of one waiting alone on a long scenario at the end."""
-    groups: dict[str, list] = {}
+def _longest_first(items) -> None:
+    """Modules ordered longest first (the SLURM cluster's, then those that launch training, then unit tests), so
+    under `make test` the two workers finish together instead of one waiting alone on a long scenario at the end.
+    Each module's tests stay contiguous and in their own order."""
+    modules: dict[str, list] = {}
     for item in items:
-        mark = item.get_closest_marker("xdist_group")
-        if mark is None:
-            mark = pytest.mark.xdist_group(item.nodeid.split("::", 1)[0])
-            item.add_marker(mark)
-        groups.setdefault(mark.args[0] if mark.args else mark.kwargs.get("name", "default"), []).append(item)
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
 
     def weight(group: list) -> int:
         if any("slurm" in item.keywords for item in group):
             return 0
         return 1 if any("slow" in item.keywords or "distributed" in item.keywords for item in group) else 2
-    items[:] = [item for group in sorted(groups.values(), key=weight) for item in group]
+    items[:] = [item for group in sorted(modules.values(), key=weight) for item in group]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` (`-n 2 --dist loadscope`): one work unit per test module, so a module fixture (a trained run, the
+    parity table) is built once, on one worker; every module under tests/slurm is one unit, as they share one local
+    cluster. (pytest-xdist's own `xdist_group` marks take effect by rewriting `item._nodeid`, which pytest 9 no
+    longer reads, so the units are named by path here.) Products that modules of different units read are built
+    once per session by tests/shared.py."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "tests/slurm" if module.startswith("tests/slurm/") else module
+
+    return ByModule(config, log)

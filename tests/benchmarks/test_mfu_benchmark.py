@@ -10,6 +10,8 @@ import pytest
 
 from spawn import REPO, child_env
 
+pytestmark = pytest.mark.slow  # each test runs benchmarks/mfu.py, which trains
+
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:

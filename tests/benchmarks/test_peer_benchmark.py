@@ -5,11 +5,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from spawn import REPO, child_env
 from pretrain.config import load_config
 from pretrain.parallel.describe import planned_run
 
 
+@pytest.mark.slow
 def test_peer_trains_transformers_llama_of_our_shape_with_our_deepspeed_config(tmp_path):
     out = tmp_path / "peer.json"
     p = subprocess.run([sys.executable, "benchmarks/peer_hf_deepspeed.py", "--config", "configs/debug.yaml",

@@ -20,6 +20,8 @@ from train_common import tiny_shards, train_args  # noqa: E402
 
 from pretrain.cli import main as cli  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each test trains the checkpoints it exports
+
 
 def test_any_step_exports_fp32_master_weights_and_bf16_by_default(tmp_path):
     """A bf16 ZeRO-1 run checkpointed every step: step_2 (not the last) exports without the training world; the

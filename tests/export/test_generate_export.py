@@ -22,6 +22,8 @@ from train_common import tiny_shards, train_args  # noqa: E402
 
 from pretrain.cli import main as cli  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the module fixture trains the model it generates from
+
 SEQ = 640  # longer than the debug flavor's max_seq_len (512): training stretched the model's context
 
 

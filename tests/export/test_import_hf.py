@@ -25,6 +25,7 @@ def pretrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_imported_weights_compute_transformers_logits_on_tp1_and_tp2(tmp_path):
     """The training engine started from an imported checkpoint (model.init_from) under TP=1 x DP=2 ZeRO-3 and
     TP=2 ZeRO-1 computes transformers' logits for the real vocabulary (fp32, max abs diff <= 1e-4); a GQA model
@@ -92,6 +93,7 @@ def test_import_refuses_what_our_model_cannot_express(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.slow
 def test_train_init_from_checks_shape_and_tokenizer(tmp_path):
     """`pretrain train` with model.init_from: a config whose shape differs, or shards made with another tokenizer,
     is one line and exit 2 before the model is built."""

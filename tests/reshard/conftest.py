@@ -1,7 +1,7 @@
 """One set of source checkpoints, and their resumes on other layouts, for the reader, re-slicing and conversion
 tests. Process launches are the cost (each rank imports torch, megatron-core and DeepSpeed for seconds; the tiny
 model trains in well under one), so everything is made in three launches, once per session across pytest-xdist
-workers (tests/shared.py), and the modules that read it share one xdist group so no worker waits on another."""
+workers (tests/shared.py): whichever worker asks first builds it, the other waits for it."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,6 @@ from shared import built_once  # noqa: E402
 from spawn import REPO, child_env, torchrun  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "reshard_worker.py"
-XDIST_GROUP = "reshard"  # the modules reading `sources` / `resumed` (pytestmark there)
 
 # Source layouts, written once (6 steps each) by world size. Names say tp/pp/dp, ZeRO stage and dtype.
 SOURCES: dict[int, list[dict]] = {

@@ -17,9 +17,8 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.model import Transformer
 from pretrain.checkpoint.reader import CheckpointReader
 
-from conftest import SOURCES, XDIST_GROUP
+from conftest import SOURCES
 
-pytestmark = pytest.mark.xdist_group(XDIST_GROUP)
 
 FP32 = [c["name"] for cases in SOURCES.values() for c in cases if "bf16" not in c["name"]]
 ALL = [c["name"] for cases in SOURCES.values() for c in cases]

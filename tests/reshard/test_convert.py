@@ -12,10 +12,6 @@ from pretrain.checkpoint.reader import CheckpointReader
 from pretrain.cli import main as cli
 from spawn import REPO, child_env
 
-from conftest import XDIST_GROUP
-
-pytestmark = pytest.mark.xdist_group(XDIST_GROUP)
-
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pretrain", "convert-checkpoint", *args], cwd=REPO, env=child_env(),

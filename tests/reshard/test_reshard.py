@@ -28,12 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MOMENTS_RESET, RESUMES, XDIST_GROUP
+from conftest import MOMENTS_RESET, RESUMES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
 from test_parity import BF16_TOL, DP_TOL, TP_PP_TOL  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group(XDIST_GROUP)
 
 # The resumes (tests/reshard/conftest.py RESUMES, run with the sources) whose curve must match, and how closely.
 TOLERANCE = {"dp2_zero2_to_dp1_zero1": DP_TOL, "tp2_to_tp1": TP_PP_TOL, "tp1_to_tp2": TP_PP_TOL,

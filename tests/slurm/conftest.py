@@ -4,7 +4,7 @@ too): the prepared debug shards, the uninterrupted local reference runs, and the
 
 The cluster needs root (apt-get for Debian's slurm-wlm + munge, the daemons, /etc/hosts entries); that is the only
 reason to skip. In CI we are root, so there a cluster that fails to start is a test failure, never a skip.
-Every module that uses the cluster carries `pytest.mark.xdist_group("slurm")`: one worker, one cluster.
+Under `make test` every module here runs on one pytest-xdist worker (tests/conftest.py): one worker, one cluster.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from data_pipeline.manifest import read_manifest
 from data_pipeline.shard_reader import decode_tokens, iter_raw_samples
 from slurm_helpers import REPO, Cluster, child_env, sbatch, wait_job
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SCRIPT = REPO / "slurm" / "prepare_data.sbatch"
 WORDS = "river stone winter light market garden bridge letter village summer water story".split()

@@ -14,7 +14,7 @@ import pytest
 
 from slurm_helpers import SWEEP_STEPS, Watched, step_losses
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def test_real_training_preempted_on_two_nodes_resumes_the_exact_local_curve(

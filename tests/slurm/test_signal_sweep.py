@@ -13,7 +13,7 @@ import pytest
 
 from slurm_helpers import SWEEP_POINTS, SWEEP_STEPS, Watched, read_jsonl, step_losses
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def test_a_usr1_anywhere_in_a_jobs_life_ends_completed_with_the_uninterrupted_losses(

@@ -84,6 +84,7 @@ for group in _world.pg_map:
 """
 
 
+@pytest.mark.slow
 def test_every_process_group_gets_the_configured_timeout(tmp_path):
     """torch's default group, megatron-core's groups and DeepSpeed's own (made with torch's 30-minute default)."""
     shards = tiny_shards(tmp_path / "data") / "shards"

@@ -13,8 +13,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from spawn import REPO, child_env
 from train_common import tiny_shards, train_args
+
+pytestmark = pytest.mark.slow  # trains with held-out evaluation
 
 
 def test_every_eval_scores_the_same_held_out_batches_read_once(tmp_path):

@@ -9,9 +9,12 @@ still hold every step exactly once. Last,
 """
 from __future__ import annotations
 
+import pytest
 from train_common import losses, run_python, tiny_shards, train_args
 
 from pretrain.cli import main as cli
+
+pytestmark = pytest.mark.slow  # trains, then resumes from damaged checkpoints
 
 
 def test_nonfinite_skip_abort_then_corrupt_checkpoint_fallback(tmp_path, capfd):

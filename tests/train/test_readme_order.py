@@ -12,8 +12,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from spawn import REPO, child_env
 from train_common import tiny_shards
+
+pytestmark = pytest.mark.slow  # runs the demo and README's train line
 
 
 def _readme_line(prefix: str) -> list[str]:

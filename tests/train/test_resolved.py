@@ -163,6 +163,7 @@ def mixture_run(data, tmp_path_factory) -> dict:
             "stdout": p.stdout}
 
 
+@pytest.mark.slow
 def test_weighted_mixture_with_val_path_evaluates(mixture_run):
     """Item 1: validation used to get data.weights (two of them for one val source) and crash at the first eval."""
     recs = [json.loads(x) for x in (mixture_run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
@@ -170,6 +171,7 @@ def test_weighted_mixture_with_val_path_evaluates(mixture_run):
     assert all(r["val_loss"] is not None and r["val_loss"] > 0 for r in recs)
 
 
+@pytest.mark.slow
 def test_checkpoint_carries_the_tokenizer_from_another_cwd(mixture_run):
     """Item 6: the shards' tokenizer path was relative to where `prepare` ran, so the copy was silently skipped."""
     from data_pipeline.tokenizer import load_tokenizer
@@ -182,6 +184,7 @@ def test_checkpoint_carries_the_tokenizer_from_another_cwd(mixture_run):
     assert Path(run.tokenizer.path).is_absolute() and run.val_data.sources == (str(mixture_run["second"]),)
 
 
+@pytest.mark.slow
 def test_mlflow_params_are_the_resolved_values(mixture_run):
     """Item 10a: model.dim/n_layers/vocab_size were logged as None (the config's "use the flavor's/tokenizer's")."""
     import mlflow

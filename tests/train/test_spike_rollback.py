@@ -24,6 +24,8 @@ import pytest
 from shared import copy_of
 from train_common import WORDS, launch as launch_ranks, shards_of, train_args
 
+pytestmark = pytest.mark.slow  # every test trains through a planted loss spike
+
 POISON = re.compile(r"\b[qxzjv]{3,}\b")  # poisoned words use only these letters; no clean word does
 STEPS, EVERY = 40, 5
 SKIP = 2  # global batches skipped beyond the spike window: the poison's tail, read after the spike is confirmed
