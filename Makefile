@@ -37,13 +37,13 @@ test: $(STAMP)
 check: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST) -m "$(QUICK)" $(PYTEST_ARGS)
 
-# The whole suite under coverage.py, every child process included; report in the terminal and .coverage/html.
+# The whole suite under coverage.py, every child process included; report in the terminal and .coverage/html
+# (also when a test failed: the exit status is the tests').
 coverage: $(STAMP)
 	rm -rf .coverage && mkdir .coverage
-	$(BIN)/python -m coverage run -m pytest $(XDIST) $(PYTEST_ARGS)
-	$(BIN)/python -m coverage combine -q
-	$(BIN)/python -m coverage report
-	$(BIN)/python -m coverage html -q -d .coverage/html
+	$(BIN)/python -m coverage run -m pytest $(XDIST) $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/python -m coverage combine -q && $(BIN)/python -m coverage report && \
+	$(BIN)/python -m coverage html -q -d .coverage/html; exit $$status
 
 # On a machine with one CUDA GPU and the project installed in .venv with a CUDA torch (e.g. TORCH=torch):
 # GPU tests, kernel timings, the 125m and 1b presets as shipped beside the transformers peer (about 6 minutes).
