@@ -16,6 +16,8 @@ import os
 import warnings
 from typing import Iterator
 
+from pretrain.libraries import import_deepspeed
+
 # Every line a run prints to stdout/stderr without --verbose starts with one of these (tests/train/test_quiet.py).
 PROJECT_PREFIXES = ("[train]", "[checkpoint]", "[tracking]", "[data]", "step ", "done:", "checkpoints:", "metrics:",
                     "mlflow:", "             ", "error:", "note:", "launch")
@@ -32,6 +34,7 @@ def quiet(*, verbose: bool, cpu: bool) -> None:
     _verbose = verbose
     if cpu:  # functional, not cosmetic: DeepSpeed would probe for accelerators and warn that it fell back to CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import_deepspeed()  # first, and after DS_ACCELERATOR: without the MLflow import (pretrain/libraries.py)
     if verbose:
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
