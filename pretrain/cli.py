@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data_pipeline.errors import EXIT_BAD_INPUT
 from pretrain.config import ConfigError, load_config
-
+from pretrain.libraries import skip_megatron_fusions
 
 
 def _positive_int(text: str) -> int:
@@ -392,6 +392,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_megatron_fusions()  # before anything imports megatron-core: 1.8 s less start-up (pretrain/libraries.py)
     args = _parser().parse_args(argv)
     stop = None
     if args.command == "train" and not args.dry_run:

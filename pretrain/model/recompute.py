@@ -28,11 +28,10 @@ SAVED_OPS = {
     # megatron-core's TP all-reduce (in place on the matmul output it reduces): kept, not sent twice.
     torch.ops.c10d.allreduce_.default,
 }
-try:  # document masking on CUDA: varlen flash attention (pretrain/kernels/varlen_attention.py), a torch custom op
-    import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
-    SAVED_OPS.add(torch.ops.torch_attn._varlen_attn.default)
-except (ImportError, AttributeError):
-    pass
+# Document masking on CUDA: varlen flash attention (pretrain/kernels/varlen_attention.py), a custom op that exists
+# once torch.nn.attention.varlen is imported. Matched by name: importing that module here would import torch._dynamo
+# (0.6 s) into every rank, where only a CUDA run with document masking calls the op.
+SAVED_OP_NAMES = {"torch_attn::_varlen_attn"}
 # Not kept: collectives that write into a buffer their caller allocated (all-gather into, reduce-scatter into:
 # megatron-core's sequence parallelism, DeepSpeed ZeRO-3's parameter gathers). Their callers read the buffer, not
 # the op's return value, so a cached return value would leave the recomputed buffer empty; they run again.
@@ -40,9 +39,13 @@ FUNCTIONAL_COLLECTIVES = "_c10d_functional"  # out-of-place: their return value 
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in SAVED_OPS or getattr(op, "namespace", "") == FUNCTIONAL_COLLECTIVES:
+    if op in SAVED_OPS or getattr(op, "namespace", "") == FUNCTIONAL_COLLECTIVES or _name(op) in SAVED_OP_NAMES:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _name(op) -> str:
+    return op.name() if isinstance(op, torch._ops.OpOverload) else ""
 
 
 def selective_context():

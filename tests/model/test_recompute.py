@@ -91,3 +91,17 @@ def test_selective_keeps_the_fp8_scales_amax():
         y.square().sum().backward()
     assert backward.count[aten.amax.default] == 0 and backward.count[aten.max.default] == 0
     assert backward.count[aten.abs.default] > 0  # the control: the cheap elementwise op is recomputed
+
+
+def test_selective_keeps_varlen_flash_attention_without_importing_it():
+    """Document masking on CUDA runs torch's varlen flash attention (a custom op): kept like the other attention
+    kernels, matched by name so that the policy module does not import it (it imports torch._dynamo)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from pretrain.model.recompute import _policy
+
+    import torch.nn.attention.varlen  # noqa: F401  (registers the op; CPU has it too)
+
+    assert _policy(None, torch.ops.torch_attn._varlen_attn.default) == CheckpointPolicy.MUST_SAVE
+    assert _policy(None, aten.mm.default) == CheckpointPolicy.MUST_SAVE
+    assert _policy(None, aten.add.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE

@@ -16,10 +16,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.config import load_config
-from pretrain.distributed import init_distributed
-from pretrain.engine import build_engine
-from pretrain.resolved import resolve_run
+from pretrain.libraries import skip_megatron_fusions
+
+skip_megatron_fusions()  # as `pretrain train` does, before megatron-core is imported
+from pretrain.config import load_config  # noqa: E402
+from pretrain.distributed import init_distributed  # noqa: E402
+from pretrain.engine import build_engine  # noqa: E402
+from pretrain.resolved import resolve_run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parallel_common import STEPS, VOCAB, batches_for, case_config  # noqa: E402
