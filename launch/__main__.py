@@ -67,4 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain.libraries import exit_now
+
+    exit_now(main())  # without the interpreter's teardown of torch (pretrain/libraries.py)

@@ -1,4 +1,5 @@
 """`python -m pretrain ...` (what torchrun runs: `torchrun ... -m pretrain train --config ...`)."""
 from pretrain.cli import main
+from pretrain.libraries import exit_now
 
-raise SystemExit(main())
+exit_now(main())  # without the interpreter's ~1 s teardown of torch and co. (pretrain/libraries.py)

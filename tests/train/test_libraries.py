@@ -10,8 +10,6 @@ from shared_runs import plain_run
 from spawn import REPO, child_env
 from train_common import run_python, train_args
 
-pytestmark = pytest.mark.slow  # a training run; DeepSpeed and megatron-core imported in children
-
 
 def imported(importtime_stderr: str) -> set[str]:
     """The modules a `python -X importtime` process imported."""
@@ -19,6 +17,7 @@ def imported(importtime_stderr: str) -> set[str]:
             if line.startswith("import time:") and "|" in line}
 
 
+@pytest.mark.slow  # a training run
 def test_a_training_rank_imports_neither_mlflow_nor_torch_compile_s_compiler(tmp_path_factory, tmp_path):
     """Untracked and uncompiled: MLflow (DeepSpeed's autotuner) and inductor, torch.compile's compiler
     (megatron-core's fused helpers), stay out of the rank: about 2.5 s of CPU less at every start. (torch._dynamo
@@ -32,6 +31,7 @@ def test_a_training_rank_imports_neither_mlflow_nor_torch_compile_s_compiler(tmp
     assert not loaded, loaded
 
 
+@pytest.mark.slow  # DeepSpeed and megatron-core imported in a child
 def test_without_the_project_s_order_both_libraries_still_pull_those_in():
     """The other half of the claim: when a release of DeepSpeed or megatron-core stops importing them,
     this fails and pretrain/libraries.py can go."""
@@ -39,3 +39,29 @@ def test_without_the_project_s_order_both_libraries_still_pull_those_in():
                        env=child_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert {"mlflow.tracking", "torch._inductor.compile_fx"} <= imported(p.stderr)
+
+
+EXITING = """
+import atexit, concurrent.futures, sys, threading, time
+from pathlib import Path
+from pretrain.libraries import exit_now
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("joined"))).start()
+concurrent.futures.ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.3), (out / "executor").write_text("done")))
+sys.stdout.write("no newline, block-buffered")
+exit_now(7)
+"""
+
+
+def test_exit_now_keeps_what_a_normal_exit_does_before_the_teardown(tmp_path):
+    """A non-daemon thread and an executor's pending work finish, atexit handlers run, buffered stdout is written,
+    and the code is the process's exit status."""
+    p = subprocess.run([sys.executable, "-c", EXITING, str(tmp_path)], cwd=REPO,
+                       env={k: v for k, v in child_env().items() if k != "PYTHONUNBUFFERED"},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 7, p.stderr
+    assert p.stdout == "no newline, block-buffered"
+    assert {f.name: f.read_text() for f in tmp_path.iterdir()} == {"atexit": "ran", "thread": "joined",
+                                                                   "executor": "done"}
