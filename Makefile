@@ -6,9 +6,10 @@ STAMP   := $(VENV)/.installed
 # CPU torch first (a file on this project's machines); a GPU cluster's env brings its own CUDA build.
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
-# pytest-xdist workers: two on this project's 2-core machines (each test's ranks are single-threaded; a module's
-# tests stay on one worker, see tests/conftest.py). WORKERS=0 runs in one process.
-WORKERS ?= 2
+# pytest-xdist workers: three on this project's 2-core machines, where they keep both cores busy (two left a fifth of
+# the CPU idle while tests wait on timeouts, restarts and the SLURM cluster); a module's tests stay on one worker
+# (tests/conftest.py). WORKERS=0 runs in one process.
+WORKERS ?= 3
 XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadscope)
 # The inner loop: no training launches, no ranks, no cluster.
 QUICK   := not slow and not distributed and not slurm

@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
 
 def _longest_first(items) -> None:
     """Modules ordered longest first (the SLURM cluster's, then those that launch training, then unit tests), so
-    under `make test` the two workers finish together instead of one waiting alone on a long scenario at the end.
+    under `make test` the workers finish together instead of one waiting alone on a long scenario at the end.
     Each module's tests stay contiguous and in their own order."""
     modules: dict[str, list] = {}
     for item in items:
@@ -54,7 +54,7 @@ def _longest_first(items) -> None:
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` (`-n 2 --dist loadscope`): one work unit per test module, so a module fixture (a trained run, the
+    """`make test` (`-n 3 --dist loadscope`): one work unit per test module, so a module fixture (a trained run, the
     parity table) is built once, on one worker; every module under tests/slurm is one unit, as they share one local
     cluster. (pytest-xdist's own `xdist_group` marks take effect by rewriting `item._nodeid`, which pytest 9 no
     longer reads, so the units are named by path here.) Products that modules of different units read are built

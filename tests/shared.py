@@ -1,6 +1,6 @@
 """Things built once per test session and read by many test modules, whichever pytest-xdist worker asks first.
 
-`make test` runs the suite on two xdist workers (one module stays on one worker; see tests/conftest.py). A
+`make test` runs the suite on several xdist workers (one module stays on one worker; see tests/conftest.py). A
 session fixture is per worker, so an expensive product (a trained checkpoint, a prepared corpus) that several
 modules read is built here under a file lock in the directory all workers share, and read by all of them. A test
 that damages what it reads works on its own copy (`copy_of`).

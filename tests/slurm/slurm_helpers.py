@@ -195,13 +195,13 @@ class Point:
     def reached(self, job: Watched) -> bool:
         if self.steps_logged is None:
             return f"done: step {SWEEP_STEPS}" in job.log()
-        if self.steps_logged == 0:
-            return job.state == "RUNNING"
+        if self.steps_logged == 0:  # the batch shell's first line, printed once its traps are set (no process
+            return "pretrain.sbatch: job" in job.log()  # can take a signal before it installs its handler)
         return len(read_jsonl(job.run / "metrics.jsonl")) >= self.steps_logged
 
 
 SWEEP_POINTS = [
-    Point("start-up", 0, requeued=None),  # the job runs; the ranks are starting (or srun is not up yet)
+    Point("start-up", 0, requeued=None),  # the batch shell runs; srun is not up yet or the ranks are starting
     Point("early steps", 1, requeued=True),
     Point("save and eval", 3, requeued=True),  # step 4 trains, evaluates and saves next
     Point("last step", SWEEP_STEPS - 1, requeued=None),  # lands before or after the last step's stop check
