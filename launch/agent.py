@@ -37,8 +37,9 @@ import threading
 import time
 from pathlib import Path
 
+from pretrain.exits import EXIT_LOST_PEER
+
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-LOST_PEER_EXIT_CODE = 4  # pretrain/train.py EXIT_LOST_PEER: this rank failed because another one died
 
 
 def child_pids(parent: int) -> list[int]:
@@ -90,13 +91,13 @@ def exit_code_of_failures(codes: list[int]) -> int:
     its checkpoint and shutting down (CPython resets signal handlers to the default during finalization) dies of
     that SIGTERM: seen as [42, -15] when two ranks exit 42 a few ms apart. That -15 is the agent's own cleanup
     and says nothing about the run, so it is ignored whenever a rank reported a real exit code.
-    Likewise LOST_PEER_EXIT_CODE: a rank saying "another rank died" is the consequence of the other ranks' codes
+    Likewise EXIT_LOST_PEER: a rank saying "another rank died" is the consequence of the other ranks' codes
     (seen as [4, 130]: a second Ctrl-C ended one rank at once, and its peer's collective failed before the
     peer's own second Ctrl-C was handled), so the others' code is the node's.
     A rank killed by signal N otherwise reports -N; that becomes 128+N, the shell's convention.
     """
     own = [c for c in codes if c != -signal.SIGTERM]
-    causes = [c for c in own if c != LOST_PEER_EXIT_CODE]
+    causes = [c for c in own if c != EXIT_LOST_PEER]
     mapped = {128 - c if c < 0 else c for c in (causes or own or codes)}
     if len(mapped) == 1:
         code = mapped.pop()

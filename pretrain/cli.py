@@ -8,7 +8,7 @@
     pretrain import-hf --model hf/ --out ckpt/     # then train with --set model.init_from=ckpt/
     pretrain convert-checkpoint --checkpoint runs/demo/run/step_300 --to universal --out ucp/
 
-Errors a user can fix (config, data, checkpoint) print one line and exit 2; see pretrain/train.py for the
+Errors a user can fix (config, data, checkpoint) print one line and exit 2; see pretrain/exits.py for the
 other exit codes (42 = stopped by a signal after checkpointing: requeue).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import EXIT_BAD_INPUT
 from pretrain.config import ConfigError, load_config
+from pretrain.exits import EXIT_BAD_INPUT
 from pretrain.libraries import skip_megatron_fusions
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.signals import REQUEUE_EXIT_CODE
+from pretrain.exits import EXIT_REQUEUE
 
 ROOT = Path("runs/demo")
 CONFIG = "configs/debug.yaml"
@@ -125,17 +125,17 @@ def main() -> int:
     train_cmd = train_command(py)
     run_dir = ROOT / "run"
     banner(f"3. train `debug` on {RANKS} CPU ranks, ZeRO-2; preempted by SIGUSR1 at step {PREEMPT_AT}")
-    rc = run(train_cmd, log=logs / "train_1.log", allow=(0, REQUEUE_EXIT_CODE),
+    rc = run(train_cmd, log=logs / "train_1.log", allow=(0, EXIT_REQUEUE),
              on_start=preempt_when_halfway(run_dir))
     latest = (run_dir / "latest").read_text().strip()
     extra: list[str] = []
     if rc == 0:  # the machine was fast enough to finish before the signal: continue to more steps instead
         extra = ["--set", "train.max_steps=400"]
         print("  [demo] finished before the preemption; the next command continues to step 400")
-    elif f"exit {REQUEUE_EXIT_CODE} (requeue)" not in (logs / "train_1.log").read_text():
+    elif f"exit {EXIT_REQUEUE} (requeue)" not in (logs / "train_1.log").read_text():
         raise SystemExit(f"demo: training failed (exit {rc}); see {logs / 'train_1.log'}")
     else:
-        print(f"  [demo] checkpoint committed: {run_dir / latest}; the launcher exited {REQUEUE_EXIT_CODE} (requeue)")
+        print(f"  [demo] checkpoint committed: {run_dir / latest}; the launcher exited {EXIT_REQUEUE} (requeue)")
     banner("4. the same command again: resumes from `latest` and finishes")
     run(train_cmd + extra, log=logs / "train_2.log")
     banner("5. generate from the final checkpoint (KV cache, top-k sampling)")

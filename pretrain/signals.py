@@ -18,9 +18,8 @@ import signal
 from types import FrameType
 from typing import Protocol
 
-# The sbatch script (slurm/pretrain.sbatch) runs `scontrol requeue` when the training exits with exactly this.
-REQUEUE_EXIT_CODE = 42
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # the shell's code for "killed by SIGINT"
+from pretrain.exits import EXIT_INTERRUPTED
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -50,8 +49,8 @@ class StopRequest:
             return
         if signum == signal.SIGINT:
             if self.signum == signal.SIGINT:
-                _say(f"second interrupt: exiting now without a checkpoint (exit {INTERRUPTED_EXIT_CODE})")
-                os._exit(INTERRUPTED_EXIT_CODE)
+                _say(f"second interrupt: exiting now without a checkpoint (exit {EXIT_INTERRUPTED})")
+                os._exit(EXIT_INTERRUPTED)
             _say("interrupt: stopping after the current step, with a checkpoint (Ctrl-C again to exit at once)")
         if self.signum is None or signum == signal.SIGINT:
             self.signum = signum

@@ -5,7 +5,7 @@ What a step means: `engine.train_step` consumes `grad_accum` micro-batches of `m
 rank, averages the per-token loss over them and over DP, and takes one optimizer step (or none, with
 `skipped=True`, when the loss or grad norm is not finite). Step numbers count optimizer steps from 1.
 
-Exit codes: 0 done; 42 stopped by SIGTERM/SIGUSR1/SIGINT after a committed checkpoint (requeue me; a second
+Exit codes (pretrain/exits.py): 0 done; 42 stopped by SIGTERM/SIGUSR1/SIGINT after a committed checkpoint (requeue me; a second
 SIGINT exits 130 at once, see pretrain/signals.py); 3 needs a person: `train.max_nonfinite_steps` non-finite steps
 in a row (nothing checkpointed from the bad streak), or a loss spike that `train.spike` could not roll back
 (max_rollbacks used up, no checkpoint before it; pretrain/rollback.py); 4 another rank
@@ -36,10 +36,9 @@ from pretrain.config import Config
 from pretrain.resolved import ResolvedRun, held_out_note, resolve_run
 from pretrain.profiling import PROFILE_DIR, StepProfiler
 from pretrain.rollback import NeedsPerson, SpikeGuard
-from pretrain.signals import REQUEUE_EXIT_CODE, StopRequest
+from pretrain.exits import EXIT_LOST_PEER, EXIT_NEEDS_PERSON, EXIT_OK, EXIT_REQUEUE, EXIT_SAVE_FAILED
+from pretrain.signals import StopRequest
 from pretrain.tracking import checkpoint_run_id, open_tracker, step_values, ui_hint
-
-EXIT_OK, EXIT_NEEDS_PERSON, EXIT_LOST_PEER, EXIT_SAVE_FAILED = 0, 3, 4, 5  # 2 (bad input): the CLI's
 
 
 class NonFiniteAbort(NeedsPerson):
@@ -266,11 +265,11 @@ def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, what: str, cau
     code. `cause`: why, when it was not a signal."""
     if env.rank == 0:
         who = f"signal {signal.Signals(stop.signum).name}" if stop.signum else "a signal on another rank"
-        say(f"{cause or f'stopped by {who}'} at step {step}; {what}; exit {REQUEUE_EXIT_CODE} (requeue)")
+        say(f"{cause or f'stopped by {who}'} at step {step}; {what}; exit {EXIT_REQUEUE} (requeue)")
     if tracker:
         tracker.finish("KILLED")
     env.destroy()
-    return REQUEUE_EXIT_CODE
+    return EXIT_REQUEUE
 
 
 class HeldOut:

@@ -35,22 +35,45 @@ def pytest_collection_modifyitems(config, items):
         marked = [item for item in items if "gpu" in item.keywords]
     for item in marked:
         item.add_marker(skip)
-    _longest_first(items)
+    _longest_first(items, config.cache.get(MODULE_SECONDS, {}) if config.cache else {})
 
 
-def _longest_first(items) -> None:
-    """Modules ordered longest first (the SLURM cluster's, then those that launch training, then unit tests), so
-    under `make test` the workers finish together instead of one waiting alone on a long scenario at the end.
-    Each module's tests stay contiguous and in their own order."""
+# Seconds each test module took in the last run that ran it (setup, call and teardown of its tests), kept in
+# pytest's cache (.pytest_cache) by the controlling process; a fresh clone has none and orders by kind alone.
+MODULE_SECONDS = "pretrain/module-seconds"
+_took: dict[str, float] = {}
+
+
+def _longest_first(items, seconds: dict[str, float]) -> None:
+    """Modules ordered longest first: the SLURM cluster's, then those that launch training, then unit tests, and
+    within each kind by the seconds they took last time, so under `make test` the workers finish together instead of
+    one running a long scenario alone at the end. Each module's tests stay contiguous and in their own order."""
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
 
-    def weight(group: list) -> int:
+    def weight(module: str) -> tuple[int, float]:
+        group = modules[module]
         if any("slurm" in item.keywords for item in group):
-            return 0
-        return 1 if any("slow" in item.keywords or "distributed" in item.keywords for item in group) else 2
-    items[:] = [item for group in sorted(modules.values(), key=weight) for item in group]
+            kind = 0
+        else:
+            kind = 1 if any("slow" in item.keywords or "distributed" in item.keywords for item in group) else 2
+        return kind, -seconds.get(module, 0.0)
+    items[:] = [item for module in sorted(modules, key=weight) for item in modules[module]]
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Every phase's duration, by module (under xdist the controller receives its workers' reports here too)."""
+    module = report.nodeid.split("::", 1)[0]
+    _took[module] = _took.get(module, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session) -> None:
+    """The controller (or the only process) stores this run's module seconds over the last run's."""
+    cache = session.config.cache
+    if cache is None or hasattr(session.config, "workerinput") or not _took:
+        return
+    cache.set(MODULE_SECONDS, {**cache.get(MODULE_SECONDS, {}), **{m: round(s, 1) for m, s in _took.items()}})
 
 
 def pytest_xdist_make_scheduler(config, log):

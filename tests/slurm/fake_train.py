@@ -27,10 +27,7 @@ import torch.distributed as dist
 
 from pretrain.config import load_config
 
-try:  # the real constant once the training loop lands; the documented value until then
-    from pretrain.signals import REQUEUE_EXIT_CODE
-except ImportError:
-    REQUEUE_EXIT_CODE = 42
+from pretrain.exits import EXIT_REQUEUE
 
 DIM = 8
 LR = 0.05
@@ -91,7 +88,7 @@ def main() -> int:
             dist.barrier()
             print(f"fake_train rank {rank}: stopped by signal at step {step}, checkpointed", flush=True)
             dist.destroy_process_group()
-            return REQUEUE_EXIT_CODE
+            return EXIT_REQUEUE
         g = torch.Generator().manual_seed(cfg.train.seed * 1000003 + step * 1009 + rank)
         x = torch.randn(16, DIM, generator=g, dtype=torch.float64)
         err = x @ w - x @ w_true

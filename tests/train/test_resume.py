@@ -19,7 +19,7 @@ import pytest
 
 from train_common import losses, tiny_shards, train_args
 from spawn import REPO, child_env, torchrun
-from pretrain.signals import REQUEUE_EXIT_CODE
+from pretrain.exits import EXIT_REQUEUE
 
 K = 30
 
@@ -120,8 +120,8 @@ def test_resume_continues_the_exact_loss_curve(tmp_root, mlflow_server, row):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     first = _signal_one_rank_midrun(cmd, resumed)
     assert first.returncode != 0
-    assert f"exit {REQUEUE_EXIT_CODE} (requeue)" in first.stderr, first.stderr[-4000:]
-    assert f"exitcode  : {REQUEUE_EXIT_CODE}" in first.stderr + first.stdout, "each worker exits with the requeue code"
+    assert f"exit {EXIT_REQUEUE} (requeue)" in first.stderr, first.stderr[-4000:]
+    assert f"exitcode  : {EXIT_REQUEUE}" in first.stderr + first.stdout, "each worker exits with the requeue code"
     stopped_at = int(json.loads((resumed / "metrics.jsonl").read_text().splitlines()[-1])["step"])
     assert 3 <= stopped_at < 2 * K and (resumed / "latest").read_text().strip() == f"step_{stopped_at}"
     second = torchrun(nproc, args, timeout=300)

@@ -1,0 +1,25 @@
+"""Every exit code is defined once (pretrain/exits.py), and the sbatch script requeues on the same number."""
+from __future__ import annotations
+
+import re
+
+from spawn import REPO
+
+from pretrain import exits
+
+DEFINITION = re.compile(r"^\s*(EXIT_\w+|\w+_EXIT_CODE)\s*=\s*\d", re.MULTILINE)
+HOMES = {"pretrain/exits.py", "data_pipeline/errors.py"}  # 2 belongs to pretrain-data too, which imports no pretrain
+
+
+def test_no_module_but_exits_defines_an_exit_code():
+    found = {str(p.relative_to(REPO)) for package in ("pretrain", "launch", "data_pipeline")
+             for p in (REPO / package).rglob("*.py") if DEFINITION.search(p.read_text(encoding="utf-8"))}
+    assert found == HOMES, f"exit codes defined outside {sorted(HOMES)}: {sorted(found - HOMES)}"
+
+
+def test_the_codes_are_distinct_and_the_sbatch_script_requeues_on_exit_requeue():
+    codes = {name: getattr(exits, name) for name in exits.__all__}
+    assert len(set(codes.values())) == len(codes), codes
+    sbatch = (REPO / "slurm" / "pretrain.sbatch").read_text()
+    (value,) = re.findall(r"^REQUEUE_EXIT_CODE=(\d+)", sbatch, re.MULTILINE)
+    assert int(value) == exits.EXIT_REQUEUE
