@@ -392,7 +392,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    skip_megatron_fusions()  # before anything imports megatron-core: 1.8 s less start-up (pretrain/libraries.py)
+    skip_megatron_fusions()  # before anything imports megatron-core: ~1.2 s less start-up (pretrain/libraries.py)
     args = _parser().parse_args(argv)
     stop = None
     if args.command == "train" and not args.dry_run:

@@ -11,7 +11,7 @@ import signal
 from data_pipeline.errors import EXIT_BAD_INPUT  # 2, shared with pretrain-data: fix the input named on the one line
 
 EXIT_OK = 0  # done, or nothing left to do
-EXIT_NEEDS_PERSON = 3  # non-finite steps past train.max_nonfinite_steps, or a spike past train.spike: relaunching repeats it
+EXIT_NEEDS_PERSON = 3  # too many non-finite steps, or a spike train.spike cannot roll back: a relaunch repeats it
 EXIT_LOST_PEER = 4  # another rank died or stopped answering; the other ranks' codes say why
 EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (disk full, quota, read-only); the last committed one stands
 EXIT_REQUEUE = 42  # stopped by a signal after a committed checkpoint: requeue me, I resume from it

@@ -8,7 +8,8 @@ A training rank spends most of its start-up importing torch, DeepSpeed and megat
   (pretrain/tracking.py imports it there, when needed). `import_deepspeed` hides MLflow for the length of DeepSpeed's
   import, so the autotuner records `has_mlflow = False`, which matters only to `deepspeed --autotuning`.
 - megatron-core decorates its fused helpers (bias-GeLU, bias-SwiGLU, fused cross-entropy, MoE routing...) with
-  `torch.compile` as its modules are imported, which imports torch._dynamo and inductor: about 1.8 s. This project
+  `torch.compile` as its modules are imported, which imports torch._dynamo and inductor (with jinja2, networkx and
+  more): about 1.8 s alone, 1.2 s in a training rank, whose optimizer imports torch._dynamo anyway. This project
   uses megatron-core's tensor-parallel layers, vocab-parallel cross-entropy and process groups, never those helpers
   (its own fused kernels are in pretrain/kernels/), so `skip_megatron_fusions` makes megatron-core call its own
   `disable_jit_fuser()` before its fusion modules are imported. `model.compile` still compiles our blocks.

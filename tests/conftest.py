@@ -35,7 +35,8 @@ def pytest_collection_modifyitems(config, items):
         marked = [item for item in items if "gpu" in item.keywords]
     for item in marked:
         item.add_marker(skip)
-    _longest_first(items, config.cache.get(MODULE_SECONDS, {}) if config.cache else {})
+    cache = getattr(config, "cache", None)  # absent under `-p no:cacheprovider`
+    _longest_first(items, cache.get(MODULE_SECONDS, {}) if cache else {})
 
 
 # Seconds each test module took in the last run that ran it (setup, call and teardown of its tests), kept in
@@ -70,7 +71,7 @@ def pytest_runtest_logreport(report) -> None:
 
 def pytest_sessionfinish(session) -> None:
     """The controller (or the only process) stores this run's module seconds over the last run's."""
-    cache = session.config.cache
+    cache = getattr(session.config, "cache", None)
     if cache is None or hasattr(session.config, "workerinput") or not _took:
         return
     cache.set(MODULE_SECONDS, {**cache.get(MODULE_SECONDS, {}), **{m: round(s, 1) for m, s in _took.items()}})
