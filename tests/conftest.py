@@ -45,13 +45,17 @@ MODULE_SECONDS = "pretrain/module-seconds"
 _took: dict[str, float] = {}
 
 
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
 def _longest_first(items, seconds: dict[str, float]) -> None:
     """Modules ordered longest first: the SLURM cluster's, then those that launch training, then unit tests, and
     within each kind by the seconds they took last time, so under `make test` the workers finish together instead of
     one running a long scenario alone at the end. Each module's tests stay contiguous and in their own order."""
     modules: dict[str, list] = {}
     for item in items:
-        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+        modules.setdefault(_module(item.nodeid), []).append(item)
 
     def weight(module: str) -> tuple[int, float]:
         group = modules[module]
@@ -65,7 +69,7 @@ def _longest_first(items, seconds: dict[str, float]) -> None:
 
 def pytest_runtest_logreport(report) -> None:
     """Every phase's duration, by module (under xdist the controller receives its workers' reports here too)."""
-    module = report.nodeid.split("::", 1)[0]
+    module = _module(report.nodeid)
     _took[module] = _took.get(module, 0.0) + report.duration
 
 
@@ -89,7 +93,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
+            module = _module(nodeid)
             return "tests/slurm" if module.startswith("tests/slurm/") else module
 
     return ByModule(config, log)

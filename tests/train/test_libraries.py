@@ -1,13 +1,9 @@
 """A rank's start-up pays only for the libraries it uses (pretrain/libraries.py)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from shared_runs import plain_run
-from spawn import REPO, child_env
 from train_common import run_python, train_args
 
 
@@ -35,8 +31,7 @@ def test_a_training_rank_imports_neither_mlflow_nor_torch_compile_s_compiler(tmp
 def test_without_the_project_s_order_both_libraries_still_pull_those_in():
     """The other half of the claim: when a release of DeepSpeed or megatron-core stops importing them,
     this fails and pretrain/libraries.py can go."""
-    p = subprocess.run([sys.executable, "-X", "importtime", "-c", "import deepspeed, megatron.core"], cwd=REPO,
-                       env=child_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=120)
+    p = run_python(["-X", "importtime", "-c", "import deepspeed, megatron.core"], DS_ACCELERATOR="cpu")
     assert p.returncode == 0, p.stderr[-3000:]
     assert {"mlflow.tracking", "torch._inductor.compile_fx"} <= imported(p.stderr)
 
@@ -58,9 +53,7 @@ exit_now(7)
 def test_exit_now_keeps_what_a_normal_exit_does_before_the_teardown(tmp_path):
     """A non-daemon thread and an executor's pending work finish, atexit handlers run, buffered stdout is written,
     and the code is the process's exit status."""
-    p = subprocess.run([sys.executable, "-c", EXITING, str(tmp_path)], cwd=REPO,
-                       env={k: v for k, v in child_env().items() if k != "PYTHONUNBUFFERED"},
-                       capture_output=True, text=True, timeout=60)
+    p = run_python(["-c", EXITING, str(tmp_path)], PYTHONUNBUFFERED="")  # empty: stdout block-buffered
     assert p.returncode == 7, p.stderr
     assert p.stdout == "no newline, block-buffered"
     assert {f.name: f.read_text() for f in tmp_path.iterdir()} == {"atexit": "ran", "thread": "joined",
