@@ -14,13 +14,14 @@ other exit codes (42 = stopped by a signal after checkpointing: requeue).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
 from pretrain.exits import EXIT_BAD_INPUT
-from pretrain.libraries import skip_megatron_fusions
+from pretrain.libraries import lighten_imports
 
 
 def _positive_int(text: str) -> int:
@@ -33,6 +34,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
+@functools.cache  # built once per process: a parser is reusable, and tests call main() thousands of times
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain", description="Distributed LLaMA pretraining (DeepSpeed ZeRO/PP x "
                                 "megatron-core TP) with exact-resume checkpoints and MLflow tracking.",
@@ -222,9 +224,11 @@ def _data_lines(run) -> list[str]:
     return lines
 
 
+@functools.cache
 def _local_gpu() -> str | None:
     """This machine's GPU name for --dry-run's fit verdict, when it is one the tables know; else None.
-    Asked of nvidia-smi, not torch: a dry run imports no torch (seconds per call on a login node)."""
+    Asked of nvidia-smi once per process, not torch: a dry run imports no torch (seconds per call on a login
+    node)."""
     import subprocess
 
     from pretrain.metrics import peak_tflops_for
@@ -392,7 +396,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    skip_megatron_fusions()  # before anything imports megatron-core: ~1.2 s less start-up (pretrain/libraries.py)
+    lighten_imports()  # before anything imports DeepSpeed or megatron-core: seconds less start-up (pretrain/libraries.py)
     args = _parser().parse_args(argv)
     stop = None
     if args.command == "train" and not args.dry_run:

@@ -1,21 +1,26 @@
 """The libraries imported without the start-up costs they charge for features this project never uses.
 
 A training rank spends most of its start-up importing torch, DeepSpeed and megatron-core (about 6.5 s of CPU on a
-2-core machine for well under a second of work in a short run). Two of those costs buy nothing here:
+2-core machine for well under a second of work in a short run). Three of those costs buy nothing here, and
+`lighten_imports` (import hooks, installed first thing in a process) removes them:
 
 - `import deepspeed` imports its autotuner, which imports MLflow (with pandas) at module level to log its own tuning
   experiments: about 1.3 s and 110 MB on every rank, though only rank 0 of a tracked run talks to MLflow
-  (pretrain/tracking.py imports it there, when needed). `import_deepspeed` hides MLflow for the length of DeepSpeed's
+  (pretrain/tracking.py imports it there, when needed). MLflow is hidden for the length of DeepSpeed's package
   import, so the autotuner records `has_mlflow = False`, which matters only to `deepspeed --autotuning`.
+- DeepSpeed's ZeRO and bf16 optimizers import its Muon optimizer when they are built (to check whether they wrap
+  one), and that module decorates its kernels with `torch.compile`, which imports inductor: about 1.6 s on every
+  rank of a ZeRO or bf16 run. The Muon module is imported once, right after DeepSpeed, with DeepSpeed's
+  `compiler.compile()` answering a no-op decorator; this project never builds a Muon optimizer.
 - megatron-core decorates its fused helpers (bias-GeLU, bias-SwiGLU, fused cross-entropy, MoE routing...) with
-  `torch.compile` as its modules are imported, which imports torch._dynamo and inductor (with jinja2, networkx and
-  more): about 1.8 s alone, 1.2 s in a training rank, whose optimizer imports torch._dynamo anyway. This project
-  uses megatron-core's tensor-parallel layers, vocab-parallel cross-entropy and process groups, never those helpers
-  (its own fused kernels are in pretrain/kernels/), so `skip_megatron_fusions` makes megatron-core call its own
-  `disable_jit_fuser()` before its fusion modules are imported. `model.compile` still compiles our blocks.
+  `torch.compile` as its modules are imported: about 1.8 s alone, 1.2 s in a training rank, whose optimizer
+  imports torch._dynamo anyway. This project uses megatron-core's tensor-parallel layers, vocab-parallel
+  cross-entropy and process groups, never those helpers (its own fused kernels are in pretrain/kernels/), so
+  megatron-core calls its own `disable_jit_fuser()` before its fusion modules are imported. `model.compile` still
+  compiles our blocks.
 
-Both were measured with megatron-core 0.16.1 and DeepSpeed 0.19; tests/train/test_libraries.py checks that each
-cost still exists, so a library release that removes one says so by failing there.
+Measured with megatron-core 0.16.1 and DeepSpeed 0.19; tests/train/test_libraries.py checks that each cost still
+exists, so a library release that removes one says so by failing there.
 
 A third cost comes at the end: the interpreter's teardown frees the module graph of torch, DeepSpeed and
 megatron-core object by object, about 1 s of CPU per process (0.5 s for torch alone) for memory the OS reclaims
@@ -35,35 +40,66 @@ from types import ModuleType
 from typing import Callable, NoReturn, Sequence
 
 _MEGATRON_JIT = "megatron.core.jit"
+_DEEPSPEED = "deepspeed"
+_MUON = "deepspeed.runtime.zero.muon.original_muon"
+
+
+def lighten_imports() -> None:
+    """Install the import hooks below. Call it first thing in a process (`pretrain.cli.main` does, and so do the
+    tests' rank workers): a library already imported by then is past helping (megatron-core's later helpers still
+    are)."""
+    if _MEGATRON_JIT in sys.modules:
+        sys.modules[_MEGATRON_JIT].disable_jit_fuser()
+    elif not _hooked(_MEGATRON_JIT):
+        sys.meta_path.insert(0, _AroundImport(_MEGATRON_JIT, _megatron_without_fusions))
+    if _DEEPSPEED not in sys.modules and not _hooked(_DEEPSPEED):
+        sys.meta_path.insert(0, _AroundImport(_DEEPSPEED, _deepspeed_without_extras))
 
 
 def import_deepspeed() -> ModuleType:
-    """`import deepspeed`, leaving MLflow unimported if it was (call before anything else imports DeepSpeed)."""
-    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        return importlib.import_module("deepspeed")
-    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError meanwhile
+    """`import deepspeed`, as light as `lighten_imports` makes it."""
+    lighten_imports()
+    return importlib.import_module(_DEEPSPEED)
+
+
+def _megatron_without_fusions(execute: Callable[[], None], jit: ModuleType) -> None:
+    execute()
+    jit.disable_jit_fuser()
+
+
+def _deepspeed_without_extras(execute: Callable[[], None], deepspeed: ModuleType) -> None:
+    """DeepSpeed's package imported with MLflow hidden, then its Muon module imported with `torch.compile` made a
+    no-op: its kernels stay plain functions, fine for an optimizer this project never builds."""
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError meanwhile
     try:
-        return importlib.import_module("deepspeed")
+        execute()
     finally:
-        if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+        if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
             del sys.modules["mlflow"]
+    compiler = importlib.import_module("deepspeed.runtime.compiler")
+    real = compiler.compile
+    compiler.compile = lambda: (lambda fn: fn)
+    try:
+        importlib.import_module(_MUON)
+    except ImportError:  # a DeepSpeed release without Muon
+        pass
+    finally:
+        compiler.compile = real
 
 
-def skip_megatron_fusions() -> None:
-    """Make megatron-core's fused helpers plain functions (call before megatron-core is first imported; later, it
-    only stops helpers decorated from then on)."""
-    if _MEGATRON_JIT in sys.modules:
-        sys.modules[_MEGATRON_JIT].disable_jit_fuser()
-    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(_MEGATRON_JIT, lambda jit: jit.disable_jit_fuser()))
+def _hooked(name: str) -> bool:
+    return any(isinstance(f, _AroundImport) and f.name == name for f in sys.meta_path)
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs `then(module)` as soon as module `name` has executed, before any other module can import from it:
-    megatron.core.jit is first imported halfway through megatron.core's own __init__, with no earlier hook."""
+class _AroundImport(importlib.abc.MetaPathFinder):
+    """Runs module `name` through `around(execute, module)` when it is first imported, before any other module can
+    import from it: megatron.core.jit is first imported halfway through megatron.core's own __init__, with no
+    earlier hook, and DeepSpeed's MLflow import happens inside its own package import."""
 
-    def __init__(self, name: str, then: Callable[[ModuleType], None]):
-        self.name, self.then = name, then
+    def __init__(self, name: str, around: Callable[[Callable[[], None], ModuleType], None]):
+        self.name, self.around = name, around
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None):
         if fullname != self.name:
@@ -75,8 +111,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         execute = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
-            execute(module)
-            self.then(module)
+            self.around(lambda: execute(module), module)
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]  # this spec's own loader instance
         return spec
 

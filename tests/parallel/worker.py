@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.libraries import skip_megatron_fusions
+from pretrain.libraries import lighten_imports
 
-skip_megatron_fusions()  # as `pretrain train` does, before megatron-core is imported
+lighten_imports()  # as `pretrain train` does, before DeepSpeed and megatron-core are imported
 from pretrain.config import load_config  # noqa: E402
 from pretrain.distributed import init_distributed  # noqa: E402
 from pretrain.engine import build_engine  # noqa: E402

@@ -21,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plan_common import BATCH, SEQ, VOCAB, block_args, case_overrides, micro_batches  # noqa: E402
 from saved_bytes import SavedBytes  # noqa: E402
 
+from pretrain.libraries import lighten_imports  # noqa: E402
+
+lighten_imports()  # as `pretrain train` does, before DeepSpeed and megatron-core are imported
 from pretrain.config import load_config  # noqa: E402
 from pretrain.distributed import init_distributed  # noqa: E402
 from pretrain.model.transformer import TransformerBlock, _rope_table  # noqa: E402

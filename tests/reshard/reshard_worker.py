@@ -24,9 +24,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
 from parallel_common import batches_for, case_config  # noqa: E402
 
-from pretrain.libraries import skip_megatron_fusions  # noqa: E402
+from pretrain.libraries import lighten_imports  # noqa: E402
 
-skip_megatron_fusions()  # as `pretrain train` does, before megatron-core is imported
+lighten_imports()  # as `pretrain train` does, before DeepSpeed and megatron-core are imported
 from pretrain import checkpoint  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.distributed import init_distributed  # noqa: E402

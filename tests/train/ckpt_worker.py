@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint as ckpt
+from pretrain.libraries import lighten_imports
+
+lighten_imports()  # as `pretrain train` does, before DeepSpeed and megatron-core are imported
+from pretrain import checkpoint as ckpt  # noqa: E402
 
 
 class Gloo:

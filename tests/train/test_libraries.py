@@ -1,6 +1,8 @@
 """A rank's start-up pays only for the libraries it uses (pretrain/libraries.py)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from shared_runs import plain_run
@@ -15,25 +17,44 @@ def imported(importtime_stderr: str) -> set[str]:
 
 @pytest.mark.slow  # a training run
 def test_a_training_rank_imports_neither_mlflow_nor_torch_compile_s_compiler(tmp_path_factory, tmp_path):
-    """Untracked and uncompiled: MLflow (DeepSpeed's autotuner) and inductor, torch.compile's compiler
-    (megatron-core's fused helpers), stay out of the rank: about 2.5 s of CPU less at every start. (torch._dynamo
-    itself is imported by torch's optimizers.)"""
+    """Untracked and uncompiled, under ZeRO: MLflow (DeepSpeed's autotuner) and inductor, torch.compile's compiler
+    (megatron-core's fused helpers, DeepSpeed's Muon kernels), stay out of the rank: about 4 s of CPU less at every
+    start. (torch._dynamo itself is imported by torch's optimizers.)"""
     shards = plain_run(tmp_path_factory)[1]
-    p = run_python(["-X", "importtime", *train_args(shards, tmp_path / "run", "train.max_steps=1")])
+    p = run_python(["-X", "importtime", *train_args(shards, tmp_path / "run", "train.max_steps=1",
+                                                    "parallel.zero_stage=1")])
     assert p.returncode == 0, p.stderr[-3000:]
     modules = imported(p.stderr)
-    assert {"deepspeed.runtime.engine", "megatron.core.tensor_parallel"} <= modules
+    assert {"deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2", "megatron.core.tensor_parallel",
+            "deepspeed.runtime.zero.muon.muon_optimizer"} <= modules  # imported by ZeRO's optimizer
     loaded = [m for m in modules if m.startswith(("mlflow.", "torch._inductor.compile_fx"))]  # `mlflow`: the try
     assert not loaded, loaded
 
 
+# DeepSpeed imported plainly, then its Muon module: the modules loaded after each.
+PLAIN = """
+import json, sys
+seen = {}
+import deepspeed
+seen["deepspeed"] = sorted(sys.modules)
+import deepspeed.runtime.zero.muon.original_muon
+seen["muon"] = sorted(sys.modules)
+print(json.dumps(seen))
+"""
+
+
 @pytest.mark.slow  # DeepSpeed and megatron-core imported in a child
-def test_without_the_project_s_order_both_libraries_still_pull_those_in():
+def test_without_the_project_s_hooks_the_libraries_still_pull_those_in():
     """The other half of the claim: when a release of DeepSpeed or megatron-core stops importing them,
-    this fails and pretrain/libraries.py can go."""
-    p = run_python(["-X", "importtime", "-c", "import deepspeed, megatron.core"], DS_ACCELERATOR="cpu")
+    this fails and that part of pretrain/libraries.py can go."""
+    p = run_python(["-c", PLAIN], DS_ACCELERATOR="cpu")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert {"mlflow.tracking", "torch._inductor.compile_fx"} <= imported(p.stderr)
+    seen = {step: set(modules) for step, modules in json.loads(p.stdout.splitlines()[-1]).items()}
+    compiler = "torch._inductor.compile_fx"
+    assert "mlflow.tracking" in seen["deepspeed"] and compiler not in seen["deepspeed"]
+    assert compiler in seen["muon"]  # DeepSpeed's Muon kernels, decorated at import
+    p = run_python(["-c", "import sys, megatron.core; print('torch._inductor.compile_fx' in sys.modules)"])
+    assert p.returncode == 0 and p.stdout.split()[-1] == "True", p.stderr[-3000:]  # megatron-core's fused helpers
 
 
 EXITING = """
