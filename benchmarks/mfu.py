@@ -6,7 +6,7 @@
 Runs the real `pretrain train` (torchrun, DeepSpeed, the configured layout) for --steps steps on shards made from
 the shipped sample corpus (vocabulary padded up to --vocab so the output layer costs what a real tokenizer's
 would), with no checkpoints and no tracking, then reads metrics.jsonl: medians over the steps after --warmup.
-MFU uses PaLM's 6N + 12 L H Q T FLOPs per token against the device's dense bf16 peak (pretrain/metrics.py);
+MFU uses PaLM's 6N + 12 L H Q T FLOPs per token against the device's dense bf16 peak (pretrain/telemetry/metrics.py);
 on CPU it is reported as null. The JSON holds device, date, commit, the exact command and config.
 """
 from __future__ import annotations
@@ -71,9 +71,9 @@ def main() -> int:
 
     from benchmarks.provenance import provenance, report
     from pretrain.config import load_config
-    from pretrain.metrics import read
-    from pretrain.parallel.describe import estimate
-    from pretrain.resolved import resolve_run
+    from pretrain.telemetry.metrics import read
+    from pretrain.plan.describe import estimate
+    from pretrain.run.resolved import resolve_run
 
     run_dir = args.work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)

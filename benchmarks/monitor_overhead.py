@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, shards: Path, name: str, round_: int) -> list[
                  "train.log_every=1000", "train.device=cpu", "data.val_path=null"]
     overrides += [o.format(interval=args.interval) for o in VARIANTS[name]]
     from benchmarks.mfu import run_train
-    from pretrain import metrics
+    from pretrain.telemetry import metrics
 
     run_train("configs/debug.yaml", overrides)
     recs = metrics.read(run_dir)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace, shards: Path, name: str, round_: int) -> list[
 def observe_cost_us(window: int = 100, calls: int = 20000) -> float:
     """Microseconds per `SpikeDetector.observe` on a full window (the detector's whole per-step work)."""
     from pretrain.config import SpikeSection
-    from pretrain.spikes import SpikeDetector
+    from pretrain.train.spikes import SpikeDetector
 
     d = SpikeDetector(SpikeSection(enabled=True, window=window))
     for i in range(window):

@@ -5,7 +5,7 @@ batch and DeepSpeed config as `pretrain train` would use for a config, on this m
         [--set k=v ...] [--out benchmarks/results/peer_<gpu>_<config>.json]
 
 Shape: the resolved model of the config (dim, layers, heads, kv heads, FFN width, vocab padded as ours is, tied
-embeddings, RoPE base). DeepSpeed config: `pretrain.engine.deepspeed_config` of the same config (ZeRO stage, bf16
+embeddings, RoPE base). DeepSpeed config: `pretrain.train.engine.deepspeed_config` of the same config (ZeRO stage, bf16
 with fp32 master weights and fp32 gradient accumulation, micro-batch, accumulation, clipping). Optimizer: torch
 AdamW (fused on CUDA), as ours. Recompute: transformers offers only whole-layer gradient checkpointing, used when
 the config asks for `full`; `selective` has no transformers equivalent and runs without (the JSON says which).
@@ -63,9 +63,10 @@ def main() -> int:
 
     from benchmarks.provenance import provenance, report
     from pretrain.config import load_config
-    from pretrain.engine import deepspeed_config
-    from pretrain.metrics import device_peak_tflops, flops_per_token, peak_memory_gib
-    from pretrain.parallel.describe import planned_run
+    from pretrain.train.engine import deepspeed_config
+    from pretrain.model.flops import flops_per_token
+    from pretrain.telemetry.metrics import device_peak_tflops, peak_memory_gib
+    from pretrain.plan.describe import planned_run
 
     cfg = load_config(opts.config, [f"model.vocab_size={opts.vocab}", "parallel.tp=1", "parallel.pp=1",
                                     *opts.overrides])

@@ -73,7 +73,7 @@ def check_split(where: str, samples: int, dp_size: int, num_workers: int) -> Non
     """Every slot must get at least one document of the epoch: with N < S samples some slot's range
     [s*N//S, (s+1)*N//S) is empty and it would have nothing to read. DataError (one line) otherwise.
 
-    The loader calls this when it is built, `pretrain.resolved.resolve_run` before anything starts (and in
+    The loader calls this when it is built, `pretrain.run.resolved.resolve_run` before anything starts (and in
     `--dry-run`), so a corpus too small for the layout fails in seconds, not at the first step."""
     workers = max(num_workers, 1)
     if samples < num_slots(dp_size, num_workers):

@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from pretrain.exits import EXIT_LOST_PEER
+from pretrain.run.exits import EXIT_LOST_PEER
 
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 

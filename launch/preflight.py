@@ -55,7 +55,7 @@ def check_world(plan: LaunchPlan, command: list[str], expect_world: int | None =
         return
     from data_pipeline.errors import DataError
     from pretrain.config import ConfigError, load_config
-    from pretrain.resolved import resolve_run
+    from pretrain.run.resolved import resolve_run
 
     try:
         cfg = load_config(Path(config), overrides)

@@ -8,7 +8,7 @@
     pretrain import-hf --model hf/ --out ckpt/     # then train with --set model.init_from=ckpt/
     pretrain convert-checkpoint --checkpoint runs/demo/run/step_300 --to universal --out ucp/
 
-Errors a user can fix (config, data, checkpoint) print one line and exit 2; see pretrain/exits.py for the
+Errors a user can fix (config, data, checkpoint) print one line and exit 2; see pretrain/run/exits.py for the
 other exit codes (42 = stopped by a signal after checkpointing: requeue).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.exits import EXIT_BAD_INPUT
+from pretrain.run.exits import EXIT_BAD_INPUT
 from pretrain.libraries import lighten_imports
 
 
@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--gpus-per-node", type=int, default=8)
-    pl.add_argument("--gpu", default="H100", help="GPU model for the peak TFLOP/s (a name in pretrain/metrics.py's "
-                    "table, e.g. H100, H200, A100) (default: H100)")
+    pl.add_argument("--gpu", default="H100", help="GPU model for the peak TFLOP/s and memory (a name in "
+                    "pretrain/plan/hardware.py's table, e.g. H100, H200, A100) (default: H100)")
     pl.add_argument("--mfu", type=float, default=0.4,
                     help="model FLOPs utilisation to assume, 0-1 (default 0.4; measure it with benchmarks/mfu.py)")
     pl.add_argument("--efficiency", type=float, default=0.6,
@@ -162,10 +162,10 @@ def _assumed_vocab(flavor: str) -> tuple[int, str]:
 
 def _check_outputs(cfg) -> None:
     """Where the run will write: checkpoint.dir can be created and written, and the MLflow store answers (a few
-    seconds at most). Training itself goes on without MLflow (pretrain/tracking.py); a dry run is the place to
+    seconds at most). Training itself goes on without MLflow (pretrain/telemetry/tracking.py); a dry run is the place to
     hear about it."""
     from pretrain.output_dir import nearest_existing
-    from pretrain.tracking import check_uri, tracking_uri
+    from pretrain.telemetry.tracking import check_uri, tracking_uri
 
     folder = Path(cfg.checkpoint.dir).resolve()
     existing = nearest_existing(folder)
@@ -180,8 +180,8 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
     """Resolve the run exactly as `pretrain train` does at start (the same checks, data included) and describe
     it, building nothing and importing no torch. `assume_vocab` (plan): planning a cluster before any data exists
     is normal, so an unknown vocabulary becomes a stated assumption instead of an error."""
-    from pretrain.parallel.describe import describe, estimate, fits, throughput
-    from pretrain.resolved import held_out_note, resolve_run
+    from pretrain.plan.describe import describe, estimate, fits, throughput
+    from pretrain.run.resolved import held_out_note, resolve_run
 
     peak = _peak_tflops(gpu) if gpu is not None else None  # a bad --gpu fails before anything is printed
     assumed, why = _assumed_vocab(cfg.model.flavor) if assume_vocab else (None, "")
@@ -198,7 +198,8 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
     if peak is not None:
         print(throughput(cfg, e, peak, mfu))
     if ranking is not None and gpu is not None:
-        from pretrain.parallel.describe import Links, rank_layouts, ranking_lines
+        from pretrain.plan.describe import rank_layouts, ranking_lines
+        from pretrain.plan.hardware import Links
 
         ranked = rank_layouts(cfg, ranking.nodes, ranking.gpus_per_node, vocab, gpu, peak, ranking.efficiency,
                               Links(nvlink=ranking.nvlink_gbs, ib=ranking.ib_gbs))
@@ -231,8 +232,7 @@ def _local_gpu() -> str | None:
     node)."""
     import subprocess
 
-    from pretrain.metrics import peak_tflops_for
-    from pretrain.parallel.describe import gpu_memory_gib
+    from pretrain.plan.hardware import gpu_memory_gib, peak_tflops_for
 
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -245,11 +245,11 @@ def _local_gpu() -> str | None:
 
 
 def _peak_tflops(gpu: str) -> float:
-    from pretrain.metrics import PEAK_TFLOPS, peak_tflops_for
+    from pretrain.plan.hardware import known_gpus, peak_tflops_for
 
     peak = peak_tflops_for(gpu)
     if peak is None:
-        raise ConfigError(f"--gpu {gpu}: unknown GPU; one of {', '.join(n for n, _ in PEAK_TFLOPS)}")
+        raise ConfigError(f"--gpu {gpu}: unknown GPU; one of {known_gpus()}")
     return peak
 
 
@@ -281,29 +281,9 @@ def _quiet_offline() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _tokenizer(step_dir, run, override: str | None):
-    """(path, loaded tokenizer) to use with a checkpoint: --tokenizer, else the checkpoint's copy, else the path
-    training recorded; the same tokenizer the model was trained with (identity hash) or a one-line error."""
-    from data_pipeline.tokenizer import load_tokenizer
-    from pretrain import checkpoint
-
-    copied = step_dir / checkpoint.TOKENIZER_DIR
-    recorded = run.tokenizer.path if run.tokenizer else ""
-    path = override or (str(copied) if copied.exists() else recorded if recorded and os.path.exists(recorded)
-                        else None)
-    if path is None:
-        raise checkpoint.CheckpointError(f"{step_dir} holds no tokenizer (and {recorded or 'no path'} recorded at "
-                                         "training is gone); pass --tokenizer PATH")
-    tok = load_tokenizer(path)
-    if run.tokenizer is not None and tok.identity != run.tokenizer.identity:
-        raise checkpoint.CheckpointError(f"tokenizer {path} is not the one {step_dir} was trained with (identity "
-                                         f"{tok.identity[:12]} vs {run.tokenizer.identity[:12]})")
-    return path, tok
-
-
 def _max_shard_bytes(args: argparse.Namespace) -> int:
     """--max-shard-size of export-hf and import-hf in bytes; a bad value is a one-line error naming the flag."""
-    from pretrain.hf.safetensors_dir import parse_size
+    from pretrain.checkpoint.safetensors_dir import parse_size
 
     try:
         return parse_size(args.max_shard_size)
@@ -326,31 +306,23 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Any committed checkpoint -> Hugging Face LlamaForCausalLM directory, tensor by tensor."""
-    from pretrain.hf.export import export_hf
-    from pretrain.checkpoint.weights import named_tensors, open_weights
+    from pretrain.checkpoint.weights import open_weights
+    from pretrain.hf.export import export_checkpoint
+    from pretrain.telemetry import model_registry
 
     max_shard = _max_shard_bytes(args)
     _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)
-    if args.register:
-        from pretrain.model_registry import check
-
-        check(step_dir)
-    run = source.run
-    tokenizer, _ = _tokenizer(step_dir, run, args.tokenizer)
-    tok = run.tokenizer
+    if args.register:  # before exporting: a checkpoint trained without tracking has no run to register under
+        model_registry.check(step_dir)
     try:
-        out = export_hf(named_tensors(source), run.model, args.out, tokenizer=tokenizer, vocab_size=run.vocab_size,
-                        bos_token_id=tok.bos_id if tok else None, eos_token_id=tok.eos_id if tok else None,
-                        pad_token_id=tok.pad_id if tok else None, dtype=_dtype(args.dtype or run.dtype),
-                        max_shard_bytes=max_shard)
+        out = export_checkpoint(step_dir, source, args.out, tokenizer=args.tokenizer,
+                                dtype=_dtype(args.dtype) if args.dtype else None, max_shard_bytes=max_shard)
     except FileExistsError as e:
         raise ConfigError(str(e)) from None
     print(f"exported {step_dir} -> {out} (transformers.LlamaForCausalLM.from_pretrained('{out}'))")
     if args.register:
-        from pretrain.model_registry import register
-
-        model, uri = register(out, step_dir, args.register)
+        model, uri = model_registry.register(out, step_dir, args.register)
         print(f"registered {model} in {uri} (back as a directory: MLFLOW_REGISTRY_URI={uri} and "
               f"mlflow.artifacts.download_artifacts('{model}'))")
     return 0
@@ -367,12 +339,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from pretrain.model.generate import Sampling, generate
     from pretrain.model.transformer import Transformer
-    from pretrain.checkpoint.weights import open_weights
+    from pretrain.checkpoint.weights import checkpoint_tokenizer, open_weights
 
     _quiet_offline()
     step_dir, source = open_weights(args.checkpoint)
     run = source.run
-    _, tok = _tokenizer(step_dir, run, args.tokenizer)  # loaded once: its identity was checked on this object
+    _, tok = checkpoint_tokenizer(step_dir, run, args.tokenizer)  # loaded once: its identity was checked on this object
     model = Transformer(run.model)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -400,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     stop = None
     if args.command == "train" and not args.dry_run:
-        from pretrain.signals import StopRequest
+        from pretrain.train.signals import StopRequest
         # Before torch/DeepSpeed imports (seconds): a preemption signal during start-up must not kill the rank.
         stop = StopRequest().install()
     from data_pipeline.errors import DataError  # LoaderStateError, TokenizerError, ... are DataErrors
@@ -430,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_outputs(cfg)
             return _dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), gpu=_local_gpu())
         _quiet_libraries(cfg, args.verbose)
-        from pretrain.train import train
+        from pretrain.train.loop import train
         code = train(cfg, stop)
         stop.settle()  # finished or checkpointed: a late signal must not turn this exit code into a kill
         return code

@@ -3,7 +3,7 @@
 Every field is typed and documented here; unknown keys are rejected with the key's dotted name (and the closest
 valid one). Checks that need only the config live in the section validators; checks that need the world size
 or the vocabulary (the parallel layout) live in `check_layout` / `resolve_layout`, which
-`pretrain.resolved.resolve_run` runs for training, its `--dry-run` and the launcher's preflight alike, before any
+`pretrain.run.resolved.resolve_run` runs for training, its `--dry-run` and the launcher's preflight alike, before any
 process group or model exists.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 # The bounds every numeric field shares. A float is finite: inf and nan pass `gt=0` and then crash a run (timedelta
 # overflows) or corrupt it silently (lr=inf trains nan weights and commits them). A count is a whole number below
 # 2**31: every count ends up in a C int (a tensor shape, DeepSpeed's config, a deque's maxlen), and long before that
-# the memory check (`pretrain.resolved.check_memory`) refuses a shape that cannot fit. Each field adds the bounds
+# the memory check (`pretrain.run.resolved.check_memory`) refuses a shape that cannot fit. Each field adds the bounds
 # its own meaning implies (positive, a fraction, ...).
 MAX_COUNT = 2**31 - 1
 Finite = FiniteFloat
@@ -104,7 +104,7 @@ class DataSection(_Section):
 
 
 class SpikeSection(_Section):
-    """Loss-spike rollback (PaLM's manual recipe, automated): see pretrain/spikes.py."""
+    """Loss-spike rollback (PaLM's manual recipe, automated): see pretrain/train/spikes.py."""
     enabled: bool = Field(False, description="watch loss and grad norm; on a confirmed spike restore the newest "
                           "checkpoint from before it and skip the data read since")
     window: Count = Field(100, ge=8, description="steps of recent history the median and spread are taken over; "
@@ -430,7 +430,7 @@ def check_layout(cfg: Config, world_size: int) -> None:
 
 def resolve_layout(cfg: Config, world_size: int, vocab_size: int | None = None) -> Layout:
     """Every divisibility and batch rule that can be checked before a process group exists, and the padded vocab.
-    The one place the layout is derived: `pretrain.resolved.resolve_run` calls it for the whole run."""
+    The one place the layout is derived: `pretrain.run.resolved.resolve_run` calls it for the whole run."""
     check_layout(cfg, world_size)
     p = cfg.parallel
     args = cfg.model.args(vocab_size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from typing import Iterator
 
@@ -25,6 +26,23 @@ PROJECT_PREFIXES = ("[train]", "[checkpoint]", "[tracking]", "[data]", "step ", 
 _NOT_OURS = r"(?!(pretrain|data_pipeline|launch)(\.|$))"
 
 _verbose = True  # library output untouched until `quiet` says otherwise
+
+
+def say(msg: str, topic: str = "train") -> None:
+    """One of the project's own lines, on stderr: `[topic] msg` (topics: train, checkpoint, tracking)."""
+    print(f"[{topic}] {msg}", file=sys.stderr, flush=True)
+
+
+def say_from_signal_handler(msg: str) -> None:
+    """`say` from inside a signal handler, on rank 0: a raw write, since print() may be in the middle of writing to
+    stderr already."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, f"[train] {msg}\n".encode())
+
+
+def error(msg: str) -> None:
+    """The one line a refused input ends with (`error: ...`, exit 2 follows)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
 
 
 def quiet(*, verbose: bool, cpu: bool) -> None:

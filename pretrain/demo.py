@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.exits import EXIT_REQUEUE
+from pretrain.run.exits import EXIT_REQUEUE
+from pretrain.run.paths import LATEST, METRICS_FILE, MLFLOW_DB, MLFLOW_DIR
 
 ROOT = Path("runs/demo")
 CONFIG = "configs/debug.yaml"
@@ -84,7 +85,7 @@ def preempt_when_halfway(run_dir: Path):
     import threading
 
     def watch(proc: subprocess.Popen) -> None:
-        metrics = run_dir / "metrics.jsonl"
+        metrics = run_dir / METRICS_FILE
         while proc.poll() is None:
             if metrics.exists() and len(metrics.read_text().splitlines()) >= PREEMPT_AT:
                 proc.send_signal(signal.SIGUSR1)
@@ -127,7 +128,7 @@ def main() -> int:
     banner(f"3. train `debug` on {RANKS} CPU ranks, ZeRO-2; preempted by SIGUSR1 at step {PREEMPT_AT}")
     rc = run(train_cmd, log=logs / "train_1.log", allow=(0, EXIT_REQUEUE),
              on_start=preempt_when_halfway(run_dir))
-    latest = (run_dir / "latest").read_text().strip()
+    latest = (run_dir / LATEST).read_text().strip()
     extra: list[str] = []
     if rc == 0:  # the machine was fast enough to finish before the signal: continue to more steps instead
         extra = ["--set", "train.max_steps=400"]
@@ -142,18 +143,18 @@ def main() -> int:
     run([py, "-m", "pretrain", "generate", "--checkpoint", str(run_dir), "--prompt", "Once upon a time",
          "--max-new-tokens", "60", "--temperature", "0.7", "--top-k", "20"], log=logs / "generate.log")
 
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     steps = [r["step"] for r in recs]
     assert steps == sorted(set(steps)), "metrics.jsonl must hold every step once"
     first, last = recs[0]["loss"], recs[-1]["loss"]
     vals = [r["val_loss"] for r in recs if r.get("val_loss") is not None]
-    db = (run_dir / "mlruns" / "mlflow.db").resolve()
+    db = (run_dir / MLFLOW_DIR / MLFLOW_DB).resolve()
     banner("done")
     print(f"  loss {first:.3f} (step 1) -> {last:.3f} (step {steps[-1]})"
           + (f"; validation loss {vals[0]:.3f} -> {vals[-1]:.3f}" if vals else ""))
     print(f"  wall time {time.time() - t0:.0f} s")
-    print(f"  checkpoints: {run_dir.resolve()} (latest: {(run_dir / 'latest').read_text().strip()})")
-    print(f"  metrics:     {(run_dir / 'metrics.jsonl').resolve()}")
+    print(f"  checkpoints: {run_dir.resolve()} (latest: {(run_dir / LATEST).read_text().strip()})")
+    print(f"  metrics:     {(run_dir / METRICS_FILE).resolve()}")
     print(f"  MLflow:      sqlite:///{db}   ->  mlflow ui --backend-store-uri sqlite:///{db}")
     print(f"  logs:        {logs.resolve()}")
     return 0

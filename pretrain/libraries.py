@@ -6,7 +6,7 @@ A training rank spends most of its start-up importing torch, DeepSpeed and megat
 
 - `import deepspeed` imports its autotuner, which imports MLflow (with pandas) at module level to log its own tuning
   experiments: about 1.3 s and 110 MB on every rank, though only rank 0 of a tracked run talks to MLflow
-  (pretrain/tracking.py imports it there, when needed). MLflow is hidden for the length of DeepSpeed's package
+  (pretrain/telemetry/tracking.py imports it there, when needed). MLflow is hidden for the length of DeepSpeed's package
   import, so the autotuner records `has_mlflow = False`, which matters only to `deepspeed --autotuning`.
 - DeepSpeed's ZeRO and bf16 optimizers import its Muon optimizer when they are built (to check whether they wrap
   one), and that module decorates its kernels with `torch.compile`, which imports inductor: about 1.6 s on every

@@ -43,29 +43,17 @@ import torch
 
 from pretrain.checkpoint import files as checkpoint_files
 from pretrain.checkpoint import records
-from pretrain.checkpoint.records import LATEST, MANIFEST, META, CheckpointError, Meta
-
-CONFIG = "config.yaml"
-TOKENIZER_DIR = "tokenizer"  # a copy of the tokenizer files, so a checkpoint is self-contained
-_STEP_RE = records.STEP_RE
-DIGESTS = ".digests"  # inside a step being written: each rank's sha256 of the files it wrote, for the manifest
+from pretrain.checkpoint.records import CheckpointError, Meta
+from pretrain.run.paths import CONFIG, DIGESTS, LATEST, MANIFEST, META, STEP_RE, TEMP_PREFIX, rank_file, step_dir_name
 
 
 class Collective(Protocol):
-    """The slice of `pretrain.distributed.DistEnv` this module needs (so it can be tested without an engine)."""
+    """The slice of `pretrain.run.distributed.DistEnv` this module needs (so it can be tested without an engine)."""
     rank: int
     world_size: int
 
     def barrier(self) -> None: ...
     def all_reduce_max(self, value: float) -> float: ...
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step}"
-
-
-def rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
 
 
 # ------------------------------------------------------------------------------------------------- RNG
@@ -133,8 +121,8 @@ def write_manifest(root: Path, meta: Meta, world_size: int) -> None:
 def remove_stale_temps(run_dir: str | Path, say: Callable[[str], None]) -> None:
     """Delete the `.tmp_step_<N>/` a killed save left behind (they hold no committed state and can fill a disk).
     Only safe while holding the run lock: then no other launch is writing one."""
-    for tmp in sorted(Path(run_dir).glob(".tmp_step_*")):
-        if tmp.is_dir() and _STEP_RE.match(tmp.name.removeprefix(".tmp_")):
+    for tmp in sorted(Path(run_dir).glob(f"{TEMP_PREFIX}*")):
+        if tmp.is_dir() and STEP_RE.match(tmp.name.removeprefix(TEMP_PREFIX)):
             shutil.rmtree(tmp, ignore_errors=True)
             say(f"removed {tmp}: an unfinished save of an earlier launch")
 
@@ -150,7 +138,7 @@ class _Commit:
 
     def __init__(self, run_dir: str | Path, step: int, meta: Meta, config_yaml: str, keep: int):
         self.run_dir, self.step, self.meta, self.config_yaml, self.keep = Path(run_dir), step, meta, config_yaml, keep
-        self.tmp = self.run_dir / f".tmp_{step_dir_name(step)}"
+        self.tmp = self.run_dir / f"{TEMP_PREFIX}{step_dir_name(step)}"
         self.final = self.run_dir / step_dir_name(step)
 
     def stage(self, coll: Collective, rank0: Callable[[], None] | None,
@@ -290,7 +278,7 @@ def list_steps(run_dir: Path) -> list[int]:
     if not run_dir.is_dir():
         return []
     return sorted(int(m.group(1)) for p in run_dir.iterdir()
-                  if (m := _STEP_RE.match(p.name)) and p.is_dir() and not p.is_symlink())
+                  if (m := STEP_RE.match(p.name)) and p.is_dir() and not p.is_symlink())
 
 
 def verify(step_dir: str | Path, *, hashes: bool = True, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:

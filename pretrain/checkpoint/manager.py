@@ -23,7 +23,8 @@ from pretrain.checkpoint.commit import PendingSave
 from pretrain.checkpoint.resume import StartPoint, choose_start, restore
 from pretrain.checkpoint.run_lock import RunLock, RunLocked
 from pretrain.config import Config
-from pretrain.resolved import ResolvedRun, TokenizerFacts
+from pretrain.run.paths import TOKENIZER_DIR
+from pretrain.run.resolved import ResolvedRun, TokenizerFacts
 
 
 class CheckpointManager:
@@ -133,11 +134,11 @@ def copy_tokenizer(tokenizer: TokenizerFacts | None, dest: Path, say: Callable[[
     checkpoint is still written (losing the run's progress would be worse) and the log says what is missing."""
     src = Path(tokenizer.path) if tokenizer and tokenizer.path else None
     if src is None or not src.exists():
-        say(f"WARNING: tokenizer {src} is gone; {dest} holds no {commit.TOKENIZER_DIR}/ copy")
+        say(f"WARNING: tokenizer {src} is gone; {dest} holds no {TOKENIZER_DIR}/ copy")
         return
     from data_pipeline.tokenizer import tokenizer_files
 
-    out = dest / commit.TOKENIZER_DIR
+    out = dest / TOKENIZER_DIR
     out.mkdir()
     for f in tokenizer_files(str(src)):
         shutil.copy2(f, out / os.path.basename(f))

@@ -52,10 +52,10 @@ from pretrain.checkpoint import CheckpointError, verify
 from pretrain.model.init import reference_shapes
 from pretrain.parallel.optimizer import decays
 from pretrain.parallel.pipeline import reference_name
-from pretrain.resolved import ResolvedRun
+from pretrain.run.resolved import ResolvedRun
+from pretrain.run.paths import MODEL_DIR
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")
-MODEL_DIR = "model"  # Engine.save's DeepSpeed tag
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 MAP_BUDGET = 64 << 20  # bytes read through the file mappings before they are dropped (see the module docstring)
 

@@ -30,17 +30,13 @@ import dataclasses
 import json
 import math
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-MANIFEST = "manifest.json"
-META = "meta.json"
-LATEST = "latest"
-STEP_RE = re.compile(r"^step_(\d+)$")
+from pretrain.run.paths import LATEST, MANIFEST, META, STEP_RE  # noqa: F401 - re-exported
 
 
 class CheckpointError(RuntimeError):
@@ -54,7 +50,7 @@ class Meta:
     mlflow_run_id: str | None = None
     tokenizer: dict[str, Any] = field(default_factory=dict)  # identity of the shards' tokenizer (hash, dir, eos)
     layout: dict[str, Any] = field(default_factory=dict)
-    resolved: dict[str, Any] = field(default_factory=dict)  # pretrain.resolved.ResolvedRun.to_dict()
+    resolved: dict[str, Any] = field(default_factory=dict)  # pretrain.run.resolved.ResolvedRun.to_dict()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -194,7 +190,7 @@ def parse_meta(step_dir: Path, raw: Any, manifest_step: int | None) -> Meta:
 def _check_parts(where: Path, meta: Meta) -> None:
     """tokenizer, layout and resolved: typed records that agree with each other."""
     from pretrain.config import Layout
-    from pretrain.resolved import ResolvedRun, TokenizerFacts
+    from pretrain.run.resolved import ResolvedRun, TokenizerFacts
 
     if meta.tokenizer:
         check_record(where, "tokenizer", meta.tokenizer, TokenizerFacts)

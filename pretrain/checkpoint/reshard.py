@@ -31,7 +31,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import VOCAB_ROWS, local_slice, reference_shapes
 from pretrain.checkpoint.reader import CheckpointReader
-from pretrain.resolved import ResolvedRun
+from pretrain.run.resolved import ResolvedRun
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

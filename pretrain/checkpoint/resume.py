@@ -15,7 +15,7 @@ from typing import Any
 
 from pretrain import checkpoint
 from pretrain.config import Config
-from pretrain.resolved import ResolvedRun
+from pretrain.run.resolved import ResolvedRun
 
 
 @dataclass(frozen=True)

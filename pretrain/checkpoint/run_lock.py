@@ -52,9 +52,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from pretrain.checkpoint import CheckpointError
+from pretrain.run.paths import GUARD_FILE, LOCK_FILE
 
-LOCK_FILE = "run.lock"
-GUARD_FILE = "run.lock.guard"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 GUARD_WAIT_S = 60.0  # acquire: the guard is held for milliseconds; this long means a launch hangs inside acquire

@@ -20,10 +20,10 @@ import torch
 from pretrain import checkpoint
 from pretrain.checkpoint import files as checkpoint_files
 from pretrain.config import Config, ConfigError
-from pretrain.resolved import ResolvedRun
-from pretrain.hf.safetensors_dir import SafetensorsDir
+from pretrain.run.resolved import ResolvedRun
+from pretrain.run.paths import IMPORTED_WEIGHTS
+from pretrain.checkpoint.safetensors_dir import SafetensorsDir
 
-IMPORTED_WEIGHTS = "weights"  # an imported checkpoint's reference-named safetensors
 
 
 class WeightSource(Protocol):
@@ -123,3 +123,22 @@ def init_source(cfg: Config, run: ResolvedRun) -> WeightSource:
                           f"({have.identity[:12]}) than the checkpoint's ({want.identity[:12]}); re-make them with "
                           f"{step_dir / checkpoint.TOKENIZER_DIR}, or set model.init_from_any_tokenizer=true")
     return source
+
+
+def checkpoint_tokenizer(step_dir: Path, run: ResolvedRun, override: str | None = None) -> tuple[str, Any]:
+    """(path, loaded tokenizer) to use with a checkpoint: --tokenizer, else the checkpoint's copy, else the path
+    training recorded; the same tokenizer the model was trained with (identity hash) or a one-line error."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    copied = step_dir / checkpoint.TOKENIZER_DIR
+    recorded = run.tokenizer.path if run.tokenizer else ""
+    path = override or (str(copied) if copied.exists() else recorded if recorded and Path(recorded).exists()
+                        else None)
+    if path is None:
+        raise checkpoint.CheckpointError(f"{step_dir} holds no tokenizer (and {recorded or 'no path'} recorded at "
+                                         "training is gone); pass --tokenizer PATH")
+    tok = load_tokenizer(path)
+    if run.tokenizer is not None and tok.identity != run.tokenizer.identity:
+        raise checkpoint.CheckpointError(f"tokenizer {path} is not the one {step_dir} was trained with (identity "
+                                         f"{tok.identity[:12]} vs {run.tokenizer.identity[:12]})")
+    return path, tok

@@ -18,11 +18,12 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from pretrain.checkpoint.weights import WeightSource, checkpoint_tokenizer, named_tensors
 from pretrain.hf.format import hf_config, hf_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
 from pretrain.output_dir import written_whole
-from pretrain.hf.safetensors_dir import DEFAULT_SHARD_BYTES, write_sharded
+from pretrain.checkpoint.safetensors_dir import DEFAULT_SHARD_BYTES, write_sharded
 
 Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 
@@ -98,3 +99,19 @@ def export_hf(weights: Weights, args: ModelArgs, out_dir: str | Path, *, tokeniz
         if tokenizer is not None:
             export_tokenizer(tokenizer, tmp, max_len=args.max_seq_len)
     return out_dir
+
+
+def export_checkpoint(step_dir: Path, source: WeightSource, out_dir: str | Path, *, tokenizer: str | None = None,
+                      dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """A committed checkpoint, opened (`pretrain.checkpoint.weights.open_weights`) -> a Hugging Face directory, with
+    the tokenizer it was trained with; `dtype` None: the dtype it trained in. `pretrain export-hf` and
+    `train.register_as` both call it."""
+    run = source.run
+    tokenizer_path, _ = checkpoint_tokenizer(step_dir, run, tokenizer)
+    tok = run.tokenizer
+    out = export_hf(named_tensors(source), run.model, out_dir, tokenizer=tokenizer_path, vocab_size=run.vocab_size,
+                    bos_token_id=tok.bos_id if tok else None, eos_token_id=tok.eos_id if tok else None,
+                    pad_token_id=tok.pad_id if tok else None,
+                    dtype=dtype or (torch.bfloat16 if run.dtype == "bf16" else torch.float32),
+                    max_shard_bytes=max_shard_bytes)
+    return out

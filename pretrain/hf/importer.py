@@ -26,9 +26,9 @@ from pretrain.hf.format import HFFormatError, model_args, reference_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
 from pretrain.output_dir import refuse_non_empty, written_whole
-from pretrain.resolved import ResolvedRun, TokenizerFacts
-from pretrain.hf.safetensors_dir import DEFAULT_SHARD_BYTES, SafetensorsDir, write_sharded
-from pretrain.checkpoint.weights import IMPORTED_WEIGHTS
+from pretrain.run.resolved import ResolvedRun, TokenizerFacts
+from pretrain.checkpoint.safetensors_dir import DEFAULT_SHARD_BYTES, SafetensorsDir, write_sharded
+from pretrain.run.paths import IMPORTED_WEIGHTS
 
 _KEPT = (torch.float32, torch.bfloat16)  # stored as they are; fp16/fp64 become fp32 (exact for fp16)
 

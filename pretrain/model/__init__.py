@@ -1,5 +1,7 @@
 """The LLaMA model: architecture (transformer.py), what it asks of a parallel build (layers.py), its one seeded
-init (init.py), flavors (args.py) and KV-cache sampling (generate.py).
+init (init.py), flavors (args.py), FLOPs per token (flops.py), KV-cache sampling (generate.py), packed-document
+boundaries (documents.py), the output head's token chunks (loss_chunks.py) and what selective recompute saves
+(recompute.py).
 
 The names below load on first use (PEP 562): `pretrain.model.args` (flavors, shapes) is read by the config,
 `pretrain plan` and `--dry-run`, which must not pay for importing torch."""

@@ -6,7 +6,7 @@ are kept for backward; everything else (RMSNorm, RoPE, the SwiGLU product, resid
 from them when backward needs it. Backward so re-runs no matmul, no attention kernel and no all-reduce (under
 sequence parallelism and ZeRO-3 it re-runs the all-gathers and reduce-scatters, see below), and the memory a block
 holds is its input, the projections' outputs and attention's outputs
-(pretrain/parallel/describe.py counts them; tests/model/test_recompute.py counts the matmuls).
+(pretrain/plan/describe.py counts them; tests/model/test_recompute.py counts the matmuls).
 
 Fused Triton kernels (RMSNorm, RoPE, SwiGLU) are not dispatcher ops: they are always recomputed, as intended.
 """

@@ -7,11 +7,8 @@
 - mpu.py: DeepSpeed's six "model parallel unit" questions answered from megatron-core's `parallel_state`.
 - optimizer.py: AdamW param groups (no decay on vectors) and the ZeRO-0/fp32 norm/clip/skip guard.
 - consolidate.py: TP shards + PP stages + ZeRO-3 partitions -> one reference-named state dict on rank 0 (the
-  tests' live-engine oracle; saved steps are read offline by checkpoint_reader.py).
-- checkpoint_reader.py / reshard.py: any saved step read offline as full reference-named tensors; resuming it
-  under another layout (weights, fp32 masters, Adam moments, step re-sliced).
+  tests' live-engine oracle; saved steps are read offline by pretrain/checkpoint/reader.py).
 - fp8.py: `train.fp8`, torchao's float8 linears for the blocks' projections (CUDA, compute capability >= 8.9).
-- describe.py: the dry-run / plan description and memory estimate (the rules live in pretrain/config.py).
 
-`pretrain.engine` puts these together behind `build_engine`; `pretrain.distributed` creates the groups.
+`pretrain.train.engine` puts these together behind `build_engine`; `pretrain.run.distributed` creates the groups.
 """

@@ -9,7 +9,7 @@ import pytest
 
 from spawn import REPO, child_env
 from pretrain.config import load_config
-from pretrain.parallel.describe import planned_run
+from pretrain.plan.describe import planned_run
 
 
 @pytest.mark.slow

@@ -15,9 +15,9 @@ from pretrain.libraries import lighten_imports
 
 lighten_imports()  # as `pretrain train` does, before DeepSpeed and megatron-core are imported
 from pretrain.config import load_config  # noqa: E402
-from pretrain.distributed import init_distributed  # noqa: E402
-from pretrain.engine import build_engine  # noqa: E402
-from pretrain.resolved import resolve_run  # noqa: E402
+from pretrain.run.distributed import init_distributed  # noqa: E402
+from pretrain.train.engine import build_engine  # noqa: E402
+from pretrain.run.resolved import resolve_run  # noqa: E402
 from pretrain.checkpoint.weights import init_source  # noqa: E402
 
 LAYOUTS = {"tp1_dp2_zero3": ["parallel.tp=1", "parallel.zero_stage=3"],

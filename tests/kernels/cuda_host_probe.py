@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from spawn import REPO, child_env  # noqa: E402
 from train_common import train_args  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.distributed import _pick_device  # noqa: E402
+from pretrain.run.distributed import _pick_device  # noqa: E402
 
 
 def test_children_of_a_cpu_test_see_no_gpu_and_keep_the_callers_path():

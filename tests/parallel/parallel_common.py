@@ -14,7 +14,7 @@ from pretrain import kernels
 from pretrain.config import Layout, load_config
 from pretrain.model import Transformer, init_model
 from pretrain.parallel.optimizer import param_groups
-from pretrain.schedule import lr_at
+from pretrain.train.schedule import lr_at
 
 STEPS = 5
 VOCAB = 256  # a multiple of 128 x 2, so the padded vocabulary is the same for tp = 1 and 2

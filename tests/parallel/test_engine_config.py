@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 
 from pretrain.config import ConfigError, load_config
-from pretrain.parallel.describe import describe
+from pretrain.plan.describe import describe
 
 
 def test_deepspeed_config_follows_typed_config():
-    from pretrain.engine import deepspeed_config
+    from pretrain.train.engine import deepspeed_config
 
     cfg = load_config(None, ["train.micro_batch_size=3", "train.grad_accum=5", "parallel.zero_stage=3",
                              "train.dtype=bf16", "optim.grad_clip=0.5"])

@@ -14,9 +14,9 @@ from spawn import REPO, child_env
 WORKER = r"""
 import json, sys, torch
 from pretrain.config import load_config
-from pretrain.distributed import init_distributed
-from pretrain.engine import build_engine
-from pretrain.resolved import resolve_run
+from pretrain.run.distributed import init_distributed
+from pretrain.train.engine import build_engine
+from pretrain.run.resolved import resolve_run
 
 counts = {}
 def spy(name):

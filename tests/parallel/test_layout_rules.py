@@ -58,7 +58,7 @@ DEVICE_RULES = [
 
 @pytest.mark.parametrize("rule,overrides,world,fragment", DEVICE_RULES, ids=[r[0] for r in DEVICE_RULES])
 def test_device_rule(monkeypatch, rule, overrides, world, fragment):
-    from pretrain.distributed import init_distributed
+    from pretrain.run.distributed import init_distributed
 
     import torch.distributed as dist
 

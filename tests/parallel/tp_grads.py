@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import load_config, resolve_layout
-from pretrain.distributed import init_distributed
+from pretrain.run.distributed import init_distributed
 from pretrain.model import Transformer, init_model
 from pretrain.model.init import local_slice
 from pretrain.parallel.tensor import TensorParallelFactory, model_parallel_config

@@ -20,9 +20,9 @@ from pretrain.libraries import lighten_imports
 
 lighten_imports()  # as `pretrain train` does, before DeepSpeed and megatron-core are imported
 from pretrain.config import load_config  # noqa: E402
-from pretrain.distributed import init_distributed  # noqa: E402
-from pretrain.engine import build_engine  # noqa: E402
-from pretrain.resolved import resolve_run  # noqa: E402
+from pretrain.run.distributed import init_distributed  # noqa: E402
+from pretrain.train.engine import build_engine  # noqa: E402
+from pretrain.run.resolved import resolve_run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parallel_common import STEPS, VOCAB, batches_for, case_config  # noqa: E402

@@ -25,9 +25,9 @@ from pretrain.libraries import lighten_imports  # noqa: E402
 
 lighten_imports()  # as `pretrain train` does, before DeepSpeed and megatron-core are imported
 from pretrain.config import load_config  # noqa: E402
-from pretrain.distributed import init_distributed  # noqa: E402
+from pretrain.run.distributed import init_distributed  # noqa: E402
 from pretrain.model.transformer import TransformerBlock, _rope_table  # noqa: E402
-from pretrain.parallel.describe import planned_run  # noqa: E402
+from pretrain.plan.describe import planned_run  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -69,7 +69,7 @@ def tp2() -> dict:
 
 def pp2() -> dict:
 
-    from pretrain.engine import build_engine
+    from pretrain.train.engine import build_engine
 
     out = {}
     for dtype, zero in (("fp32", 0), ("bf16", 1)):
@@ -118,7 +118,7 @@ def _tensors(obj, seen: set[int], found: dict[int, int], depth: int = 0) -> None
 def zero() -> dict:
     """Model states at their peak: when the second step's backward is done and DeepSpeed's step begins (gradients
     accumulated and reduced, Adam's moments allocated by the first step). The ZeRO-3 reduce bucket on its own."""
-    from pretrain.engine import build_engine
+    from pretrain.train.engine import build_engine
 
     out = {}
     for stage, dtype in ((0, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")):

@@ -8,7 +8,7 @@ from plan_common import BATCH, SEQ, VOCAB, block_args
 from saved_bytes import SavedBytes
 from pretrain.model.layers import REFERENCE
 from pretrain.model.transformer import Transformer, TransformerBlock, _rope_table
-from pretrain.parallel.describe import Kernels, block_activations, head_activations
+from pretrain.plan.describe import Kernels, block_activations, head_activations
 
 DTYPES = {"fp32": (torch.float32, 4), "bf16": (torch.bfloat16, 2)}
 

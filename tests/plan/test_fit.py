@@ -8,7 +8,7 @@ import pytest
 
 from pretrain.cli import main
 from pretrain.config import load_config
-from pretrain.parallel.describe import estimate, fits
+from pretrain.plan.describe import estimate, fits
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem != "debug")

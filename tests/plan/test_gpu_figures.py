@@ -10,7 +10,7 @@ import pytest
 
 from pretrain.cli import _assumed_vocab
 from pretrain.config import load_config
-from pretrain.parallel.describe import GiB, Kernels, estimate, head_activations
+from pretrain.plan.describe import GiB, Kernels, estimate, head_activations
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -11,7 +11,7 @@ import pytest
 from plan_common import BATCH, SEQ, block_args, case_overrides
 from spawn import torchrun
 from pretrain.config import load_config
-from pretrain.parallel.describe import Kernels, block_activations, estimate, planned_run, stage_activations
+from pretrain.plan.describe import Kernels, block_activations, estimate, planned_run, stage_activations
 
 pytestmark = pytest.mark.distributed
 

@@ -5,7 +5,8 @@ import pytest
 
 from pretrain.cli import main
 from pretrain.config import load_config
-from pretrain.parallel.describe import Links, estimate, model_states, step_time
+from pretrain.plan.describe import estimate, model_states, step_time
+from pretrain.plan.hardware import Links
 
 
 @pytest.mark.parametrize("zero, gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])

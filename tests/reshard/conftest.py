@@ -62,7 +62,7 @@ def _jobs(world: int, out: Path) -> list[str]:
 
 def _build(out: Path) -> None:
     """4 ranks: write; 2 ranks: write, then resume; 1 rank: resume, as a plain process (torchrun's parent would
-    only add another interpreter start-up; pretrain.distributed starts a one-rank world by itself)."""
+    only add another interpreter start-up; pretrain.run.distributed starts a one-rank world by itself)."""
     for world in (4, 2):
         torchrun(world, [str(WORKER), str(out), *_jobs(world, out)], timeout=900)
     p = subprocess.run([sys.executable, str(WORKER), str(out), *_jobs(1, out)], cwd=REPO, env=child_env(),

@@ -29,9 +29,9 @@ from pretrain.libraries import lighten_imports  # noqa: E402
 lighten_imports()  # as `pretrain train` does, before DeepSpeed and megatron-core are imported
 from pretrain import checkpoint  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.distributed import init_distributed  # noqa: E402
-from pretrain.engine import build_engine  # noqa: E402
-from pretrain.resolved import resolve_run  # noqa: E402
+from pretrain.run.distributed import init_distributed  # noqa: E402
+from pretrain.train.engine import build_engine  # noqa: E402
+from pretrain.run.resolved import resolve_run  # noqa: E402
 
 STEPS_A = 6   # steps on the source layout before the checkpoint
 STEPS_B = 12  # the target layout trains to this step, straight and resumed

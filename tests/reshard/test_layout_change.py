@@ -8,7 +8,7 @@ import pytest
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import load_config
 from pretrain.checkpoint.reshard import check_same_model, layout_words, needs_reslicing
-from pretrain.resolved import resolve_run
+from pretrain.run.resolved import resolve_run
 from pretrain.checkpoint.resume import peer_rank
 
 BASE = ["model.flavor=debug", "model.vocab_size=300", "train.micro_batch_size=2", "train.grad_accum=2"]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from pretrain.config import load_config
 
-from pretrain.exits import EXIT_REQUEUE
+from pretrain.run.exits import EXIT_REQUEUE
 
 DIM = 8
 LR = 0.05

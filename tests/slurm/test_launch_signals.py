@@ -31,6 +31,20 @@ def _launch(cfg: Path, **env: str) -> subprocess.Popen:
                             text=True)
 
 
+def _blocked_usr1(pid: int, timeout: float = 60.0) -> None:
+    """Wait until the launcher has blocked SIGUSR1 (its first statement): the earliest instant a notice can be
+    held. A fixed sleep raced the interpreter's own start-up on a loaded machine or under coverage.py, where that
+    start-up alone can outlast it; before that statement no Python process can hold a signal."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        blocked = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+        if blocked & (1 << (signal.SIGUSR1 - 1)):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the launcher (pid {pid}) never blocked SIGUSR1")
+
+
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=240)
     return proc.returncode, out
@@ -45,7 +59,8 @@ def test_usr1_to_the_launcher_checkpoints_exits_42_and_a_relaunch_resumes(fake_r
     #    importing torch.
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         proc = _launch(cfg, FAKE_TRAIN_STEP_SECONDS="0.2")
-        time.sleep(0.5)
+        _blocked_usr1(proc.pid)
+        time.sleep(0.5)  # the ranks are starting
         os.kill(proc.pid, sig)
         code, out = _finish(proc)
         assert code == 42, (sig, out)

@@ -80,7 +80,7 @@ def test_checkpoint_copies_the_tokenizers_own_files_only(tmp_path):
     """data.tokenizer may name a transformers model directory: the checkpoint's tokenizer/ gets the tokenizer's
     files (the one list export-hf and import-hf use too), not the model's config.json or index beside them."""
     from data_pipeline.tokenizer import load_tokenizer, train_bpe
-    from pretrain.resolved import TokenizerFacts
+    from pretrain.run.resolved import TokenizerFacts
     from pretrain.checkpoint.manager import copy_tokenizer
 
     src = tmp_path / "hf_model"

@@ -78,8 +78,8 @@ def test_plan_predicts_throughput_from_the_assumed_mfu():
     import re
 
     from pretrain.config import load_config
-    from pretrain.metrics import flops_per_token
-    from pretrain.parallel.describe import estimate
+    from pretrain.model.flops import flops_per_token
+    from pretrain.plan.describe import estimate
 
     p = pretrain("plan", "--config", "configs/8b.yaml", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "A100",
                  "--mfu", "0.5", "--set", "model.vocab_size=128256")

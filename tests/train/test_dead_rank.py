@@ -71,14 +71,14 @@ _GROUP_TIMEOUTS = """
 import sys, torch
 from torch.distributed.distributed_c10d import _world
 from pretrain.config import load_config
-from pretrain.distributed import init_distributed
-from pretrain.engine import build_engine
-from pretrain.resolved import resolve_run
+from pretrain.run.distributed import init_distributed
+from pretrain.train.engine import build_engine
+from pretrain.run.resolved import resolve_run
 cfg = load_config(sys.argv[1], sys.argv[2:])
 run = resolve_run(cfg, 1)
 env = init_distributed(cfg, layout=run.layout)
 build_engine(cfg, env, run)  # DeepSpeed creates groups of its own here
-env.apply_collective_timeout()  # what pretrain.train does right after building the engine
+env.apply_collective_timeout()  # what pretrain.train.loop does right after building the engine
 for group in _world.pg_map:
     print("timeout", group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
 """

@@ -1,14 +1,14 @@
-"""Every exit code is defined once (pretrain/exits.py), and the sbatch script requeues on the same number."""
+"""Every exit code is defined once (pretrain/run/exits.py), and the sbatch script requeues on the same number."""
 from __future__ import annotations
 
 import re
 
 from spawn import REPO
 
-from pretrain import exits
+from pretrain.run import exits
 
 DEFINITION = re.compile(r"^\s*(EXIT_\w+|\w+_EXIT_CODE)\s*=\s*\d", re.MULTILINE)
-HOMES = {"pretrain/exits.py", "data_pipeline/errors.py"}  # 2 belongs to pretrain-data too, which imports no pretrain
+HOMES = {"pretrain/run/exits.py", "data_pipeline/errors.py"}  # 2 belongs to pretrain-data too, which imports no pretrain
 
 
 def test_no_module_but_exits_defines_an_exit_code():

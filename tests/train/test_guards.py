@@ -1,6 +1,6 @@
 """Non-finite guard and checkpoint refusal, end to end through `pretrain train` (one process, real engine).
 
-One run: steps 3, 5 and 6 get a NaN loss injected (PRETRAIN_INJECT_NONFINITE, see pretrain/train.py); with
+One run: steps 3, 5 and 6 get a NaN loss injected (PRETRAIN_INJECT_NONFINITE, see pretrain/train/loop.py); with
 train.max_nonfinite_steps=2 the run skips step 3, goes on, and aborts at step 6 with exit 3, never checkpointing a
 step from a bad streak. Then the newest checkpoint is corrupted: `resume: auto` refuses it, says so, falls back
 to the previous complete one, and the finished metrics.jsonl -- and the MLflow run in the embedded local store --

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
-from pretrain import metrics
+from pretrain.telemetry import metrics
+from pretrain.run.paths import METRICS_FILE
 from pretrain.model.args import FLAVORS
+from pretrain.model.flops import flops_per_token, matmul_params
 
 
 def test_flops_per_token_of_7b_and_8b_pinned_to_hand_computed_values():
@@ -17,14 +19,14 @@ def test_flops_per_token_of_7b_and_8b_pinned_to_hand_computed_values():
     = 218,112,000; 32 blocks + 4096 + head 128256*4096 = 525,336,576 -> N = 7,504,924,672;
     6N = 45,029,548,032; 12*32*32*128*8192 = 12,884,901,888 -> 57,914,449,920.
     """
-    assert metrics.flops_per_token(FLAVORS["7b"], 4096, 32000) == 46_086_512_640
-    assert metrics.flops_per_token(FLAVORS["8b"], 8192, 128256) == 57_914_449_920
+    assert flops_per_token(FLAVORS["7b"], 4096, 32000) == 46_086_512_640
+    assert flops_per_token(FLAVORS["8b"], 8192, 128256) == 57_914_449_920
     # Megatron's convention halves attention for the causal mask: 39,644,061,696 + 3,221,225,472.
-    assert metrics.flops_per_token(FLAVORS["7b"], 4096, 32000, causal=True) == 42_865_287_168
-    assert metrics.flops_per_token(FLAVORS["8b"], 8192, 128256, causal=True) == 45_029_548_032 + 6_442_450_944
+    assert flops_per_token(FLAVORS["7b"], 4096, 32000, causal=True) == 42_865_287_168
+    assert flops_per_token(FLAVORS["8b"], 8192, 128256, causal=True) == 45_029_548_032 + 6_442_450_944
     # Tied embeddings (1b): the head matmul still runs, so it is still counted.
     tied = FLAVORS["1b"]
-    assert metrics.matmul_params(tied, 128256) == tied.num_params(128256)  # the one V x D table, as the head
+    assert matmul_params(tied, 128256) == tied.num_params(128256)  # the one V x D table, as the head
 
 
 def test_mfu_is_achieved_over_peak_and_null_without_peak():
@@ -43,7 +45,7 @@ def test_jsonl_round_trips_floats_exactly_and_truncates_on_resume(tmp_path):
     for step, loss in enumerate(losses, 1):
         f.append(m.record(step, loss, 0.1, 1.0, loss != loss))
     f.close()
-    with open(tmp_path / metrics.METRICS_FILE, "a") as fh:
+    with open(tmp_path / METRICS_FILE, "a") as fh:
         fh.write('{"step": 6, "lo')  # a killed run's half line
     assert [r["loss"] for r in metrics.read_lines(tmp_path, 5)][3] == "nan", "a NaN loss stays visible"
     assert metrics.truncate_after(tmp_path, 3) == 3

@@ -114,7 +114,7 @@ def test_val_path_is_checked_before_step_1(data, one_document, tmp_path):
 def test_a_users_run_does_not_evaluate_on_the_demos_shards(data):
     """configs/debug.yaml used to default data.val_path to the demo's shards (another tokenizer than yours)."""
     from pretrain.config import load_config
-    from pretrain.resolved import resolve_run
+    from pretrain.run.resolved import resolve_run
 
     assert load_config(REPO / "configs" / "debug.yaml").data.val_path is None
     run = resolve_run(load_config(REPO / "configs" / "debug.yaml", [f"data.path={data / 'shards'}"]), 1)
@@ -175,7 +175,7 @@ def test_weighted_mixture_with_val_path_evaluates(mixture_run):
 def test_checkpoint_carries_the_tokenizer_from_another_cwd(mixture_run):
     """Item 6: the shards' tokenizer path was relative to where `prepare` ran, so the copy was silently skipped."""
     from data_pipeline.tokenizer import load_tokenizer
-    from pretrain.resolved import ResolvedRun
+    from pretrain.run.resolved import ResolvedRun
 
     copied = mixture_run["step"] / "tokenizer"
     assert (copied / "tokenizer.json").is_file()

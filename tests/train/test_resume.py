@@ -19,7 +19,7 @@ import pytest
 
 from train_common import losses, tiny_shards, train_args
 from spawn import REPO, child_env, torchrun
-from pretrain.exits import EXIT_REQUEUE
+from pretrain.run.exits import EXIT_REQUEUE
 
 K = 30
 

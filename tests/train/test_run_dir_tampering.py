@@ -207,7 +207,7 @@ def test_a_resume_with_shards_of_another_tokenizer_is_refused(run, trained):
 
 def test_the_tokenizer_opt_in_lets_a_resume_go_on(run):
     from pretrain.checkpoint.resume import check_tokenizer
-    from pretrain.resolved import ResolvedRun
+    from pretrain.run.resolved import ResolvedRun
 
     ours = ResolvedRun.of_checkpoint(run / "step_2")
     _other_tokenizer(run / "step_4")

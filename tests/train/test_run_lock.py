@@ -20,7 +20,8 @@ from spawn import REPO, child_env
 from train_common import tiny_shards, train_args
 
 from pretrain.checkpoint import run_lock
-from pretrain.checkpoint.run_lock import LOCK_FILE, STALE_S, Holder, RunLock, RunLocked
+from pretrain.checkpoint.run_lock import STALE_S, Holder, RunLock, RunLocked
+from pretrain.run.paths import LOCK_FILE
 
 
 def _plant(directory, holder: Holder, age_s: float = 0.0) -> None:

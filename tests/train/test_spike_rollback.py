@@ -277,7 +277,7 @@ def test_the_look_ahead_skips_spike_level_batches_and_the_calm_edge_up_to_its_bo
     from types import SimpleNamespace
 
     from pretrain.config import load_config
-    from pretrain.rollback import SpikeGuard
+    from pretrain.train.rollback import SpikeGuard
 
     cfg = load_config(None, ["train.spike.enabled=true", "train.spike.window=8", f"train.spike.max_skip_batches="
                              f"{bound}", "train.grad_accum=2", "checkpoint.every=5", f"checkpoint.dir={tmp_path}"])

@@ -1,4 +1,4 @@
-"""The spike detector's arithmetic (pretrain/spikes.py) and the `train.spike` config, without a run."""
+"""The spike detector's arithmetic (pretrain/train/spikes.py) and the `train.spike` config, without a run."""
 from __future__ import annotations
 
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 
 from pretrain.config import ConfigError, SpikeSection, load_config
-from pretrain.spikes import SpikeDetector, robust_z
+from pretrain.train.spikes import SpikeDetector, robust_z
 
 
 def detector(**kw) -> SpikeDetector:

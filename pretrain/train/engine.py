@@ -23,20 +23,21 @@ import torch
 from pretrain import kernels
 from pretrain.checkpoint import files as checkpoint_files
 from pretrain.config import Config
-from pretrain.distributed import DistEnv
+from pretrain.run.distributed import DistEnv
 from pretrain.model.args import ModelArgs
 from pretrain.model.documents import Documents
 from pretrain.model.init import FullTensor, from_weights, init_model, local_slice, reference_shapes
 from pretrain.model.layers import REFERENCE, LayerFactory
 from pretrain.model.transformer import Transformer, TransformerBlock
 from pretrain.checkpoint import CheckpointError
-from pretrain.checkpoint.reader import MODEL_DIR, CheckpointReader
+from pretrain.checkpoint.reader import CheckpointReader
+from pretrain.run.paths import MODEL_DIR
 from pretrain.parallel.consolidate import consolidate
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
 from pretrain.parallel.pipeline import build_pipeline, pipeline_input, reference_name
-from pretrain.resolved import ResolvedRun
-from pretrain.schedule import lr_at
+from pretrain.run.resolved import ResolvedRun
+from pretrain.train.schedule import lr_at
 from pretrain.checkpoint.weights import WeightSource
 
 Batch = dict[str, torch.Tensor]

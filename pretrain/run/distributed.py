@@ -144,7 +144,7 @@ def _pick_device(cfg: Config, local_rank: int) -> torch.device:
 
 
 def init_distributed(cfg: Config, *, layout: Layout) -> DistEnv:
-    """Create every process group the run needs for the resolved run's layout (`pretrain.resolved.resolve_run`,
+    """Create every process group the run needs for the resolved run's layout (`pretrain.run.resolved.resolve_run`,
     which checked every rule that needs no process group; here only what needs the machine)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))

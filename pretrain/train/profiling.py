@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-PROFILE_DIR = "profiles"
+from pretrain.run.paths import PROFILE_DIR
+
 
 
 class StepProfiler:

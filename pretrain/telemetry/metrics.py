@@ -26,39 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pretrain.model.args import ModelArgs
-
-METRICS_FILE = "metrics.jsonl"
-
-# Dense (no sparsity) bf16 tensor-core peak per device, TFLOP/s, from the vendors' datasheets. Matched by substring
-# of torch.cuda.get_device_name(); first match wins, so the more specific names come first.
-PEAK_TFLOPS: list[tuple[str, float]] = [
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),   # SXM / NVL
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A10G", 70.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("V100", 125.0),   # fp16 tensor cores (no bf16)
-    ("MI300X", 1307.0),
-]
-
-
-def matmul_params(args: ModelArgs, vocab_size: int) -> int:
-    """N of the FLOPs formula: block weights + final norm + the output head (V x D), no embedding table."""
-    return args.num_params(vocab_size, embeddings=False) + vocab_size * args.dim
-
-
-def flops_per_token(args: ModelArgs, seq_len: int, vocab_size: int, causal: bool = False) -> float:
-    """Model FLOPs per trained token, forward + backward (PaLM's 6N + 12LHQT; `causal`: Megatron's 6N + 6LHQT).
-
-    `vocab_size` is the vocabulary the head really computes (the padded one)."""
-    attention = (6.0 if causal else 12.0) * args.n_layers * args.n_heads * args.head_dim * seq_len
-    return 6.0 * matmul_params(args, vocab_size) + attention
+from pretrain.plan.hardware import peak_tflops_for
+from pretrain.run.paths import METRICS_FILE
 
 
 def device_peak_tflops(override: float | None = None) -> float | None:
@@ -70,14 +39,6 @@ def device_peak_tflops(override: float | None = None) -> float | None:
     if not torch.cuda.is_available():
         return None
     return peak_tflops_for(torch.cuda.get_device_name())
-
-
-def peak_tflops_for(name: str) -> float | None:
-    """The table's peak for a GPU name ("NVIDIA H100 80GB HBM3", or just "h100"); None when unknown."""
-    for key, peak in PEAK_TFLOPS:
-        if key.lower() in name.lower():
-            return peak
-    return None
 
 
 def peak_memory_gib() -> float:
@@ -109,7 +70,7 @@ class StepRecord:
     mem_allocated_gib: float | None = None  # CUDA: the caching allocator's allocated and reserved memory now
     mem_reserved_gib: float | None = None
     eta_s: float | None = None         # to train.max_steps at the recent pace
-    loss_z: float | None = None        # train.spike: the step's robust z-scores (pretrain/spikes.py)
+    loss_z: float | None = None        # train.spike: the step's robust z-scores (pretrain/train/spikes.py)
     grad_norm_z: float | None = None
     rollbacks: int | None = None       # train.spike: rollbacks taken so far (rollbacks.jsonl has each one)
 

@@ -33,7 +33,8 @@ from typing import Any, Callable
 
 from pretrain.config import Config
 from pretrain.output_dir import nearest_existing
-from pretrain.resolved import ResolvedRun
+from pretrain.run.resolved import ResolvedRun
+from pretrain.run.paths import CONFIG, MLFLOW_DB, MLFLOW_DIR
 
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 # The experiment tag MLflow 3's UI reads to choose an experiment's page: without it the UI opens on the GenAI
@@ -56,7 +57,7 @@ def tracking_uri(cfg: Config, run_dir: str | Path | None = None) -> str:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(run_dir or cfg.checkpoint.dir).resolve() / 'mlruns' / 'mlflow.db').as_posix()}"
+    return f"sqlite:///{(Path(run_dir or cfg.checkpoint.dir).resolve() / MLFLOW_DIR / MLFLOW_DB).as_posix()}"
 
 
 def ui_hint(uri: str) -> str:
@@ -220,7 +221,7 @@ class Tracker:
             params = [self._Param(k, str(v)[:_PARAM_MAX]) for k, v in resolved.items()]
             for i in range(0, len(params), 100):  # MLflow's batch limit is 100 params
                 self.client.log_batch(run_id, params=params[i:i + 100])
-            self.client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+            self.client.log_text(run_id, cfg.to_yaml(), CONFIG)
         # Committed steps MLflow lacks (sent from metrics.jsonl): an outage in an earlier segment, or a new run
         # forked from a checkpoint whose MLflow run is elsewhere.
         missing = [r for r in history if r.get("step", 0) > self._logged_up_to]
@@ -289,7 +290,7 @@ class Tracker:
         self._buffer = []
 
     def rolled_back(self, record: dict[str, Any]) -> None:
-        """A spike rollback (pretrain/rollback.py): the steps after the restored one are trained again, so they are
+        """A spike rollback (pretrain/train/rollback.py): the steps after the restored one are trained again, so they are
         dropped here and logged anew; the per-step `rollbacks` metric counts them, a tag per rollback says what
         happened. MLflow cannot delete points: steps a discarded checkpoint had committed
         (a save inside the spike's window) keep their first values beside the new ones."""

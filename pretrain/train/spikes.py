@@ -2,7 +2,7 @@
 
 PaLM (Chowdhery et al. 2022, section 5.1) saw ~20 loss spikes in its largest run and recovered from each by hand:
 restart from a checkpoint ~100 steps before the spike and skip 200-500 batches. `train.spike` automates that:
-this module decides that a spike happened; pretrain/rollback.py restores and skips.
+this module decides that a spike happened; pretrain/train/rollback.py restores and skips.
 
 The test is a robust z-score, one-sided (only a rise is a spike):
 
@@ -30,10 +30,10 @@ factors with clean data (those runs: 2-4x around step 12, robust z up to 27 agai
 clipping bounds what an unjudged grad-norm spike can do; junk data shows in the loss.
 
 After a rollback, `loss_z` judges forward-only losses of the batches ahead against the restored history (the same
-statistic, pretrain/rollback.py), so one rollback gets past a poisoned stretch longer than the spike window.
+statistic, pretrain/train/rollback.py), so one rollback gets past a poisoned stretch longer than the spike window.
 
 Every rank computes the same verdicts from the same numbers (the step's loss and grad norm are global); the loop
-still agrees on a confirmed spike in the collective it runs each step anyway (pretrain/train.py), and the state
+still agrees on a confirmed spike in the collective it runs each step anyway (pretrain/train/loop.py), and the state
 is saved in every checkpoint, so a resumed run judges the next steps exactly as an uninterrupted one.
 """
 from __future__ import annotations

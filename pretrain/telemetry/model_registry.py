@@ -11,17 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pretrain import metrics
+from pretrain.checkpoint import read_meta
+from pretrain.checkpoint.weights import open_weights
 from pretrain.config import ConfigError, load_config
-from pretrain.tracking import tracking_uri
+from pretrain.hf.export import export_checkpoint
+from pretrain.run.paths import CONFIG, HF_EXPORTS_DIR
+from pretrain.run.resolved import ResolvedRun
+from pretrain.telemetry import metrics
+from pretrain.telemetry.tracking import tracking_uri
 
-ARTIFACT_DIR = "hf_model"
+ARTIFACT_DIR = "hf_model"  # in the MLflow run's artifacts
 
 
 def store_uri(step_dir: Path) -> str:
     """The MLflow store the checkpoint's run logged to, resolved as training resolved it, with the run directory
     being the step directory's parent."""
-    return tracking_uri(load_config(step_dir / "config.yaml", []), run_dir=step_dir.resolve().parent)
+    return tracking_uri(load_config(step_dir / CONFIG, []), run_dir=step_dir.resolve().parent)
 
 
 def _val_loss(run_dir: Path, step: int) -> float | None:
@@ -32,8 +37,6 @@ def _val_loss(run_dir: Path, step: int) -> float | None:
 
 def check(step_dir: str | Path) -> None:
     """Refuse before exporting: a checkpoint trained without tracking has no run to register under."""
-    from pretrain.checkpoint import read_meta
-
     if not read_meta(step_dir).mlflow_run_id:
         raise ConfigError(f"{step_dir} was trained without MLflow tracking (no run id in meta.json): there is no "
                           f"run to register the model under")
@@ -44,9 +47,6 @@ def register(hf_dir: str | Path, step_dir: str | Path, name: str, uri: str | Non
     returns ("models:/NAME/VERSION", the store's URI)."""
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from pretrain.checkpoint import read_meta
-    from pretrain.resolved import ResolvedRun
 
     step_dir = Path(step_dir)
     check(step_dir)
@@ -70,3 +70,14 @@ def register(hf_dir: str | Path, step_dir: str | Path, name: str, uri: str | Non
     version = client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}",
                                           run_id=run.info.run_id, tags=tags)
     return f"models:/{name}/{version.version}", uri
+
+
+def export_and_register(run_dir: Path, name: str) -> None:
+    """The run's last checkpoint exported to `<run_dir>/hf/step_<n>` and registered as a new version of `name`,
+    saying so on stdout as `pretrain export-hf --register` does."""
+    step_dir, source = open_weights(run_dir)
+    check(step_dir)
+    out = export_checkpoint(step_dir, source, run_dir / HF_EXPORTS_DIR / step_dir.name)
+    print(f"exported {step_dir} -> {out}")
+    model, uri = register(out, step_dir, name)
+    print(f"registered {model} in {uri}")

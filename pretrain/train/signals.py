@@ -18,7 +18,7 @@ import signal
 from types import FrameType
 from typing import Protocol
 
-from pretrain.exits import EXIT_INTERRUPTED
+from pretrain.run.exits import EXIT_INTERRUPTED
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

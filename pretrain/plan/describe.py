@@ -59,19 +59,15 @@ from dataclasses import dataclass
 
 from pretrain.config import Config, ConfigError, Layout
 from pretrain.model.args import ModelArgs
+from pretrain.model.flops import flops_per_token, matmul_params
 from pretrain.model.loss_chunks import bytes_per_logit, chunk_tokens
-from pretrain.resolved import ResolvedRun
+from pretrain.plan.hardware import Links, gpu_memory_gib, known_gpus
+from pretrain.run.resolved import ResolvedRun
 
 GiB = 1024**3
 ZERO3_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's reduce_bucket_size default, allocated by ZeRO-3
 HEADROOM = 0.10  # of GPU memory kept for the CUDA context, NCCL/DeepSpeed buffers and fragmentation
 
-# Memory per GPU as torch.cuda.get_device_properties().total_memory reports it (GiB). Matched like metrics.py's
-# peak table: by substring, first match wins.
-GPU_MEMORY_GIB: list[tuple[str, float]] = [
-    ("H200", 139.8), ("H100 PCIe", 79.2), ("H100 NVL", 93.1), ("H100", 79.2), ("GH200", 94.5), ("B200", 178.4),
-    ("A100", 79.2), ("A10G", 22.1), ("L40S", 44.4), ("L4", 22.0), ("V100", 31.7), ("MI300X", 191.5),
-]
 
 
 def size_text(n_bytes: float) -> str:
@@ -179,8 +175,8 @@ def model_states(params_here: float, dp: int, zero: int, weight_bytes: int, grad
 def planned_run(cfg: Config, world_size: int, vocab_size: int | None = None) -> ResolvedRun:
     """The ResolvedRun of this config at this world size, with `vocab_size` standing in for the tokenizer's when
     given (planning, and the layout ranking's many candidates: the shards are not read again for each). Layout and
-    padded model shape come from pretrain.resolved, derived once."""
-    from pretrain.resolved import resolve_run
+    padded model shape come from pretrain.run.resolved, derived once."""
+    from pretrain.run.resolved import resolve_run
 
     if vocab_size is None and cfg.model.vocab_size is None:
         return resolve_run(cfg, world_size, fit_host=False)  # a description, not this host's run
@@ -242,18 +238,11 @@ def stage_activations(cfg: Config, lay: Layout, args: ModelArgs, k: Kernels) -> 
     return stages
 
 
-def gpu_memory_gib(name: str) -> float | None:
-    for key, gib in GPU_MEMORY_GIB:
-        if key.lower() in name.lower():
-            return gib
-    return None
-
-
 def fit_line(e: Estimate, gpu: str) -> str:
     """Whether the estimate fits the GPU (less HEADROOM), and by how much it does or does not."""
     cap = gpu_memory_gib(gpu)
     if cap is None:
-        raise ConfigError(f"--gpu {gpu}: unknown GPU memory; one of {', '.join(n for n, _ in GPU_MEMORY_GIB)}")
+        raise ConfigError(f"--gpu {gpu}: unknown GPU memory; one of {known_gpus()}")
     usable = cap * GiB * (1 - HEADROOM)
     need = e.total
     if need <= usable:
@@ -307,8 +296,6 @@ def throughput(cfg: Config, e: Estimate, peak_tflops: float, mfu: float) -> str:
 
     MFU is an input, not an output: it is what benchmarks/mfu.py measures on one node of the target hardware.
     """
-    from pretrain.metrics import flops_per_token
-
     T = cfg.train.seq_len
     tokens_per_s = mfu * peak_tflops * 1e12 * e.layout.world / flops_per_token(e.args, T, e.args.vocab_size)
     step_tokens = e.layout.global_batch * T
@@ -320,13 +307,6 @@ def throughput(cfg: Config, e: Estimate, peak_tflops: float, mfu: float) -> str:
 
 
 # ------------------------------------------------------------------------------------- layout ranking
-
-
-@dataclass(frozen=True)
-class Links:
-    """Per-GPU bandwidths in GB/s, one direction: NVLink inside a node, InfiniBand (or RoCE) between nodes."""
-    nvlink: float = 450.0   # H100 SXM NVLink 4: 900 GB/s both directions
-    ib: float = 50.0        # one 400 Gb/s NDR port per GPU
 
 
 @dataclass(frozen=True)
@@ -344,8 +324,6 @@ class Ranked:
 def step_time(cfg: Config, e: Estimate, peak_tflops: float, efficiency: float, gpus_per_node: int,
               links: Links) -> float:
     """Predicted seconds per optimizer step of this layout (module docstring: what is counted)."""
-    from pretrain.metrics import flops_per_token, matmul_params
-
     lay, args, T = e.layout, e.args, cfg.train.seq_len
     S, m, a = lay.micro_batch_size * T, lay.grad_accum, (2 if cfg.train.dtype == "bf16" else 4)
     attn_fwd = 4.0 * args.n_layers * args.n_heads * args.head_dim * T  # per token, QK^T and AV forward
@@ -379,8 +357,6 @@ def rank_layouts(cfg: Config, nodes: int, gpus_per_node: int, vocab_size: int, g
                  efficiency: float, links: Links = Links()) -> list[Ranked]:
     """Every (tp, pp, zero, recompute, micro-batch) that keeps the config's global batch, passes the layout rules
     and fits the GPU, fastest first."""
-    from pretrain.metrics import flops_per_token
-
     world = nodes * gpus_per_node
     base = estimate(cfg, world, vocab_size).layout
     global_batch = base.global_batch

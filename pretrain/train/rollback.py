@@ -1,5 +1,5 @@
 """`train.spike`: a confirmed loss spike rolls the run back to the newest checkpoint from before it and skips the
-data read since, in the running process (PaLM's manual recovery, automated; detection is pretrain/spikes.py).
+data read since, in the running process (PaLM's manual recovery, automated; detection is pretrain/train/spikes.py).
 
 A rollback, on every rank at the same step (the loop agreed on it):
   1. wait for the save in flight; the target is the newest committed checkpoint from before the step that
@@ -44,12 +44,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
-from pretrain import checkpoint, metrics
+from pretrain import checkpoint
+from pretrain.telemetry import metrics
 from pretrain.config import Config
-from pretrain.spikes import MIN_HISTORY, SpikeDetector, Verdict
+from pretrain.run.paths import ROLLBACK_STATES_DIR, ROLLBACKS_FILE, rollback_state_file
+from pretrain.train.spikes import MIN_HISTORY, SpikeDetector, Verdict
 
-ROLLBACKS_FILE = "rollbacks.jsonl"
-STATES_DIR = "rollbacks"  # rollbacks/<n>/rank_<r>.json: each rank's loader state after rollback n
 _CALM = Verdict(None, None, False, False)
 # A batch ahead is spike-level when its loss z exceeds this fraction of `threshold`: a false alarm there costs one
 # batch of data, not a rollback, and the restored history, from further back on a falling curve, is wider than the
@@ -100,7 +100,7 @@ class SpikeGuard:
         if restored is None:  # a fresh start: an earlier run's rollbacks are not this one's (no rank reads them)
             if self.env.rank == 0:
                 (self.run_dir / ROLLBACKS_FILE).unlink(missing_ok=True)
-                shutil.rmtree(self.run_dir / STATES_DIR, ignore_errors=True)
+                shutil.rmtree(self.run_dir / ROLLBACK_STATES_DIR, ignore_errors=True)
             return None
         path = self.run_dir / ROLLBACKS_FILE
         if path.is_file():
@@ -123,8 +123,8 @@ class SpikeGuard:
         from pretrain.checkpoint.resume import peer_rank
 
         lay = SimpleNamespace(**record["layout"])
-        folder = self.run_dir / STATES_DIR / str(record["rollback"])
-        return [json.loads((folder / _state_file(peer_rank(lay, d))).read_text()) for d in range(lay.dp)]
+        folder = self.run_dir / ROLLBACK_STATES_DIR / str(record["rollback"])
+        return [json.loads((folder / rollback_state_file(peer_rank(lay, d))).read_text()) for d in range(lay.dp)]
 
     # --------------------------------------------------------------------------------------- rollback
 
@@ -200,7 +200,7 @@ class SpikeGuard:
                 if not spiky:  # the stretch's edge: skipped too
                     ended = "calm"
                     break
-                if os.environ.get("PRETRAIN_INJECT_SIGKILL") == "during_lookahead":  # tests: pretrain/train.py
+                if os.environ.get("PRETRAIN_INJECT_SIGKILL") == "during_lookahead":  # tests: pretrain/train/loop.py
                     os.kill(os.getpid(), signal.SIGKILL)
         return {"skipped": len(judged), "judged": judged, "ended": ended}, loader.state_dict()
 
@@ -213,7 +213,7 @@ class SpikeGuard:
 
     def _make_durable(self, record: dict[str, Any], loader_state: dict[str, Any]) -> None:
         """The order of step 5 in the module's docstring; every rank hears of a failure on any."""
-        env, folder = self.env, self.run_dir / STATES_DIR / str(record["rollback"])
+        env, folder = self.env, self.run_dir / ROLLBACK_STATES_DIR / str(record["rollback"])
         failure = None
         try:
             if env.rank == 0:
@@ -223,7 +223,7 @@ class SpikeGuard:
             failure = e
         _agree(env, failure)
         try:
-            checkpoint.atomic_write(folder / _state_file(env.rank), json.dumps(loader_state).encode())
+            checkpoint.atomic_write(folder / rollback_state_file(env.rank), json.dumps(loader_state).encode())
         except OSError as e:
             failure = e
         _agree(env, failure)
@@ -262,10 +262,6 @@ def _ahead_note(ahead: dict[str, Any], bound: int) -> str:
     z = ahead["judged"][-1]["loss_z"]
     return (f"a forward-only look-ahead skipped the next {n} too: {n - 1} still spike-level, then a calm one "
             f"(loss z {z:.1f}), the stretch's edge")
-
-
-def _state_file(rank: int) -> str:
-    return f"rank_{rank:05d}.json"
 
 
 def _agree(env: Any, failure: OSError | None) -> None:

@@ -197,8 +197,9 @@ def _tokenizer_facts(cfg: Config, info: Any, manifest_dir: str) -> TokenizerFact
     exist and be the tokenizer the manifest names, else a one-line TokenizerError saying how to fix it: a
     checkpoint without its tokenizer cannot be sampled from or exported."""
     from data_pipeline.errors import TokenizerError
+    from data_pipeline.manifest import MANIFEST_NAME
 
-    where = os.path.join(manifest_dir, "manifest.json")
+    where = os.path.join(manifest_dir, MANIFEST_NAME)
     tried = [os.path.abspath(cfg.data.tokenizer)] if cfg.data.tokenizer else _recorded_paths(info.path, manifest_dir)
     path = next((p for p in tried if os.path.exists(p)), "")
     if not path:
@@ -304,7 +305,7 @@ def _on_gpu(cfg: Config, gpu_bytes: int | None) -> bool | None:
 
 
 def check_memory(cfg: Config, run: ResolvedRun) -> None:
-    """Refuse, in one line, a run whose per-rank memory estimate (`pretrain.parallel.describe.estimate`, what the
+    """Refuse, in one line, a run whose per-rank memory estimate (`pretrain.plan.describe.estimate`, what the
     dry run prints) exceeds what this host has: a CUDA run's one GPU, a CPU run's RAM shared by the ranks on this
     host (LOCAL_WORLD_SIZE, else the whole world). Only a certain failure is refused (the estimate against the
     whole memory, no headroom): a seq_len or shape off by orders of magnitude used to pass the dry run and then
@@ -312,7 +313,7 @@ def check_memory(cfg: Config, run: ResolvedRun) -> None:
     dry run, where no GPU answers: a login node) the run is checked at its start."""
     import psutil
 
-    from pretrain.parallel.describe import Kernels, estimate, size_text
+    from pretrain.plan.describe import Kernels, estimate, size_text
 
     gpu_bytes = _gpu_memory_here() if cfg.train.device != "cpu" else None
     on_gpu = _on_gpu(cfg, gpu_bytes)

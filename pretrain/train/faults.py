@@ -1,0 +1,31 @@
+"""Fault injection for tests (documented, environment only, off by default).
+
+PRETRAIN_INJECT_NONFINITE="5,6" makes the loss of optimizer steps 5 and 6 NaN inside the engine's forward, so the
+engine's non-finite guard -- not ours -- is what gets exercised; PRETRAIN_INJECT_SIGKILL="before_step:31",
+"after_rollback" or "during_lookahead" (once a rollback's look-ahead judged a batch spike-level,
+pretrain/train/rollback.py) kills every rank with SIGKILL there (a node lost at the worst moment: the resume must
+reach the same state).
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+
+class Faults:
+    """The hooks above, read from the environment once per launch."""
+
+    def __init__(self) -> None:
+        self.nonfinite = {int(s) for s in os.environ.get("PRETRAIN_INJECT_NONFINITE", "").split(",") if s.strip()}
+        self.kill = os.environ.get("PRETRAIN_INJECT_SIGKILL", "")
+
+    def before_step(self, step: int, engine: Any) -> None:
+        if self.kill == f"before_step:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step in self.nonfinite:
+            engine.inject_nonfinite()  # this step's loss becomes NaN inside the engine
+
+    def after_rollback(self) -> None:
+        if self.kill == "after_rollback":
+            os.kill(os.getpid(), signal.SIGKILL)
