@@ -14,6 +14,9 @@ XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadscope)
 # The inner loop: no training launches, no ranks, no cluster.
 QUICK   := not slow and not distributed and not slurm
 
+export SHM_OP := from pretrain.libraries import lighten_imports; lighten_imports(); \
+	from deepspeed.comm.torch import build_shm_op; build_shm_op()
+
 .PHONY: demo test check coverage install clean gpu-check
 
 $(STAMP): pyproject.toml
@@ -22,8 +25,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
 	# On a CPU-only host DeepSpeed JIT-compiles its shared-memory comm op (about 30 s) at the first
-	# init_distributed of every new environment; build it here, once (a no-op where CUDA is DeepSpeed's accelerator).
-	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 || true
+	# init_distributed of every new environment; build it here, once, into the environment's own cache
+	# (pretrain/libraries.py; a no-op where CUDA is DeepSpeed's accelerator).
+	$(BIN)/python -c "$$SHM_OP" > /dev/null 2>&1 || true
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,7 +18,9 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from pretrain import console
 from pretrain.config import ConfigError, load_config
 from pretrain.run.exits import EXIT_BAD_INPUT
 from pretrain.libraries import lighten_imports
@@ -40,92 +42,116 @@ def _parser() -> argparse.ArgumentParser:
                                 "megatron-core TP) with exact-resume checkpoints and MLflow tracking.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train from a YAML config (one process, or one per rank under torchrun)",
+    _train_args(sub)
+    _plan_args(sub)
+    _generate_args(sub)
+    _export_hf_args(sub)
+    _import_hf_args(sub)
+    _convert_args(sub)
+    return p
+
+
+def _train_args(sub: Any) -> None:
+    p = sub.add_parser("train", help="train from a YAML config (one process, or one per rank under torchrun)",
                        description="Train. Under torchrun every rank runs this same command. Resumes from "
                        "<checkpoint.dir>/latest unless checkpoint.resume=none. Exit 0 done, 42 stopped by "
                        "Ctrl-C/SIGTERM/SIGUSR1 after a checkpoint (requeue; a second Ctrl-C exits 130 at once), 3 "
                        "needs a person (too many non-finite steps, or a loss spike train.spike may not roll back), "
                        "4 another rank died or hung, 5 a checkpoint could not be written, 2 bad input.")
-    t.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+    p.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.max_steps=20")
-    t.add_argument("--dry-run", action="store_true",
+    p.add_argument("--dry-run", action="store_true",
                    help="validate config + parallel layout, print layout, parameter count and a per-rank memory "
                         "estimate, build nothing, exit 0")
-    t.add_argument("--verbose", action="store_true",
+    p.add_argument("--verbose", action="store_true",
                    help="also show the libraries' start-up logging and warnings (DeepSpeed, MLflow, torch, "
                         "megatron-core), hidden by default")
-    t.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--world-size", type=int, default=None,
                    help="--dry-run only: ranks to plan for (default $WORLD_SIZE or 1)")
-    pl = sub.add_parser("plan", help="layout + memory estimate for a cluster shape (no GPU needed)",
+
+
+def _plan_args(sub: Any) -> None:
+    p = sub.add_parser("plan", help="layout + memory estimate for a cluster shape (no GPU needed)",
                         description="The --dry-run of `train` for a world of nodes x gpus-per-node ranks, with "
                         "a fit verdict for --gpu and every fitting layout ranked by predicted step time.")
-    pl.add_argument("--config", required=True)
-    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    pl.add_argument("--nodes", type=int, default=1)
-    pl.add_argument("--gpus-per-node", type=int, default=8)
-    pl.add_argument("--gpu", default="H100", help="GPU model for the peak TFLOP/s and memory (a name in "
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="H100", help="GPU model for the peak TFLOP/s and memory (a name in "
                     "pretrain/plan/hardware.py's table, e.g. H100, H200, A100) (default: H100)")
-    pl.add_argument("--mfu", type=float, default=0.4,
+    p.add_argument("--mfu", type=float, default=0.4,
                     help="model FLOPs utilisation to assume, 0-1 (default 0.4; measure it with benchmarks/mfu.py)")
-    pl.add_argument("--efficiency", type=float, default=0.6,
+    p.add_argument("--efficiency", type=float, default=0.6,
                     help="layout ranking: fraction of the GPU's peak its matmuls sustain while computing (default "
                     "0.6); recompute, the pipeline bubble and communication come on top")
-    pl.add_argument("--nvlink-gbs", type=float, default=450.0, help="GB/s per GPU inside a node (default 450)")
-    pl.add_argument("--ib-gbs", type=float, default=50.0, help="GB/s per GPU between nodes (default 50: 400 Gb/s)")
-    pl.add_argument("--top", type=int, default=10, help="layouts listed in the ranking (default 10)")
-    g = sub.add_parser("generate", help="sample text from a checkpoint with the KV-cache reference model",
+    p.add_argument("--nvlink-gbs", type=float, default=450.0, help="GB/s per GPU inside a node (default 450)")
+    p.add_argument("--ib-gbs", type=float, default=50.0, help="GB/s per GPU between nodes (default 50: 400 Gb/s)")
+    p.add_argument("--top", type=int, default=10, help="layouts listed in the ranking (default 10)")
+
+
+def _generate_args(sub: Any) -> None:
+    p = sub.add_parser("generate", help="sample text from a checkpoint with the KV-cache reference model",
                        description="Generate from any committed checkpoint (a step_<N>, a run's latest, or an "
                        "imported one) in one process: no DeepSpeed world, the fp32 master weights read tensor by "
                        "tensor. The prompt is preceded by eos (documents were packed as ...<eos>doc<eos>...).")
-    g.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`), a step_<N> dir, or an "
+    p.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`), a step_<N> dir, or an "
                    "import-hf output")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64,
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64,
                    help="tokens to generate (default 64; fewer if the model's context ends first)")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="compute dtype (default: the training dtype, as the exported model's)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer file/dir to use instead of the checkpoint's copy "
+    p.add_argument("--tokenizer", default=None, help="tokenizer file/dir to use instead of the checkpoint's copy "
                    "(must be the same tokenizer: identity hash checked)")
-    x = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM directory (safetensors)",
+
+
+def _export_hf_args(sub: Any) -> None:
+    p = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM directory (safetensors)",
                        description="Export any committed checkpoint for transformers, streamed tensor by tensor "
                        "(memory: about one tensor plus one output shard). Writes config.json, "
                        "generation_config.json, model.safetensors or model-0000i-of-0000n.safetensors + "
                        "model.safetensors.index.json, and the tokenizer.")
-    x.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`), a step_<N> dir, or an "
+    p.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`), a step_<N> dir, or an "
                    "import-hf output")
-    x.add_argument("--out", required=True, help="new (or empty) output directory")
-    x.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="weights dtype (default: the training dtype; cast from the fp32 master weights)")
-    x.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
-    x.add_argument("--tokenizer", default=None, help="tokenizer file/dir to export when the checkpoint has none "
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file/dir to export when the checkpoint has none "
                    "(must be the training tokenizer: identity hash checked)")
-    x.add_argument("--register", default=None, metavar="NAME",
+    p.add_argument("--register", default=None, metavar="NAME",
                    help="also log the export to the MLflow run that trained the checkpoint and register it as a new "
                    "version of model NAME in that store's model registry (tags: step, tokens seen, val loss)")
-    i = sub.add_parser("import-hf", help="turn a transformers LlamaForCausalLM directory into a checkpoint "
+
+
+def _import_hf_args(sub: Any) -> None:
+    p = sub.add_parser("import-hf", help="turn a transformers LlamaForCausalLM directory into a checkpoint "
                        "to start training from (model.init_from)",
                        description="Read config.json, (sharded) safetensors and the tokenizer of a "
                        "LlamaForCausalLM directory; write a checkpoint for `--set model.init_from=OUT`.")
-    i.add_argument("--model", required=True, help="directory written by transformers' save_pretrained")
-    i.add_argument("--out", required=True, help="new (or empty) output directory")
-    i.add_argument("--tokenizer", default=None, help="tokenizer file/dir, when the model directory has none")
-    i.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    c = sub.add_parser("convert-checkpoint", help="write a checkpoint of any layout in another format "
+    p.add_argument("--model", required=True, help="directory written by transformers' save_pretrained")
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file/dir, when the model directory has none")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+
+
+def _convert_args(sub: Any) -> None:
+    p = sub.add_parser("convert-checkpoint", help="write a checkpoint of any layout in another format "
                        "(DeepSpeed universal)",
                        description="Read a committed step_<N> (any tp/pp/dp, ZeRO stage, dtype) parameter by "
                        "parameter and write DeepSpeed's universal checkpoint: zero/<name>/{fp32,exp_avg,"
                        "exp_avg_sq,step}.pt with whole fp32 tensors under the reference names, plus universal.json. "
                        "Not needed to resume on another layout: `pretrain train` re-slices a checkpoint of another "
                        "layout by itself.")
-    c.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`) or a step_<N> dir")
-    c.add_argument("--to", required=True, choices=("universal",), help="output format")
-    c.add_argument("--out", required=True, help="new (or empty) output directory")
-    return p
+    p.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`) or a step_<N> dir")
+    p.add_argument("--to", required=True, choices=("universal",), help="output format")
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -143,7 +169,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    console.error(msg)
     return EXIT_BAD_INPUT
 
 
@@ -257,7 +283,6 @@ def _quiet_libraries(cfg, verbose: bool) -> None:
     """Library start-up chatter off unless --verbose (pretrain/console.py says what and why)."""
     import torch
 
-    from pretrain import console
 
     cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
     console.quiet(verbose=verbose, cpu=cpu)

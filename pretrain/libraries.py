@@ -22,7 +22,10 @@ A training rank spends most of its start-up importing torch, DeepSpeed and megat
 Measured with megatron-core 0.16.1 and DeepSpeed 0.19; tests/train/test_libraries.py checks that each cost still
 exists, so a library release that removes one says so by failing there.
 
-A third cost comes at the end: the interpreter's teardown frees the module graph of torch, DeepSpeed and
+A fourth is DeepSpeed's compiled CPU comm op, built once per environment (`_deepspeed_ops_per_environment`), not
+once per alternation between two environments.
+
+A last cost comes at the end: the interpreter's teardown frees the module graph of torch, DeepSpeed and
 megatron-core object by object, about 1 s of CPU per process (0.5 s for torch alone) for memory the OS reclaims
 anyway. `exit_now` does what exit does first (joins non-daemon threads and executors, runs the atexit handlers,
 flushes stdout and stderr) and then ends the process without the teardown.
@@ -45,15 +48,26 @@ _MUON = "deepspeed.runtime.zero.muon.original_muon"
 
 
 def lighten_imports() -> None:
-    """Install the import hooks below. Call it first thing in a process (`pretrain.cli.main` does, and so do the
-    tests' rank workers): a library already imported by then is past helping (megatron-core's later helpers still
-    are)."""
+    """Install the import hooks below, and keep DeepSpeed's compiled ops with this environment. Call it first thing
+    in a process (`pretrain.cli.main` does, and so do the tests' rank workers): a library already imported by then
+    is past helping (megatron-core's later helpers still are)."""
+    _deepspeed_ops_per_environment()
     if _MEGATRON_JIT in sys.modules:
         sys.modules[_MEGATRON_JIT].disable_jit_fuser()
     elif not _hooked(_MEGATRON_JIT):
         sys.meta_path.insert(0, _AroundImport(_MEGATRON_JIT, _megatron_without_fusions))
     if _DEEPSPEED not in sys.modules and not _hooked(_DEEPSPEED):
         sys.meta_path.insert(0, _AroundImport(_DEEPSPEED, _deepspeed_without_extras))
+
+
+def _deepspeed_ops_per_environment() -> None:
+    """On a host without CUDA, DeepSpeed JIT-builds its shared-memory comm op at the first `init_distributed` (about
+    50 s of CPU on 2 cores) into torch's extension cache, by default one directory per Python version for the whole
+    user. The build command names the environment's site-packages, so two environments on one machine (two clones,
+    a CI checkout beside a working one) rebuild it for each other at every alternate start. One cache per
+    environment, inside it, where it is writable (`TORCH_EXTENSIONS_DIR` set by the user wins)."""
+    if os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def import_deepspeed() -> ModuleType:

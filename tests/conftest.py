@@ -6,10 +6,16 @@ import os
 import pytest
 import torch
 
+from pretrain.libraries import lighten_imports
+
 # Where CUDA is absent, the Triton kernel tests run the kernels in Triton's interpreter on CPU. The variable is read
 # when a kernel is decorated, i.e. when pretrain.kernels.triton_* is first imported: set it before any test runs.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# As every `pretrain` process does: DeepSpeed's compiled CPU op cached in this environment (so ranks, CLIs and
+# in-process engines of this checkout never rebuild it for another checkout's), and its imports light.
+lighten_imports()
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch
 from pretrain.checkpoint import files as checkpoint_files
 from pretrain.checkpoint import records
 from pretrain.checkpoint.records import CheckpointError, Meta
+from pretrain.console import say
 from pretrain.run.paths import CONFIG, DIGESTS, LATEST, MANIFEST, META, STEP_RE, TEMP_PREFIX, rank_file, step_dir_name
 
 
@@ -118,7 +118,7 @@ def write_manifest(root: Path, meta: Meta, world_size: int) -> None:
     atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def remove_stale_temps(run_dir: str | Path, say: Callable[[str], None]) -> None:
+def remove_stale_temps(run_dir: str | Path) -> None:
     """Delete the `.tmp_step_<N>/` a killed save left behind (they hold no committed state and can fill a disk).
     Only safe while holding the run lock: then no other launch is writing one."""
     for tmp in sorted(Path(run_dir).glob(f"{TEMP_PREFIX}*")):
@@ -222,7 +222,7 @@ _WRITER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefi
 
 def save_in_background(run_dir: str | Path, step: int, env: Collective, side: Collective, *,
                        save_model: Callable[[Path], None], rank_state: dict[str, Any], meta: Meta, config_yaml: str,
-                       keep: int, say: Callable[[str], None] | None = None) -> PendingSave:
+                       keep: int, report: bool = False) -> PendingSave:
     """The same commit, with training paused only while the state is copied to host memory: the files are
     written, hashed and committed on a writer thread, whose agreements run on `side` (a process group of their
     own). Wait for the result before the next save and before the process ends."""
@@ -237,7 +237,7 @@ def save_in_background(run_dir: str | Path, step: int, env: Collective, side: Co
         c.stage(side, None, lambda: (checkpoint_files.write_all(jobs), c.records(side.rank)))
         c.stage(side, lambda: c.commit(side.world_size))
         pending.total_s = time.monotonic() - started
-        if say is not None and side.rank == 0:
+        if report and side.rank == 0:
             say(f"{c.final.name} committed: training paused {pending.paused_s:.2f} s, the save took "
                 f"{pending.total_s:.2f} s")
         return c.final
@@ -321,7 +321,7 @@ def verify(step_dir: str | Path, *, hashes: bool = True, share: tuple[int, int] 
 
 
 def _say(msg: str) -> None:
-    print(f"[checkpoint] {msg}", file=sys.stderr, flush=True)
+    say(msg, topic="checkpoint")
 
 
 def _auto_candidates(run_dir: Path) -> tuple[list[Path], str | None]:

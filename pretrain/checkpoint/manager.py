@@ -20,20 +20,25 @@ from typing import Any, Callable
 
 from pretrain.checkpoint import commit
 from pretrain.checkpoint.commit import PendingSave
-from pretrain.checkpoint.resume import StartPoint, choose_start, restore
+from pretrain.checkpoint.resume import EngineFiles, StartPoint, Stateful, choose_start, restore
 from pretrain.checkpoint.run_lock import RunLock, RunLocked
 from pretrain.config import Config
+from pretrain.console import say
+from pretrain.run.distributed import DistEnv
 from pretrain.run.paths import TOKENIZER_DIR
 from pretrain.run.resolved import ResolvedRun, TokenizerFacts
 
 
 class CheckpointManager:
-    def __init__(self, cfg: Config, run: ResolvedRun, env: Any, say: Callable[[str], None]):
+    def __init__(self, cfg: Config, run: ResolvedRun, env: DistEnv):
         """Take the run lock (every rank raises RunLocked when another live launch holds it)."""
-        self.cfg, self.run, self.env, self.say = cfg, run, env, say
+        self.cfg, self.run, self.env = cfg, run, env
         self.dir = Path(cfg.checkpoint.dir)
         self.in_flight: PendingSave | None = None
         self._on_commit: Callable[[], None] | None = None
+        self._engine: EngineFiles | None = None
+        self._loader: Stateful | None = None
+        self._extra: Callable[[], dict[str, Any]] = dict
         self._lock: RunLock | None = None
         refusal = None
         if env.rank == 0:
@@ -42,7 +47,7 @@ class CheckpointManager:
                 if note := lock.acquire():
                     say(note)
                 self._lock = lock
-                commit.remove_stale_temps(self.dir, say)
+                commit.remove_stale_temps(self.dir)
             except RunLocked as e:
                 refusal = str(e)
             except OSError as e:  # e.g. checkpoint.dir cannot be created: every rank must hear it, not wait
@@ -55,11 +60,17 @@ class CheckpointManager:
 
     def start_point(self) -> StartPoint:
         """Where this launch starts; a bad checkpoint fails here, before anything is built."""
-        return choose_start(self.cfg, self.run, self.env, self.say)
+        return choose_start(self.cfg, self.run, self.env)
 
-    def restore(self, begin: StartPoint, engine: Any, loader: Any) -> commit.Loaded | None:
-        """Engine and loader hold the state of the start point; what it held (None: nothing to restore)."""
-        return restore(begin, self.env, engine, loader)
+    def track(self, engine: EngineFiles, loader: Stateful, extra: Callable[[], dict[str, Any]] = dict) -> None:
+        """What every save writes, registered once: the engine's files, and in each rank's file its loader cursor,
+        its RNG states and `extra()` (more of this rank's state, JSON types: the spike detector's history)."""
+        self._engine, self._loader, self._extra = engine, loader, extra
+
+    def restore(self, begin: StartPoint) -> commit.Loaded | None:
+        """The tracked engine and loader hold the state of the start point; what it held (None: nothing to
+        restore). The rest of a rank file is the caller's to read back (`Loaded.rank_state`)."""
+        return restore(begin, self.env, self._engine, self._loader)
 
     def rewindable(self, step_dir: Path) -> bool:
         """Whether `rewind` can load `step_dir` into the live engine: only a checkpoint of this layout can (one of
@@ -68,39 +79,38 @@ class CheckpointManager:
 
         return saved_run(step_dir, self.run) is None
 
-    def rewind(self, step_dir: Path, engine: Any) -> commit.Loaded:
+    def rewind(self, step_dir: Path, engine: EngineFiles) -> commit.Loaded:
         """Back to a committed checkpoint of this run and layout (collective): weights, optimizer state, step and
         RNG; the loader is left where it is (a spike rollback skips the data read since)."""
         self.wait()
         return commit.load(step_dir, self.env, load_model=engine.load)
 
-    def save(self, step: int, engine: Any, loader: Any, mlflow_run_id: str | None,
-             on_commit: Callable[[], None] | None = None, extra: dict[str, Any] | None = None) -> None:
-        """Start committing step_<step>/ (collective), after the save in flight, if any, is done. `on_commit` runs
-        on this thread once it is committed (at the next `wait`): MLflow gets the steps it covers only then.
-        `extra`: more of this rank's state (JSON types), beside the loader cursor and RNG."""
+    def save(self, step: int, mlflow_run_id: str | None, on_commit: Callable[[], None] | None = None) -> None:
+        """Start committing step_<step>/ of the tracked state (collective), after the save in flight, if any, is
+        done. `on_commit` runs on this thread once it is committed (at the next `wait`): MLflow gets the steps it
+        covers only then."""
         self.wait()
         self._on_commit = on_commit
-        env, run = self.env, self.run
+        env, run, engine = self.env, self.run, self._engine
 
         def save_model(d: Path) -> None:
             engine.save(d)
             if env.rank == 0:
-                copy_tokenizer(run.tokenizer, d, self.say)
+                copy_tokenizer(run.tokenizer, d)
 
         meta = commit.Meta(step=step, mlflow_run_id=mlflow_run_id,
                            tokenizer=dataclasses.asdict(run.tokenizer) if run.tokenizer else {},
                            layout=dataclasses.asdict(run.layout), resolved=run.to_dict())
-        parts = dict(save_model=save_model, rank_state={"loader": loader.state_dict(), **(extra or {})}, meta=meta,
+        parts = dict(save_model=save_model, rank_state={"loader": self._loader.state_dict(), **self._extra()}, meta=meta,
                      config_yaml=self.cfg.to_yaml(), keep=self.cfg.checkpoint.keep)
         if self.cfg.checkpoint.background:
-            self.in_flight = commit.save_in_background(self.dir, step, env, env.side, say=self.say, **parts)
+            self.in_flight = commit.save_in_background(self.dir, step, env, env.side, report=True, **parts)
             return
         started = time.monotonic()
         path = commit.save(self.dir, step, env, **parts)
         self.in_flight = PendingSave.done(path, time.monotonic() - started)
         if env.rank == 0:
-            self.say(f"{path.name} committed: training paused {self.in_flight.total_s:.2f} s, the save took "
+            say(f"{path.name} committed: training paused {self.in_flight.total_s:.2f} s, the save took "
                      f"{self.in_flight.total_s:.2f} s")
 
     def wait(self) -> PendingSave | None:
@@ -128,7 +138,7 @@ class CheckpointManager:
             self._lock.release()
 
 
-def copy_tokenizer(tokenizer: TokenizerFacts | None, dest: Path, say: Callable[[str], None]) -> None:
+def copy_tokenizer(tokenizer: TokenizerFacts | None, dest: Path) -> None:
     """Put the tokenizer files inside the checkpoint (a few MB) so it is self-contained for generate/export.
     `resolve_run` made the path absolute and refused to start without the files; if they vanished since, the
     checkpoint is still written (losing the run's progress would be worse) and the log says what is missing."""

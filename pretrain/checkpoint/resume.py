@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pretrain import checkpoint
 from pretrain.config import Config
+from pretrain.console import say
+from pretrain.run.distributed import DistEnv
 from pretrain.run.resolved import ResolvedRun
 
 
@@ -30,8 +32,8 @@ class StartPoint:
         return f"starting from {init_from} (weights only)" if self.init is not None else "starting fresh"
 
 
-def choose_start(cfg: Config, run: ResolvedRun, env: Any, say: Any) -> StartPoint:
-    """Collective (checkpoint.choose agrees across ranks). `say` prints on rank 0 what will be re-sliced."""
+def choose_start(cfg: Config, run: ResolvedRun, env: DistEnv) -> StartPoint:
+    """Collective (checkpoint.choose agrees across ranks). Rank 0 says what will be re-sliced."""
     from pretrain.checkpoint.reader import CheckpointReader
     from pretrain.checkpoint.reshard import layout_words
     from pretrain.checkpoint.weights import init_source
@@ -49,7 +51,23 @@ def choose_start(cfg: Config, run: ResolvedRun, env: Any, say: Any) -> StartPoin
     return StartPoint(chosen, saved, CheckpointReader(chosen, verified=True))  # choose() hashed it
 
 
-def restore(start: StartPoint, env: Any, engine: Any, loader: Any) -> checkpoint.Loaded | None:
+class EngineFiles(Protocol):
+    """The engine as checkpoints see it (pretrain.train.engine.Engine): its files saved and loaded, its step."""
+    global_step: int
+
+    def save(self, step_dir: Path) -> None: ...
+    def load(self, step_dir: Path) -> Any: ...
+    def load_resliced(self, init: Any) -> Any: ...
+
+
+class Stateful(Protocol):
+    """A loader's resumable position (data_pipeline.loader.TokenLoader)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def restore(start: StartPoint, env: DistEnv, engine: EngineFiles, loader: Stateful) -> checkpoint.Loaded | None:
     """Load the chosen checkpoint into the built engine and loader; what it held (step, meta, this rank's state),
     or None when there is none to load."""
     if start.checkpoint is None:

@@ -25,13 +25,13 @@ import collections
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from pretrain.config import Config
+from pretrain.console import say
 from pretrain.output_dir import nearest_existing
 from pretrain.run.resolved import ResolvedRun
 from pretrain.run.paths import CONFIG, MLFLOW_DB, MLFLOW_DIR
@@ -107,7 +107,7 @@ def _git_commit() -> str | None:
 
 
 def _say(msg: str) -> None:
-    print(f"[tracking] {msg}", file=sys.stderr, flush=True)
+    say(msg, topic="tracking")
 
 
 class Tracker:

@@ -12,20 +12,24 @@ import os
 import signal
 from typing import Any
 
+from pretrain.train.engine import Engine
+from pretrain.train.hooks import Observer
 
-class Faults:
+
+class Faults(Observer):
     """The hooks above, read from the environment once per launch."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self.nonfinite = {int(s) for s in os.environ.get("PRETRAIN_INJECT_NONFINITE", "").split(",") if s.strip()}
         self.kill = os.environ.get("PRETRAIN_INJECT_SIGKILL", "")
 
-    def before_step(self, step: int, engine: Any) -> None:
+    def before_step(self, step: int) -> None:
         if self.kill == f"before_step:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
         if step in self.nonfinite:
-            engine.inject_nonfinite()  # this step's loss becomes NaN inside the engine
+            self.engine.inject_nonfinite()  # this step's loss becomes NaN inside the engine
 
-    def after_rollback(self) -> None:
+    def after_rollback(self, record: dict[str, Any]) -> None:
         if self.kill == "after_rollback":
             os.kill(os.getpid(), signal.SIGKILL)

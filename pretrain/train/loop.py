@@ -1,48 +1,80 @@
-"""`pretrain train`: config -> process groups -> data -> engine -> maybe resume -> loop -> summary.
+"""`pretrain train`: build, restore, loop, finish.
 
-The recipe is `train()`; every ingredient is a call into a named module (checkpoint, tracking, metrics, signals).
-What a step means: `engine.train_step` consumes `grad_accum` micro-batches of `micro_batch_size` sequences on every
-rank, averages the per-token loss over them and over DP, and takes one optimizer step (or none, with
-`skipped=True`, when the loss or grad norm is not finite). Step numbers count optimizer steps from 1.
+`train()` is the recipe. What a step means: `engine.train_step` consumes `grad_accum` micro-batches of
+`micro_batch_size` sequences on every rank, averages the per-token loss over them and over DP, and takes one
+optimizer step (or none, with `skipped=True`, when the loss or grad norm is not finite). Step numbers count
+optimizer steps from 1. The loop decides what happens next (stop, roll back, save); observers (train/hooks.py)
+record it. However a launch ends, the loop hands back an `Outcome` and one teardown acts on it.
 
-Exit codes (pretrain/run/exits.py): 0 done; 42 stopped by SIGTERM/SIGUSR1/SIGINT after a committed checkpoint (requeue me; a second
-SIGINT exits 130 at once, see pretrain/train/signals.py); 3 needs a person: `train.max_nonfinite_steps` non-finite steps
-in a row (nothing checkpointed from the bad streak), or a loss spike that `train.spike` could not roll back
-(max_rollbacks used up, no checkpoint before it; pretrain/train/rollback.py); 4 another rank
-died or stopped answering (a collective failed or waited past `train.collective_timeout_s`); 5 a checkpoint
-could not be written (disk full, quota, read-only: one line naming the cause and the last good checkpoint; the
-unfinished copy removed); 2 bad config/data/checkpoint (one line on stderr).
+Exit codes (pretrain/run/exits.py): 0 done; 42 stopped by SIGTERM/SIGUSR1/SIGINT after a committed checkpoint
+(requeue me; a second SIGINT exits 130 at once, see train/signals.py); 3 needs a person: `train.max_nonfinite_steps`
+non-finite steps in a row (nothing checkpointed from the bad streak), or a loss spike that `train.spike` could not
+roll back (max_rollbacks used up, no checkpoint before it; train/rollback.py); 4 another rank died or stopped
+answering (a collective failed or waited past `train.collective_timeout_s`); 5 a checkpoint could not be written
+(disk full, quota, read-only: one line naming the cause and the last good checkpoint; the unfinished copy
+removed); 2 bad config/data/checkpoint (one line on stderr). Fault injection for tests: train/faults.py.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch.distributed as dist
 
+from data_pipeline.loader import TokenLoader
 from pretrain import checkpoint
 from pretrain.checkpoint.manager import CheckpointManager
+from pretrain.checkpoint.resume import StartPoint
 from pretrain.config import Config
 from pretrain.console import say
-from pretrain.run.distributed import init_distributed, lost_peer
+from pretrain.run.distributed import DistEnv, init_distributed, lost_peer
 from pretrain.run.exits import EXIT_LOST_PEER, EXIT_NEEDS_PERSON, EXIT_OK, EXIT_REQUEUE, EXIT_SAVE_FAILED
-from pretrain.run.paths import PROFILE_DIR
 from pretrain.run.resolved import ResolvedRun, held_out_note, resolve_run
 from pretrain.telemetry import metrics, model_registry
-from pretrain.telemetry.tracking import checkpoint_run_id, open_tracker, system_metrics
+from pretrain.telemetry.tracking import Tracker, checkpoint_run_id, open_tracker, system_metrics
 from pretrain.train.data import HeldOut, make_loader
-from pretrain.train.engine import build_engine
+from pretrain.train.engine import Engine, build_engine
 from pretrain.train.faults import Faults
+from pretrain.train.hooks import Observer, Observers, StepReport
 from pretrain.train.profiling import StepProfiler
 from pretrain.train.rollback import NeedsPerson, SpikeGuard
 from pretrain.train.signals import StopRequest
 from pretrain.train.step_log import StepLog, append_segment
 
+
 class NonFiniteAbort(NeedsPerson):
     """Too many non-finite steps in a row: the run stops without checkpointing the bad streak."""
+
+
+@dataclass
+class Outcome:
+    """How a launch ends, for the one teardown: the exit code, the line to say (rank 0's, or each rank's), the
+    MLflow run's end (FAILED also drops the steps never checkpointed: the resumed run logs them) and whether the
+    process groups can be closed (not after a lost peer: closing would wait on the rank that is gone)."""
+    code: int
+    step: int
+    line: str | None = None
+    each_rank: bool = False
+    status: str = "FINISHED"
+    close_groups: bool = True
+
+
+@dataclass
+class Prepared:
+    """What a launch trains with, built and restored."""
+    begin: StartPoint
+    engine: Engine
+    loader: TokenLoader
+    held_out: HeldOut
+    spikes: SpikeGuard
+    start: int
+    mlflow_run_id: str | None
+    notes: list[str] = field(default_factory=list)
 
 
 def train(cfg: Config, stop: StopRequest | None = None) -> int:
@@ -51,161 +83,152 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     started = time.time()
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     env = init_distributed(cfg, layout=run.layout)
+    with _groups_closed_on_error(env):
+        ckpt = CheckpointManager(cfg, run, env)  # holds the run lock: one launch per checkpoint.dir
     try:
-        ckpt = CheckpointManager(cfg, run, env, say)  # holds the run lock: one launch per checkpoint.dir
-    except BaseException:
-        env.destroy()
-        raise
-    try:
-        return _train(cfg, stop, run, env, ckpt, started)
+        with _groups_closed_on_error(env):
+            prep = prepare(cfg, run, env, ckpt)
+        announce(cfg, run, env, prep)
+        if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start starts again)
+            if env.rank == 0:
+                append_segment(Path(cfg.checkpoint.dir), prep.start, prep.start, started)
+            return finish(_requeue(stop, prep.start, "before the first step, nothing to save"), cfg, env, None,
+                          Observers([]))
+        return loop(cfg, run, env, ckpt, prep, stop)
     finally:
         ckpt.close()
 
 
-def _train(cfg: Config, stop: StopRequest, run: ResolvedRun, env: Any, ckpt: Any, started: float) -> int:
-    try:
-        begin = ckpt.start_point()  # before building: a bad checkpoint fails fast
-        loader = make_loader(cfg, run, env)
-        held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
-        engine = build_engine(cfg, env, run, begin.init)
-        env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
-        restored = ckpt.restore(begin, engine, loader)  # None: nothing to restore
-        spikes = SpikeGuard(cfg, env, ckpt, say)
-        after_rollback = spikes.resumed(restored, loader)  # the detector's history; the data a rollback skipped
-    except BaseException:
-        # A refused checkpoint or bad data once the groups exist: close them, so the CLI's one line and exit 2 are
-        # the end (gloo's threads left to interpreter exit can abort the process: "terminate called ...", -6).
-        env.destroy()
-        raise
+def prepare(cfg: Config, run: ResolvedRun, env: DistEnv, ckpt: CheckpointManager) -> Prepared:
+    """The start point first (a bad checkpoint fails before anything is built), then data, engine, restore."""
+    begin = ckpt.start_point()
+    loader = make_loader(cfg, run, env)
+    held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
+    engine = build_engine(cfg, env, run, begin.init)
+    env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
+    spikes = SpikeGuard(cfg, env, ckpt)
+    ckpt.track(engine, loader, extra=spikes.state)
+    restored = ckpt.restore(begin)  # None: nothing to restore
+    after_rollback = spikes.resumed(restored, loader)  # the detector's history; the data a rollback skipped
     start, run_id = (restored.step, restored.meta.mlflow_run_id) if restored else (0, None)
-    run_dir = Path(cfg.checkpoint.dir)
-    history: list[dict[str, Any]] = []
-    if env.rank == 0:
-        metrics.truncate_after(run_dir, start)  # steps past the checkpoint are redone: never twice in the file
-        history = metrics.read(run_dir)  # for the backfill
-        lay = run.layout
-        say(f"{begin.describe(cfg.model.init_from)} at step {start}; world {lay.world} = tp {lay.tp} x pp {lay.pp} "
-            f"x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch {lay.global_batch} x {run.seq_len} tokens")
-        for note in (held_out_note(cfg, run), after_rollback):
-            if note:
-                say(note)
-    if stop.should_stop(env):  # preempted while starting: nothing new to save (a fresh start just starts again)
-        if env.rank == 0:
-            append_segment(run_dir, start, start, started)
-        return requeue(env, stop, start, None, "before the first step, nothing to save")
-    tracker = open_tracker(cfg, run, env.rank, resume_run_id=run_id, resume_step=start, history=history)
-    monitor = start_system_metrics(cfg, env, tracker)
-    log = StepLog(cfg, run, env, tracker, start)
-    faults = Faults()
-    profiler = StepProfiler(cfg.train.profile, run_dir, env.rank)
-    log.profiles = profiler.dir
+    return Prepared(begin, engine, loader, held_out, spikes, start, run_id,
+                    [n for n in (held_out_note(cfg, run), after_rollback) if n])
 
-    batches, streak, step = iter(loader), 0, start
+
+def announce(cfg: Config, run: ResolvedRun, env: DistEnv, prep: Prepared) -> None:
+    """Rank 0: metrics.jsonl cut back to the start (steps past it are redone: never twice in the file), and what
+    this launch is, in a line."""
+    if env.rank != 0:
+        return
+    metrics.truncate_after(Path(cfg.checkpoint.dir), prep.start)
+    lay = run.layout
+    say(f"{prep.begin.describe(cfg.model.init_from)} at step {prep.start}; world {lay.world} = tp {lay.tp} x pp "
+        f"{lay.pp} x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch {lay.global_batch} x {run.seq_len} tokens")
+    for note in prep.notes:
+        say(note)
+
+
+def loop(cfg: Config, run: ResolvedRun, env: DistEnv, ckpt: CheckpointManager, prep: Prepared,
+         stop: StopRequest) -> int:
+    """The observers hung on, the steps run, the outcome acted on."""
+    history = metrics.read(Path(cfg.checkpoint.dir)) if env.rank == 0 else []  # for the MLflow backfill
+    tracker = open_tracker(cfg, run, env.rank, resume_run_id=prep.mlflow_run_id, resume_step=prep.start,
+                           history=history)
+    log = StepLog(cfg, run, env, tracker, prep.start)
+    profiler = StepProfiler(cfg.train.profile, Path(cfg.checkpoint.dir), env, tracker)
+    log.profiles = profiler.dir
+    observers = Observers([Faults(prep.engine), log, profiler, *_sampler(cfg, env, tracker)])
+    outcome = Outcome(code=-1, step=prep.start, status="FAILED")  # an error no branch below expects
     try:
-        while step < cfg.train.max_steps:
-            step += 1
-            faults.before_step(step, engine)
-            profiler.before(step)
-            res = engine.train_step(batches)
-            streak = streak + 1 if res.skipped else 0
-            val = held_out.evaluate(engine) if _due(step, cfg.train.eval_every) else None
-            verdict = spikes.observe(step, res)
-            log.step(step, res, val, verdict, spikes.count)
-            if profiler.after(step):
-                env.barrier()  # every rank's trace is written
-                if env.rank == 0:
-                    say(f"profile of steps {profiler.first}-{profiler.last}: {profiler.dir} (one trace per rank)")
-                    if tracker:
-                        tracker.artifact_dir(profiler.dir, PROFILE_DIR)
-            if streak >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
-                                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last "
-                                     f"checkpoint in {run_dir} holds the last good state")
-            # One collective: every rank stops, or rolls back, at this same step.
-            stopping, spiked = env.any_of(stop.requested, verdict.confirmed)
-            if spiked:
-                record = spikes.roll_back(step, verdict, res, engine, loader, batches)
-                faults.after_rollback()
-                step = log.rolled_back(record)
-                if stopping or record["restart"]:  # the rollback is durable: the requeued run resumes from it
-                    return requeue(env, stop, step, tracker, "rolled back to its checkpoint, nothing new to save",
-                                   cause=None if stopping else "restarting to roll back")
-                continue
-            # A stop saves even inside a non-finite streak or a suspected spike: skipped steps changed no weights,
-            # and the requeued run must resume from here. Periodic saves wait for a calm, finite step.
-            last = step == cfg.train.max_steps and cfg.checkpoint.final
-            if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0 and spikes.calm):
-                ckpt.save(step, engine, loader, checkpoint_run_id(tracker, run_id),
-                          on_commit=(lambda s=step: tracker.flush(up_to=s)) if tracker else None,
-                          extra=spikes.state())
-                log.committed()
-            if stopping:  # the notice's lead time must cover a step and this save: say how long the save took
-                saved = f"checkpoint committed (saved in {ckpt.wait().total_s:.1f} s)"
-                return requeue(env, stop, step, tracker, saved)
-        ckpt.wait()
+        outcome = _outcome_of_steps(cfg, env, ckpt, prep, stop, tracker, observers, profiler)
+    finally:
+        finish(outcome, cfg, env, tracker, observers, log)
+    return outcome.code
+
+
+def _outcome_of_steps(cfg: Config, env: DistEnv, ckpt: CheckpointManager, prep: Prepared, stop: StopRequest,
+                      tracker: Tracker | None, observers: Observers, profiler: StepProfiler) -> Outcome:
+    """The steps, and the ways they can end that are not a bug."""
+    try:
+        return steps(cfg, env, ckpt, prep, stop, tracker, observers)
     except NeedsPerson as e:  # a non-finite streak, or a spike past what train.spike may roll back
         try:
             ckpt.wait()  # a save of the last good state may still be in flight
         except checkpoint.CheckpointWriteError as failed:
-            return save_failed(failed, env, tracker)
-        if env.rank == 0:
-            say(f"{e}; exit {EXIT_NEEDS_PERSON}")
-        mark_failed(tracker)
-        env.destroy()
-        return EXIT_NEEDS_PERSON
+            return _save_failed(failed)
+        return Outcome(EXIT_NEEDS_PERSON, -1, f"{e}; exit {EXIT_NEEDS_PERSON}", status="FAILED")
     except checkpoint.CheckpointWriteError as e:
-        return save_failed(e, env, tracker)
+        return _save_failed(e)
     except BaseException as e:
         ckpt.abandon()
         if snapshot := profiler.out_of_memory(e):
             say(f"rank {env.rank}: out of memory; the allocator's history is in {snapshot}")
-        mark_failed(tracker)
-        if lost_peer(e):  # one line instead of a library traceback per rank
-            reason = str(e).splitlines()[0].rsplit("] ", 1)[-1]  # gloo's message without its source location
-            say(f"rank {env.rank}: a collective failed ({reason}): another rank died or "
-                f"stopped answering (train.collective_timeout_s={cfg.train.collective_timeout_s:g}); exit "
-                f"{EXIT_LOST_PEER}, resume from the last checkpoint")
-            return EXIT_LOST_PEER
+        if not lost_peer(e):
+            raise
+        reason = str(e).splitlines()[0].rsplit("] ", 1)[-1]  # gloo's message without its source location
+        return Outcome(EXIT_LOST_PEER, -1, f"rank {env.rank}: a collective failed ({reason}): another rank died or "
+                       f"stopped answering (train.collective_timeout_s={cfg.train.collective_timeout_s:g}); exit "
+                       f"{EXIT_LOST_PEER}, resume from the last checkpoint", each_rank=True, status="FAILED",
+                       close_groups=False)
+
+
+def steps(cfg: Config, env: DistEnv, ckpt: CheckpointManager, prep: Prepared, stop: StopRequest,
+          tracker: Tracker | None, observers: Observer) -> Outcome:
+    """Step until `train.max_steps`, a stop request or a rollback that restarts; a stop saves first."""
+    engine, spikes, t = prep.engine, prep.spikes, cfg.train
+    batches, streak, step = iter(prep.loader), 0, prep.start
+    while step < t.max_steps:
+        step += 1
+        observers.before_step(step)
+        res = engine.train_step(batches)
+        streak = streak + 1 if res.skipped else 0
+        val = prep.held_out.evaluate(engine) if _due(step, t.eval_every) else None
+        verdict = spikes.observe(step, res)
+        observers.after_step(StepReport(step, res, val, verdict, spikes.count))
+        if streak >= t.max_nonfinite_steps:
+            raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
+                                 f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); the last checkpoint in "
+                                 f"{cfg.checkpoint.dir} holds the last good state")
+        stopping, spiked = env.any_of(stop.requested, verdict.confirmed)  # every rank stops or rolls back here
+        if spiked:
+            record = spikes.roll_back(step, verdict, res, engine, prep.loader, batches)
+            observers.after_rollback(record)
+            step = int(record["restored_step"])
+            if stopping or record["restart"]:  # the rollback is durable: the requeued run resumes from it
+                return _requeue(stop, step, "rolled back to its checkpoint, nothing new to save",
+                                cause=None if stopping else "restarting to roll back")
+            continue
+        # A stop saves even inside a non-finite streak or a suspected spike: skipped steps changed no weights, and
+        # the requeued run must resume from here. Periodic saves wait for a calm, finite step.
+        last = step == t.max_steps and cfg.checkpoint.final
+        if stopping or last or (_due(step, cfg.checkpoint.every) and streak == 0 and spikes.calm):
+            ckpt.save(step, checkpoint_run_id(tracker, prep.mlflow_run_id),
+                      on_commit=(lambda s=step: tracker.flush(up_to=s)) if tracker else None)
+            observers.after_save(step)
+        if stopping:  # the notice's lead time must cover a step and this save: say how long the save took
+            return _requeue(stop, step, f"checkpoint committed (saved in {ckpt.wait().total_s:.1f} s)")
+    ckpt.wait()
+    return Outcome(EXIT_OK, step)
+
+
+def finish(outcome: Outcome, cfg: Config, env: DistEnv, tracker: Tracker | None, observers: Observer,
+           log: StepLog | None = None) -> int:
+    """The one teardown: the observers closed (this launch's segment recorded), the outcome said, the MLflow run
+    ended, the process groups closed; a finished run also writes its summary and registers its model."""
+    observers.close()
+    if outcome.code == EXIT_OK and log is not None:
+        log.summary(outcome.step)
+    if outcome.line and (env.rank == 0 or outcome.each_rank):
+        say(outcome.line)
+    if tracker:
+        if outcome.status == "FAILED":
+            tracker.discard()  # the steps never checkpointed: the resumed run logs them
+        tracker.finish(outcome.status)
+    if outcome.close_groups:
         env.destroy()
-        raise
-    finally:
-        log.close()
-        if monitor is not None:
-            monitor.finish()
-    log.summary(step)
-    if tracker:
-        tracker.finish("FINISHED")
-    env.destroy()
-    if cfg.train.register_as and env.rank == 0:
+    if outcome.code == EXIT_OK and cfg.train.register_as and env.rank == 0:
         register_final(cfg)
-    return EXIT_OK
-
-
-def save_failed(error: Exception, env: Any, tracker: Any) -> int:
-    if env.rank == 0:
-        say(f"{error}; exit {EXIT_SAVE_FAILED}")
-    mark_failed(tracker)
-    env.destroy()
-    return EXIT_SAVE_FAILED
-
-
-def mark_failed(tracker: Any) -> None:
-    """The MLflow run of a failed launch: the never-checkpointed steps dropped (the resumed run logs them)."""
-    if tracker:
-        tracker.discard()
-        tracker.finish("FAILED")
-
-
-def start_system_metrics(cfg: Config, env: Any, tracker: Any) -> Any:
-    """MLflow's system metrics on each node's first rank (collective: rank 0 tells the others the run id)."""
-    if not cfg.tracking.enabled or cfg.tracking.system_metrics_s <= 0:
-        return None
-    shared = [tracker.run_id if tracker else None, tracker.uri if tracker else None]
-    dist.broadcast_object_list(shared, src=0)
-    run_id, uri = shared
-    if run_id is None or env.local_rank != 0:
-        return None
-    return system_metrics(run_id, uri, cfg.tracking.system_metrics_s, int(os.environ.get("GROUP_RANK", "0")))
+    return outcome.code
 
 
 def register_final(cfg: Config) -> None:
@@ -226,14 +249,48 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def requeue(env: Any, stop: StopRequest, step: int, tracker: Any, what: str, cause: str | None = None) -> int:
+def _requeue(stop: StopRequest, step: int, what: str, cause: str | None = None) -> Outcome:
     """Once the state to resume from is durable (`what` says how: the stop checkpoint, with the time its save
-    took, so the notice's lead time can be checked): say so once, mark the MLflow run, hand back the requeue
-    code. `cause`: why, when it was not a signal."""
-    if env.rank == 0:
-        who = f"signal {signal.Signals(stop.signum).name}" if stop.signum else "a signal on another rank"
-        say(f"{cause or f'stopped by {who}'} at step {step}; {what}; exit {EXIT_REQUEUE} (requeue)")
-    if tracker:
-        tracker.finish("KILLED")
-    env.destroy()
-    return EXIT_REQUEUE
+    took, so the notice's lead time can be checked). `cause`: why, when it was not a signal."""
+    who = f"signal {signal.Signals(stop.signum).name}" if stop.signum else "a signal on another rank"
+    return Outcome(EXIT_REQUEUE, step, f"{cause or f'stopped by {who}'} at step {step}; {what}; exit {EXIT_REQUEUE} "
+                   "(requeue)", status="KILLED")
+
+
+def _save_failed(error: Exception) -> Outcome:
+    return Outcome(EXIT_SAVE_FAILED, -1, f"{error}; exit {EXIT_SAVE_FAILED}", status="FAILED")
+
+
+@contextlib.contextmanager
+def _groups_closed_on_error(env: DistEnv) -> Iterator[None]:
+    """A refused checkpoint, a held run lock or bad data once the groups exist: close them, so the CLI's one line
+    and exit 2 are the end (gloo's threads left to interpreter exit can abort the process: "terminate called
+    ...", -6)."""
+    try:
+        yield
+    except BaseException:
+        env.destroy()
+        raise
+
+
+class _Sampler(Observer):
+    """MLflow's system metrics, stopped with the launch."""
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+
+    def close(self) -> None:
+        self.monitor.finish()
+
+
+def _sampler(cfg: Config, env: DistEnv, tracker: Tracker | None) -> list[Observer]:
+    """MLflow's system metrics on each node's first rank (collective: rank 0 tells the others the run id)."""
+    if not cfg.tracking.enabled or cfg.tracking.system_metrics_s <= 0:
+        return []
+    shared = [tracker.run_id if tracker else None, tracker.uri if tracker else None]
+    dist.broadcast_object_list(shared, src=0)
+    run_id, uri = shared
+    if run_id is None or env.local_rank != 0:
+        return []
+    node = int(os.environ.get("GROUP_RANK", "0"))
+    return [_Sampler(system_metrics(run_id, uri, cfg.tracking.system_metrics_s, node))]

@@ -12,15 +12,18 @@ from typing import Any
 
 import torch
 
+from pretrain.console import say
+from pretrain.run.distributed import DistEnv
 from pretrain.run.paths import PROFILE_DIR
+from pretrain.telemetry.tracking import Tracker
+from pretrain.train.hooks import Observer, StepReport
 
 
-
-class StepProfiler:
-    def __init__(self, window: tuple[int, int] | None, run_dir: Path, rank: int):
+class StepProfiler(Observer):
+    def __init__(self, window: tuple[int, int] | None, run_dir: Path, env: DistEnv, tracker: Tracker | None = None):
         self.first, self.last = (window[0], window[0] + window[1] - 1) if window else (0, -1)
         self.dir = run_dir / PROFILE_DIR
-        self.rank = rank
+        self.env, self.rank, self.tracker = env, env.rank, tracker
         self._prof: Any = None
         self.traces: list[Path] = []
         if self.enabled and torch.cuda.is_available():  # from the start: an OOM before the window is caught too
@@ -30,8 +33,7 @@ class StepProfiler:
     def enabled(self) -> bool:
         return self.last >= self.first
 
-    def before(self, step: int) -> None:
-        """Called before step `step` runs."""
+    def before_step(self, step: int) -> None:
         if step != self.first:
             return
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -40,8 +42,18 @@ class StepProfiler:
         self._prof = torch.profiler.profile(activities=activities, record_shapes=True)
         self._prof.start()
 
-    def after(self, step: int) -> Path | None:
-        """Called after step `step` (and its evaluation, if any); the trace's path once the window is done."""
+    def after_step(self, report: StepReport) -> None:
+        """Collective at the window's last step: every rank's trace is written before rank 0 says where."""
+        if self._finish(report.step) is None:
+            return
+        self.env.barrier()
+        if self.rank == 0:
+            say(f"profile of steps {self.first}-{self.last}: {self.dir} (one trace per rank)")
+            if self.tracker:
+                self.tracker.artifact_dir(self.dir, PROFILE_DIR)
+
+    def _finish(self, step: int) -> Path | None:
+        """After step `step` (and its evaluation, if any): the trace's path once the window is done."""
         if self._prof is None or step != self.last:
             return None
         self._prof.stop()

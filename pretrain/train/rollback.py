@@ -42,11 +42,16 @@ import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from pretrain import checkpoint
 from pretrain.telemetry import metrics
+from data_pipeline.loader import TokenLoader
+from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.config import Config
+from pretrain.run.distributed import DistEnv
+from pretrain.train.engine import Engine, StepResult
+from pretrain.console import say
 from pretrain.run.paths import ROLLBACK_STATES_DIR, ROLLBACKS_FILE, rollback_state_file
 from pretrain.train.spikes import MIN_HISTORY, SpikeDetector, Verdict
 
@@ -66,8 +71,8 @@ class SpikeGuard:
     """The detector, the run's record of rollbacks, and the rollback itself. With `train.spike.enabled` off,
     `observe` is a constant and nothing else runs."""
 
-    def __init__(self, cfg: Config, env: Any, ckpt: Any, say: Callable[[str], None]) -> None:
-        self.cfg, self.env, self.ckpt, self.say = cfg.train.spike, env, ckpt, say
+    def __init__(self, cfg: Config, env: DistEnv, ckpt: CheckpointManager | None) -> None:
+        self.cfg, self.env, self.ckpt = cfg.train.spike, env, ckpt
         self.grad_accum = cfg.train.grad_accum
         self.run_dir = Path(cfg.checkpoint.dir)
         self.detector = SpikeDetector(self.cfg) if self.cfg.enabled else None
@@ -75,7 +80,7 @@ class SpikeGuard:
 
     # ----------------------------------------------------------------------------------------- per step
 
-    def observe(self, step: int, res: Any) -> Verdict:
+    def observe(self, step: int, res: StepResult) -> Verdict:
         if self.detector is None:
             return _CALM
         return self.detector.observe(step, float(res.loss), float(res.grad_norm), bool(res.skipped))
@@ -94,7 +99,7 @@ class SpikeGuard:
 
     # ------------------------------------------------------------------------------------------ resume
 
-    def resumed(self, restored: checkpoint.Loaded | None, loader: Any) -> str | None:
+    def resumed(self, restored: checkpoint.Loaded | None, loader: TokenLoader) -> str | None:
         """After the start point is restored: the record of this run's rollbacks, the detector's history, and the
         loader moved past the data a rollback to this checkpoint skipped. A line to say, or None."""
         if restored is None:  # a fresh start: an earlier run's rollbacks are not this one's (no rank reads them)
@@ -128,7 +133,7 @@ class SpikeGuard:
 
     # --------------------------------------------------------------------------------------- rollback
 
-    def roll_back(self, step: int, verdict: Verdict, res: Any, engine: Any, loader: Any,
+    def roll_back(self, step: int, verdict: Verdict, res: StepResult, engine: Engine, loader: TokenLoader,
                   batches: Iterator[Any]) -> dict[str, Any]:
         """Collective. The record of the rollback: its `restored_step` is where the loop continues from, or, with
         `restart`, where the next launch starts (the run then exits 42 to be requeued)."""
@@ -174,12 +179,12 @@ class SpikeGuard:
         self.records.append(record)
         record["restart"] = restart
         if env.rank == 0:
-            self.say(f"{what}: rollback {n} of at most {cfg.max_rollbacks}: restored {step_dir.name}; the "
+            say(f"{what}: rollback {n} of at most {cfg.max_rollbacks}: restored {step_dir.name}; the "
                      f"{read} global batches read since (and skipped) are never trained on; "
                      f"{_ahead_note(ahead, cfg.max_skip_batches)}; {then} (record: {self.run_dir / ROLLBACKS_FILE})")
         return record
 
-    def _look_ahead(self, engine: Any, loader: Any,
+    def _look_ahead(self, engine: Engine, loader: TokenLoader,
                     batches: Iterator[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Collective: step 4 of the module's docstring, with the restored weights and history. What it did (for
         the record) and this rank's loader state past the batches it skipped."""
@@ -241,7 +246,7 @@ class SpikeGuard:
         env.barrier()
 
 
-def forward_loss(engine: Any, micro: list[Any]) -> float:
+def forward_loss(engine: Engine, micro: list[Any]) -> float:
     """The global batch's loss under the current weights, forward only (the eval path: no gradient, no update):
     the mean over its micro-batches and the DP ranks, the same on every rank, as a training step reports it."""
     it = iter(micro)
@@ -264,6 +269,6 @@ def _ahead_note(ahead: dict[str, Any], bound: int) -> str:
             f"(loss z {z:.1f}), the stretch's edge")
 
 
-def _agree(env: Any, failure: OSError | None) -> None:
+def _agree(env: DistEnv, failure: OSError | None) -> None:
     if env.all_reduce_max(1.0 if failure else 0.0) > 0:
         raise NeedsPerson(f"could not record the rollback: {failure or 'failed on another rank (see its log)'}")

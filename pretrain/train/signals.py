@@ -18,6 +18,7 @@ import signal
 from types import FrameType
 from typing import Protocol
 
+from pretrain.console import say_from_signal_handler
 from pretrain.run.exits import EXIT_INTERRUPTED
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -25,12 +26,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 class _Reducer(Protocol):
     def all_reduce_max(self, value: float) -> float: ...
-
-
-def _say(text: str) -> None:
-    """From a signal handler: a raw write, since print() may be in the middle of writing to stderr already."""
-    if os.environ.get("RANK", "0") == "0":
-        os.write(2, f"[train] {text}\n".encode())
 
 
 class StopRequest:
@@ -49,9 +44,9 @@ class StopRequest:
             return
         if signum == signal.SIGINT:
             if self.signum == signal.SIGINT:
-                _say(f"second interrupt: exiting now without a checkpoint (exit {EXIT_INTERRUPTED})")
+                say_from_signal_handler(f"second interrupt: exiting now without a checkpoint (exit {EXIT_INTERRUPTED})")
                 os._exit(EXIT_INTERRUPTED)
-            _say("interrupt: stopping after the current step, with a checkpoint (Ctrl-C again to exit at once)")
+            say_from_signal_handler("interrupt: stopping after the current step, with a checkpoint (Ctrl-C again to exit at once)")
         if self.signum is None or signum == signal.SIGINT:
             self.signum = signum
 

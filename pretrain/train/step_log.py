@@ -14,16 +14,18 @@ from pretrain.config import Config
 from pretrain.console import say
 from pretrain.model.flops import flops_per_token
 from pretrain.run.paths import LATEST, METRICS_FILE, SEGMENTS_FILE, SUMMARY_FILE
+from pretrain.run.distributed import DistEnv
 from pretrain.run.resolved import ResolvedRun
 from pretrain.telemetry import metrics
-from pretrain.telemetry.tracking import step_values, ui_hint
+from pretrain.telemetry.tracking import Tracker, step_values, ui_hint
+from pretrain.train.hooks import Observer, StepReport
 
 
-class StepLog:
+class StepLog(Observer):
     """Rank 0's outputs per step: metrics.jsonl, MLflow buffer, and a progress bar or plain log lines; per
     segment (one launch: a requeue or resume starts the next), a line in segments.jsonl; at the end summary.json."""
 
-    def __init__(self, cfg: Config, run: ResolvedRun, env: Any, tracker: Any, start: int) -> None:
+    def __init__(self, cfg: Config, run: ResolvedRun, env: DistEnv, tracker: Tracker | None, start: int) -> None:
         self.cfg, self.env, self.tracker, self.start = cfg, env, tracker, start
         self.on = env.rank == 0
         tokens_per_step = run.tokens_per_step
@@ -48,12 +50,13 @@ class StepLog:
             # (stopped while starting, then requeued) are this run's beginning and stay.
             self.segments.unlink()
 
-    def step(self, step: int, res: Any, val: float | None, verdict: Any = None, rollbacks: int | None = None) -> None:
+    def after_step(self, report: StepReport) -> None:
+        step, res, val, verdict = report.step, report.result, report.val_loss, report.verdict
         rec = self.meter.record(step, float(res.loss), float(res.lr), float(res.grad_norm), bool(res.skipped),
                                 data_wait_s=getattr(res, "data_wait_s", None))
         if verdict is not None:
             rec.loss_z, rec.grad_norm_z = verdict.loss_z, verdict.grad_norm_z
-        rec.rollbacks = rollbacks
+        rec.rollbacks = report.rollbacks
         if val is not None:
             rec.val_loss, rec.val_ppl = val, math.exp(min(val, 50.0))
         self.last, self.skipped, self.at = rec, self.skipped + int(rec.skipped), step
@@ -68,12 +71,12 @@ class StepLog:
         elif step % self.cfg.train.log_every == 0 or rec.skipped or val is not None or step == self.start + 1:
             print(rec.line(), flush=True)
 
-    def committed(self) -> None:
+    def after_save(self, step: int) -> None:
         self.meter.restart_clock()  # a checkpoint's time is not a step's time
 
-    def rolled_back(self, record: dict[str, Any]) -> int:
-        """After a spike rollback: metrics.jsonl cut back to the restored step (the discarded records are in
-        rollbacks.jsonl), MLflow told; the step the loop continues from."""
+    def after_rollback(self, record: dict[str, Any]) -> None:
+        """metrics.jsonl cut back to the restored step (the discarded records are in rollbacks.jsonl), MLflow
+        told."""
         step = int(record["restored_step"])
         self.meter.tokens = step * self.meter.tokens_per_step
         self.meter.restart_clock()
@@ -86,7 +89,6 @@ class StepLog:
                 self.bar.n = step
             if self.tracker:
                 self.tracker.rolled_back(record)
-        return step
 
     def close(self) -> None:
         """End of this segment however it ends (done, stopped, aborted, failed): appended to segments.jsonl."""

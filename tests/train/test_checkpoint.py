@@ -91,7 +91,7 @@ def test_checkpoint_copies_the_tokenizers_own_files_only(tmp_path):
     step = tmp_path / "step_1"
     step.mkdir()
     copy_tokenizer(TokenizerFacts(identity=tok.identity, kind=tok.kind, vocab_size=tok.vocab_size,
-                                  eos_id=tok.eos_id, path=str(src)), step, print)
+                                  eos_id=tok.eos_id, path=str(src)), step)
     copied = step / ckpt.TOKENIZER_DIR
     assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in src.iterdir()
                                                                if p.name not in ("config.json",

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from shared_runs import plain_run
+from spawn import REPO, child_env
 from train_common import run_python, train_args
 
 
@@ -79,3 +82,17 @@ def test_exit_now_keeps_what_a_normal_exit_does_before_the_teardown(tmp_path):
     assert p.stdout == "no newline, block-buffered"
     assert {f.name: f.read_text() for f in tmp_path.iterdir()} == {"atexit": "ran", "thread": "joined",
                                                                    "executor": "done"}
+
+
+def test_deepspeed_s_compiled_op_is_cached_inside_the_environment(tmp_path):
+    """Two environments on one machine (two clones) no longer rebuild DeepSpeed's CPU comm op for each other
+    (about 50 s of CPU each time): its cache is the environment's own, unless the user chose one."""
+    show = ("import os, sys; from pretrain.libraries import lighten_imports; lighten_imports(); "
+            "print(os.environ['TORCH_EXTENSIONS_DIR'], os.path.join(sys.prefix, 'torch_extensions'))")
+    env = {k: v for k, v in child_env().items() if k != "TORCH_EXTENSIONS_DIR"}
+    p = subprocess.run([sys.executable, "-c", show], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    chosen, own = p.stdout.split()
+    assert chosen == own, p.stderr
+    p = subprocess.run([sys.executable, "-c", show], cwd=REPO, env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+                       capture_output=True, text=True, timeout=60)
+    assert p.stdout.split()[0] == str(tmp_path), p.stderr

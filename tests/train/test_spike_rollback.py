@@ -282,7 +282,7 @@ def test_the_look_ahead_skips_spike_level_batches_and_the_calm_edge_up_to_its_bo
     cfg = load_config(None, ["train.spike.enabled=true", "train.spike.window=8", f"train.spike.max_skip_batches="
                              f"{bound}", "train.grad_accum=2", "checkpoint.every=5", f"checkpoint.dir={tmp_path}"])
     env = SimpleNamespace(rank=0, any_of=lambda *flags: flags)
-    guard = SpikeGuard(cfg, env, ckpt=None, say=print)
+    guard = SpikeGuard(cfg, env, ckpt=None)
     for step in range(1, 9):
         guard.detector.observe(step, 3.0, 1.0, False)
     losses = [9.0, 9.0, 8.0, 8.0, 7.5, 7.5, 3.0, 3.0, 3.0, 3.0]  # 3 spike-level batches, then calm ones

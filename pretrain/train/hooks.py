@@ -1,0 +1,71 @@
+"""The moments of the loop an observer can hang on, and what it is told at each (OLMo-core's callbacks, smaller).
+
+Observers watch and record: the step log, the profiler, the system-metrics sampler, the tests' fault hooks. What
+the run does next (stop, roll back, save) is decided in the loop itself, where it can be read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # the engine imports DeepSpeed; observers need only the names
+    from pretrain.train.engine import StepResult
+    from pretrain.train.spikes import Verdict
+
+
+@dataclass
+class StepReport:
+    """One optimizer step as the observers see it: the engine's result (loss, lr, grad norm, skipped), the held-out
+    loss when evaluated, the spike detector's verdict and the rollbacks so far."""
+    step: int
+    result: StepResult
+    val_loss: float | None
+    verdict: Verdict
+    rollbacks: int
+
+
+class Observer:
+    """Every hook does nothing unless a subclass says otherwise."""
+
+    def before_step(self, step: int) -> None:
+        """Before step `step` runs."""
+
+    def after_step(self, report: StepReport) -> None:
+        """After the step and its evaluation; collective when an observer makes it so (every rank calls it)."""
+
+    def after_save(self, step: int) -> None:
+        """A save of step `step` has started (it commits in the background)."""
+
+    def after_rollback(self, record: dict[str, Any]) -> None:
+        """The run went back to `record["restored_step"]` (train/rollback.py's record)."""
+
+    def close(self) -> None:
+        """The launch ends, however it ends."""
+
+
+class Observers(Observer):
+    """The observers of one launch, called in order."""
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self.all = list(observers)
+
+    def before_step(self, step: int) -> None:
+        for o in self.all:
+            o.before_step(step)
+
+    def after_step(self, report: StepReport) -> None:
+        for o in self.all:
+            o.after_step(report)
+
+    def after_save(self, step: int) -> None:
+        for o in self.all:
+            o.after_save(step)
+
+    def after_rollback(self, record: dict[str, Any]) -> None:
+        for o in self.all:
+            o.after_rollback(record)
+
+    def close(self) -> None:
+        """Every observer's close, in order (each reports its own failures: the error that ended the launch, if
+        any, is the one to raise)."""
+        for o in self.all:
+            o.close()
