@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from launch.plan import LaunchError, LaunchPlan
+from pretrain.run.resolved import resolve_run
+from pretrain.config import ConfigError, load_config
+from data_pipeline.errors import DataError
 
 
 def config_args(command: list[str]) -> tuple[str | None, list[str]]:
@@ -53,9 +56,6 @@ def check_world(plan: LaunchPlan, command: list[str], expect_world: int | None =
     config, overrides = config_args(command)
     if config is None:
         return
-    from data_pipeline.errors import DataError
-    from pretrain.config import ConfigError, load_config
-    from pretrain.run.resolved import resolve_run
 
     try:
         cfg = load_config(Path(config), overrides)

@@ -20,10 +20,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.errors import DataError  # LoaderStateError, TokenizerError, ... are DataErrors
 from pretrain import console
 from pretrain.config import ConfigError, load_config
-from pretrain.run.exits import EXIT_BAD_INPUT
 from pretrain.libraries import lighten_imports
+from pretrain.model.args import PUBLISHED_VOCAB
+from pretrain.output_dir import nearest_existing
+from pretrain.plan.describe import describe, estimate, fits, rank_layouts, ranking_lines, throughput
+from pretrain.plan.fit import check_memory
+from pretrain.plan.hardware import Links, gpu_memory_gib, known_gpus, peak_tflops_for
+from pretrain.run.exits import EXIT_BAD_INPUT
+from pretrain.run.resolved import held_out_note, resolve_run
+from pretrain.telemetry.tracking import check_uri, tracking_uri
+from pretrain.train.signals import StopRequest
 
 
 def _positive_int(text: str) -> int:
@@ -178,7 +187,6 @@ PLAN_DEFAULT_VOCAB = 32000
 
 def _assumed_vocab(flavor: str) -> tuple[int, str]:
     """The vocabulary `plan` assumes without data: the flavor's published tokenizer, else 32000; and the reason."""
-    from pretrain.model.args import PUBLISHED_VOCAB
 
     if flavor in PUBLISHED_VOCAB:
         vocab, family = PUBLISHED_VOCAB[flavor]
@@ -190,8 +198,6 @@ def _check_outputs(cfg) -> None:
     """Where the run will write: checkpoint.dir can be created and written, and the MLflow store answers (a few
     seconds at most). Training itself goes on without MLflow (pretrain/telemetry/tracking.py); a dry run is the place to
     hear about it."""
-    from pretrain.output_dir import nearest_existing
-    from pretrain.telemetry.tracking import check_uri, tracking_uri
 
     folder = Path(cfg.checkpoint.dir).resolve()
     existing = nearest_existing(folder)
@@ -206,12 +212,12 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
     """Resolve the run exactly as `pretrain train` does at start (the same checks, data included) and describe
     it, building nothing and importing no torch. `assume_vocab` (plan): planning a cluster before any data exists
     is normal, so an unknown vocabulary becomes a stated assumption instead of an error."""
-    from pretrain.plan.describe import describe, estimate, fits, throughput
-    from pretrain.run.resolved import held_out_note, resolve_run
 
     peak = _peak_tflops(gpu) if gpu is not None else None  # a bad --gpu fails before anything is printed
     assumed, why = _assumed_vocab(cfg.model.flavor) if assume_vocab else (None, "")
     run = resolve_run(cfg, world, require_data=not assume_vocab, vocab_without_data=assumed)
+    if not assume_vocab:  # this host's run, as its start checks it: a shape it cannot hold is refused here
+        check_memory(cfg, run)
     vocab = cfg.model.vocab_size or (run.tokenizer.vocab_size if run.tokenizer else assumed)  # before padding
     if run.tokenizer is None and cfg.model.vocab_size is None:
         print(f"note: no shards at data.path; assuming a {vocab}-token vocabulary ({why}; "
@@ -224,8 +230,6 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
     if peak is not None:
         print(throughput(cfg, e, peak, mfu))
     if ranking is not None and gpu is not None:
-        from pretrain.plan.describe import rank_layouts, ranking_lines
-        from pretrain.plan.hardware import Links
 
         ranked = rank_layouts(cfg, ranking.nodes, ranking.gpus_per_node, vocab, gpu, peak, ranking.efficiency,
                               Links(nvlink=ranking.nvlink_gbs, ib=ranking.ib_gbs))
@@ -258,8 +262,6 @@ def _local_gpu() -> str | None:
     node)."""
     import subprocess
 
-    from pretrain.plan.hardware import gpu_memory_gib, peak_tflops_for
-
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=30)
@@ -271,7 +273,6 @@ def _local_gpu() -> str | None:
 
 
 def _peak_tflops(gpu: str) -> float:
-    from pretrain.plan.hardware import known_gpus, peak_tflops_for
 
     peak = peak_tflops_for(gpu)
     if peak is None:
@@ -397,10 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     stop = None
     if args.command == "train" and not args.dry_run:
-        from pretrain.train.signals import StopRequest
         # Before torch/DeepSpeed imports (seconds): a preemption signal during start-up must not kill the rank.
         stop = StopRequest().install()
-    from data_pipeline.errors import DataError  # LoaderStateError, TokenizerError, ... are DataErrors
 
     user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError)
     if args.command != "plan" and not getattr(args, "dry_run", False):  # plan and dry runs import no torch

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 # The bounds every numeric field shares. A float is finite: inf and nan pass `gt=0` and then crash a run (timedelta
 # overflows) or corrupt it silently (lr=inf trains nan weights and commits them). A count is a whole number below
 # 2**31: every count ends up in a C int (a tensor shape, DeepSpeed's config, a deque's maxlen), and long before that
-# the memory check (`pretrain.run.resolved.check_memory`) refuses a shape that cannot fit. Each field adds the bounds
+# the memory check (`pretrain.plan.fit.check_memory`) refuses a shape that cannot fit. Each field adds the bounds
 # its own meaning implies (positive, a fraction, ...).
 MAX_COUNT = 2**31 - 1
 Finite = FiniteFloat

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pretrain.run.exits import EXIT_REQUEUE
 from pretrain.run.paths import LATEST, METRICS_FILE, MLFLOW_DB, MLFLOW_DIR
+from data_pipeline import sample_corpus
 
 ROOT = Path("runs/demo")
 CONFIG = "configs/debug.yaml"
@@ -105,7 +106,6 @@ def train_command(py: str) -> list[str]:
 
 
 def main() -> int:
-    from data_pipeline import sample_corpus
 
     t0 = time.time()
     py = sys.executable

@@ -16,11 +16,11 @@ Hugging Face import and export live beside it in pretrain/hf/.
 """
 from pretrain.checkpoint.commit import (CheckpointError, CheckpointWriteError, Collective, Loaded, Meta, PendingSave,
                                         atomic_write, choose, list_steps, load, point_latest, read_meta,
-                                        read_rank_file, remove_stale_temps, resolve_checkpoint_arg, save,
+                                        read_rank_file, remove_stale_temps, resolve_checkpoint_arg, run_of, save,
                                         save_in_background, verify, write_manifest)
 from pretrain.run.paths import CONFIG, LATEST, MANIFEST, META, TOKENIZER_DIR, rank_file, step_dir_name
 
 __all__ = ["CONFIG", "LATEST", "MANIFEST", "META", "TOKENIZER_DIR", "CheckpointError", "CheckpointWriteError",
            "Collective", "Loaded", "Meta", "PendingSave", "atomic_write", "choose", "list_steps", "load",
            "point_latest", "rank_file", "read_meta", "read_rank_file", "remove_stale_temps", "resolve_checkpoint_arg",
-           "save", "save_in_background", "step_dir_name", "verify", "write_manifest"]
+           "run_of", "save", "save_in_background", "step_dir_name", "verify", "write_manifest"]

@@ -44,6 +44,7 @@ from pretrain.checkpoint import files as checkpoint_files
 from pretrain.checkpoint import records
 from pretrain.checkpoint.records import CheckpointError, Meta
 from pretrain.console import say
+from pretrain.run.resolved import ResolvedRun
 from pretrain.run.paths import CONFIG, DIGESTS, LATEST, MANIFEST, META, STEP_RE, TEMP_PREFIX, rank_file, step_dir_name
 
 
@@ -465,6 +466,15 @@ def read_meta(step_dir: str | Path) -> Meta:
     mpath = step_dir / MANIFEST
     manifest = records.check_manifest(step_dir, records.read_json(mpath)) if os.path.lexists(mpath) else None
     return records.parse_meta(step_dir, records.read_json(path), manifest["step"] if manifest else None)
+
+
+def run_of(step_dir: str | Path) -> ResolvedRun:
+    """The run a committed checkpoint was written by (its meta.json); one-line error if it has none."""
+    meta = read_meta(step_dir)
+    if not meta.resolved:
+        raise CheckpointError(f"{step_dir}/{META} has no resolved run (written by an older version); re-save it "
+                              "with this version")
+    return ResolvedRun.from_dict(meta.resolved)
 
 
 def resolve_checkpoint_arg(path: str | Path) -> Path:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from pretrain.checkpoint.records import CheckpointError
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,7 +56,6 @@ def load(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) -> 
     """torch.load restricted to tensors, plain data and `allowed_globals()`. Whatever stops the load (a refused
     object, a truncated or foreign file: torch says RuntimeError, EOFError, KeyError, ... by case) is a
     CheckpointError naming the file, so every command that reads a checkpoint says it in one line."""
-    from pretrain.checkpoint.records import CheckpointError
 
     if os.path.islink(path):  # verify refused it already where a step was verified; here for every other caller
         raise CheckpointError(f"{path}: is a symlink; a save never writes one, refusing to follow it")

@@ -27,6 +27,8 @@ from pretrain.console import say
 from pretrain.run.distributed import DistEnv
 from pretrain.run.paths import TOKENIZER_DIR
 from pretrain.run.resolved import ResolvedRun, TokenizerFacts
+from pretrain.checkpoint.resume import saved_run
+from data_pipeline.tokenizer import tokenizer_files
 
 
 class CheckpointManager:
@@ -75,7 +77,6 @@ class CheckpointManager:
     def rewindable(self, step_dir: Path) -> bool:
         """Whether `rewind` can load `step_dir` into the live engine: only a checkpoint of this layout can (one of
         another layout, from before a resume that re-sliced it, is re-sliced only when an engine is built)."""
-        from pretrain.checkpoint.resume import saved_run
 
         return saved_run(step_dir, self.run) is None
 
@@ -146,7 +147,6 @@ def copy_tokenizer(tokenizer: TokenizerFacts | None, dest: Path) -> None:
     if src is None or not src.exists():
         say(f"WARNING: tokenizer {src} is gone; {dest} holds no {TOKENIZER_DIR}/ copy")
         return
-    from data_pipeline.tokenizer import tokenizer_files
 
     out = dest / TOKENIZER_DIR
     out.mkdir()

@@ -48,7 +48,7 @@ from typing import Any, Iterator
 import torch
 
 from pretrain.checkpoint import files as checkpoint_files
-from pretrain.checkpoint import CheckpointError, verify
+from pretrain.checkpoint import CheckpointError, run_of, verify
 from pretrain.model.init import reference_shapes
 from pretrain.parallel.optimizer import decays
 from pretrain.parallel.pipeline import reference_name
@@ -70,7 +70,7 @@ class CheckpointReader:
         self.mapped_bytes = 0  # bytes read through the mappings in self._files since they were last dropped
         # the training step the checkpoint was committed at
         self.step = int(verify(self.step_dir, hashes=not verified)["step"])
-        self.run: ResolvedRun = ResolvedRun.of_checkpoint(self.step_dir)
+        self.run: ResolvedRun = run_of(self.step_dir)
         self.dir = self.step_dir / MODEL_DIR
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.step_dir}: no DeepSpeed directory '{MODEL_DIR}'")

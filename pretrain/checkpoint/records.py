@@ -37,6 +37,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pretrain.run.paths import LATEST, MANIFEST, META, STEP_RE  # noqa: F401 - re-exported
+from pretrain.run.resolved import ResolvedRun, TokenizerFacts
+from pretrain.config import Layout
 
 
 class CheckpointError(RuntimeError):
@@ -189,8 +191,6 @@ def parse_meta(step_dir: Path, raw: Any, manifest_step: int | None) -> Meta:
 
 def _check_parts(where: Path, meta: Meta) -> None:
     """tokenizer, layout and resolved: typed records that agree with each other."""
-    from pretrain.config import Layout
-    from pretrain.run.resolved import ResolvedRun, TokenizerFacts
 
     if meta.tokenizer:
         check_record(where, "tokenizer", meta.tokenizer, TokenizerFacts)

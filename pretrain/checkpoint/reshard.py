@@ -32,6 +32,7 @@ from pretrain.model.args import ModelArgs
 from pretrain.model.init import VOCAB_ROWS, local_slice, reference_shapes
 from pretrain.checkpoint.reader import CheckpointReader
 from pretrain.run.resolved import ResolvedRun
+from pretrain.checkpoint.weights import shape_differences
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -50,7 +51,6 @@ def needs_reslicing(saved: ResolvedRun, now: ResolvedRun) -> bool:
 
 def check_same_model(saved: ModelArgs, now: ModelArgs, where: Path) -> None:
     """Only the layout may change: the same network (the vocabulary padding and max_seq_len aside)."""
-    from pretrain.checkpoint.weights import shape_differences
 
     diff = [f"{k} {getattr(saved, k)} -> {getattr(now, k)}" for k in shape_differences(saved, now)]
     if diff:

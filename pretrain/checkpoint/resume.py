@@ -18,6 +18,10 @@ from pretrain.config import Config
 from pretrain.console import say
 from pretrain.run.distributed import DistEnv
 from pretrain.run.resolved import ResolvedRun
+from pretrain.checkpoint.weights import init_source
+from pretrain.checkpoint.reshard import layout_words
+from pretrain.checkpoint.reshard import check_same_model, needs_reslicing
+from pretrain.checkpoint.reader import CheckpointReader
 
 
 @dataclass(frozen=True)
@@ -34,9 +38,6 @@ class StartPoint:
 
 def choose_start(cfg: Config, run: ResolvedRun, env: DistEnv) -> StartPoint:
     """Collective (checkpoint.choose agrees across ranks). Rank 0 says what will be re-sliced."""
-    from pretrain.checkpoint.reader import CheckpointReader
-    from pretrain.checkpoint.reshard import layout_words
-    from pretrain.checkpoint.weights import init_source
 
     chosen = checkpoint.choose(Path(cfg.checkpoint.dir), cfg.checkpoint.resume, env)
     if chosen is None:
@@ -104,10 +105,9 @@ def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:
     from this one's, so that DeepSpeed's own per-rank files cannot be loaded as they are; None when they can.
     A checkpoint of another model (not only another layout) is refused here, in one line, before the engine is
     built from it (building would otherwise fail first, with a shape traceback)."""
-    from pretrain.checkpoint.reshard import check_same_model, needs_reslicing
 
     try:
-        saved = ResolvedRun.of_checkpoint(step_dir)
+        saved = checkpoint.run_of(step_dir)
     except checkpoint.CheckpointError:  # written before runs were recorded: only its own layout can load it
         old = checkpoint.read_meta(step_dir).layout
         if old and any(old.get(k) != getattr(run.layout, k) for k in ("tp", "pp", "dp")):

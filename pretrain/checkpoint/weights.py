@@ -23,6 +23,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.run.resolved import ResolvedRun
 from pretrain.run.paths import IMPORTED_WEIGHTS
 from pretrain.checkpoint.safetensors_dir import SafetensorsDir
+from data_pipeline.tokenizer import load_tokenizer
 
 
 
@@ -40,7 +41,7 @@ class ImportedWeights:
 
     def __init__(self, step_dir: str | Path):
         self.step_dir = Path(step_dir)
-        self.run = ResolvedRun.of_checkpoint(self.step_dir)
+        self.run = checkpoint.run_of(self.step_dir)
         folder = self.step_dir / IMPORTED_WEIGHTS
         with _reading(folder):
             self._files = SafetensorsDir(folder)
@@ -128,7 +129,6 @@ def init_source(cfg: Config, run: ResolvedRun) -> WeightSource:
 def checkpoint_tokenizer(step_dir: Path, run: ResolvedRun, override: str | None = None) -> tuple[str, Any]:
     """(path, loaded tokenizer) to use with a checkpoint: --tokenizer, else the checkpoint's copy, else the path
     training recorded; the same tokenizer the model was trained with (identity hash) or a one-line error."""
-    from data_pipeline.tokenizer import load_tokenizer
 
     copied = step_dir / checkpoint.TOKENIZER_DIR
     recorded = run.tokenizer.path if run.tokenizer else ""

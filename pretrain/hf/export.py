@@ -24,6 +24,7 @@ from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
 from pretrain.output_dir import written_whole
 from pretrain.checkpoint.safetensors_dir import DEFAULT_SHARD_BYTES, write_sharded
+from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
 
 Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 
@@ -51,7 +52,6 @@ def _renamed(weights: Weights, args: ModelArgs, dtype: torch.dtype) -> Iterator[
 def export_tokenizer(src: str | Path, dest: Path, *, max_len: int) -> None:
     """Copy the tokenizer files and complete tokenizer_config.json so AutoTokenizer can load `dest`: the class,
     the special tokens by content, and the context length. A sentencepiece model becomes `tokenizer.model`."""
-    from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
 
     src = Path(src)
     tok = load_tokenizer(str(src))

@@ -29,14 +29,14 @@ from pretrain.output_dir import refuse_non_empty, written_whole
 from pretrain.run.resolved import ResolvedRun, TokenizerFacts
 from pretrain.checkpoint.safetensors_dir import DEFAULT_SHARD_BYTES, SafetensorsDir, write_sharded
 from pretrain.run.paths import IMPORTED_WEIGHTS
+from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
+from data_pipeline.errors import DataError
 
 _KEPT = (torch.float32, torch.bfloat16)  # stored as they are; fp16/fp64 become fp32 (exact for fp16)
 
 
 def _tokenizer(src: Path, dest: Path, model: ModelArgs) -> TokenizerFacts:
     """Copy the tokenizer files into `dest` and describe them (identity hash, special ids) from the copy."""
-    from data_pipeline.errors import DataError
-    from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
 
     try:
         files = [Path(f) for f in tokenizer_files(str(src))]

@@ -62,7 +62,7 @@ from pretrain.model.args import ModelArgs
 from pretrain.model.flops import flops_per_token, matmul_params
 from pretrain.model.loss_chunks import bytes_per_logit, chunk_tokens
 from pretrain.plan.hardware import Links, gpu_memory_gib, known_gpus
-from pretrain.run.resolved import ResolvedRun
+from pretrain.run.resolved import ResolvedRun, resolve_run
 
 GiB = 1024**3
 ZERO3_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's reduce_bucket_size default, allocated by ZeRO-3
@@ -176,10 +176,8 @@ def planned_run(cfg: Config, world_size: int, vocab_size: int | None = None) -> 
     """The ResolvedRun of this config at this world size, with `vocab_size` standing in for the tokenizer's when
     given (planning, and the layout ranking's many candidates: the shards are not read again for each). Layout and
     padded model shape come from pretrain.run.resolved, derived once."""
-    from pretrain.run.resolved import resolve_run
-
     if vocab_size is None and cfg.model.vocab_size is None:
-        return resolve_run(cfg, world_size, fit_host=False)  # a description, not this host's run
+        return resolve_run(cfg, world_size)  # a description, not this host's run: no memory check here
     no_data = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": "", "val_path": None})})
     return resolve_run(no_data, world_size, require_data=False, vocab_without_data=vocab_size)
 

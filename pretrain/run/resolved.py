@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from data_pipeline.errors import DataError, ShardError, TokenizerError
+from data_pipeline.manifest import MANIFEST_NAME
+from data_pipeline.plan import check_split
+from data_pipeline.shardset import resolve
+from data_pipeline.tokenizer import load_tokenizer
 from pretrain.config import Config, ConfigError, Layout, check_layout, resolve_layout
 from pretrain.model.args import ModelArgs
 
@@ -99,17 +101,6 @@ class ResolvedRun:
                    train_data=facts(d.get("train_data")), val_data=facts(d.get("val_data")),
                    seq_len=d["seq_len"], dtype=d["dtype"], zero_stage=d["zero_stage"])
 
-    @classmethod
-    def of_checkpoint(cls, step_dir: str | Path) -> "ResolvedRun":
-        """The run a committed checkpoint was written by (its meta.json); one-line error if it has none."""
-        from pretrain.checkpoint import CheckpointError, read_meta
-
-        meta = read_meta(step_dir)
-        if not meta.resolved:
-            raise CheckpointError(f"{step_dir}/meta.json has no resolved run (written by an older version); "
-                                  "re-save it with this version")
-        return cls.from_dict(meta.resolved)
-
 
 class MissingDataError(ConfigError):
     """data.path names no shards: a training run (and its --dry-run) stops here; planning may go on without data."""
@@ -144,9 +135,6 @@ def _missing(cfg: Config) -> str | None:
 
 def _shard_sets(key: str, path: str | list[str]) -> list[Any]:
     """Every source of `key` resolved to its manifest and shards; a DataError names the config key."""
-    from data_pipeline.errors import DataError, ShardError
-    from data_pipeline.shardset import resolve
-
     for spec in _sources(path):
         if _absent(spec):
             raise ShardError(f"{key}: {spec} does not exist (make shards with `pretrain-data prepare`, with the "
@@ -165,8 +153,6 @@ def _facts(sets: list[Any]) -> DataFacts:
 
 
 def _same_tokenizer(key: str, sets: list[Any], identity: str, reference: str) -> None:
-    from data_pipeline.errors import TokenizerError
-
     for s in sets:
         other = s.manifest.tokenizer.identity
         if other != identity:
@@ -177,8 +163,6 @@ def _same_tokenizer(key: str, sets: list[Any], identity: str, reference: str) ->
 
 def _splittable(key: str, sets: list[Any], layout: Layout, num_workers: int) -> None:
     """The loader's own rule (data_pipeline.plan.check_split), checked for this layout before anything starts."""
-    from data_pipeline.plan import check_split
-
     for s in sets:
         check_split(f"{key}: {s.spec}", sum(s.samples), layout.dp, num_workers)
 
@@ -196,9 +180,6 @@ def _tokenizer_facts(cfg: Config, info: Any, manifest_dir: str) -> TokenizerFact
     """The shards' tokenizer with an absolute path to its files, which every checkpoint copies. The files must
     exist and be the tokenizer the manifest names, else a one-line TokenizerError saying how to fix it: a
     checkpoint without its tokenizer cannot be sampled from or exported."""
-    from data_pipeline.errors import TokenizerError
-    from data_pipeline.manifest import MANIFEST_NAME
-
     where = os.path.join(manifest_dir, MANIFEST_NAME)
     tried = [os.path.abspath(cfg.data.tokenizer)] if cfg.data.tokenizer else _recorded_paths(info.path, manifest_dir)
     path = next((p for p in tried if os.path.exists(p)), "")
@@ -208,8 +189,6 @@ def _tokenizer_facts(cfg: Config, info: Any, manifest_dir: str) -> TokenizerFact
                  f"(recorded in {where}" + (f"; tried {', '.join(tried)})" if len(tried) > 1 else ")"))
         raise TokenizerError(f"{named}; every checkpoint carries a copy for generate/export: set "
                              "data.tokenizer=<its directory or tokenizer.json/.model file>")
-    from data_pipeline.tokenizer import load_tokenizer
-
     found = load_tokenizer(path).identity
     if found != info.identity:
         key = "data.tokenizer" if cfg.data.tokenizer else "the recorded tokenizer"
@@ -221,19 +200,18 @@ def _tokenizer_facts(cfg: Config, info: Any, manifest_dir: str) -> TokenizerFact
 
 
 def resolve_run(cfg: Config, world_size: int, *, require_data: bool = True,
-                vocab_without_data: int | None = None, fit_host: bool = True) -> ResolvedRun:
+                vocab_without_data: int | None = None) -> ResolvedRun:
     """Config + world + manifests -> the run, with every check that needs no process group. One-line
     ConfigError / DataError otherwise.
 
     Training, its `--dry-run` and the launcher's preflight share these checks (so a dry run that passes does not
     fail at start): the layout rules; data.path's shards (one tokenizer, enough documents for every DP rank x
     loader worker); the tokenizer's files (found and the right ones); data.val_path's shards (they exist, made
-    with the training tokenizer, enough documents for every DP rank x worker); and, for a run of this host (data
-    required, `fit_host`), that its memory estimate fits the host (`check_memory`).
+    with the training tokenizer, enough documents for every DP rank x worker). Whether the run fits this host's
+    memory is the planner's question (`pretrain.plan.fit.check_memory`), asked by training and its dry run.
 
     `require_data=False` (planning): when data.path names nothing, the model's vocabulary is model.vocab_size,
-    else `vocab_without_data` (the caller says which and why); data that is there is checked all the same, the
-    memory is not (`pretrain plan` sizes a cluster elsewhere; the launcher's preflight runs on a login node).
+    else `vocab_without_data` (the caller says which and why); data that is there is checked all the same.
     """
     check_layout(cfg, world_size)  # the cheap rules first: they fail before any manifest is read
     missing = _missing(cfg)
@@ -266,74 +244,7 @@ def resolve_run(cfg: Config, world_size: int, *, require_data: bool = True,
             val_data = _facts(val_sets)
     run = ResolvedRun(layout=layout, model=model, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
                       seq_len=cfg.train.seq_len, dtype=cfg.train.dtype, zero_stage=cfg.parallel.zero_stage)
-    if require_data and fit_host:
-        check_memory(cfg, run)
     return run
-
-
-def _gpu_memory_here() -> int | None:
-    """Bytes of the largest GPU on this host, from nvidia-smi (a dry run imports no torch, and torch's own query
-    would open a CUDA context before the rank picks its device); None where none answers or none is visible. The
-    largest: a refusal must be certain, and nvidia-smi's numbering need not be CUDA_VISIBLE_DEVICES'."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30)
-        mib = [float(x) for x in out.stdout.split()] if out.returncode == 0 else []
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    return int(max(mib) * 1024**2) if mib else None
-
-
-def _ranks_here(world: int) -> int:
-    """CPU ranks sharing this host's RAM: the launcher's LOCAL_WORLD_SIZE, else (a dry run) the whole world."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    return min(world, int(local)) if local.isdigit() and int(local) > 0 else world
-
-
-def _on_gpu(cfg: Config, gpu_bytes: int | None) -> bool | None:
-    """Whether this run computes on CUDA: as train.device says; for auto, as torch sees it where torch is loaded
-    (the run starts in this process), else (a dry run) True where a GPU answers here and None (not known) where
-    none does: a dry run on a login node checks a config meant for GPU nodes, which their start checks again."""
-    if cfg.train.device != "auto":
-        return cfg.train.device == "cuda"
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        return bool(torch.cuda.is_available())
-    return True if gpu_bytes is not None else None
-
-
-def check_memory(cfg: Config, run: ResolvedRun) -> None:
-    """Refuse, in one line, a run whose per-rank memory estimate (`pretrain.plan.describe.estimate`, what the
-    dry run prints) exceeds what this host has: a CUDA run's one GPU, a CPU run's RAM shared by the ranks on this
-    host (LOCAL_WORLD_SIZE, else the whole world). Only a certain failure is refused (the estimate against the
-    whole memory, no headroom): a seq_len or shape off by orders of magnitude used to pass the dry run and then
-    crash in an allocation or overflow. Where the device is not known here (a CUDA run, or train.device=auto in a
-    dry run, where no GPU answers: a login node) the run is checked at its start."""
-    import psutil
-
-    from pretrain.plan.describe import Kernels, estimate, size_text
-
-    gpu_bytes = _gpu_memory_here() if cfg.train.device != "cpu" else None
-    on_gpu = _on_gpu(cfg, gpu_bytes)
-    if on_gpu is None or (on_gpu and gpu_bytes is None):
-        return
-    e = estimate(cfg, run.layout.world, run=run, kernels=None if on_gpu else Kernels.cpu())
-    ranks = 1 if on_gpu else _ranks_here(run.layout.world)
-    have = gpu_bytes if on_gpu else psutil.virtual_memory().total
-    if e.total * ranks <= have:
-        return
-    m, t = run.model, cfg.train
-    where = (f"this host's GPU ({size_text(have)})" if on_gpu else
-             f"this host's {size_text(have)} of RAM ({ranks} CPU rank{'s' if ranks > 1 else ''}"
-             + ("; train.device=auto and torch sees no GPU" if cfg.train.device == "auto" else "") + ")")
-    raise ConfigError(f"the run cannot fit: ~{size_text(e.total)} per rank = activations "
-                      f"{size_text(e.activations + e.transient + e.buffers)} (train.seq_len={t.seq_len} x "
-                      f"train.micro_batch_size={t.micro_batch_size}) + model states {size_text(e.model_states)} "
-                      f"(model.dim={m.dim}, model.n_layers={m.n_layers}, model.ffn_hidden_dim={m.hidden_dim}, "
-                      f"model.vocab_size={run.vocab_size} padded to {m.vocab_size}), more than {where}; shrink "
-                      "them, or split the model over parallel.tp / parallel.pp / parallel.zero_stage")
 
 
 def held_out_note(cfg: Config, run: ResolvedRun) -> str | None:

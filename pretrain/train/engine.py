@@ -39,6 +39,10 @@ from pretrain.parallel.pipeline import build_pipeline, pipeline_input, reference
 from pretrain.run.resolved import ResolvedRun
 from pretrain.train.schedule import lr_at
 from pretrain.checkpoint.weights import WeightSource
+from pretrain.parallel.tensor import all_reduce_sequence_parallel_grads
+from pretrain.parallel.tensor import TensorParallelFactory, model_parallel_config
+from pretrain.parallel.fp8 import convert_to_fp8
+from pretrain.checkpoint.reshard import load_resliced
 
 Batch = dict[str, torch.Tensor]
 
@@ -85,7 +89,6 @@ def _factory(cfg: Config, run: ResolvedRun) -> LayerFactory:
     resolved layout, handed to megatron-core through its config)."""
     if run.layout.tp == 1:
         return REFERENCE
-    from pretrain.parallel.tensor import TensorParallelFactory, model_parallel_config
 
     dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32
     return TensorParallelFactory(model_parallel_config(run.layout.tp, run.layout.pp,
@@ -216,7 +219,6 @@ class Engine:
         re-sliced for this engine, whose module must have been built from the same checkpoint
         (`build_engine(init=reader)`; pretrain.checkpoint.resume checked it is the same model). Collective. See
         pretrain/checkpoint/reshard.py."""
-        from pretrain.checkpoint.reshard import load_resliced
 
         load_resliced(self.ds, reader, self.args, self.env.tp_rank, self._reference_name)
         self.global_step = reader.step
@@ -257,13 +259,11 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
         init_model(module, args, cfg.train.seed, env.tp_rank, weights=weights)
         mpu = MegatronMpu()
     if cfg.train.fp8 != "none":  # checked by init_distributed: CUDA with FP8 tensor cores, torchao, tp = 1
-        from pretrain.parallel.fp8 import convert_to_fp8
 
         convert_to_fp8(module, cfg.train.fp8)
     if cfg.model.compile:
         compile_blocks(module)
     if factory.sequence_parallel:
-        from pretrain.parallel.tensor import all_reduce_sequence_parallel_grads
 
         all_reduce_sequence_parallel_grads(module)
 

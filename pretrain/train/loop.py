@@ -34,6 +34,7 @@ from pretrain.config import Config
 from pretrain.console import say
 from pretrain.run.distributed import DistEnv, init_distributed, lost_peer
 from pretrain.run.exits import EXIT_LOST_PEER, EXIT_NEEDS_PERSON, EXIT_OK, EXIT_REQUEUE, EXIT_SAVE_FAILED
+from pretrain.plan.fit import check_memory
 from pretrain.run.resolved import ResolvedRun, held_out_note, resolve_run
 from pretrain.telemetry import metrics, model_registry
 from pretrain.telemetry.tracking import Tracker, checkpoint_run_id, open_tracker, system_metrics
@@ -82,6 +83,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest().install()
     started = time.time()
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    check_memory(cfg, run)  # a shape this host cannot hold is refused before any group exists
     env = init_distributed(cfg, layout=run.layout)
     with _groups_closed_on_error(env):
         ckpt = CheckpointManager(cfg, run, env)  # holds the run lock: one launch per checkpoint.dir

@@ -54,6 +54,7 @@ from pretrain.train.engine import Engine, StepResult
 from pretrain.console import say
 from pretrain.run.paths import ROLLBACK_STATES_DIR, ROLLBACKS_FILE, rollback_state_file
 from pretrain.train.spikes import MIN_HISTORY, SpikeDetector, Verdict
+from pretrain.checkpoint.resume import peer_rank
 
 _CALM = Verdict(None, None, False, False)
 # A batch ahead is spike-level when its loss z exceeds this fraction of `threshold`: a false alarm there costs one
@@ -125,7 +126,6 @@ class SpikeGuard:
     def _loader_states(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         """Every DP rank's loader state after the rollback (one rank of each DP index wrote the same stream's):
         the loader takes its own, or re-splits them when this launch has another layout."""
-        from pretrain.checkpoint.resume import peer_rank
 
         lay = SimpleNamespace(**record["layout"])
         folder = self.run_dir / ROLLBACK_STATES_DIR / str(record["rollback"])

@@ -175,11 +175,11 @@ def test_weighted_mixture_with_val_path_evaluates(mixture_run):
 def test_checkpoint_carries_the_tokenizer_from_another_cwd(mixture_run):
     """Item 6: the shards' tokenizer path was relative to where `prepare` ran, so the copy was silently skipped."""
     from data_pipeline.tokenizer import load_tokenizer
-    from pretrain.run.resolved import ResolvedRun
+    from pretrain import checkpoint
 
     copied = mixture_run["step"] / "tokenizer"
     assert (copied / "tokenizer.json").is_file()
-    run = ResolvedRun.of_checkpoint(mixture_run["step"])
+    run = checkpoint.run_of(mixture_run["step"])
     assert load_tokenizer(str(copied)).identity == run.tokenizer.identity
     assert Path(run.tokenizer.path).is_absolute() and run.val_data.sources == (str(mixture_run["second"]),)
 

@@ -209,7 +209,7 @@ def test_the_tokenizer_opt_in_lets_a_resume_go_on(run):
     from pretrain.checkpoint.resume import check_tokenizer
     from pretrain.run.resolved import ResolvedRun
 
-    ours = ResolvedRun.of_checkpoint(run / "step_2")
+    ours = checkpoint.run_of(run / "step_2")
     _other_tokenizer(run / "step_4")
     with pytest.raises(checkpoint.CheckpointError, match="is not the tokenizer the shards"):
         check_tokenizer(run / "step_4", ours, any_tokenizer=False)
