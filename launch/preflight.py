@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.plan import LaunchError, LaunchPlan
-from pretrain.run.resolved import resolve_run
-from pretrain.config import ConfigError, load_config
 from data_pipeline.errors import DataError
+from launch.plan import LaunchError, LaunchPlan
+from pretrain.config import ConfigError, load_config
+from pretrain.run.resolved import resolve_run
 
 
 def config_args(command: list[str]) -> tuple[str | None, list[str]]:

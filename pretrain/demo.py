@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from data_pipeline import sample_corpus
 from pretrain.run.exits import EXIT_REQUEUE
 from pretrain.run.paths import LATEST, METRICS_FILE, MLFLOW_DB, MLFLOW_DIR
-from data_pipeline import sample_corpus
 
 ROOT = Path("runs/demo")
 CONFIG = "configs/debug.yaml"

@@ -44,8 +44,8 @@ from pretrain.checkpoint import files as checkpoint_files
 from pretrain.checkpoint import records
 from pretrain.checkpoint.records import CheckpointError, Meta
 from pretrain.console import say
-from pretrain.run.resolved import ResolvedRun
 from pretrain.run.paths import CONFIG, DIGESTS, LATEST, MANIFEST, META, STEP_RE, TEMP_PREFIX, rank_file, step_dir_name
+from pretrain.run.resolved import ResolvedRun
 
 
 class Collective(Protocol):

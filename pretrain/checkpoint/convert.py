@@ -3,7 +3,7 @@
 DeepSpeed's Universal Checkpointing keeps, per parameter, one folder `zero/<name>/` with the whole (un-sliced)
 fp32 master weight and Adam moments, each a `{"param": tensor, "cat_dim": d, "vocab_tensor": bool}` dict in
 `fp32.pt`, `exp_avg.pt`, `exp_avg_sq.pt`, and the optimizer step in `step.pt`: the files its loader
-(deepspeed/checkpoint/universal_checkpoint.py, `load_hp_checkpoint_state`) slices for any TP degree and ZeRO
+(DeepSpeed 0.19's `load_hp_checkpoint_state`) slices for any TP degree and ZeRO
 partition. `ds_to_universal` builds them from megatron's `universal_checkpoint_info` patterns, which our engine
 does not write; we build the same files from `CheckpointReader` instead (which knows every slicing from the
 resolved run), with reference names (`layers.2.attention.wq.weight`, the same in every layout):

@@ -18,17 +18,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from data_pipeline.tokenizer import tokenizer_files
 from pretrain.checkpoint import commit
 from pretrain.checkpoint.commit import PendingSave
 from pretrain.checkpoint.resume import EngineFiles, StartPoint, Stateful, choose_start, restore
+from pretrain.checkpoint.resume import saved_run
 from pretrain.checkpoint.run_lock import RunLock, RunLocked
 from pretrain.config import Config
 from pretrain.console import say
 from pretrain.run.distributed import DistEnv
 from pretrain.run.paths import TOKENIZER_DIR
 from pretrain.run.resolved import ResolvedRun, TokenizerFacts
-from pretrain.checkpoint.resume import saved_run
-from data_pipeline.tokenizer import tokenizer_files
 
 
 class CheckpointManager:

@@ -1,8 +1,7 @@
 """Read any committed checkpoint offline: full, un-sliced, reference-named fp32 tensors, one at a time.
 
 A `step_<N>/model/` directory holds DeepSpeed's files for the layout it was written with. What lives where
-(DeepSpeed 0.19; read from deepspeed/runtime/engine.py, zero/stage_1_and_2.py, zero/stage3.py, bf16_optimizer.py,
-utils/zero_to_fp32.py):
+(as DeepSpeed 0.19's engine, ZeRO-1/2, ZeRO-3 and bf16 optimizers write them, and its zero_to_fp32 reads them):
 
     mp_rank_<m>_model_states.pt        per model-parallel slice m (dp rank 0): 'module' (the module's weights; bf16
                                        under bf16), 'param_shapes' (ZeRO >= 1), and under ZeRO-0 'optimizer' (the
@@ -52,8 +51,8 @@ from pretrain.checkpoint import CheckpointError, run_of, verify
 from pretrain.model.init import reference_shapes
 from pretrain.parallel.optimizer import decays
 from pretrain.parallel.pipeline import reference_name
-from pretrain.run.resolved import ResolvedRun
 from pretrain.run.paths import MODEL_DIR
+from pretrain.run.resolved import ResolvedRun
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -95,9 +94,6 @@ class CheckpointReader:
     def names(self) -> list[str]:
         """Reference names of the model's parameters in model order (a tied head is not a parameter)."""
         return list(self._names)
-
-    def full_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._full[self._alias(name)])
 
     def tensor(self, name: str, kind: str = "param") -> torch.Tensor:
         """The whole fp32 tensor (padded vocabulary rows included, as trained): the master weight for "param",

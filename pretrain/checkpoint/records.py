@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pretrain.run.layout import Layout
 from pretrain.run.paths import LATEST, MANIFEST, META, STEP_RE  # noqa: F401 - re-exported
 from pretrain.run.resolved import ResolvedRun, TokenizerFacts
-from pretrain.config import Layout
 
 
 class CheckpointError(RuntimeError):

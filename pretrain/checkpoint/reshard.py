@@ -1,7 +1,7 @@
 """Resume a checkpoint written with another layout (tp / pp / dp / ZeRO stage / dtype): re-slice, then load.
 
-Why not DeepSpeed's Universal Checkpointing load path (`checkpoint.load_universal`), read in
-deepspeed/checkpoint/universal_checkpoint.py and the ZeRO optimizers' `_load_universal_checkpoint`:
+Why not DeepSpeed's Universal Checkpointing load path (`checkpoint.load_universal`: DeepSpeed 0.19's universal
+loader and its ZeRO optimizers' `_load_universal_checkpoint`):
 - it finds each parameter's folder by the *target* engine's own parameter name; a PipelineModule names a block
   "3.attention.wq.weight" and the plain model "layers.2.attention.wq.weight", so PP <-> no-PP never matches;
 - it lives inside the ZeRO optimizers only: ZeRO-0 (fp32, our GuardedAdamW) has no universal load at all;
@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint.reader import CheckpointReader
+from pretrain.checkpoint.weights import shape_differences
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import VOCAB_ROWS, local_slice, reference_shapes
-from pretrain.checkpoint.reader import CheckpointReader
 from pretrain.run.resolved import ResolvedRun
-from pretrain.checkpoint.weights import shape_differences
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pretrain import checkpoint
+from pretrain.checkpoint.reader import CheckpointReader
+from pretrain.checkpoint.reshard import check_same_model, layout_words, needs_reslicing
+from pretrain.checkpoint.weights import init_source
 from pretrain.config import Config
 from pretrain.console import say
 from pretrain.run.distributed import DistEnv
+from pretrain.run.layout import Layout
 from pretrain.run.resolved import ResolvedRun
-from pretrain.checkpoint.weights import init_source
-from pretrain.checkpoint.reshard import layout_words
-from pretrain.checkpoint.reshard import check_same_model, needs_reslicing
-from pretrain.checkpoint.reader import CheckpointReader
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def restore(start: StartPoint, env: DistEnv, engine: EngineFiles, loader: Statef
         loader.load_state_dict(loaded.rank_state["loader"])
     else:
         loaded = checkpoint.load(start.checkpoint, env, load_model=lambda _: engine.load_resliced(start.init),
-                                 saved_rank=peer_rank(start.saved.layout, env.dp_rank))
+                                 saved_rank=start.saved.layout.stream_rank(env.dp_rank))
         loader.load_state_dict(old_loader_states(start.checkpoint, start.saved.layout))
     if engine.global_step != loaded.step:  # the schedule runs on the engine's count, the loop on meta.json's
         raise checkpoint.CheckpointError(f"{start.checkpoint}: DeepSpeed's files are at step {engine.global_step}, "
@@ -120,15 +120,9 @@ def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:
     return saved if needs_reslicing(saved, run) else None
 
 
-def peer_rank(saved: Any, dp_rank: int) -> int:
-    """A rank of the saved layout whose loader stream (and RNG) this rank continues: one with the same DP index
-    (megatron-core's rank order is tp fastest, then dp, then pp; TP/PP peers of a DP rank read the same stream)."""
-    return (dp_rank % saved.dp) * saved.tp
-
-
-def old_loader_states(step_dir: Path, saved: Any) -> list[dict]:
+def old_loader_states(step_dir: Path, saved: Layout) -> list[dict]:
     """Every old DP rank's loader state (from one of its ranks' files): with them the loader continues this DP
     rank's stream exactly when the DP size is the same, or re-splits the samples not yet consumed exactly over the
     new ranks when it changed."""
-    return [checkpoint.read_rank_file(step_dir / checkpoint.rank_file(peer_rank(saved, d)))["loader"]
+    return [checkpoint.read_rank_file(step_dir / checkpoint.rank_file(saved.stream_rank(d)))["loader"]
             for d in range(saved.dp)]

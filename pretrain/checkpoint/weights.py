@@ -17,13 +17,13 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from data_pipeline.tokenizer import load_tokenizer
 from pretrain import checkpoint
 from pretrain.checkpoint import files as checkpoint_files
-from pretrain.config import Config, ConfigError
-from pretrain.run.resolved import ResolvedRun
-from pretrain.run.paths import IMPORTED_WEIGHTS
 from pretrain.checkpoint.safetensors_dir import SafetensorsDir
-from data_pipeline.tokenizer import load_tokenizer
+from pretrain.config import Config, ConfigError
+from pretrain.run.paths import IMPORTED_WEIGHTS
+from pretrain.run.resolved import ResolvedRun
 
 
 

@@ -18,13 +18,13 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
+from pretrain.checkpoint.safetensors_dir import DEFAULT_SHARD_BYTES, write_sharded
 from pretrain.checkpoint.weights import WeightSource, checkpoint_tokenizer, named_tensors
 from pretrain.hf.format import hf_config, hf_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
 from pretrain.output_dir import written_whole
-from pretrain.checkpoint.safetensors_dir import DEFAULT_SHARD_BYTES, write_sharded
-from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
 
 Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 

@@ -20,17 +20,17 @@ from typing import Iterator
 
 import torch
 
+from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
 from pretrain import checkpoint
-from pretrain.config import Layout
+from pretrain.checkpoint.safetensors_dir import DEFAULT_SHARD_BYTES, SafetensorsDir, write_sharded
 from pretrain.hf.format import HFFormatError, model_args, reference_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
 from pretrain.output_dir import refuse_non_empty, written_whole
-from pretrain.run.resolved import ResolvedRun, TokenizerFacts
-from pretrain.checkpoint.safetensors_dir import DEFAULT_SHARD_BYTES, SafetensorsDir, write_sharded
+from pretrain.run.layout import Layout
 from pretrain.run.paths import IMPORTED_WEIGHTS
-from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
-from data_pipeline.errors import DataError
+from pretrain.run.resolved import ResolvedRun, TokenizerFacts
 
 _KEPT = (torch.float32, torch.bfloat16)  # stored as they are; fp16/fp64 become fp32 (exact for fp16)
 

@@ -57,7 +57,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from pretrain.config import Config, ConfigError, Layout
+from pretrain.config import Config, ConfigError
+from pretrain.run.layout import Layout
 from pretrain.model.args import ModelArgs
 from pretrain.model.flops import flops_per_token, matmul_params
 from pretrain.model.loss_chunks import bytes_per_logit, chunk_tokens

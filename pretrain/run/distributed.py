@@ -15,9 +15,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pretrain.config import Config, ConfigError, Layout
+from pretrain.config import Config, ConfigError
 from pretrain.console import library_stdout
 from pretrain.parallel.fp8 import check_fp8
+from pretrain.run.layout import Layout
 
 
 @dataclass
@@ -37,14 +38,6 @@ class DistEnv:
     @property
     def dp_size(self) -> int:
         return self.layout.dp
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.layout.pp - 1
 
     def barrier(self) -> None:
         dist.barrier()

@@ -20,8 +20,9 @@ from data_pipeline.manifest import MANIFEST_NAME
 from data_pipeline.plan import check_split
 from data_pipeline.shardset import resolve
 from data_pipeline.tokenizer import load_tokenizer
-from pretrain.config import Config, ConfigError, Layout, check_layout, resolve_layout
+from pretrain.config import Config, ConfigError
 from pretrain.model.args import ModelArgs
+from pretrain.run.layout import Layout, check_layout, resolve_layout
 
 
 @dataclass(frozen=True)

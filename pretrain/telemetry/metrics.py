@@ -185,9 +185,3 @@ def read(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_lines(run_dir: str | Path, n: int) -> list[dict[str, Any]]:
-    """The first n records (skipping nothing): for looking at a file that may end in a half-written line."""
-    lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()[:n]
-    return [json.loads(line) for line in lines]

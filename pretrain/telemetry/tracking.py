@@ -33,13 +33,13 @@ from typing import Any, Callable
 from pretrain.config import Config
 from pretrain.console import say
 from pretrain.output_dir import nearest_existing
-from pretrain.run.resolved import ResolvedRun
 from pretrain.run.paths import CONFIG, MLFLOW_DB, MLFLOW_DIR
+from pretrain.run.resolved import ResolvedRun
 
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 # The experiment tag MLflow 3's UI reads to choose an experiment's page: without it the UI opens on the GenAI
 # overview (traces, evaluations), not on the runs table and charts. "custom_model_development" is what its
-# "Machine learning" choice writes (mlflow/server/js: the experiment-kind enum; no Python constant exists).
+# "Machine learning" choice writes (MLflow 3.x's UI enum of experiment kinds; no Python constant exists).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML = "mlflow.experimentKind", "custom_model_development"
 # The per-step values sent to MLflow, under metrics.jsonl's names.
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "val_loss", "val_ppl",

@@ -22,27 +22,27 @@ import torch
 
 from pretrain import kernels
 from pretrain.checkpoint import files as checkpoint_files
+from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint.reader import CheckpointReader
+from pretrain.checkpoint.reshard import load_resliced
+from pretrain.checkpoint.weights import WeightSource
 from pretrain.config import Config
-from pretrain.run.distributed import DistEnv
 from pretrain.model.args import ModelArgs
 from pretrain.model.documents import Documents
 from pretrain.model.init import FullTensor, from_weights, init_model, local_slice, reference_shapes
 from pretrain.model.layers import REFERENCE, LayerFactory
 from pretrain.model.transformer import Transformer, TransformerBlock
-from pretrain.checkpoint import CheckpointError
-from pretrain.checkpoint.reader import CheckpointReader
-from pretrain.run.paths import MODEL_DIR
 from pretrain.parallel.consolidate import consolidate
+from pretrain.parallel.fp8 import convert_to_fp8
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
 from pretrain.parallel.pipeline import build_pipeline, pipeline_input, reference_name
-from pretrain.run.resolved import ResolvedRun
-from pretrain.train.schedule import lr_at
-from pretrain.checkpoint.weights import WeightSource
 from pretrain.parallel.tensor import all_reduce_sequence_parallel_grads
 from pretrain.parallel.tensor import TensorParallelFactory, model_parallel_config
-from pretrain.parallel.fp8 import convert_to_fp8
-from pretrain.checkpoint.reshard import load_resliced
+from pretrain.run.distributed import DistEnv
+from pretrain.run.paths import MODEL_DIR
+from pretrain.run.resolved import ResolvedRun
+from pretrain.train.schedule import lr_at
 
 Batch = dict[str, torch.Tensor]
 

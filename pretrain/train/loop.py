@@ -32,9 +32,9 @@ from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.resume import StartPoint
 from pretrain.config import Config
 from pretrain.console import say
+from pretrain.plan.fit import check_memory
 from pretrain.run.distributed import DistEnv, init_distributed, lost_peer
 from pretrain.run.exits import EXIT_LOST_PEER, EXIT_NEEDS_PERSON, EXIT_OK, EXIT_REQUEUE, EXIT_SAVE_FAILED
-from pretrain.plan.fit import check_memory
 from pretrain.run.resolved import ResolvedRun, held_out_note, resolve_run
 from pretrain.telemetry import metrics, model_registry
 from pretrain.telemetry.tracking import Tracker, checkpoint_run_id, open_tracker, system_metrics

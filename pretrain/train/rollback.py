@@ -44,17 +44,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-from pretrain import checkpoint
-from pretrain.telemetry import metrics
 from data_pipeline.loader import TokenLoader
+from pretrain import checkpoint
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.config import Config
-from pretrain.run.distributed import DistEnv
-from pretrain.train.engine import Engine, StepResult
 from pretrain.console import say
+from pretrain.run.distributed import DistEnv
+from pretrain.run.layout import stream_rank
 from pretrain.run.paths import ROLLBACK_STATES_DIR, ROLLBACKS_FILE, rollback_state_file
+from pretrain.telemetry import metrics
+from pretrain.train.engine import Engine, StepResult
 from pretrain.train.spikes import MIN_HISTORY, SpikeDetector, Verdict
-from pretrain.checkpoint.resume import peer_rank
 
 _CALM = Verdict(None, None, False, False)
 # A batch ahead is spike-level when its loss z exceeds this fraction of `threshold`: a false alarm there costs one
@@ -129,7 +129,7 @@ class SpikeGuard:
 
         lay = SimpleNamespace(**record["layout"])
         folder = self.run_dir / ROLLBACK_STATES_DIR / str(record["rollback"])
-        return [json.loads((folder / rollback_state_file(peer_rank(lay, d))).read_text()) for d in range(lay.dp)]
+        return [json.loads((folder / rollback_state_file(stream_rank(lay.tp, lay.dp, d))).read_text()) for d in range(lay.dp)]
 
     # --------------------------------------------------------------------------------------- rollback
 

@@ -13,8 +13,8 @@ from typing import Any
 from pretrain.config import Config
 from pretrain.console import say
 from pretrain.model.flops import flops_per_token
-from pretrain.run.paths import LATEST, METRICS_FILE, SEGMENTS_FILE, SUMMARY_FILE
 from pretrain.run.distributed import DistEnv
+from pretrain.run.paths import LATEST, METRICS_FILE, SEGMENTS_FILE, SUMMARY_FILE
 from pretrain.run.resolved import ResolvedRun
 from pretrain.telemetry import metrics
 from pretrain.telemetry.tracking import Tracker, step_values, ui_hint

@@ -11,7 +11,8 @@ from typing import Iterator
 import torch
 
 from pretrain import kernels
-from pretrain.config import Layout, load_config
+from pretrain.config import load_config
+from pretrain.run.layout import Layout
 from pretrain.model import Transformer, init_model
 from pretrain.parallel.optimizer import param_groups
 from pretrain.train.schedule import lr_at

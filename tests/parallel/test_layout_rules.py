@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.config import ConfigError, load_config, pad_vocab, resolve_layout
+from pretrain.config import ConfigError, load_config
+from pretrain.run.layout import pad_vocab, resolve_layout
 
 # (rule, overrides, world size, vocab, a fragment the message must contain)
 RULES = [

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pretrain.config import load_config, resolve_layout
+from pretrain.config import load_config
+from pretrain.run.layout import resolve_layout
 from pretrain.run.distributed import init_distributed
 from pretrain.model import Transformer, init_model
 from pretrain.model.init import local_slice

@@ -9,7 +9,6 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.config import load_config
 from pretrain.checkpoint.reshard import check_same_model, layout_words, needs_reslicing
 from pretrain.run.resolved import resolve_run
-from pretrain.checkpoint.resume import peer_rank
 
 BASE = ["model.flavor=debug", "model.vocab_size=300", "train.micro_batch_size=2", "train.grad_accum=2"]
 
@@ -31,8 +30,8 @@ def test_layout_change_is_what_deepspeeds_own_load_cannot_take():
 
 def test_a_new_rank_continues_an_old_rank_of_its_dp_index():
     tp2_dp2 = _run(4, "parallel.tp=2").layout  # old ranks: (tp, dp) = 0:(0,0) 1:(1,0) 2:(0,1) 3:(1,1)
-    assert [peer_rank(tp2_dp2, d) for d in range(2)] == [0, 2]
-    assert peer_rank(_run(2, "parallel.pp=2").layout, 0) == 0
+    assert [tp2_dp2.stream_rank(d) for d in range(2)] == [0, 2]
+    assert _run(2, "parallel.pp=2").layout.stream_rank(0) == 0
 
 
 def test_only_the_layout_may_change(tmp_path):
