@@ -4,12 +4,15 @@ PRETRAIN_INJECT_NONFINITE="5,6" makes the loss of optimizer steps 5 and 6 NaN in
 engine's non-finite guard -- not ours -- is what gets exercised; PRETRAIN_INJECT_SIGKILL="before_step:31",
 "after_rollback" or "during_lookahead" (once a rollback's look-ahead judged a batch spike-level,
 pretrain/train/rollback.py) kills every rank with SIGKILL there (a node lost at the worst moment: the resume must
-reach the same state).
+reach the same state); PRETRAIN_INJECT_STEP_SECONDS="0.5" sleeps that long before every step (a slow step: a
+signal a test sends when a step is logged still lands mid-run, however fast this machine trains; the numbers are
+unchanged).
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 from pretrain.train.engine import Engine
@@ -23,8 +26,11 @@ class Faults(Observer):
         self.engine = engine
         self.nonfinite = {int(s) for s in os.environ.get("PRETRAIN_INJECT_NONFINITE", "").split(",") if s.strip()}
         self.kill = os.environ.get("PRETRAIN_INJECT_SIGKILL", "")
+        self.step_s = float(os.environ.get("PRETRAIN_INJECT_STEP_SECONDS", "0") or 0)
 
     def before_step(self, step: int) -> None:
+        if self.step_s > 0:
+            time.sleep(self.step_s)
         if self.kill == f"before_step:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
         if step in self.nonfinite:

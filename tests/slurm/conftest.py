@@ -20,8 +20,8 @@ import pytest
 
 from shared import built_once
 from slurm_helpers import (DEBUG_CONFIG, FAKE_SEED, FAKE_STEPS, FAKE_TRAIN, SBATCH, SCRIPT, SWEEP_EXTRA,
-                           SWEEP_POINTS, SWEEP_STEPS, Cluster, Watched, make_shards, read_jsonl, sbatch, step_losses,
-                           torchrun, train_overrides, watch, write_config)
+                           SWEEP_POINTS, SWEEP_STEP_SECONDS, SWEEP_STEPS, Cluster, Watched, make_shards, read_jsonl,
+                           sbatch, step_losses, torchrun, train_overrides, watch, write_config)
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +98,7 @@ def signal_sweep(slurm_cluster: Cluster, debug_shards: Path,
         job = sbatch(slurm_cluster, ["--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15",
                                      f"--output={tmp}/job{i}-%j.out", str(SBATCH), DEBUG_CONFIG,
                                      *train_overrides(debug_shards, run, SWEEP_STEPS, *SWEEP_EXTRA)],
-                     slurm_cluster.env())
+                     slurm_cluster.env(PRETRAIN_INJECT_STEP_SECONDS=SWEEP_STEP_SECONDS))
         jobs.append(Watched(point.name, job, tmp / f"job{i}-{job}.out", run, reached=point.reached,
                             scancel=point.scancel))
     watch(slurm_cluster, jobs, timeout=900)

@@ -182,6 +182,10 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 # also test_real_training.py's preempted job: the debug model for 12 steps, checkpoint every 2 steps, evaluate every
 # 4 (on the training shards: the point is the timing, not the number), every step logged.
 SWEEP_STEPS = 12
+# Each sweep job's step sleeps this long first (pretrain/train/faults.py): 12 steps of the tiny model take ~3 s on
+# 2 cores, less than a notice takes from "step 3 is logged" through scancel, slurmctld and srun to the ranks, and the
+# "save and eval" job then finished before its notice came (exit 0, no requeue). The losses do not change.
+SWEEP_STEP_SECONDS = "0.5"
 SWEEP_EXTRA = ("checkpoint.every=2", "train.eval_every=4", "train.eval_steps=2", "train.log_every=1")
 
 
