@@ -394,7 +394,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    lighten_imports()  # before anything imports DeepSpeed or megatron-core: seconds less start-up (pretrain/libraries.py)
+    lighten_imports()  # before DeepSpeed or megatron-core is imported: seconds less start-up (pretrain/libraries.py)
     args = _parser().parse_args(argv)
     stop = None
     if args.command == "train" and not args.dry_run:

@@ -21,8 +21,7 @@ from typing import Any, Callable
 from data_pipeline.tokenizer import tokenizer_files
 from pretrain.checkpoint import commit
 from pretrain.checkpoint.commit import PendingSave
-from pretrain.checkpoint.resume import EngineFiles, StartPoint, Stateful, choose_start, restore
-from pretrain.checkpoint.resume import saved_run
+from pretrain.checkpoint.resume import EngineFiles, StartPoint, Stateful, choose_start, restore, saved_run
 from pretrain.checkpoint.run_lock import RunLock, RunLocked
 from pretrain.config import Config
 from pretrain.console import say
@@ -102,7 +101,8 @@ class CheckpointManager:
         meta = commit.Meta(step=step, mlflow_run_id=mlflow_run_id,
                            tokenizer=dataclasses.asdict(run.tokenizer) if run.tokenizer else {},
                            layout=dataclasses.asdict(run.layout), resolved=run.to_dict())
-        parts = dict(save_model=save_model, rank_state={"loader": self._loader.state_dict(), **self._extra()}, meta=meta,
+        rank_state = {"loader": self._loader.state_dict(), **self._extra()}
+        parts = dict(save_model=save_model, rank_state=rank_state, meta=meta,
                      config_yaml=self.cfg.to_yaml(), keep=self.cfg.checkpoint.keep)
         if self.cfg.checkpoint.background:
             self.in_flight = commit.save_in_background(self.dir, step, env, env.side, report=True, **parts)

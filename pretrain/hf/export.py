@@ -1,8 +1,8 @@
 """Export a model to Hugging Face's LlamaForCausalLM layout: config.json, sharded safetensors, tokenizer.
 
 Export is a renaming of tensors (see pretrain/hf/format.py), streamed: the weights arrive one (name, tensor) at a
-time from any checkpoint (pretrain/checkpoint/weights.py) and go straight into the shard being written, so memory holds one
-tensor plus one output shard, never the model.
+time from any checkpoint (pretrain/checkpoint/weights.py) and go straight into the shard being written, so memory
+holds one tensor plus one output shard, never the model.
 
 The (padded) vocabulary is kept whole so exported logits equal ours exactly. Padding rows (ids past the
 tokenizer's vocabulary) were never targets; `generation_config.json` lists them in `suppress_tokens`, so

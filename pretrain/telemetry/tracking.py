@@ -290,10 +290,10 @@ class Tracker:
         self._buffer = []
 
     def rolled_back(self, record: dict[str, Any]) -> None:
-        """A spike rollback (pretrain/train/rollback.py): the steps after the restored one are trained again, so they are
-        dropped here and logged anew; the per-step `rollbacks` metric counts them, a tag per rollback says what
-        happened. MLflow cannot delete points: steps a discarded checkpoint had committed
-        (a save inside the spike's window) keep their first values beside the new ones."""
+        """A spike rollback (pretrain/train/rollback.py): the steps after the restored one are trained again, so they
+        are dropped here and logged anew; the per-step `rollbacks` metric counts them, a tag per rollback says what
+        happened. MLflow cannot delete points: steps a discarded checkpoint had committed (a save inside the spike's
+        window) keep their first values beside the new ones."""
         self._buffer = []
         self._logged_up_to = min(self._logged_up_to, int(record["restored_step"]))
         n, step = int(record["rollback"]), int(record["detected_at"])

@@ -37,8 +37,7 @@ from pretrain.parallel.fp8 import convert_to_fp8
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
 from pretrain.parallel.pipeline import build_pipeline, pipeline_input, reference_name
-from pretrain.parallel.tensor import all_reduce_sequence_parallel_grads
-from pretrain.parallel.tensor import TensorParallelFactory, model_parallel_config
+from pretrain.parallel.tensor import TensorParallelFactory, all_reduce_sequence_parallel_grads, model_parallel_config
 from pretrain.run.distributed import DistEnv
 from pretrain.run.paths import MODEL_DIR
 from pretrain.run.resolved import ResolvedRun

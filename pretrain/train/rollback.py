@@ -129,7 +129,8 @@ class SpikeGuard:
 
         lay = SimpleNamespace(**record["layout"])
         folder = self.run_dir / ROLLBACK_STATES_DIR / str(record["rollback"])
-        return [json.loads((folder / rollback_state_file(stream_rank(lay.tp, lay.dp, d))).read_text()) for d in range(lay.dp)]
+        files = [folder / rollback_state_file(stream_rank(lay.tp, lay.dp, d)) for d in range(lay.dp)]
+        return [json.loads(f.read_text()) for f in files]
 
     # --------------------------------------------------------------------------------------- rollback
 

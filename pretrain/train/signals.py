@@ -44,9 +44,11 @@ class StopRequest:
             return
         if signum == signal.SIGINT:
             if self.signum == signal.SIGINT:
-                say_from_signal_handler(f"second interrupt: exiting now without a checkpoint (exit {EXIT_INTERRUPTED})")
+                say_from_signal_handler(f"second interrupt: exiting now without a checkpoint "
+                                        f"(exit {EXIT_INTERRUPTED})")
                 os._exit(EXIT_INTERRUPTED)
-            say_from_signal_handler("interrupt: stopping after the current step, with a checkpoint (Ctrl-C again to exit at once)")
+            say_from_signal_handler("interrupt: stopping after the current step, with a checkpoint (Ctrl-C again "
+                                    "to exit at once)")
         if self.signum is None or signum == signal.SIGINT:
             self.signum = signum
 

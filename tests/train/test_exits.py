@@ -8,7 +8,8 @@ from spawn import REPO
 from pretrain.run import exits
 
 DEFINITION = re.compile(r"^\s*(EXIT_\w+|\w+_EXIT_CODE)\s*=\s*\d", re.MULTILINE)
-HOMES = {"pretrain/run/exits.py", "data_pipeline/errors.py"}  # 2 belongs to pretrain-data too, which imports no pretrain
+# 2 belongs to pretrain-data too, which imports no pretrain
+HOMES = {"pretrain/run/exits.py", "data_pipeline/errors.py"}
 
 
 def test_no_module_but_exits_defines_an_exit_code():
