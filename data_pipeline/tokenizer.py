@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Iterable, Iterator, Protocol
 
@@ -193,6 +194,169 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str, *, min_freque
     _atomic_write(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2))
     _atomic_write(os.path.join(out_dir, "tokenizer.json"), tok.to_str(pretty=True))
     return HFTokenizer(out_dir)
+
+
+def token_byte_lengths(tokenizer: TextTokenizer) -> np.ndarray:
+    """int64 array over token ids: how many UTF-8 bytes of text each id stands for; 0 for special/control ids.
+
+    Why: a loss per token cannot be compared between runs with different tokenizers (a bigger vocabulary packs
+    more text into a token, so its per-token loss is higher for the same model quality). Loss per *byte* of
+    text can: validation bits per byte is ``sum(next-token loss in nats over targets with bytes > 0) /
+    (ln 2 * sum(their byte lengths))``, nanochat's ``token_bytes`` idea. Special ids (bos, eos, pad, HF added
+    special tokens, sentencepiece control/unknown pieces) stand for no text, weigh 0, and so drop out of both
+    sums.
+
+    The invariant: for text the tokenizer's normalizer leaves unchanged,
+    ``token_byte_lengths(tok)[tok.encode_batch([text])[0]].sum() == len(text.encode("utf-8"))``. Byte-level
+    tokens that hold part of a multi-byte character count their real bytes, never the 3 bytes of the U+FFFD
+    that decoding the lone token would give. One exception, by design of those tokenizers: sentencepiece
+    models (and HF metaspace tokenizers converted from them, LLaMA-2 style) prepend a "▁" to the text (the
+    "dummy prefix"), a space that the text does not hold but the token does, counted as one byte: the sum is
+    then one more than the text's bytes (sentencepiece adds it to every text when the model's
+    add_dummy_prefix is set; HF's Metaspace pre-tokenizer not to a text that starts with a space). Bits per
+    byte stays comparable: at most one byte more per encoded text.
+
+    - HF byte-level BPE (GPT-2 / LLaMA-3 style, what `train_bpe` makes): each token string is mapped back
+      through GPT-2's bytes<->unicode table; exact.
+    - HF metaspace / sentencepiece-converted tokenizers: "▁" is one space byte, a byte-fallback token
+      "<0xNN>" is one byte, anything else its UTF-8 length; exact (up to the dummy prefix).
+    - HF tokenizers of any other scheme (e.g. WordPiece) and unknown `TextTokenizer` classes: the UTF-8
+      length of decoding the lone token, which is APPROXIMATE (a decoder may drop or add spaces, e.g. WordPiece
+      "##" continuations, and a partial character decodes to U+FFFD).
+    - sentencepiece: control/unknown/unused pieces 0, byte pieces 1, others len(piece with "▁" as " ").
+
+    Non-special HF added tokens count the UTF-8 length of their content (the raw text they match). Nothing is
+    cached: the result is computed from the tokenizer each call (well under a second for a 128k vocabulary).
+    """
+    if isinstance(tokenizer, HFTokenizer):
+        out = _hf_byte_lengths(tokenizer)
+    elif isinstance(tokenizer, SentencePieceTokenizer):
+        out = _sp_byte_lengths(tokenizer)
+    else:
+        out = np.array([len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size)],
+                       dtype=np.int64)
+    for tid in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
+        if tid is not None and 0 <= tid < len(out):
+            out[tid] = 0
+    return out
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet a byte-level BPE writes its token strings in.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (control bytes, space, 0x7F-0xA0, 0xAD) are
+    shifted to U+0100 onwards in byte order, so e.g. space is "Ġ" (U+0120) and newline "Ċ" (U+010A).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _component_json(component: object) -> object:
+    """A tokenizers component (normalizer, pre-tokenizer, decoder) as its JSON, without serialising the
+    whole tokenizer (whose vocabulary and merges can be megabytes)."""
+    if component is None:
+        return None
+    try:
+        return json.loads(component.__getstate__())
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _walk(spec: object) -> Iterator[dict]:
+    """Every JSON object in a component spec (a Sequence nests its parts)."""
+    if isinstance(spec, dict):
+        yield spec
+        for v in spec.values():
+            yield from _walk(v)
+    elif isinstance(spec, list):
+        for v in spec:
+            yield from _walk(v)
+
+
+def _hf_scheme(tok: object) -> str:
+    """How an HF tokenizer's token strings spell the text's bytes: "bytelevel", "metaspace" or "unknown"."""
+    parts = {name: list(_walk(_component_json(getattr(tok, name, None))))
+             for name in ("normalizer", "pre_tokenizer", "decoder")}
+    types = {name: {d.get("type") for d in objs} for name, objs in parts.items()}
+    if any("ByteLevel" in t for t in types.values()):
+        return "bytelevel"
+    if "Metaspace" in types["pre_tokenizer"] or "Metaspace" in types["decoder"]:
+        return "metaspace"
+    # LLaMA-2's converted tokenizer.json: normalizer Replace(" " -> "▁"), decoder Replace("▁" -> " ").
+    replaces = [(d.get("pattern", {}).get("String") if isinstance(d.get("pattern"), dict) else None,
+                 d.get("content")) for name in ("normalizer", "decoder") for d in parts[name]
+                if d.get("type") == "Replace"]
+    if (" ", "▁") in replaces or ("▁", " ") in replaces:
+        return "metaspace"
+    return "unknown"
+
+
+def _hf_byte_lengths(tokenizer: HFTokenizer) -> np.ndarray:
+    tok = tokenizer._tok
+    n = tokenizer.vocab_size
+    out = np.zeros(n, dtype=np.int64)
+    pieces = tok.get_vocab(with_added_tokens=False)  # token string -> id
+    ids = np.fromiter(pieces.values(), dtype=np.int64, count=len(pieces))
+    strings = list(pieces.keys())
+    keep = ids < n
+    scheme = _hf_scheme(tok)
+    undecided: list[int] = []  # ids whose length comes from decoding (approximate)
+    if scheme == "bytelevel":
+        byte_of = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+        to_latin1 = str.maketrans({c: chr(b) for c, b in byte_of.items()})
+        if set("".join(strings)) <= byte_of.keys():  # the usual case: one C-speed pass, no per-token checks
+            lengths = [len(s.translate(to_latin1).encode("latin-1")) for s in strings]
+        else:
+            lengths = []
+            for tid, s in zip(ids.tolist(), strings):
+                if set(s) <= byte_of.keys():
+                    lengths.append(len(s.translate(to_latin1).encode("latin-1")))
+                else:
+                    lengths.append(0)
+                    undecided.append(tid)
+        out[ids[keep]] = np.asarray(lengths, dtype=np.int64)[keep]
+    elif scheme == "metaspace":
+        model = tok.model
+        byte_fallback = bool(getattr(model, "byte_fallback", False)) or "ByteFallback" in {
+            d.get("type") for d in _walk(_component_json(tok.decoder))}
+        lengths = [1 if byte_fallback and _BYTE_PIECE.fullmatch(s) else len(s.replace("▁", " ").encode("utf-8"))
+                   for s in strings]
+        out[ids[keep]] = np.asarray(lengths, dtype=np.int64)[keep]
+    else:
+        undecided = ids[keep].tolist()
+    if undecided:
+        decoded = tok.decode_batch([[i] for i in undecided], skip_special_tokens=False)
+        out[np.asarray(undecided, dtype=np.int64)] = [len(d.encode("utf-8")) for d in decoded]
+    unk = getattr(tok.model, "unk_token", None)
+    unk_id = tok.token_to_id(unk) if isinstance(unk, str) else None
+    if unk_id is not None and unk_id < n:
+        out[unk_id] = 0  # stands for whatever text it replaced: no fixed byte count
+    for tid, added in tok.get_added_tokens_decoder().items():
+        if tid < n:
+            out[tid] = 0 if added.special else len(added.content.encode("utf-8"))  # matched as raw text
+    return out
+
+
+def _sp_byte_lengths(tokenizer: SentencePieceTokenizer) -> np.ndarray:
+    sp = tokenizer._sp
+    lengths = []
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            lengths.append(0)
+        elif sp.is_byte(i):
+            lengths.append(1)
+        else:
+            lengths.append(len(sp.id_to_piece(i).replace("▁", " ").encode("utf-8")))
+    return np.asarray(lengths, dtype=np.int64)
 
 
 def _atomic_write(path: str, text: str) -> None:

@@ -7,6 +7,7 @@
     pretrain export-hf --checkpoint runs/demo/run --out hf/ [--dtype fp32] [--max-shard-size 5GB]
     pretrain import-hf --model hf/ --out ckpt/     # then train with --set model.init_from=ckpt/
     pretrain convert-checkpoint --checkpoint runs/demo/run/step_300 --to universal --out ucp/
+    pretrain eval --checkpoint runs/demo/run --tasks hellaswag --limit 100 [--tp 2 --pp 2 under python -m launch]
 
 Errors a user can fix (config, data, checkpoint) print one line and exit 2; see pretrain/run/exits.py for the
 other exit codes (42 = stopped by a signal after checkpointing: requeue).
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     _export_hf_args(sub)
     _import_hf_args(sub)
     _convert_args(sub)
+    _eval_args(sub)
     return p
 
 
@@ -161,6 +163,38 @@ def _convert_args(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`) or a step_<N> dir")
     p.add_argument("--to", required=True, choices=("universal",), help="output format")
     p.add_argument("--out", required=True, help="new (or empty) output directory")
+
+
+def _eval_args(sub: Any) -> None:
+    p = sub.add_parser("eval", help="downstream scores of a checkpoint with lm-evaluation-harness, on any layout",
+                       description="Evaluate any committed checkpoint (a run's latest, a step_<N>, an import-hf "
+                       "output) with lm-evaluation-harness (pip install 'llama-pretrain[eval]'). Every option not "
+                       "listed here is lm-eval's own and means what it means to `lm-eval run` (--tasks, "
+                       "--include_path, --num_fewshot, --limit, --batch_size, --log_samples, --output_path, ...). "
+                       "Under `python -m launch` with --tp/--pp the checkpoint is re-sliced onto that layout and "
+                       "the requests are shared by the data-parallel replicas. Scores go to <run>/evals/step_<N>.json "
+                       "(lm-eval's own output to <run>/evals/lm_eval/ unless --output_path) and to the MLflow run "
+                       "that trained the checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="a run dir (uses its `latest`), a step_<N> dir, or an "
+                   "import-hf output")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree to evaluate with (default 1)")
+    p.add_argument("--pp", type=_positive_int, default=1, help="pipeline stages to evaluate with (default 1; "
+                   "generation tasks need 1)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="compute dtype (default: the training "
+                   "dtype)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file/dir when the checkpoint holds none (must be the "
+                   "training tokenizer: identity hash checked)")
+
+
+def run_eval(args: argparse.Namespace, lm_eval_args: list[str]) -> int:
+    try:
+        from pretrain.eval.command import run_eval as evaluate
+    except ImportError as e:
+        raise ConfigError(f"pretrain eval needs lm-evaluation-harness ({e}): pip install 'llama-pretrain[eval]'") \
+            from None
+    return evaluate(args.checkpoint, lm_eval_args, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                    tokenizer=args.tokenizer, device=args.device)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -395,7 +429,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     lighten_imports()  # before DeepSpeed or megatron-core is imported: seconds less start-up (pretrain/libraries.py)
-    args = _parser().parse_args(argv)
+    args, rest = _parser().parse_known_args(argv)
+    if rest and args.command != "eval":  # only `eval` passes options on (to lm-eval)
+        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     stop = None
     if args.command == "train" and not args.dry_run:
         # Before torch/DeepSpeed imports (seconds): a preemption signal during start-up must not kill the rank.
@@ -414,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_import(args)
         if args.command == "convert-checkpoint":
             return run_convert(args)
+        if args.command == "eval":
+            return run_eval(args, rest)
         cfg = load_config(args.config, args.overrides)
         if args.command == "plan":
             if not 0 < args.mfu <= 1:

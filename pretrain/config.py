@@ -211,6 +211,17 @@ class TrackingSection(_Section):
                                      "node's first rank; 0: off; a day at most")
 
 
+class EvalSection(_Section):
+    tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks run on the training "
+                             "ranks with the live weights every eval.every steps (needs the `eval` extra); [] = off")
+    every: Count = Field(0, ge=0, description="run eval.tasks every N steps; 0 = off")
+    limit: Finite | None = Field(None, gt=0, description="documents per task (a whole number), or a fraction of "
+                                 "each task (< 1); None = all")
+    num_fewshot: Count | None = Field(None, ge=0, description="few-shot examples per prompt; None = the task's own")
+    include_path: str | None = Field(None, description="a directory of extra lm-eval task YAML files")
+    batch_size: Count = Field(8, gt=0, description="requests per forward")
+
+
 class Config(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -219,6 +230,7 @@ class Config(_Section):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
     def _cross_section(self) -> "Config":
@@ -242,6 +254,11 @@ class Config(_Section):
         if self.train.fp8 != "none" and self.parallel.tp != 1:
             raise ValueError(f"train.fp8={self.train.fp8} needs parallel.tp=1: torchao's float8 linears replace "
                              f"nn.Linear, and megatron-core's tensor-parallel linears are not converted")
+        if bool(self.eval.tasks) != (self.eval.every > 0):
+            raise ValueError("eval.tasks and eval.every go together: name the tasks and how often to run them "
+                             f"(now tasks={self.eval.tasks}, every={self.eval.every})")
+        if self.eval.limit is not None and self.eval.limit >= 1 and self.eval.limit != int(self.eval.limit):
+            raise ValueError(f"eval.limit={self.eval.limit}: a whole number of documents, or a fraction below 1")
         if self.data.weights is not None:
             paths = self.data.path if isinstance(self.data.path, list) else [self.data.path]
             if len(self.data.weights) != len(paths):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pretrain.kernels.linear_cross_entropy import EAGER, ChunkLoss
 from pretrain.kernels.linear_cross_entropy import linear_cross_entropy as _linear_cross_entropy
+from pretrain.kernels.linear_cross_entropy import token_scores as _token_scores
 from pretrain.kernels import varlen_attention
 
 if TYPE_CHECKING:
@@ -120,6 +121,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_loss is None:
         chunk_loss = _fused("cross_entropy").chunk_loss if fused_enabled(hidden) else EAGER
     return _linear_cross_entropy(hidden, weight, targets, chunk_loss, ignore_index, _LOSS_CHUNK)
+
+
+def token_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_loss: ChunkLoss | None = None,
+                 vocab_start: int = 0, group: object | None = None) -> torch.Tensor:
+    """(N, 2): log p(target) and whether it is the most likely token, in the same chunks and with the same softmax
+    as `linear_cross_entropy` (evaluation; see pretrain/kernels/linear_cross_entropy.py)."""
+    if chunk_loss is None:
+        chunk_loss = _fused("cross_entropy").chunk_loss if fused_enabled(hidden) else EAGER
+    return _token_scores(hidden, weight, targets, chunk_loss, vocab_start, group, _LOSS_CHUNK)
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:

@@ -138,3 +138,33 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     c = chunk_tokens(hidden.shape[0], weight.shape[0], chunk_loss.bytes_per_logit(hidden.dtype), chunk)
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, c, chunk_loss,
                                      grad and hidden.requires_grad, grad and weight.requires_grad)
+
+
+@torch.no_grad()
+def token_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_loss: ChunkLoss,
+                 vocab_start: int = 0, group: object | None = None, chunk: int = 0) -> torch.Tensor:
+    """Per target: log p(target) and whether the target is the most likely token, chunk by chunk like the loss.
+
+    What an evaluation harness asks of a model (lm-eval's `(logprob, is_greedy)`); the log-probability is minus
+    the same loss row training computes (`chunk_loss`), so evaluation and training agree to the bit. hidden (N, D),
+    weight (V_local, D), targets (N,) -> (N, 2) fp32: [log p, 1.0 if greedy else 0.0]. Under tensor parallelism
+    `weight` is this rank's vocab slice starting at `vocab_start` and `group` the tensor-parallel group: the row
+    maximum and the target's logit are all-reduced over it (the target lives on one rank's slice). Greedy compares
+    the target's logit with the row maximum, so a tie counts as greedy, as `argmax == target` would for the first
+    of equal logits."""
+    out = torch.empty(hidden.shape[0], 2, dtype=torch.float32, device=hidden.device)
+    c = chunk_tokens(hidden.shape[0], weight.shape[0], chunk_loss.bytes_per_logit(hidden.dtype), chunk)
+    for start in range(0, hidden.shape[0], c):
+        logits = hidden[start:start + c] @ weight.t()  # (c, V_local)
+        t = targets[start:start + c] - vocab_start
+        mine = (t >= 0) & (t < logits.shape[1])
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        picked = torch.where(mine, logits[rows, t.clamp(0, logits.shape[1] - 1)].float(), 0.0)
+        top = logits.amax(dim=1).float()
+        if group is not None:
+            torch.distributed.all_reduce(picked, group=group)
+            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+        loss, _ = chunk_loss(logits, targets[start:start + c], None)  # may overwrite logits: read them first
+        out[start:start + c, 0] = -loss
+        out[start:start + c, 1] = (picked >= top).float()
+    return out

@@ -45,7 +45,8 @@ REFERENCE = LayerFactory()
 
 class VocabHead(nn.Linear):
     """The output projection D -> V. head(h) gives logits (B, T, V); head(h, targets) gives the mean next-token
-    loss over the B*T targets, computed in token chunks (the logits are never held whole).
+    loss over the B*T targets, computed in token chunks (the logits are never held whole); head(h, targets,
+    scores=True) gives each target's (log p, is the argmax) as (B, T, 2), for evaluation.
 
     The loss lives in the head's forward, not after it, so that whatever wraps forward sees the weight in use:
     DeepSpeed ZeRO-3 gathers a module's parameters in its forward hooks."""
@@ -53,7 +54,9 @@ class VocabHead(nn.Linear):
     def __init__(self, dim: int, vocab_size: int):
         super().__init__(dim, vocab_size, bias=False)
 
-    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None, scores: bool = False) -> torch.Tensor:
         if targets is None:
             return super().forward(h)
+        if scores:
+            return kernels.token_scores(h.flatten(0, 1), self.weight, targets.flatten()).view(*targets.shape, 2)
         return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, targets.flatten())

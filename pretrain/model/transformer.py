@@ -167,7 +167,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens (B, T) -> logits (B, T, V_local), or the mean next-token loss over B*T targets when they are given."""
+    """tokens (B, T) -> logits (B, T, V_local), or the mean next-token loss over B*T targets when they are given
+    (or, for evaluation, each target's log-probability and whether it was the most likely token)."""
 
     def __init__(self, args: ModelArgs, factory: LayerFactory = REFERENCE, checkpointing: Checkpointing = "none"):
         super().__init__()
@@ -185,15 +186,16 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 docs: Documents | torch.Tensor | None = None, start_pos: int = 0,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """docs: where packed documents begin (document masking); the loader's doc_ids (B, T) are taken too."""
+                cache: KVCache | None = None, scores: bool = False) -> torch.Tensor:
+        """docs: where packed documents begin (document masking); the loader's doc_ids (B, T) are taken too.
+        scores: with targets, each target's (log p, is the argmax) as (B, T, 2) instead of the mean loss."""
         if isinstance(docs, torch.Tensor):
             docs = Documents.from_ids(docs)
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for layer in self.layers.values():
             h = layer(h, docs, start_pos, cache)
         # logits (B, T, V_local), or with targets the mean next-token loss (the logits never held whole)
-        return self.output(self.norm(h), targets)
+        return self.output(self.norm(h), targets, scores) if scores else self.output(self.norm(h), targets)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = next(self.parameters())

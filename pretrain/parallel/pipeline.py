@@ -92,13 +92,17 @@ class PipeHead(nn.Module):
 
 
 class PipeLoss:
-    """loss_fn(h, targets): the same mean token loss the reference model computes, by the last stage's head."""
+    """loss_fn(h, targets): the same mean token loss the reference model computes, by the last stage's head (or,
+    while `scores` is set, the per-target scores evaluation asks for: DeepSpeed hands labels to loss_fn only)."""
 
     def __init__(self):
         self.head: PipeHead | None = None  # set once the last stage has built its layers
         self.scale = 1.0  # the engine's fault injection sets NaN for one step
+        self.scores = False  # evaluation: each target's (log p, is the argmax) (B, T, 2), not the mean loss
 
     def __call__(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.scores:
+            return self.head.output(h, targets, scores=True)
         return self.head.output(h, targets) * self.scale
 
 

@@ -68,14 +68,19 @@ class _VocabHead(_Column):
     computed in token chunks (pretrain.kernels.linear_cross_entropy) with megatron-core's vocab-parallel softmax
     per chunk: neither the whole (B, T, V/tp) logits nor the full vocabulary ever sit on one rank."""
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, scores: bool = False) -> torch.Tensor:
         if targets is None:
             return super().forward(x)  # (B, T, V/tp)
         if self.sequence_parallel:  # x holds T/tp tokens: gather them (backward: reduce-scatter of dh)
-            h, targets = gather_from_sequence_parallel_region(_seq_first(x)), targets.t()  # (T, B, D), (T, B)
+            h, rows = gather_from_sequence_parallel_region(_seq_first(x)), targets.t()  # (T, B, D), (T, B)
         else:  # identity forward; backward sums each rank's partial dh (its vocab slice's share) over TP
-            h = copy_to_tensor_model_parallel_region(x)
-        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, targets.flatten(), VOCAB_PARALLEL)
+            h, rows = copy_to_tensor_model_parallel_region(x), targets
+        if scores:  # (B, T, 2): each target's log p and whether it is the argmax over the whole vocabulary
+            start = parallel_state.get_tensor_model_parallel_rank() * self.weight.shape[0]
+            out = kernels.token_scores(h.flatten(0, 1), self.weight, rows.flatten(), VOCAB_PARALLEL, start,
+                                       parallel_state.get_tensor_model_parallel_group()).view(*rows.shape, 2)
+            return out.transpose(0, 1) if self.sequence_parallel else out
+        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, rows.flatten(), VOCAB_PARALLEL)
 
 
 class VocabParallelChunkLoss:

@@ -61,6 +61,12 @@ class DistEnv:
     def all_reduce_sum(self, value: float | torch.Tensor) -> float:
         return self._all_reduce(value, dist.ReduceOp.SUM)
 
+    def sums(self, *values: float) -> tuple[float, ...]:
+        """Collective: each value summed over all ranks, in one all-reduce (fp64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t)
+        return tuple(t.tolist())
+
     def any_of(self, *flags: bool) -> tuple[bool, ...]:
         """Collective: each flag, True on every rank when it is True on any; one all-reduce for all of them (the
         loop's per-step agreement on a stop and on a spike costs what the stop alone did)."""

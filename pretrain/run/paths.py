@@ -12,6 +12,8 @@ A run directory:
     profiles/               torch.profiler traces (train/profiling.py)
     mlruns/mlflow.db        the local MLflow store when no tracking URI is given (telemetry/tracking.py)
     hf/step_<n>/            the Hugging Face export of `train.register_as` (telemetry/model_registry.py)
+    evals/step_<n>.json     downstream scores of `pretrain eval` on that step; evals/lm_eval/ lm-eval's own
+                            output (pretrain/eval/)
 
 A step directory (`step_<n>/`):
 
@@ -41,6 +43,8 @@ PROFILE_DIR = "profiles"
 MLFLOW_DIR = "mlruns"
 MLFLOW_DB = "mlflow.db"
 HF_EXPORTS_DIR = "hf"
+EVALS_DIR = "evals"
+LM_EVAL_OUTPUT = "lm_eval"  # under EVALS_DIR
 TEMP_PREFIX = ".tmp_"  # + a step directory's name, while that step is written
 STEP_RE = re.compile(r"^step_(\d+)$")
 

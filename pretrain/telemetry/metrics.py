@@ -66,6 +66,7 @@ class StepRecord:
     peak_mem_gib: float
     val_loss: float | None = None
     val_ppl: float | None = None
+    val_bpb: float | None = None       # held-out bits per byte: comparable across tokenizers
     data_wait_s: float | None = None   # of step_time_s: waiting for the loader's micro-batches (this rank)
     mem_allocated_gib: float | None = None  # CUDA: the caching allocator's allocated and reserved memory now
     mem_reserved_gib: float | None = None
@@ -73,6 +74,7 @@ class StepRecord:
     loss_z: float | None = None        # train.spike: the step's robust z-scores (pretrain/train/spikes.py)
     grad_norm_z: float | None = None
     rollbacks: int | None = None       # train.spike: rollbacks taken so far (rollbacks.jsonl has each one)
+    downstream: dict[str, float] | None = None  # eval.tasks: "<task>/<metric>" -> value, and "time_share"
 
     def to_json(self) -> str:
         d = {k: (None if isinstance(v, float) and not math.isfinite(v) and k not in ("loss", "grad_norm") else v)
@@ -87,6 +89,7 @@ class StepRecord:
         """The human log line."""
         mfu = f" mfu {100 * self.mfu:.1f}%" if self.mfu is not None else ""
         val = f" | val_loss {self.val_loss:.4f} ppl {self.val_ppl:.2f}" if self.val_loss is not None else ""
+        val += f" bpb {self.val_bpb:.4f}" if self.val_bpb is not None else ""
         skip = " (skipped: non-finite)" if self.skipped else ""
         eta = f" | eta {_duration(self.eta_s)}" if self.eta_s is not None else ""
         return (f"step {self.step} | loss {self.loss:.4f}{skip} | lr {self.lr:.3e} | grad_norm {self.grad_norm:.3f}"

@@ -43,7 +43,7 @@ _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML = "mlflow.experimentKind", "custom_model_development"
 # The per-step values sent to MLflow, under metrics.jsonl's names.
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "val_loss", "val_ppl",
-                "skipped", "tokens", "step_time_s", "data_wait_s", "mem_allocated_gib", "mem_reserved_gib", "eta_s",
+                "val_bpb", "skipped", "tokens", "step_time_s", "data_wait_s", "mem_allocated_gib", "mem_reserved_gib", "eta_s",
                 "loss_z", "grad_norm_z", "rollbacks")
 HTTP_TIMEOUT_S = "10"  # per MLflow request (MLFLOW_HTTP_REQUEST_TIMEOUT); set in the environment to change
 RETRY_MAX_S = 30.0  # the longest wait between two attempts while the server is away
@@ -94,6 +94,9 @@ def step_values(record: dict[str, Any]) -> dict[str, float]:
             out[key] = float(v)  # "nan"/"inf" strings (a skipped step's loss) become floats again
         except (TypeError, ValueError):
             continue
+    for name, v in (record.get("downstream") or {}).items():  # eval.tasks: "eval/<task>/<metric>"
+        if isinstance(v, (int, float)):
+            out[f"eval/{name}"] = float(v)
     return out
 
 

@@ -105,7 +105,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def _split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Documents | None]:
+    def split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Documents | None]:
+        """A loader batch -> (inputs, next-token targets, document boundaries when document masking is on)."""
         tokens = batch["tokens"].to(self.env.device)  # (B, T+1)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each: predict token t+1 from tokens <= t
         docs = None
@@ -147,7 +148,7 @@ class Engine:
     def _train_plain(self, micro: list[Batch]) -> float:
         total = torch.zeros((), dtype=torch.float32, device=self.env.device)
         for batch in micro:
-            inputs, targets, docs = self._split(batch)
+            inputs, targets, docs = self.split(batch)
             loss = self.ds(inputs, targets, docs) * self._loss_scale
             self.ds.backward(loss)  # scaled by 1/grad_accum inside; grads averaged over DP at the boundary
             self.ds.step()  # optimizer step (clip, skip guard) only at the accumulation boundary
@@ -160,7 +161,7 @@ class Engine:
         self.ds.module.loss_fn.scale = self._loss_scale
         feed = []
         for batch in micro:
-            inputs, targets, docs = self._split(batch)
+            inputs, targets, docs = self.split(batch)
             feed.append((pipeline_input(inputs, docs), targets))
         loss = self.ds.train_batch(iter(feed))  # mean over micro-batches and DP, broadcast to every stage
         self.ds.module.loss_fn.scale = 1.0
@@ -170,7 +171,7 @@ class Engine:
     def eval_step(self, batch_iter: Iterator[Batch]) -> float:
         """Mean token loss of one micro-batch per rank, averaged over DP ranks; the same on every rank."""
         batch = next(batch_iter)
-        inputs, targets, docs = self._split(batch)
+        inputs, targets, docs = self.split(batch)
         if self.pipeline:
             loss = float(self.ds.eval_batch(iter([(pipeline_input(inputs, docs), targets)]), num_micro_batches=1))
             self.ds.module.train()
@@ -179,6 +180,39 @@ class Engine:
             loss = float(self.ds(inputs, targets, docs))
             self.ds.train()
         return self.env.all_reduce_sum(loss) / self.env.world_size
+
+    @torch.no_grad()
+    def score(self, tokens: torch.Tensor, targets: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
+        """Each target's (log p, is the argmax) as (B, T, 2) fp32 on every rank of this model replica (its TP x PP
+        ranks, which must all call it with the same batch): evaluation's question, asked of the live weights.
+
+        Any batch shape goes (evaluation batches vary): under PP the pipeline engine re-negotiates activation
+        shapes before and after, so the next training step sends its own again. Every rank calls DeepSpeed's
+        eval_batch, which begins with a barrier of all ranks: data-parallel replicas score in lockstep."""
+        tokens, targets = tokens.to(self.env.device), targets.to(self.env.device)
+        if not self.pipeline:
+            self.ds.eval()
+            try:
+                return self.ds(tokens, targets, docs, scores=True).float()
+            finally:
+                self.ds.train()
+        loss_fn, grid = self.ds.module.loss_fn, self.ds.grid
+        loss_fn.scores = True
+        self.ds.reset_activation_shape()
+        self.ds.total_loss = None  # DeepSpeed adds each eval's output to the last one's: scores differ in shape
+        try:
+            outputs = self.ds.eval_batch(iter([(pipeline_input(tokens, docs), targets)]), compute_loss=True,
+                                         reduce_output=None, bcast_loss=False, num_micro_batches=1)
+        finally:
+            loss_fn.scores = False
+            self.ds.total_loss = None
+            self.ds.reset_activation_shape()
+            self.ds.module.train()
+        last = grid.stage_to_global(stage_id=self.env.layout.pp - 1)
+        out = outputs[0].float() if self.ds.is_last_stage() else torch.empty(
+            (*targets.shape, 2), dtype=torch.float32, device=self.env.device)
+        torch.distributed.broadcast(out, src=last, group=grid.get_pipe_parallel_group())
+        return out
 
     # ----------------------------------------------------------------------------------- checkpoints
 

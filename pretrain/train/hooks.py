@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # the engine imports DeepSpeed; observers need only the names
+    from pretrain.train.data import HeldOutScore
     from pretrain.train.engine import StepResult
     from pretrain.train.spikes import Verdict
 
@@ -15,12 +16,14 @@ if TYPE_CHECKING:  # the engine imports DeepSpeed; observers need only the names
 @dataclass
 class StepReport:
     """One optimizer step as the observers see it: the engine's result (loss, lr, grad norm, skipped), the held-out
-    loss when evaluated, the spike detector's verdict and the rollbacks so far."""
+    loss when evaluated, the spike detector's verdict, the rollbacks so far, and the downstream scores when
+    `eval.tasks` ran at this step."""
     step: int
     result: StepResult
-    val_loss: float | None
+    val: HeldOutScore | None
     verdict: Verdict
     rollbacks: int
+    downstream: dict[str, float] | None = None
 
 
 class Observer:

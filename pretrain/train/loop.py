@@ -30,7 +30,7 @@ from data_pipeline.loader import TokenLoader
 from pretrain import checkpoint
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.resume import StartPoint
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 from pretrain.console import say
 from pretrain.plan.fit import check_memory
 from pretrain.run.distributed import DistEnv, init_distributed, lost_peer
@@ -72,6 +72,7 @@ class Prepared:
     engine: Engine
     loader: TokenLoader
     held_out: HeldOut
+    downstream: Any  # pretrain.eval.in_loop.DownstreamEval when eval.tasks is set, else None
     spikes: SpikeGuard
     start: int
     mlflow_run_id: str | None
@@ -107,13 +108,14 @@ def prepare(cfg: Config, run: ResolvedRun, env: DistEnv, ckpt: CheckpointManager
     loader = make_loader(cfg, run, env)
     held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
     engine = build_engine(cfg, env, run, begin.init)
+    downstream = _downstream(cfg, run, env, engine)
     env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
     spikes = SpikeGuard(cfg, env, ckpt)
     ckpt.track(engine, loader, extra=spikes.state)
     restored = ckpt.restore(begin)  # None: nothing to restore
     after_rollback = spikes.resumed(restored, loader)  # the detector's history; the data a rollback skipped
     start, run_id = (restored.step, restored.meta.mlflow_run_id) if restored else (0, None)
-    return Prepared(begin, engine, loader, held_out, spikes, start, run_id,
+    return Prepared(begin, engine, loader, held_out, downstream, spikes, start, run_id,
                     [n for n in (held_out_note(cfg, run), after_rollback) if n])
 
 
@@ -185,8 +187,9 @@ def steps(cfg: Config, env: DistEnv, ckpt: CheckpointManager, prep: Prepared, st
         res = engine.train_step(batches)
         streak = streak + 1 if res.skipped else 0
         val = prep.held_out.evaluate(engine) if _due(step, t.eval_every) else None
+        downstream = prep.downstream.run() if _due(step, cfg.eval.every) else None
         verdict = spikes.observe(step, res)
-        observers.after_step(StepReport(step, res, val, verdict, spikes.count))
+        observers.after_step(StepReport(step, res, val, verdict, spikes.count, downstream))
         if streak >= t.max_nonfinite_steps:
             raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
                                  f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); the last checkpoint in "
@@ -245,6 +248,18 @@ def register_final(cfg: Config) -> None:
 
 
 # --------------------------------------------------------------------------------------------- ingredients
+
+
+def _downstream(cfg: Config, run: ResolvedRun, env: DistEnv, engine: Engine) -> Any:
+    """`eval.tasks` on the live engine (lm-eval imported only when asked for); task names checked now."""
+    if not cfg.eval.tasks:
+        return None
+    try:
+        from pretrain.eval.in_loop import DownstreamEval
+    except ImportError as e:
+        raise ConfigError(f"eval.tasks needs lm-evaluation-harness ({e}): pip install 'llama-pretrain[eval]'") \
+            from None
+    return DownstreamEval(cfg, run, env, engine)
 
 
 def _due(step: int, every: int) -> bool:

@@ -51,14 +51,15 @@ class StepLog(Observer):
             self.segments.unlink()
 
     def after_step(self, report: StepReport) -> None:
-        step, res, val, verdict = report.step, report.result, report.val_loss, report.verdict
+        step, res, val, verdict = report.step, report.result, report.val, report.verdict
         rec = self.meter.record(step, float(res.loss), float(res.lr), float(res.grad_norm), bool(res.skipped),
                                 data_wait_s=getattr(res, "data_wait_s", None))
         if verdict is not None:
             rec.loss_z, rec.grad_norm_z = verdict.loss_z, verdict.grad_norm_z
         rec.rollbacks = report.rollbacks
         if val is not None:
-            rec.val_loss, rec.val_ppl = val, math.exp(min(val, 50.0))
+            rec.val_loss, rec.val_ppl, rec.val_bpb = val.loss, math.exp(min(val.loss, 50.0)), val.bpb
+        rec.downstream = report.downstream
         self.last, self.skipped, self.at = rec, self.skipped + int(rec.skipped), step
         if not self.on:
             return
