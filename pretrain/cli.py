@@ -188,6 +188,9 @@ def _eval_args(sub: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace, lm_eval_args: list[str]) -> int:
+    import torch
+
+    console.quiet(verbose=False, cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()))
     try:
         from pretrain.eval.command import run_eval as evaluate
     except ImportError as e:

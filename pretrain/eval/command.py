@@ -56,7 +56,7 @@ def _record(session: Any, step: int, output: str, started: float) -> None:
     """evals/step_<N>.json, MLflow, and the lines that say where everything went."""
     found = _newest_results(Path(output), started)
     if found is None:
-        say(f"lm-eval wrote no results under {output}")
+        say(f"lm-eval wrote no results under {output}", "eval")
         return
     results = json.loads(found.read_text())
     scores = flat_scores(results)
@@ -68,9 +68,9 @@ def _record(session: Any, step: int, output: str, started: float) -> None:
     path = write_step_results(session.step_dir, step, record)
     for name, value in scores.items():
         say(f"{name} = {value:.4f}", "eval")
-    say(f"scores of step {step}: {path} (lm-eval's own output: {found.parent})")
+    say(f"scores of step {step}: {path} (lm-eval's own output: {found.parent})", "eval")
     if run_id := _log_to_mlflow(session.step_dir, step, scores):
-        say(f"logged to MLflow run {run_id} at step {step}")
+        say(f"logged to MLflow run {run_id} at step {step}", "eval")
 
 
 def _log_to_mlflow(step_dir: Path, step: int, scores: dict[str, float]) -> str | None:
@@ -92,7 +92,7 @@ def _log_to_mlflow(step_dir: Path, step: int, scores: dict[str, float]) -> str |
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, step) for k, v in scores.items()])
     except Exception as e:  # noqa: BLE001 - the scores are written; the store is an extra
-        say(f"could not log the scores to MLflow run {run_id} ({type(e).__name__}: {str(e)[:200]})")
+        say(f"could not log the scores to MLflow run {run_id} ({type(e).__name__}: {str(e)[:200]})", "eval")
         return None
     return run_id
 
@@ -117,7 +117,7 @@ def _lm_eval_cli(argv: list[str], user_args: list[str]) -> None:
     """lm-eval's command line, as `lm-eval` runs it, with its failures a user can fix turned into one line."""
     import lm_eval.__main__
 
-    import pretrain.eval.lm  # noqa: F401 - registers --model pretrain
+    from pretrain.eval.lm import CannotEvaluate  # and registers --model pretrain
 
     with _argv(["lm-eval", *argv]):
         try:
@@ -125,6 +125,8 @@ def _lm_eval_cli(argv: list[str], user_args: list[str]) -> None:
         except SystemExit as e:  # argparse: a bad option
             if e.code not in (0, None):
                 raise ConfigError(f"lm-eval refused the options {' '.join(user_args)} (its message is above)") from None
+        except CannotEvaluate as e:
+            raise ConfigError(str(e)) from None
         except ValueError as e:
             if str(e).startswith("Tasks not found:"):
                 from pretrain.eval.tasks import task_manager, unknown_tasks_line

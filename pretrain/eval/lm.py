@@ -35,6 +35,10 @@ def use_replica(checkpoint: str, replica: Replica, tokenizer: Any, max_length: i
     _LIVE.update(checkpoint=checkpoint, replica=replica, tokenizer=tokenizer, max_length=max_length)
 
 
+class CannotEvaluate(ValueError):
+    """A request this layout or mode cannot answer: one line for the user (pretrain eval exits 2 with it)."""
+
+
 @register_model("pretrain")
 class PretrainLM(TemplateLM):
     def __init__(self, replica: Replica, tokenizer: Any, max_length: int, batch_size: int = 8,
@@ -129,7 +133,7 @@ class PretrainLM(TemplateLM):
             windows = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in chunk]
             for (key, _, cont), scores in zip(chunk, self.replica.score(windows)):
                 mine = scores[-len(cont):]
-                answer = (float(mine[:, 0].sum()), bool(mine[:, 1].all()))
+                answer = (float(mine[:, 0].double().sum()), bool(mine[:, 1].all()))
                 answers.append(answer)
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -160,10 +164,10 @@ class PretrainLM(TemplateLM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy decoding with the KV cache until an `until` string, eos or `max_gen_toks` (pp = 1)."""
         if self.replica.engine.pipeline:
-            raise ValueError("generation tasks need the whole model on one pipeline stage: evaluate this "
+            raise CannotEvaluate("generation tasks need the whole model on one pipeline stage: evaluate this "
                              "checkpoint with --pp 1 (a checkpoint of any layout is re-sliced)")
         if self.replica.engine.cfg.parallel.zero_stage == 3 and self.world_size > 1:
-            raise ValueError("generation tasks under ZeRO-3 with several data-parallel replicas are not supported; "
+            raise CannotEvaluate("generation tasks under ZeRO-3 with several data-parallel replicas are not supported; "
                              "use `pretrain eval` (ZeRO-0) for them")
         out = []
         for req in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="Generating"):
@@ -178,10 +182,10 @@ class PretrainLM(TemplateLM):
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(kwargs.pop("max_gen_toks", 256))
         if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
-            raise ValueError("pretrain's lm-eval model decodes greedily; the task asks to sample "
+            raise CannotEvaluate("pretrain's lm-eval model decodes greedily; the task asks to sample "
                              f"({kwargs}); set do_sample=false / temperature=0 in --gen_kwargs")
-        prompt = ([self.prefix_token_id] + self.tok_encode(context))[-(self.max_length - max_new):] or \
-            [self.prefix_token_id]
+        # As lm-eval's hf backend does: the context alone (no prefix token), cut from the left to leave room.
+        prompt = self.tok_encode(context)[-(self.max_length - max_new):] or [self.prefix_token_id]
         max_new = min(max_new, self.max_length - len(prompt))
         new: list[int] = []
         logits = self.replica.logits(prompt, 0)

@@ -161,7 +161,14 @@ class TensorParallelFactory(LayerFactory):
         return _VocabHead(dim, vocab_size, config=self.config, init_method=_no_init, bias=False, gather_output=False)
 
     def full_logits(self, logits):
-        return gather_from_tensor_model_parallel_region(logits)
+        """The vocab shards joined (decoding, no gradient). megatron-core's gather_from_tensor_model_parallel_region
+        allocates its output with torch.cuda.current_device(), so on CPU the shards are gathered here."""
+        if logits.is_cuda:
+            return gather_from_tensor_model_parallel_region(logits)
+        group = parallel_state.get_tensor_model_parallel_group()
+        shards = [torch.empty_like(logits) for _ in range(self.tp)]
+        torch.distributed.all_gather(shards, logits.contiguous(), group=group)
+        return torch.cat(shards, dim=-1)
 
 
 def all_reduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
