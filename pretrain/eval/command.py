@@ -13,19 +13,21 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
+from pretrain.checkpoint import read_meta
 from pretrain.config import ConfigError
 from pretrain.console import say
+from pretrain.eval.lm import CannotEvaluate  # importing it registers lm-eval's `--model pretrain`
 from pretrain.eval.results import evals_dir, flat_scores, write_step_results
-from pretrain.run.paths import LM_EVAL_OUTPUT
+from pretrain.eval.session import Session, open_session
+from pretrain.eval.tasks import task_manager, unknown_tasks_line
+from pretrain.run.paths import CONFIG, LM_EVAL_OUTPUT
+from pretrain.telemetry.model_registry import store_uri
 
 
 def run_eval(checkpoint: str, lm_eval_args: list[str], *, tp: int = 1, pp: int = 1, dtype: str | None = None,
              tokenizer: str | None = None, device: str = "auto") -> int:
-    from pretrain.checkpoint import read_meta
-    from pretrain.eval.session import open_session
-
     if any(a in ("--model", "--model_args") or a.startswith(("--model=", "--model_args=")) for a in lm_eval_args):
         raise ConfigError("pretrain eval chooses lm-eval's --model and --model_args itself (the checkpoint); "
                           "leave them out")
@@ -52,7 +54,7 @@ def run_eval(checkpoint: str, lm_eval_args: list[str], *, tp: int = 1, pp: int =
     return 0
 
 
-def _record(session: Any, step: int, output: str, started: float) -> None:
+def _record(session: Session, step: int, output: str, started: float) -> None:
     """evals/step_<N>.json, MLflow, and the lines that say where everything went."""
     found = _newest_results(Path(output), started)
     if found is None:
@@ -76,17 +78,12 @@ def _record(session: Any, step: int, output: str, started: float) -> None:
 def _log_to_mlflow(step_dir: Path, step: int, scores: dict[str, float]) -> str | None:
     """The scores as "eval/<task>/<metric>" at the checkpoint's step, in the run that trained it (None when it was
     trained without tracking, or the store is gone: said in a line, the scores are on disk anyway)."""
-    from pretrain.checkpoint import read_meta
-    from pretrain.run.paths import CONFIG
-
     run_id = read_meta(step_dir).mlflow_run_id
     if not run_id or not (step_dir / CONFIG).exists():
         return None
     try:
         import mlflow
         from mlflow.entities import Metric
-
-        from pretrain.telemetry.model_registry import store_uri
 
         client = mlflow.MlflowClient(tracking_uri=store_uri(step_dir))
         now = int(time.time() * 1000)
@@ -117,8 +114,6 @@ def _lm_eval_cli(argv: list[str], user_args: list[str]) -> None:
     """lm-eval's command line, as `lm-eval` runs it, with its failures a user can fix turned into one line."""
     import lm_eval.__main__
 
-    from pretrain.eval.lm import CannotEvaluate  # and registers --model pretrain
-
     with _argv(["lm-eval", *argv]):
         try:
             lm_eval.__main__.cli_evaluate()
@@ -129,8 +124,6 @@ def _lm_eval_cli(argv: list[str], user_args: list[str]) -> None:
             raise ConfigError(str(e)) from None
         except ValueError as e:
             if str(e).startswith("Tasks not found:"):
-                from pretrain.eval.tasks import task_manager, unknown_tasks_line
-
                 missing = [t.strip() for t in str(e).split(":", 1)[1].split(",")]
                 raise ConfigError(unknown_tasks_line(missing, task_manager(_option(user_args, "--include_path"))))
             raise

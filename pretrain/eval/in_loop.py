@@ -11,7 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from data_pipeline.tokenizer import load_tokenizer
 from pretrain.config import Config, ConfigError
+from pretrain.eval.lm import PretrainLM
+from pretrain.eval.replica import Replica
 from pretrain.eval.results import flat_scores
 from pretrain.eval.tasks import check_tasks
 from pretrain.run.distributed import DistEnv
@@ -21,9 +24,6 @@ from pretrain.train.engine import Engine
 
 class DownstreamEval:
     def __init__(self, cfg: Config, run: ResolvedRun, env: DistEnv, engine: Engine) -> None:
-        from data_pipeline.tokenizer import load_tokenizer
-        from pretrain.eval.replica import Replica
-
         self.cfg, self.env = cfg.eval, env
         self.task_manager = check_tasks(self.cfg.tasks, self.cfg.include_path)
         if run.tokenizer is None or not run.tokenizer.path:
@@ -37,8 +37,6 @@ class DownstreamEval:
 
     def run(self) -> dict[str, float] | None:
         """Collective. Rank 0 gets the scores; the other ranks None."""
-        from pretrain.eval.lm import PretrainLM
-
         t0 = time.perf_counter()
         results: dict[str, Any] | None = None
         if self.replica.leader:

@@ -25,14 +25,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from pretrain.eval.replica import Replica
-
-# The replica `pretrain eval` built before handing control to lm-eval's command line, which then constructs the
-# model from `--model pretrain --model_args checkpoint=...` (create_from_arg_string) and gets this one.
-_LIVE: dict[str, Any] = {}
-
-
-def use_replica(checkpoint: str, replica: Replica, tokenizer: Any, max_length: int) -> None:
-    _LIVE.update(checkpoint=checkpoint, replica=replica, tokenizer=tokenizer, max_length=max_length)
+from pretrain.eval.session import live, open_session
 
 
 class CannotEvaluate(ValueError):
@@ -69,11 +62,9 @@ class PretrainLM(TemplateLM):
         checkpoint = arg_dict.get("checkpoint")
         if not checkpoint:
             raise ValueError("--model_args needs checkpoint=PATH (a run dir, a step_N dir or an import-hf output)")
-        if _LIVE.get("checkpoint") != str(checkpoint):
-            from pretrain.eval.session import open_session
-
-            open_session(str(checkpoint), tokenizer=arg_dict.get("tokenizer"), dtype=arg_dict.get("dtype"))
-        return cls(_LIVE["replica"], _LIVE["tokenizer"], _LIVE["max_length"], batch_size=int(batch_size))
+        session = live(str(checkpoint)) or open_session(str(checkpoint), tokenizer=arg_dict.get("tokenizer"),
+                                                       dtype=arg_dict.get("dtype"))
+        return cls(session.replica, session.tokenizer, session.run.model.max_seq_len, batch_size=int(batch_size))
 
     # ----------------------------------------------------------------------------------- what lm-eval reads
 

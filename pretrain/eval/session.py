@@ -17,17 +17,30 @@ from typing import Any
 
 from pretrain.checkpoint.weights import checkpoint_tokenizer, open_weights
 from pretrain.config import Config, ConfigError
+from pretrain.eval.replica import Replica
+from pretrain.run.distributed import DistEnv, init_distributed
 from pretrain.run.layout import Layout, check_layout, pad_vocab
 from pretrain.run.resolved import ResolvedRun
+from pretrain.train.engine import build_engine
 
 
 @dataclass
 class Session:
     step_dir: Path
     run: ResolvedRun  # the checkpoint's run on this launch's layout
-    env: Any  # pretrain.run.distributed.DistEnv
-    replica: Any  # pretrain.eval.replica.Replica
+    env: DistEnv
+    replica: Replica
     tokenizer: Any
+    checkpoint: str  # as given: lm-eval's --model_args name it
+
+
+# The session `pretrain eval` opened before handing control to lm-eval's command line, which then builds the model
+# from `--model pretrain --model_args checkpoint=...` (pretrain/eval/lm.py) and must get this one.
+_LIVE: dict[str, Session] = {}
+
+
+def live(checkpoint: str) -> Session | None:
+    return _LIVE.get(checkpoint)
 
 
 def eval_config(run: ResolvedRun, tp: int, pp: int, dtype: str, device: str) -> Config:
@@ -58,12 +71,7 @@ def eval_run(run: ResolvedRun, cfg: Config, world: int) -> ResolvedRun:
 def open_session(checkpoint: str, *, tp: int = 1, pp: int = 1, tokenizer: str | None = None,
                  dtype: str | None = None, device: str = "auto") -> Session:
     """Every rank of the launch: the checkpoint's weights sliced onto this layout, and the replica that answers
-    lm-eval (pretrain/eval/lm.py picks it up for `--model_args checkpoint=<the same path>`)."""
-    from pretrain.eval.lm import use_replica
-    from pretrain.eval.replica import Replica
-    from pretrain.run.distributed import init_distributed
-    from pretrain.train.engine import build_engine
-
+    lm-eval (`live(checkpoint)` gives it to pretrain/eval/lm.py for `--model_args checkpoint=<the same path>`)."""
     step_dir, source = open_weights(checkpoint)
     _, tok = checkpoint_tokenizer(step_dir, source.run, tokenizer)
     if dtype not in (None, "fp32", "bf16"):
@@ -72,7 +80,7 @@ def open_session(checkpoint: str, *, tp: int = 1, pp: int = 1, tokenizer: str | 
     run = eval_run(source.run, cfg, int(os.environ.get("WORLD_SIZE", "1")))
     env = init_distributed(cfg, layout=run.layout)
     engine = build_engine(cfg, env, run, init=source)  # each rank copies its slice of every whole tensor
-    replica = Replica(engine, env)
-    use_replica(checkpoint, replica, tok, run.model.max_seq_len)
-    return Session(step_dir, run, env, replica, tok)
+    session = Session(step_dir, run, env, Replica(engine, env), tok, checkpoint)
+    _LIVE[checkpoint] = session
+    return session
 

@@ -58,6 +58,13 @@ def test_in_loop_evals_at_their_steps_in_metrics_and_mlflow_and_after_a_resume(t
     assert _metric_steps(run, f"eval/{MC}/acc") == [2, 4, 6]
     assert _metric_steps(run, "val_bpb") == [2, 4, 6]
 
+    # `pretrain eval` of a checkpoint logs to the MLflow run that trained it, at the checkpoint's step
+    p = run_python(["-m", "pretrain", "eval", "--checkpoint", str(run / "step_4"), "--tasks", TEXT,
+                    "--include_path", str(tasks)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _metric_steps(run, f"eval/{TEXT}/bits_per_byte") == [2, 4, 4, 6]  # in-loop at 2, 4, 6; this one at 4
+    assert json.loads((run / "evals" / "step_4.json").read_text())["step"] == 4
+
 
 def test_token_scores_are_log_softmax_and_argmax():
     """The head's evaluation answer: log p(target) and "target is the argmax", whatever the chunking."""
@@ -99,3 +106,60 @@ def test_eval_refuses_what_it_cannot_do_in_one_line(tmp_path, tmp_path_factory):
 
     p = run_python(["-m", "pretrain", "eval", "--checkpoint", str(checkpoint), "--model", "hf", "--tasks", MC])
     assert p.returncode == 2 and "leave them out" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+
+
+def test_simple_evaluate_takes_the_registered_model_by_name(tmp_path, tmp_path_factory):
+    """`import pretrain.eval.lm` and lm-eval's own Python API runs a checkpoint in one process."""
+    from shared_runs import plain_run
+
+    checkpoint = plain_run(tmp_path_factory)[0]
+    tasks = write_tasks(tmp_path / "tasks")
+    script = (
+        "import json, sys, lm_eval\n"
+        "from lm_eval.tasks import TaskManager\n"
+        "import pretrain.eval.lm\n"
+        f"r = lm_eval.simple_evaluate(model='pretrain', model_args='checkpoint={checkpoint}', tasks=['{MC}'],\n"
+        f"    task_manager=TaskManager(include_path='{tasks}', include_defaults=False), verbosity='ERROR')\n"
+        f"print(json.dumps(r['results']['{MC}']['acc,none']))\n")
+    p = run_python(["-c", script])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 0 <= json.loads(p.stdout.strip().splitlines()[-1]) <= 1
+
+
+def test_a_checkpoint_without_its_tokenizer_is_one_line(tmp_path, tmp_path_factory, capsys):
+    import hashlib
+    import shutil
+
+    from shared_runs import plain_run
+
+    from pretrain import checkpoint
+    from pretrain.cli import main as cli
+
+    copy = tmp_path / "run"
+    shutil.copytree(plain_run(tmp_path_factory)[0], copy)
+    step = copy / (copy / checkpoint.LATEST).read_text().strip()
+    shutil.rmtree(step / checkpoint.TOKENIZER_DIR)
+    manifest = json.loads((step / checkpoint.MANIFEST).read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("tokenizer/")}
+    meta = json.loads((step / checkpoint.META).read_text())
+    meta["resolved"]["tokenizer"]["path"] = str(tmp_path / "gone")  # the training-time path no longer exists
+    (step / checkpoint.META).write_text(json.dumps(meta))
+    data = (step / checkpoint.META).read_bytes()
+    manifest["files"][checkpoint.META] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(copy), "--tasks", MC]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no tokenizer" in err[0] and "--tokenizer" in err[0], err
+
+
+def test_generation_on_a_pipeline_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from pretrain.eval.lm import CannotEvaluate, PretrainLM
+
+    env = SimpleNamespace(dp_rank=0, dp_size=1)
+    replica = SimpleNamespace(leader=True, env=env, engine=SimpleNamespace(pipeline=True))
+    lm = PretrainLM(replica, SimpleNamespace(vocab_size=10, eos_id=1), max_length=32)
+    with pytest.raises(CannotEvaluate, match="--pp 1"):
+        lm.generate_until([SimpleNamespace(args=("a", {"until": ["."]}))])

@@ -18,6 +18,7 @@ ON_DEMAND = {
     "pretrain/checkpoint/weights.py": "DeepSpeed's reader only for a DeepSpeed checkpoint: an imported one "
                                       "(`pretrain import-hf`) generates and exports without DeepSpeed",
     "data_pipeline/sample_corpus/__init__.py": "the sample corpus' generator, only when its file is missing",
+    "pretrain/train/loop.py": "lm-evaluation-harness is an optional extra: imported only when eval.tasks is set",
 }
 TORCH_FREE = ["pretrain.cli", "pretrain.config", "pretrain.run.layout", "pretrain.run.resolved", "pretrain.run.paths",
               "pretrain.run.exits", "pretrain.plan.describe", "pretrain.plan.fit", "pretrain.plan.hardware",
