@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from eval_tasks import MC, TEXT, write_tasks  # noqa: E402
-from train_common import launch, run_python, tiny_shards, train_args  # noqa: E402
+from train_common import launch, losses, run_python, tiny_shards, train_args  # noqa: E402
 
 pytestmark = pytest.mark.slow  # trains with evaluations
 
@@ -32,14 +32,21 @@ def test_in_loop_evals_at_their_steps_in_metrics_and_mlflow_and_after_a_resume(t
     tasks = write_tasks(tmp_path / "tasks")
     data = tiny_shards(tmp_path / "data")
     run = tmp_path / "run"
-    common = ["tracking.enabled=true", "tracking.system_metrics_s=0", f"eval.tasks=[{MC},{TEXT}]", "eval.every=2",
-              f"eval.include_path={tasks}", "eval.limit=4", "eval.batch_size=4", f"data.val_path={data / 'shards'}",
-              "train.eval_every=2", "train.eval_steps=2", "checkpoint.every=2"]
+    base = ["tracking.enabled=true", "tracking.system_metrics_s=0", f"data.val_path={data / 'shards'}",
+            "train.eval_every=2", "train.eval_steps=2", "checkpoint.every=2"]
+    common = [*base, f"eval.tasks=[{MC},{TEXT}]", "eval.every=2", f"eval.include_path={tasks}", "eval.limit=4",
+              "eval.batch_size=4"]
     p = launch(2, train_args(data / "shards", run, "train.max_steps=4", *common))
     assert p.returncode == 0, p.stderr[-4000:]
     p = launch(2, train_args(data / "shards", run, "train.max_steps=6", *common))  # resumes from step 4
     assert p.returncode == 0, p.stderr[-4000:]
     assert "at step 4" in p.stderr
+
+    # evaluating leaves training alone: the same losses, bit for bit, as a run without eval.tasks
+    plain = tmp_path / "plain"
+    p = launch(2, train_args(data / "shards", plain, "train.max_steps=4", *base))
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert {s: v for s, v in losses(run).items() if s <= 4} == losses(plain)
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
