@@ -150,6 +150,10 @@ class TrainSection(_Section):
                                          "than this for a dead or hung rank fails the run (every process group, "
                                          "torch's own and the libraries'), instead of hanging until the job's "
                                          "wall-clock limit; a week at most")
+    hang_timeout_s: Finite | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="no step completed for this "
+                                          "long: every rank writes its threads' stacks to <checkpoint.dir>/hangs/ and "
+                                          "the run exits 43 (requeue); None: 20 x the median step time, at least "
+                                          "300 s, below collective_timeout_s; must be below collective_timeout_s")
 
 
 class OptimSection(_Section):
@@ -254,6 +258,11 @@ class Config(_Section):
         if self.train.fp8 != "none" and self.parallel.tp != 1:
             raise ValueError(f"train.fp8={self.train.fp8} needs parallel.tp=1: torchao's float8 linears replace "
                              f"nn.Linear, and megatron-core's tensor-parallel linears are not converted")
+        hang = self.train.hang_timeout_s
+        if hang is not None and hang >= self.train.collective_timeout_s:
+            raise ValueError(f"train.hang_timeout_s={hang:g} must be below train.collective_timeout_s="
+                             f"{self.train.collective_timeout_s:g}: the stacks are written before a collective's "
+                             "timeout ends the run without them")
         if bool(self.eval.tasks) != (self.eval.every > 0):
             raise ValueError("eval.tasks and eval.every go together: name the tasks and how often to run them "
                              f"(now tasks={self.eval.tasks}, every={self.eval.every})")

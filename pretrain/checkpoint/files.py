@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
 from pretrain.checkpoint.records import CheckpointError
+from pretrain.run.progress import progress
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,6 +133,7 @@ def deferred() -> Iterator[list[tuple[Any, str]]]:
 def write_all(jobs: list[tuple[Any, str]]) -> None:
     for obj, path in jobs:
         save(obj, path)
+        progress()  # a long save the loop waits for is not a hang (pretrain/train/watchdog.py)
 
 
 class Staging:

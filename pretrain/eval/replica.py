@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from pretrain.model.transformer import KVCache
 from pretrain.run.distributed import DistEnv
+from pretrain.run.progress import progress
 from pretrain.train.engine import Engine
 
 _PAD = 0  # right padding of a scoring batch: causal attention never lets a real position see it
@@ -105,6 +106,7 @@ class Replica:
 
     @torch.no_grad()
     def _logits(self, tokens: Sequence[int], start_pos: int) -> torch.Tensor:
+        progress()
         if self.engine.pipeline:
             raise RuntimeError("decoding needs the whole model on one pipeline stage (pp = 1)")
         module = self.engine.ds.module

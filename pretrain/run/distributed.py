@@ -163,6 +163,8 @@ def init_distributed(cfg: Config, *, layout: Layout) -> DistEnv:
 
     # One timeout for every collective (launch/plan.py relies on it: a dead peer fails the run instead of hanging it).
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    if backend == "nccl":  # torch's NCCL flight recorder: the hang watchdog dumps it (pretrain/train/watchdog.py)
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
     if not dist.is_initialized():
         if world == 1 and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"

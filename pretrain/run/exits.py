@@ -15,7 +15,8 @@ EXIT_NEEDS_PERSON = 3  # too many non-finite steps, or a spike train.spike canno
 EXIT_LOST_PEER = 4  # another rank died or stopped answering; the other ranks' codes say why
 EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (disk full, quota, read-only); the last committed one stands
 EXIT_REQUEUE = 42  # stopped by a signal after a committed checkpoint: requeue me, I resume from it
+EXIT_HUNG = 43  # no step for train.hang_timeout_s: stacks in <checkpoint.dir>/hangs/; requeue me (bounded), I resume
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # a second Ctrl-C: out at once without a checkpoint (the shell's SIGINT code)
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_LOST_PEER", "EXIT_NEEDS_PERSON", "EXIT_OK", "EXIT_REQUEUE",
+__all__ = ["EXIT_BAD_INPUT", "EXIT_HUNG", "EXIT_INTERRUPTED", "EXIT_LOST_PEER", "EXIT_NEEDS_PERSON", "EXIT_OK", "EXIT_REQUEUE",
            "EXIT_SAVE_FAILED"]

@@ -10,6 +10,8 @@ A run directory:
     rollbacks.jsonl         loss-spike rollbacks (train/rollback.py)
     rollbacks/<n>/rank_<r>.json   each rank's loader state after rollback n
     profiles/               torch.profiler traces (train/profiling.py)
+    hangs/<stamp>-step_<n>/rank_<r>.txt  each rank's thread stacks when no step completed in time; summary.txt
+                            names the ranks not in the collective the others wait in (train/watchdog.py)
     mlruns/mlflow.db        the local MLflow store when no tracking URI is given (telemetry/tracking.py)
     hf/step_<n>/            the Hugging Face export of `train.register_as` (telemetry/model_registry.py)
     evals/step_<n>.json     downstream scores of `pretrain eval` on that step; evals/lm_eval/ lm-eval's own
@@ -40,6 +42,8 @@ SUMMARY_FILE = "summary.json"
 ROLLBACKS_FILE = "rollbacks.jsonl"
 ROLLBACK_STATES_DIR = "rollbacks"
 PROFILE_DIR = "profiles"
+HANGS_DIR = "hangs"
+HANG_SUMMARY = "summary.txt"
 MLFLOW_DIR = "mlruns"
 MLFLOW_DB = "mlflow.db"
 HF_EXPORTS_DIR = "hf"
@@ -69,3 +73,12 @@ def rank_file(rank: int) -> str:
 def rollback_state_file(rank: int) -> str:
     """In `rollbacks/<n>/`: the rank's loader state after rollback n."""
     return f"rank_{rank:05d}.json"
+
+
+def hang_dir_name(stamp: str, step: int) -> str:
+    """In `hangs/`: one hang, the same name on every rank (the launch's stamp, agreed at start, and the step)."""
+    return f"{stamp}-{step_dir_name(step)}"
+
+
+def hang_stack_file(rank: int) -> str:
+    return f"rank_{rank:05d}.txt"

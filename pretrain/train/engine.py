@@ -40,6 +40,7 @@ from pretrain.parallel.pipeline import build_pipeline, pipeline_input, reference
 from pretrain.parallel.tensor import TensorParallelFactory, all_reduce_sequence_parallel_grads, model_parallel_config
 from pretrain.run.distributed import DistEnv
 from pretrain.run.paths import MODEL_DIR
+from pretrain.run.progress import progress
 from pretrain.run.resolved import ResolvedRun
 from pretrain.train.schedule import lr_at
 
@@ -170,6 +171,7 @@ class Engine:
     @torch.no_grad()
     def eval_step(self, batch_iter: Iterator[Batch]) -> float:
         """Mean token loss of one micro-batch per rank, averaged over DP ranks; the same on every rank."""
+        progress()
         batch = next(batch_iter)
         inputs, targets, docs = self.split(batch)
         if self.pipeline:
@@ -189,6 +191,7 @@ class Engine:
         Any batch shape goes (evaluation batches vary): under PP the pipeline engine re-negotiates activation
         shapes before and after, so the next training step sends its own again. Every rank calls DeepSpeed's
         eval_batch, which begins with a barrier of all ranks: data-parallel replicas score in lockstep."""
+        progress()  # a long evaluation is not a hang (pretrain/train/watchdog.py)
         tokens, targets = tokens.to(self.env.device), targets.to(self.env.device)
         if not self.pipeline:
             self.ds.eval()

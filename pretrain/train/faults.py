@@ -6,7 +6,8 @@ engine's non-finite guard -- not ours -- is what gets exercised; PRETRAIN_INJECT
 pretrain/train/rollback.py) kills every rank with SIGKILL there (a node lost at the worst moment: the resume must
 reach the same state); PRETRAIN_INJECT_STEP_SECONDS="0.5" sleeps that long before every step (a slow step: a
 signal a test sends when a step is logged still lands mid-run, however fast this machine trains; the numbers are
-unchanged).
+unchanged); PRETRAIN_INJECT_STALL="1:3:60" makes rank 1 sleep 60 s before step 3 (a stalled rank: the others
+wait for it in the step's first collective, and the hang watchdog must say which rank it is).
 """
 from __future__ import annotations
 
@@ -27,10 +28,15 @@ class Faults(Observer):
         self.nonfinite = {int(s) for s in os.environ.get("PRETRAIN_INJECT_NONFINITE", "").split(",") if s.strip()}
         self.kill = os.environ.get("PRETRAIN_INJECT_SIGKILL", "")
         self.step_s = float(os.environ.get("PRETRAIN_INJECT_STEP_SECONDS", "0") or 0)
+        stall = os.environ.get("PRETRAIN_INJECT_STALL", "")
+        rank, step, seconds = stall.split(":") if stall else ("-1", "0", "0")
+        self.stall = (int(step), float(seconds)) if int(rank) == engine.env.rank else None
 
     def before_step(self, step: int) -> None:
         if self.step_s > 0:
             time.sleep(self.step_s)
+        if self.stall is not None and step == self.stall[0]:
+            time.sleep(self.stall[1])
         if self.kill == f"before_step:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
         if step in self.nonfinite:

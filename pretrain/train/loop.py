@@ -46,6 +46,7 @@ from pretrain.train.profiling import StepProfiler
 from pretrain.train.rollback import NeedsPerson, SpikeGuard
 from pretrain.train.signals import StopRequest
 from pretrain.train.step_log import StepLog, append_segment
+from pretrain.train.watchdog import HangWatchdog
 
 
 class NonFiniteAbort(NeedsPerson):
@@ -141,7 +142,10 @@ def loop(cfg: Config, run: ResolvedRun, env: DistEnv, ckpt: CheckpointManager, p
     log = StepLog(cfg, run, env, tracker, prep.start)
     profiler = StepProfiler(cfg.train.profile, Path(cfg.checkpoint.dir), env, tracker)
     log.profiles = profiler.dir
-    observers = Observers([Faults(prep.engine), log, profiler, *_sampler(cfg, env, tracker)])
+    watchdog = HangWatchdog(Path(cfg.checkpoint.dir), env.rank, env.world_size, _agreed_stamp(),
+                            cfg.train.hang_timeout_s, cfg.train.collective_timeout_s)
+    # the watchdog first: it must know the step before another observer's hook can stall in it
+    observers = Observers([watchdog, Faults(prep.engine), log, profiler, *_sampler(cfg, env, tracker)])
     outcome = Outcome(code=-1, step=prep.start, status="FAILED")  # an error no branch below expects
     try:
         outcome = _outcome_of_steps(cfg, env, ckpt, prep, stop, tracker, observers, profiler)
@@ -248,6 +252,13 @@ def register_final(cfg: Config) -> None:
 
 
 # --------------------------------------------------------------------------------------------- ingredients
+
+
+def _agreed_stamp() -> str:
+    """Rank 0's start time, the same on every rank (collective): names this launch's hang dumps."""
+    stamp = [time.strftime("%Y%m%d-%H%M%S")]
+    dist.broadcast_object_list(stamp, src=0)
+    return stamp[0]
 
 
 def _downstream(cfg: Config, run: ResolvedRun, env: DistEnv, engine: Engine) -> Any:

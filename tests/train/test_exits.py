@@ -24,3 +24,5 @@ def test_the_codes_are_distinct_and_the_sbatch_script_requeues_on_exit_requeue()
     sbatch = (REPO / "slurm" / "pretrain.sbatch").read_text()
     (value,) = re.findall(r"^REQUEUE_EXIT_CODE=(\d+)", sbatch, re.MULTILINE)
     assert int(value) == exits.EXIT_REQUEUE
+    (value,) = re.findall(r"^HUNG_EXIT_CODE=(\d+)", sbatch, re.MULTILINE)
+    assert int(value) == exits.EXIT_HUNG
