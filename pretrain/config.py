@@ -150,6 +150,9 @@ class TrainSection(_Section):
                                          "than this for a dead or hung rank fails the run (every process group, "
                                          "torch's own and the libraries'), instead of hanging until the job's "
                                          "wall-clock limit; a week at most")
+    straggler_ratio: Finite = Field(1.5, gt=1, le=1e6, description="a rank whose compute time on a logged step is "
+                                    "this many times the median rank's (and 0.1 s more), 3 logged steps in a row, "
+                                    "is named in a warning")
     hang_timeout_s: Finite | None = Field(None, gt=0, le=MAX_TIMEOUT_S, description="no step completed for this "
                                           "long: every rank writes its threads' stacks to <checkpoint.dir>/hangs/ and "
                                           "the run exits 43 (requeue); None: 20 x the median step time, at least "

@@ -52,6 +52,11 @@ class DistEnv:
         return float(t.item())
 
     @property
+    def comm_device(self) -> torch.device:
+        """Where a tensor for a collective of the default group lives (host memory on gloo)."""
+        return self._comm_device
+
+    @property
     def _comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 

@@ -18,5 +18,5 @@ EXIT_REQUEUE = 42  # stopped by a signal after a committed checkpoint: requeue m
 EXIT_HUNG = 43  # no step for train.hang_timeout_s: stacks in <checkpoint.dir>/hangs/; requeue me (bounded), I resume
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # a second Ctrl-C: out at once without a checkpoint (the shell's SIGINT code)
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_HUNG", "EXIT_INTERRUPTED", "EXIT_LOST_PEER", "EXIT_NEEDS_PERSON", "EXIT_OK", "EXIT_REQUEUE",
-           "EXIT_SAVE_FAILED"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_HUNG", "EXIT_INTERRUPTED", "EXIT_LOST_PEER", "EXIT_NEEDS_PERSON", "EXIT_OK",
+           "EXIT_REQUEUE", "EXIT_SAVE_FAILED"]

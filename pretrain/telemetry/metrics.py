@@ -74,6 +74,10 @@ class StepRecord:
     loss_z: float | None = None        # train.spike: the step's robust z-scores (pretrain/train/spikes.py)
     grad_norm_z: float | None = None
     rollbacks: int | None = None       # train.spike: rollbacks taken so far (rollbacks.jsonl has each one)
+    straggler_rank: int | None = None  # logged steps, world > 1: the rank with the longest compute time,
+    straggler_host: str | None = None  # its host, its ratio to the median rank's (pretrain/train/stragglers.py)
+    straggler_ratio: float | None = None
+    compute_median_s: float | None = None
     downstream: dict[str, float] | None = None  # eval.tasks: "<task>/<metric>" -> value, and "time_share"
 
     def to_json(self) -> str:

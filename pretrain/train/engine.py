@@ -11,6 +11,7 @@ single-process reference computes on the whole global batch at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pretrain.run.paths import MODEL_DIR
 from pretrain.run.progress import progress
 from pretrain.run.resolved import ResolvedRun
 from pretrain.train.schedule import lr_at
+from pretrain.train.stragglers import timed_collectives
 
 Batch = dict[str, torch.Tensor]
 
@@ -54,6 +56,7 @@ class StepResult:
     lr: float
     skipped: bool  # non-finite loss or gradient: no weight or optimizer-state change
     data_wait_s: float = 0.0  # this rank's wait for its micro-batches from the loader
+    compute_s: float | None = None  # measured steps only: this rank's step time less its DeepSpeed collectives
 
 
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
@@ -103,6 +106,7 @@ class Engine:
         self.pipeline = env.layout.pp > 1
         self.global_step = 0
         self._loss_scale = 1.0  # fault injection: set to nan for one step by inject_nonfinite()
+        self.slow_s = 0.0  # fault injection: seconds every step of this rank spends before its first forward
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -123,8 +127,19 @@ class Engine:
         """Fault injection for tests and drills: the next train_step's loss is multiplied by NaN."""
         self._loss_scale = float("nan")
 
-    def train_step(self, batch_iter: Iterator[Batch]) -> StepResult:
-        """One optimizer step over exactly grad_accum micro-batches pulled from batch_iter on every rank."""
+    def train_step(self, batch_iter: Iterator[Batch], measure: bool = False) -> StepResult:
+        """One optimizer step over exactly grad_accum micro-batches pulled from batch_iter on every rank.
+        `measure`: also this rank's compute time (pretrain/train/stragglers.py), at the cost of a device
+        synchronisation after each of the step's DeepSpeed collectives."""
+        with timed_collectives(measure) as comm:
+            started = time.perf_counter()
+            res = self._train_step(batch_iter)
+            seconds = time.perf_counter() - started
+        if measure:
+            res = dataclasses.replace(res, compute_s=max(0.0, seconds - comm.seconds))
+        return res
+
+    def _train_step(self, batch_iter: Iterator[Batch]) -> StepResult:
         lr = lr_at(self.global_step, self.cfg.optim, self.cfg.train.max_steps)
         for group in self.ds.optimizer.param_groups:  # lr is a function of the step: nothing to resume
             group["lr"] = lr
@@ -132,6 +147,8 @@ class Engine:
         waited = time.perf_counter()
         micro = [next(batch_iter) for _ in range(self.cfg.train.grad_accum)]
         waited = time.perf_counter() - waited
+        if self.slow_s:
+            time.sleep(self.slow_s)
         if self.pipeline:
             loss = self._train_pipeline(micro)
         else:

@@ -7,7 +7,9 @@ pretrain/train/rollback.py) kills every rank with SIGKILL there (a node lost at 
 reach the same state); PRETRAIN_INJECT_STEP_SECONDS="0.5" sleeps that long before every step (a slow step: a
 signal a test sends when a step is logged still lands mid-run, however fast this machine trains; the numbers are
 unchanged); PRETRAIN_INJECT_STALL="1:3:60" makes rank 1 sleep 60 s before step 3 (a stalled rank: the others
-wait for it in the step's first collective, and the hang watchdog must say which rank it is).
+wait for it in the step's first collective, and the hang watchdog must say which rank it is);
+PRETRAIN_INJECT_SLOW_RANK="1:0.5" makes every step of rank 1 spend 0.5 s more before its first forward (a
+straggler: pretrain/train/stragglers.py must name it).
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ class Faults(Observer):
         stall = os.environ.get("PRETRAIN_INJECT_STALL", "")
         rank, step, seconds = stall.split(":") if stall else ("-1", "0", "0")
         self.stall = (int(step), float(seconds)) if int(rank) == engine.env.rank else None
+        slow = os.environ.get("PRETRAIN_INJECT_SLOW_RANK", "")
+        if slow and int(slow.split(":")[0]) == engine.env.rank:
+            engine.slow_s = float(slow.split(":")[1])
 
     def before_step(self, step: int) -> None:
         if self.step_s > 0:

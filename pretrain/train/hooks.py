@@ -10,20 +10,22 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:  # the engine imports DeepSpeed; observers need only the names
     from pretrain.train.data import HeldOutScore
     from pretrain.train.engine import StepResult
+    from pretrain.train.stragglers import Straggler
     from pretrain.train.spikes import Verdict
 
 
 @dataclass
 class StepReport:
     """One optimizer step as the observers see it: the engine's result (loss, lr, grad norm, skipped), the held-out
-    loss when evaluated, the spike detector's verdict, the rollbacks so far, and the downstream scores when
-    `eval.tasks` ran at this step."""
+    loss when evaluated, the spike detector's verdict, the rollbacks so far, the downstream scores when
+    `eval.tasks` ran at this step, and on rank 0 at logged steps the slowest rank."""
     step: int
     result: StepResult
     val: HeldOutScore | None
     verdict: Verdict
     rollbacks: int
     downstream: dict[str, float] | None = None
+    straggler: Straggler | None = None  # rank 0, on measured steps: the slowest rank
 
 
 class Observer:

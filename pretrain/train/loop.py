@@ -46,6 +46,7 @@ from pretrain.train.profiling import StepProfiler
 from pretrain.train.rollback import NeedsPerson, SpikeGuard
 from pretrain.train.signals import StopRequest
 from pretrain.train.step_log import StepLog, append_segment
+from pretrain.train.stragglers import StragglerWatch
 from pretrain.train.watchdog import HangWatchdog
 
 
@@ -74,6 +75,7 @@ class Prepared:
     loader: TokenLoader
     held_out: HeldOut
     downstream: Any  # pretrain.eval.in_loop.DownstreamEval when eval.tasks is set, else None
+    stragglers: StragglerWatch
     spikes: SpikeGuard
     start: int
     mlflow_run_id: str | None
@@ -110,13 +112,14 @@ def prepare(cfg: Config, run: ResolvedRun, env: DistEnv, ckpt: CheckpointManager
     held_out = HeldOut(cfg, run, env)  # built once: manifests read and batches taken at the first eval only
     engine = build_engine(cfg, env, run, begin.init)
     downstream = _downstream(cfg, run, env, engine)
+    stragglers = StragglerWatch(env, cfg.train.log_every, cfg.train.straggler_ratio)
     env.apply_collective_timeout()  # DeepSpeed's own groups too (see DistEnv.apply_collective_timeout)
     spikes = SpikeGuard(cfg, env, ckpt)
     ckpt.track(engine, loader, extra=spikes.state)
     restored = ckpt.restore(begin)  # None: nothing to restore
     after_rollback = spikes.resumed(restored, loader)  # the detector's history; the data a rollback skipped
     start, run_id = (restored.step, restored.meta.mlflow_run_id) if restored else (0, None)
-    return Prepared(begin, engine, loader, held_out, downstream, spikes, start, run_id,
+    return Prepared(begin, engine, loader, held_out, downstream, stragglers, spikes, start, run_id,
                     [n for n in (held_out_note(cfg, run), after_rollback) if n])
 
 
@@ -188,12 +191,13 @@ def steps(cfg: Config, env: DistEnv, ckpt: CheckpointManager, prep: Prepared, st
     while step < t.max_steps:
         step += 1
         observers.before_step(step)
-        res = engine.train_step(batches)
+        res = engine.train_step(batches, measure=prep.stragglers.measures(step))
         streak = streak + 1 if res.skipped else 0
+        slowest = prep.stragglers.observe(step, res.compute_s)
         val = prep.held_out.evaluate(engine) if _due(step, t.eval_every) else None
         downstream = prep.downstream.run() if _due(step, cfg.eval.every) else None
         verdict = spikes.observe(step, res)
-        observers.after_step(StepReport(step, res, val, verdict, spikes.count, downstream))
+        observers.after_step(StepReport(step, res, val, verdict, spikes.count, downstream, slowest))
         if streak >= t.max_nonfinite_steps:
             raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
                                  f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); the last checkpoint in "

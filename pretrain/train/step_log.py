@@ -60,6 +60,9 @@ class StepLog(Observer):
         if val is not None:
             rec.val_loss, rec.val_ppl, rec.val_bpb = val.loss, math.exp(min(val.loss, 50.0)), val.bpb
         rec.downstream = report.downstream
+        if (slow := report.straggler) is not None:
+            rec.straggler_rank, rec.straggler_host, rec.straggler_ratio = slow.rank, slow.host, slow.ratio
+            rec.compute_median_s = slow.median_s
         self.last, self.skipped, self.at = rec, self.skipped + int(rec.skipped), step
         if not self.on:
             return
