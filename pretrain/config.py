@@ -222,7 +222,7 @@ class EvalSection(_Section):
     tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks run on the training "
                              "ranks with the live weights every eval.every steps (needs the `eval` extra); [] = off")
     every: Count = Field(0, ge=0, description="run eval.tasks every N steps; 0 = off")
-    limit: Finite | None = Field(None, gt=0, description="documents per task (a whole number), or a fraction of "
+    limit: Finite | None = Field(None, gt=0, le=MAX_COUNT, description="documents per task (a whole number), or a fraction of "
                                  "each task (< 1); None = all")
     num_fewshot: Count | None = Field(None, ge=0, description="few-shot examples per prompt; None = the task's own")
     include_path: str | None = Field(None, description="a directory of extra lm-eval task YAML files")
