@@ -3,11 +3,18 @@
 Pipeline: the main process reads documents (sources.py) and cuts them into batches; K worker processes each
 run the tokenizer's Rust/C++ batch encoder on a batch and serialise each document's ids (+ eos) as .npy; the
 main process writes the results IN INPUT ORDER into shards. Output is therefore byte-identical whatever K is.
-At most 2*K batches are in flight, so memory stays bounded on any corpus size (multiprocessing.Pool.imap
+At most 2*K batches are in flight, so memory stays bounded on any corpus size (Pool.imap or Executor.map
 would read the whole input ahead).
 
 `workers=0` encodes in the main process with the tokenizer's own thread pool instead (no IPC, but reading and
 writing then do not overlap with encoding).
+
+Workers are never forked from the calling process: `prepare` also runs in-process inside long-lived
+multi-threaded programs (pyarrow's thread pools, a pytest-xdist worker, coverage.py), and a child forked from
+one can inherit a lock that another thread held and wait on it forever. On Linux they come from a fork server
+(a fresh, single-threaded interpreter started once per process, which imports what workers need once, so a
+pool still starts in milliseconds); elsewhere they are spawned. So the worker functions below live at module
+level and take only picklable arguments, and they are stopped by a sentinel, not a signal.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterator
@@ -31,6 +39,11 @@ from data_pipeline.tokenizer import load_tokenizer, token_dtype
 
 BATCH_DOCS = 512            # documents per encode task
 BATCH_CHARS = 1 << 20       # ... or this many characters, whichever comes first
+# Imported once by the fork server, so each worker forked from it starts with them loaded (this module pulls in
+# numpy and, through shard_writer -> webdataset, torch: over a second per worker otherwise). The server skips a
+# module that fails to import. As with "spawn", a script that calls prepare() with workers > 0 needs an
+# `if __name__ == "__main__":` guard: each worker runs the main script's top level (as __mp_main__).
+_FORKSERVER_PRELOAD = ["data_pipeline.prepare", "data_pipeline.tokenizer", "tokenizers", "sentencepiece"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,15 @@ def _encode(texts: list[str]) -> tuple[list[bytes], list[int]]:
 
 
 # ---- main side ---------------------------------------------------------------------------------------------
+def _pool_context() -> mp.context.BaseContext:
+    """forkserver on Linux, spawn elsewhere: never fork() this (possibly multi-threaded) process."""
+    if sys.platform != "linux":
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)  # takes effect when this process first starts its server
+    return ctx
+
+
 def _batches(docs) -> Iterator[tuple[list[str], list[str]]]:
     ids: list[str] = []
     texts: list[str] = []
@@ -94,17 +116,26 @@ def _encoded_in_order(batches, tokenizer_path: str, workers: int):
         for ids, texts in batches:
             yield (ids, *_encode(texts))
         return
-    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(tokenizer_path,)) as pool:
+    # Not multiprocessing.Pool: its exit (terminate()) SIGTERMs the workers and then waits for each to die, and a
+    # worker that runs a Python-level SIGTERM handler it was started with (coverage.py's `sigterm = true` is one)
+    # can survive that and hang the caller forever. The executor stops its workers with a sentinel (it signals
+    # them only once the pool is already broken: a worker died, or the initializer failed, which raises here
+    # instead of respawning workers forever as Pool does).
+    with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_worker_init,
+                             initargs=(tokenizer_path,)) as pool:
         pending: collections.deque = collections.deque()
-        for ids, texts in batches:
-            pending.append((ids, pool.apply_async(_encode, (texts,))))
-            if len(pending) >= 2 * workers:
-                ids0, res = pending.popleft()
-                yield (ids0, *res.get())
-        while pending:
-            ids0, res = pending.popleft()
-            yield (ids0, *res.get())
+        try:
+            for ids, texts in batches:
+                pending.append((ids, pool.submit(_encode, texts)))
+                if len(pending) >= 2 * workers:
+                    ids0, fut = pending.popleft()
+                    yield (ids0, *fut.result())
+            while pending:
+                ids0, fut = pending.popleft()
+                yield (ids0, *fut.result())
+        except BaseException:  # a bad input, a failed write, Ctrl-C, the consumer gone: drop the queued batches
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def usable_cores() -> int:

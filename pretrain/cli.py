@@ -68,7 +68,8 @@ def _train_args(sub: Any) -> None:
                        "<checkpoint.dir>/latest unless checkpoint.resume=none. Exit 0 done, 42 stopped by "
                        "Ctrl-C/SIGTERM/SIGUSR1 after a checkpoint (requeue; a second Ctrl-C exits 130 at once), 3 "
                        "needs a person (too many non-finite steps, or a loss spike train.spike may not roll back), "
-                       "4 another rank died or hung, 5 a checkpoint could not be written, 2 bad input.")
+                       "4 another rank died or hung, 5 a checkpoint could not be written, 43 no step for "
+                       "train.hang_timeout_s (every rank's stacks in <checkpoint.dir>/hangs/; requeue), 2 bad input.")
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/debug.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set train.max_steps=20")

@@ -12,7 +12,9 @@ non-finite steps in a row (nothing checkpointed from the bad streak), or a loss 
 roll back (max_rollbacks used up, no checkpoint before it; train/rollback.py); 4 another rank died or stopped
 answering (a collective failed or waited past `train.collective_timeout_s`); 5 a checkpoint could not be written
 (disk full, quota, read-only: one line naming the cause and the last good checkpoint; the unfinished copy
-removed); 2 bad config/data/checkpoint (one line on stderr). Fault injection for tests: train/faults.py.
+removed); 43 no step for `train.hang_timeout_s` (every rank's stacks in <checkpoint.dir>/hangs/, written by
+train/watchdog.py, which exits from its own thread); 2 bad config/data/checkpoint (one line on stderr). Fault
+injection for tests: train/faults.py.
 """
 from __future__ import annotations
 
