@@ -3,7 +3,8 @@
 The checkpoint may have been written with any layout (or imported from Hugging Face); its weights are read
 tensor by tensor and each rank keeps its slice, the way `model.init_from` starts a run, so a TP2 x PP2 checkpoint
 is evaluated in place on 4 ranks, or on 1. The engine is the training engine (the same forward, loss head and
-kernels the numbers in metrics.jsonl came from) at ZeRO-0: nothing is trained, so nothing is sharded. The
+kernels the numbers in metrics.jsonl came from) at ZeRO-0 (ZeRO-1 in bf16, which DeepSpeed needs to build a bf16
+engine at all): nothing is trained, so nothing is sharded. The
 vocabulary keeps the checkpoint's padding whenever the new tensor-parallel degree divides it, so log-likelihoods
 do not depend on the layout they are computed on.
 """
@@ -45,14 +46,15 @@ def live(checkpoint: str) -> Session | None:
 
 def eval_config(run: ResolvedRun, tp: int, pp: int, dtype: str, device: str) -> Config:
     """The typed config the training engine is built from: the checkpoint's model shape, this layout, no
-    optimizer sharding, no tracking."""
+    tracking."""
     m = run.model
     return Config.model_validate({
         "model": {"dim": m.dim, "n_layers": m.n_layers, "n_heads": m.n_heads, "n_kv_heads": m.kv_heads,
                   "ffn_hidden_dim": m.hidden_dim, "vocab_size": m.vocab_size, "rope_theta": m.rope_theta,
                   "norm_eps": m.norm_eps, "tie_embeddings": m.tie_embeddings},
         "train": {"dtype": dtype, "device": device, "micro_batch_size": 1, "grad_accum": 1, "seq_len": run.seq_len},
-        "parallel": {"tp": tp, "pp": pp, "zero_stage": 0},
+        # nothing is trained, so nothing needs sharding; bf16 needs a ZeRO optimizer for DeepSpeed to build at all
+        "parallel": {"tp": tp, "pp": pp, "zero_stage": 1 if dtype == "bf16" else 0},
         "tracking": {"enabled": False},
     })
 
@@ -65,7 +67,7 @@ def eval_run(run: ResolvedRun, cfg: Config, world: int) -> ResolvedRun:
     layout = Layout(world=world, tp=p.tp, pp=p.pp, dp=world // (p.tp * p.pp), micro_batch_size=1, grad_accum=1,
                     padded_vocab_size=padded)
     return dataclasses.replace(run, layout=layout, model=run.model.replace(vocab_size=padded),
-                               dtype=cfg.train.dtype, zero_stage=0)
+                               dtype=cfg.train.dtype, zero_stage=cfg.parallel.zero_stage)
 
 
 def open_session(checkpoint: str, *, tp: int = 1, pp: int = 1, tokenizer: str | None = None,
