@@ -4,9 +4,8 @@ The checkpoint may have been written with any layout (or imported from Hugging F
 tensor by tensor and each rank keeps its slice, the way `model.init_from` starts a run, so a TP2 x PP2 checkpoint
 is evaluated in place on 4 ranks, or on 1. The engine is the training engine (the same forward, loss head and
 kernels the numbers in metrics.jsonl came from) at ZeRO-0 (ZeRO-1 in bf16, which DeepSpeed needs to build a bf16
-engine at all): nothing is trained, so nothing is sharded. The
-vocabulary keeps the checkpoint's padding whenever the new tensor-parallel degree divides it, so log-likelihoods
-do not depend on the layout they are computed on.
+engine at all): nothing is trained, so nothing is sharded. The vocabulary keeps the checkpoint's padding whenever
+the new tensor-parallel degree divides it, so log-likelihoods do not depend on the layout they are computed on.
 """
 from __future__ import annotations
 
