@@ -9,8 +9,9 @@ plus the slot layout (dp_size, num_workers), the plan's change history (partitio
 fingerprint, and what that fingerprint was taken of (`dataset`: per source its shards' names, counts, sizes and
 sha256 prefixes; the mixture's token shares), so that a resume on changed data can say what changed (shards added,
 removed or modified, by name; other weights) instead of only that the hash differs. States saved before `dataset`
-was recorded still load; a change is then reported by fingerprint only. A *merged* state (`merge_states`) is every DP rank's state side by side: it is what a loader with
-another dp_size or worker count needs, because its share of the rest of the epoch depends on all old slots.
+was recorded still load; a change is then reported by fingerprint only. A *merged* state (`merge_states`) is
+every DP rank's state side by side: it is what a loader with another dp_size or worker count needs, because its
+share of the rest of the epoch depends on all old slots.
 """
 from __future__ import annotations
 
