@@ -41,8 +41,8 @@ from data_pipeline import errors
 from data_pipeline.errors import DataError, LoaderStateError, ShardError, ShardMismatchError
 from data_pipeline.handlers import CountingHandler
 from data_pipeline.manifest import Manifest, ShardInfo
-from data_pipeline.loader_state import (MERGED, STATE_FORMAT, STATE_VERSION, check_state, history_of,
-                                        merge_states, plain_cursor, resplit, workers_of)
+from data_pipeline.loader_state import (MERGED, STATE_FORMAT, STATE_VERSION, check_state, dataset_changes,
+                                        dataset_of, history_of, merge_states, plain_cursor, resplit, workers_of)
 from data_pipeline.partition import Change, Partition
 from data_pipeline.plan import Segment, check_split, mixture_draws
 from data_pipeline.shard_reader import decode_tokens, iter_raw_samples
@@ -344,6 +344,7 @@ class TokenLoader:
         self.weights = tuple(share)
         self.fingerprint = hashlib.sha256(
             ("|".join(ss.fingerprint for ss in sets) + f"|{[round(w, 12) for w in share]}").encode()).hexdigest()
+        self.dataset = dataset_of(sets, share)  # what the fingerprint is of, to name what changed on resume
         self._cursors: list[dict | None] = [None] * workers
         self._next_worker = 0
         self._delivered = 0
@@ -393,7 +394,7 @@ class TokenLoader:
                 "dp_rank": p.dp_rank, "dp_size": p.dp_size, "num_workers": self.num_workers, "seed": p.seed,
                 "shuffle_buffer": p.shuffle_buffer, "next_worker": self._next_worker,
                 "cursors": [plain_cursor(c) for c in self._cursors], "batches_delivered": self._delivered,
-                "history": [c.to_json() for c in p.history]}
+                "history": [c.to_json() for c in p.history], "dataset": self.dataset}
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
         """Resume from this rank's state, or from every old DP rank's states (a list, or `merge_states` of it).
@@ -410,7 +411,8 @@ class TokenLoader:
           change): each slot's last incomplete batch dropped at the end of a finite `epochs`, and the unread
           rest of a shard skipped under max_bad_shards. Later epochs use the normal split of the new layout.
         - Refused with a one-line LoaderStateError: another dataset fingerprint (shards, manifest, mixture
-          weights), seed or shuffle buffer; another layout with only some old ranks' states; another dp_rank's
+          weights: the message names the shards added, removed or modified and the weights, when the state
+          recorded them), seed or shuffle buffer; another layout with only some old ranks' states; another dp_rank's
           state alone. With `reshard=True` these restart the earliest saved epoch on the new layout instead
           (logged: documents of that epoch already seen may be seen again).
         """
@@ -421,9 +423,10 @@ class TokenLoader:
         p = self._plan
         first = flat[0]
         mismatches = []
-        if any(s["fingerprint"] != self.fingerprint for s in flat):
-            mismatches.append(f"dataset changed (fingerprint {first['fingerprint'][:12]} -> "
-                              f"{self.fingerprint[:12]}: other shards, manifest or weights)")
+        if changed := next((s for s in flat if s["fingerprint"] != self.fingerprint), None):
+            what = dataset_changes(changed.get("dataset"), self.dataset) or "other shards, manifest or weights"
+            mismatches.append(f"dataset changed (fingerprint {changed['fingerprint'][:12]} -> "
+                              f"{self.fingerprint[:12]}: {what})")
         for key, now in (("seed", p.seed), ("shuffle_buffer", p.shuffle_buffer)):
             if first[key] != now:
                 mismatches.append(f"{key} {first[key]} -> {now}")

@@ -7,6 +7,7 @@
     pretrain export-hf --checkpoint runs/demo/run --out hf/ [--dtype fp32] [--max-shard-size 5GB]
     pretrain import-hf --model hf/ --out ckpt/     # then train with --set model.init_from=ckpt/
     pretrain convert-checkpoint --checkpoint runs/demo/run/step_300 --to universal --out ucp/
+    pretrain average --checkpoints runs/demo/run/step_200 runs/demo/run --out avg/   # the weights' mean
     pretrain eval --checkpoint runs/demo/run --tasks hellaswag --limit 100 [--tp 2 --pp 2 under python -m launch]
 
 Errors a user can fix (config, data, checkpoint) print one line and exit 2; see pretrain/run/exits.py for the
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     _export_hf_args(sub)
     _import_hf_args(sub)
     _convert_args(sub)
+    _average_args(sub)
     _eval_args(sub)
     return p
 
@@ -166,6 +168,21 @@ def _convert_args(sub: Any) -> None:
     p.add_argument("--out", required=True, help="new (or empty) output directory")
 
 
+def _average_args(sub: Any) -> None:
+    p = sub.add_parser("average", help="the element-wise mean of several checkpoints' weights, as a checkpoint",
+                       description="Average the weights of 2 or more committed checkpoints of one model (any "
+                       "layouts: tp/pp/dp/ZeRO, dtype, or import-hf outputs), read tensor by tensor and averaged in "
+                       "fp32. Writes a checkpoint in import-hf's format that generate, export-hf, eval and "
+                       "--set model.init_from=OUT read; its meta.json lists the checkpoints averaged. Refused when "
+                       "the model shapes or tokenizers differ. The vocabulary's padding rows (a multiple of 128 x "
+                       "tp) may differ between layouts: the tokenizer's rows are averaged, the padding is the "
+                       "first checkpoint's.")
+    p.add_argument("--checkpoints", required=True, nargs="+", metavar="CHECKPOINT",
+                   help="2 or more: run dirs (each uses its `latest`), step_<N> dirs, or import-hf outputs")
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+
+
 def _eval_args(sub: Any) -> None:
     p = sub.add_parser("eval", help="downstream scores of a checkpoint with lm-evaluation-harness, on any layout",
                        description="Evaluate any committed checkpoint (a run's latest, a step_<N>, an import-hf "
@@ -212,6 +229,21 @@ def run_convert(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         raise ConfigError(str(e)) from None
     print(f"converted {step_dir} -> {out} (DeepSpeed universal checkpoint, {args.to})")
+    return 0
+
+
+def run_average(args: argparse.Namespace) -> int:
+    """Several checkpoints -> one with the mean of their weights (pretrain/checkpoint/average.py)."""
+    _quiet_offline()
+    from pretrain.checkpoint.average import average
+
+    max_shard = _max_shard_bytes(args)
+    try:
+        out, sources = average(args.checkpoints, args.out, max_shard_bytes=max_shard)
+    except FileExistsError as e:
+        raise ConfigError(str(e)) from None
+    print(f"averaged {len(sources)} checkpoints ({', '.join(f'{s.step_dir} (step {s.step})' for s in sources)}) "
+          f"-> {out} (use it as --checkpoint {out}, or train from it: --set model.init_from={out})")
     return 0
 
 
@@ -454,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_import(args)
         if args.command == "convert-checkpoint":
             return run_convert(args)
+        if args.command == "average":
+            return run_average(args)
         if args.command == "eval":
             return run_eval(args, rest)
         cfg = load_config(args.config, args.overrides)

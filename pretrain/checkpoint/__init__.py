@@ -11,6 +11,7 @@
     reshard.py    a checkpoint of another layout re-sliced into a live engine
     weights.py    full-tensor weights from a checkpoint or an imported Hugging Face model
     convert.py    DeepSpeed's universal checkpoint format, written from any step
+    average.py    the mean of several checkpoints' weights (`pretrain average`), written as an import
 
 Hugging Face import and export live beside it in pretrain/hf/.
 """

@@ -197,25 +197,56 @@ def save(run_dir: str | Path, step: int, env: Collective, *, save_model: Callabl
     return c.final
 
 
+def step_bytes(step_dir: Path) -> int:
+    """What a committed step holds on disk: every file its manifest lists, and the manifest."""
+    manifest = step_dir / MANIFEST
+    return sum(int(f["size"]) for f in json.loads(manifest.read_text())["files"].values()) + manifest.stat().st_size
+
+
 class PendingSave:
     """A checkpoint being written in the background. `wait()` returns its directory once committed (or raises
-    CheckpointWriteError); `paused_s` is how long training stopped for it, `total_s` the whole save."""
+    CheckpointWriteError); `paused_s` is how long training stopped for it (the host copy), `total_s` the whole
+    save, `bytes` what it wrote (all ranks' files; known on rank 0, once committed); `waited_s` the time the loop
+    later waited for it to commit (`CheckpointManager.wait`)."""
 
-    def __init__(self, future: concurrent.futures.Future | None, paused_s: float, started: float):
-        self.future, self.paused_s, self.started = future, paused_s, started
+    def __init__(self, future: concurrent.futures.Future | None, paused_s: float, started: float, step: int):
+        self.future, self.paused_s, self.started, self.step = future, paused_s, started, step
         self.total_s: float | None = None
+        self.bytes: int | None = None
+        self.waited_s = 0.0
+        self.reported = False  # handed to the step log (CheckpointManager.committed)
 
     def wait(self) -> Path:
         return self.future.result()
 
+    def committed(self) -> bool:
+        """Committed without error, known without blocking."""
+        return self.future is not None and self.future.done() and self.future.exception() is None
+
+    @property
+    def blocked_s(self) -> float:
+        """How long training was held up by this save: the host copy, and any later wait for its commit (at most
+        the whole save)."""
+        return min(self.paused_s + self.waited_s, self.total_s if self.total_s is not None else float("inf"))
+
     @staticmethod
-    def done(path: Path, seconds: float) -> PendingSave:
+    def done(path: Path, seconds: float, step: int, bytes_written: int | None) -> PendingSave:
         """A save that ran in the foreground."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_result(path)
-        pending = PendingSave(future, seconds, time.monotonic() - seconds)
-        pending.total_s = seconds
+        pending = PendingSave(future, seconds, time.monotonic() - seconds, step)
+        pending.total_s, pending.bytes = seconds, bytes_written
         return pending
+
+    def summary(self) -> str:
+        """`training paused P s, the save took T s (B MB, G GB/s)`: the line each commit logs."""
+        size = f" ({self.bytes / 1e6:.1f} MB, {gb_per_s(self.bytes, self.total_s):.2f} GB/s)" if self.bytes else ""
+        return f"training paused {self.paused_s:.2f} s, the save took {self.total_s:.2f} s{size}"
+
+
+def gb_per_s(nbytes: int | None, seconds: float | None) -> float | None:
+    """Write speed in GB/s (10^9 bytes); None when either is unknown or the time is 0."""
+    return nbytes / seconds / 1e9 if nbytes is not None and seconds else None
 
 
 _WRITER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
@@ -232,15 +263,16 @@ def save_in_background(run_dir: str | Path, step: int, env: Collective, side: Co
     c.stage(env, c.begin)
     with checkpoint_files.deferred() as jobs:
         c.stage(env, None, lambda: c.rank_parts(env, save_model, rank_state))
-    pending = PendingSave(None, time.monotonic() - started, started)
+    pending = PendingSave(None, time.monotonic() - started, started, step)
 
     def finish() -> Path:
         c.stage(side, None, lambda: (checkpoint_files.write_all(jobs), c.records(side.rank)))
         c.stage(side, lambda: c.commit(side.world_size))
         pending.total_s = time.monotonic() - started
-        if report and side.rank == 0:
-            say(f"{c.final.name} committed: training paused {pending.paused_s:.2f} s, the save took "
-                f"{pending.total_s:.2f} s")
+        if side.rank == 0:
+            pending.bytes = step_bytes(c.final)
+            if report:
+                say(f"{c.final.name} committed: {pending.summary()}")
         return c.final
 
     pending.future = _WRITER.submit(finish)

@@ -36,6 +36,9 @@ class CheckpointManager:
         self.cfg, self.run, self.env = cfg, run, env
         self.dir = Path(cfg.checkpoint.dir)
         self.in_flight: PendingSave | None = None
+        self._unreported: list[PendingSave] = []  # committed and waited for, not yet handed to `committed`
+        self.load_s: float | None = None  # a resume: choosing + verifying + loading its checkpoint (restore)
+        self._choose_s = 0.0
         self._on_commit: Callable[[], None] | None = None
         self._engine: EngineFiles | None = None
         self._loader: Stateful | None = None
@@ -61,7 +64,10 @@ class CheckpointManager:
 
     def start_point(self) -> StartPoint:
         """Where this launch starts; a bad checkpoint fails here, before anything is built."""
-        return choose_start(self.cfg, self.run, self.env)
+        started = time.monotonic()
+        begin = choose_start(self.cfg, self.run, self.env)
+        self._choose_s = time.monotonic() - started  # verifying the checkpoint: part of a resume's load time
+        return begin
 
     def track(self, engine: EngineFiles, loader: Stateful, extra: Callable[[], dict[str, Any]] = dict) -> None:
         """What every save writes, registered once: the engine's files, and in each rank's file its loader cursor,
@@ -70,8 +76,13 @@ class CheckpointManager:
 
     def restore(self, begin: StartPoint) -> commit.Loaded | None:
         """The tracked engine and loader hold the state of the start point; what it held (None: nothing to
-        restore). The rest of a rank file is the caller's to read back (`Loaded.rank_state`)."""
-        return restore(begin, self.env, self._engine, self._loader)
+        restore). The rest of a rank file is the caller's to read back (`Loaded.rank_state`). A resume's time
+        (choosing and verifying the checkpoint, loading engine and loader, re-slicing included; not building the
+        engine) is `load_s`."""
+        started = time.monotonic()
+        loaded = restore(begin, self.env, self._engine, self._loader)
+        self.load_s = self._choose_s + time.monotonic() - started if loaded is not None else None
+        return loaded
 
     def rewindable(self, step_dir: Path) -> bool:
         """Whether `rewind` can load `step_dir` into the live engine: only a checkpoint of this layout can (one of
@@ -109,20 +120,36 @@ class CheckpointManager:
             return
         started = time.monotonic()
         path = commit.save(self.dir, step, env, **parts)
-        self.in_flight = PendingSave.done(path, time.monotonic() - started)
+        self.in_flight = PendingSave.done(path, time.monotonic() - started, step,
+                                          commit.step_bytes(path) if env.rank == 0 else None)
         if env.rank == 0:
-            say(f"{path.name} committed: training paused {self.in_flight.total_s:.2f} s, the save took "
-                     f"{self.in_flight.total_s:.2f} s")
+            say(f"{path.name} committed: {self.in_flight.summary()}")
 
     def wait(self) -> PendingSave | None:
-        """Block until the save in flight is committed (CheckpointWriteError if it failed); it, or None."""
+        """Block until the save in flight is committed (CheckpointWriteError if it failed); it, or None. The time
+        spent waiting counts as training held up by that save (`PendingSave.blocked_s`)."""
         done, self.in_flight = self.in_flight, None
         on_commit, self._on_commit = self._on_commit, None
         if done is not None:
+            started = time.monotonic()
             done.wait()
+            done.waited_s += time.monotonic() - started
+            if not done.reported:
+                self._unreported.append(done)
             if on_commit is not None:
                 on_commit()
         return done
+
+    def committed(self) -> PendingSave | None:
+        """The oldest save that has committed and was not handed out yet, or None: what the step log records (its
+        timings and size are known only once it commits, steps after it started). At most one per call. Never
+        blocks and never raises: a save that failed is raised by `wait`, on every rank alike."""
+        for save in [*self._unreported, self.in_flight]:
+            if save is not None and not save.reported and save.committed():
+                save.reported = True
+                self._unreported = [s for s in self._unreported if s is not save]
+                return save
+        return None
 
     def abandon(self, timeout_s: float = 60.0) -> None:
         """After a failure: give the save in flight a bounded time to end (its errors are moot now), so the

@@ -79,6 +79,14 @@ class StepRecord:
     straggler_ratio: float | None = None
     compute_median_s: float | None = None
     downstream: dict[str, float] | None = None  # eval.tasks: "<task>/<metric>" -> value, and "time_share"
+    # A save commits in the background, steps after it started: its figures land on the record of the first step
+    # after the commit was seen (ckpt_step says which save); the final save's to summary.json and MLflow only.
+    ckpt_step: int | None = None       # the step that save checkpointed
+    ckpt_pause_s: float | None = None  # training held up by it: the host copy, and any later wait for its commit
+    ckpt_save_s: float | None = None   # the whole save, from the call to the commit
+    ckpt_bytes: int | None = None      # what it wrote, all ranks' files (the step directory's size)
+    ckpt_gbps: float | None = None     # ckpt_bytes / ckpt_save_s, in GB/s (10^9 bytes)
+    ckpt_load_s: float | None = None   # first record after a resume: choosing, verifying and loading its checkpoint
 
     def to_json(self) -> str:
         d = {k: (None if isinstance(v, float) and not math.isfinite(v) and k not in ("loss", "grad_norm") else v)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # the engine imports DeepSpeed; observers need only the names
+    from pretrain.checkpoint.commit import PendingSave
     from pretrain.train.data import HeldOutScore
     from pretrain.train.engine import StepResult
     from pretrain.train.stragglers import Straggler
@@ -40,6 +41,9 @@ class Observer:
     def after_save(self, step: int) -> None:
         """A save of step `step` has started (it commits in the background)."""
 
+    def after_commit(self, save: PendingSave) -> None:
+        """A save has committed (seen before the next step's `after_step`, or at the end): its timings and size."""
+
     def after_rollback(self, record: dict[str, Any]) -> None:
         """The run went back to `record["restored_step"]` (train/rollback.py's record)."""
 
@@ -64,6 +68,10 @@ class Observers(Observer):
     def after_save(self, step: int) -> None:
         for o in self.all:
             o.after_save(step)
+
+    def after_commit(self, save: PendingSave) -> None:
+        for o in self.all:
+            o.after_commit(save)
 
     def after_rollback(self, record: dict[str, Any]) -> None:
         for o in self.all:

@@ -144,7 +144,7 @@ def loop(cfg: Config, run: ResolvedRun, env: DistEnv, ckpt: CheckpointManager, p
     history = metrics.read(Path(cfg.checkpoint.dir)) if env.rank == 0 else []  # for the MLflow backfill
     tracker = open_tracker(cfg, run, env.rank, resume_run_id=prep.mlflow_run_id, resume_step=prep.start,
                            history=history)
-    log = StepLog(cfg, run, env, tracker, prep.start)
+    log = StepLog(cfg, run, env, tracker, prep.start, load_s=ckpt.load_s)
     profiler = StepProfiler(cfg.train.profile, Path(cfg.checkpoint.dir), env, tracker)
     log.profiles = profiler.dir
     watchdog = HangWatchdog(Path(cfg.checkpoint.dir), env.rank, env.world_size, _agreed_stamp(),
@@ -199,6 +199,7 @@ def steps(cfg: Config, env: DistEnv, ckpt: CheckpointManager, prep: Prepared, st
         val = prep.held_out.evaluate(engine) if _due(step, t.eval_every) else None
         downstream = prep.downstream.run() if _due(step, cfg.eval.every) else None
         verdict = spikes.observe(step, res)
+        _report_commits(ckpt, observers, most=1)  # a save's figures are known once it has committed
         observers.after_step(StepReport(step, res, val, verdict, spikes.count, downstream, slowest))
         if streak >= t.max_nonfinite_steps:
             raise NonFiniteAbort(f"aborting at step {step}: {streak} non-finite steps in a row "
@@ -221,9 +222,20 @@ def steps(cfg: Config, env: DistEnv, ckpt: CheckpointManager, prep: Prepared, st
                       on_commit=(lambda s=step: tracker.flush(up_to=s)) if tracker else None)
             observers.after_save(step)
         if stopping:  # the notice's lead time must cover a step and this save: say how long the save took
-            return _requeue(stop, step, f"checkpoint committed (saved in {ckpt.wait().total_s:.1f} s)")
+            saved = ckpt.wait()
+            _report_commits(ckpt, observers)
+            return _requeue(stop, step, f"checkpoint committed (saved in {saved.total_s:.1f} s)")
     ckpt.wait()
+    _report_commits(ckpt, observers)
     return Outcome(EXIT_OK, step)
+
+
+def _report_commits(ckpt: CheckpointManager, observers: Observer, most: int | None = None) -> None:
+    """The saves committed since the last call, oldest first (at most `most`), told to the observers."""
+    count = 0
+    while (most is None or count < most) and (saved := ckpt.committed()) is not None:
+        observers.after_commit(saved)
+        count += 1
 
 
 def finish(outcome: Outcome, cfg: Config, env: DistEnv, tracker: Tracker | None, observers: Observer,

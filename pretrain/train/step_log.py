@@ -1,5 +1,11 @@
 """Rank 0's record of the run, step by step: metrics.jsonl, the MLflow buffer, a progress bar or log lines; one
-line per launch in segments.jsonl; summary.json and the closing lines that say where every output went."""
+line per launch in segments.jsonl; summary.json and the closing lines that say where every output went.
+
+Checkpoint figures: a save commits in the background, steps after the one it saved, so its pause, duration, size
+and speed (`ckpt_*`) go on the record of the first step after its commit was seen, with `ckpt_step` naming the
+save. The last save of a launch (the final one, or a stop's; and the one before it when that was still being
+written) has no step record after it: its figures go to MLflow at the step it saved and, for a finished run, to
+summary.json (`final_saves`). A resume's load time (`ckpt_load_s`) goes on the launch's first record."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pretrain.checkpoint.commit import PendingSave, gb_per_s
 from pretrain.config import Config
 from pretrain.console import say
 from pretrain.model.flops import flops_per_token
@@ -25,8 +32,12 @@ class StepLog(Observer):
     """Rank 0's outputs per step: metrics.jsonl, MLflow buffer, and a progress bar or plain log lines; per
     segment (one launch: a requeue or resume starts the next), a line in segments.jsonl; at the end summary.json."""
 
-    def __init__(self, cfg: Config, run: ResolvedRun, env: DistEnv, tracker: Tracker | None, start: int) -> None:
+    def __init__(self, cfg: Config, run: ResolvedRun, env: DistEnv, tracker: Tracker | None, start: int,
+                 load_s: float | None = None) -> None:
+        """`load_s`: how long the resume's checkpoint took to load (None: not a resume)."""
         self.cfg, self.env, self.tracker, self.start = cfg, env, tracker, start
+        self.load_s = load_s
+        self.saves: list[PendingSave] = []  # committed, not yet on a record
         self.on = env.rank == 0
         tokens_per_step = run.tokens_per_step
         self.meter = metrics.Meter(flops_per_token=flops_per_token(run.model, run.seq_len,
@@ -63,6 +74,10 @@ class StepLog(Observer):
         if (slow := report.straggler) is not None:
             rec.straggler_rank, rec.straggler_host, rec.straggler_ratio = slow.rank, slow.host, slow.ratio
             rec.compute_median_s = slow.median_s
+        rec.ckpt_load_s, self.load_s = self.load_s, None
+        if self.saves:
+            for key, value in save_fields(self.saves.pop(0)).items():
+                setattr(rec, key, value)
         self.last, self.skipped, self.at = rec, self.skipped + int(rec.skipped), step
         if not self.on:
             return
@@ -77,6 +92,9 @@ class StepLog(Observer):
 
     def after_save(self, step: int) -> None:
         self.meter.restart_clock()  # a checkpoint's time is not a step's time
+
+    def after_commit(self, save: PendingSave) -> None:
+        self.saves.append(save)  # on the next record (the module docstring says why not on its own step's)
 
     def after_rollback(self, record: dict[str, Any]) -> None:
         """metrics.jsonl cut back to the restored step (the discarded records are in rollbacks.jsonl), MLflow
@@ -98,6 +116,10 @@ class StepLog(Observer):
         """End of this segment however it ends (done, stopped, aborted, failed): appended to segments.jsonl."""
         if self.bar is not None:
             self.bar.close()
+        if self.on and self.tracker and self.saves:  # the launch's last save: no step record comes after it
+            for save in self.saves:  # at the step it saved: flushing further would send steps no checkpoint holds
+                self.tracker.log_step(save.step, step_values(save_fields(save)))
+            self.tracker.flush(up_to=max(save.step for save in self.saves))
         try:  # on a full disk these fail too; the error that ended the segment is the one to report
             if self.file is not None:
                 self.file.close()
@@ -120,6 +142,8 @@ class StepLog(Observer):
                    "skipped_steps": self.skipped, "wall_s": round(sum(s["wall_s"] for s in segments), 3),
                    "segments": segments, "tokens": self.meter.tokens, "checkpoint": _latest(run_dir),
                    "metrics": str(run_dir / METRICS_FILE)}
+        if self.saves:  # committed after the last step record (the final save; its predecessor if still writing)
+            summary["final_saves"] = [save_fields(save) for save in self.saves]
         if self.tracker:
             summary.update(mlflow_uri=self.tracker.uri, mlflow_run_id=self.tracker.run_id)
             self.tracker.artifact_text(json.dumps(summary, indent=1), SUMMARY_FILE)
@@ -138,6 +162,12 @@ class StepLog(Observer):
             lines += [f"mlflow:      {self.tracker.uri} run {self.tracker.run_id or '(not created: unreachable)'}",
                       f"             {ui_hint(self.tracker.uri)}"]
         print("\n".join(lines), flush=True)
+
+
+def save_fields(save: PendingSave) -> dict[str, Any]:
+    """A committed save as the ckpt_* fields of a metrics.jsonl record (telemetry/metrics.py says what each is)."""
+    return {"ckpt_step": save.step, "ckpt_pause_s": save.blocked_s, "ckpt_save_s": save.total_s,
+            "ckpt_bytes": save.bytes, "ckpt_gbps": gb_per_s(save.bytes, save.total_s)}
 
 
 def append_segment(run_dir: Path, start: int, end: int, t0: float) -> None:
