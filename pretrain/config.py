@@ -52,6 +52,9 @@ class ModelSection(_Section):
                                     "mean square it is added to)")
     tie_embeddings: bool | None = Field(None, description="share the input embedding with the output head")
     init_std: Finite | None = Field(None, gt=0, le=1, description="override the init std")
+    qk_norm: bool = Field(False, description="RMSNorm over each attention head's queries and keys before RoPE "
+                          "(Qwen3's QK-norm: a weight of head_dim for queries and one for keys, shared by the heads); "
+                          "bounds the attention logits. Such a model exports as transformers' Qwen3ForCausalLM")
     document_mask: bool = Field(False, description="attend only within a document inside a packed sequence "
                                 "(CUDA bf16: varlen flash attention; elsewhere a dense mask)")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
