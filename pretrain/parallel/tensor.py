@@ -86,12 +86,14 @@ class _VocabHead(_Column):
 class VocabParallelChunkLoss:
     """One chunk's loss rows and logits' gradient over this rank's vocab slice, by megatron-core's own steps of
     its vocab-parallel cross-entropy (the max, the target's logit and the sum of exponentials all-reduced over
-    the tensor-parallel group), with the gradient taken in the same call (pretrain.kernels.linear_cross_entropy)."""
+    the tensor-parallel group), with the gradient taken in the same call (pretrain.kernels.linear_cross_entropy).
+    The log-sum-exp over the whole vocabulary is log(sum of exponentials) + max, both already reduced: z-loss
+    needs no collective more, and scales this rank's softmax slice by 1 + 2 * z_loss * lse."""
 
     def bytes_per_logit(self, dtype: torch.dtype) -> int:
         return bytes_per_logit(dtype.itemsize, in_place=False)  # megatron's fp32 copy + the cast gradient
 
-    def __call__(self, logits, targets, grad_scale):
+    def __call__(self, logits, targets, grad_scale, z_loss=0.0):
         group = parallel_state.get_tensor_model_parallel_group()
         start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
         ce = VocabParallelCrossEntropy
@@ -101,12 +103,15 @@ class VocabParallelChunkLoss:
             logits32, targets, logits_max, start, start + logits.shape[-1])
         torch.distributed.all_reduce(predicted, group=group)
         torch.distributed.all_reduce(sum_exp, group=group)
+        lse = sum_exp.log() + logits_max  # over the whole vocabulary: both pieces were reduced over TP
         softmax, loss = ce.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
         if grad_scale is None:
-            return loss, None
+            return loss, lse, None
+        if z_loss:
+            softmax.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(-1))  # + 2 z_loss lse softmax: z-loss's gradient
         grad_2d, rows, update, grad = ce.prepare_gradient_calculation_operands(softmax, target_mask)
         grad = ce.calculate_gradients(grad_2d, rows, masked_target, update, grad, grad_scale)
-        return loss, grad.to(logits.dtype)
+        return loss, lse, grad.to(logits.dtype)
 
 
 VOCAB_PARALLEL = VocabParallelChunkLoss()
