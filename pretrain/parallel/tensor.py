@@ -24,6 +24,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from pretrain import kernels
 from pretrain.model.layers import LayerFactory
 from pretrain.model.loss_chunks import bytes_per_logit
+from pretrain.model.transformer import Attention
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -176,10 +177,16 @@ class TensorParallelFactory(LayerFactory):
         return torch.cat(shards, dim=-1)
 
 
-def all_reduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
-    """Under sequence parallelism each TP rank sees T/tp tokens, so the replicated parameters (RMSNorm weights)
-    get partial gradients; megatron-core sums them in its own DDP, which we do not use (DeepSpeed is our DDP).
-    A gradient hook sums them over the TP group as soon as they are computed, before DeepSpeed reduces over DP."""
+def all_reduce_partial_grads(model: torch.nn.Module, sequence_parallel: bool) -> None:
+    """Replicated parameters (whole on every TP rank) of which each TP rank computes only part of the gradient:
+    - the QK-norm weights (`model.qk_norm`): shared by all heads, but a rank normalises only its own H/tp query
+      and K/tp key heads, so its gradient is its heads' share (transformers' Qwen3 TP plan calls them
+      "replicated_with_grad_allreduce");
+    - under sequence parallelism every replicated parameter (the RMSNorm weights): a rank sees T/tp tokens (the
+      QK-norm weights are among them then: each parameter is summed once, which covers both).
+    megatron-core sums such gradients in its own DDP, which we do not use (DeepSpeed is our DDP). A gradient hook
+    sums them over the TP group as soon as they are computed, before DeepSpeed reduces over DP; the sum is the same
+    on every TP rank, which the grad norm's count of replicated parameters (on TP rank 0 only) assumes."""
     group = parallel_state.get_tensor_model_parallel_group()
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -187,6 +194,10 @@ def all_reduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
         torch.distributed.all_reduce(grad, group=group)
         return grad
 
+    head_norms = {id(m.q_norm.weight) for m in model.modules() if isinstance(m, Attention) and m.qk_norm}
+    head_norms |= {id(m.k_norm.weight) for m in model.modules() if isinstance(m, Attention) and m.qk_norm}
     for param in model.parameters():
-        if not getattr(param, "tensor_model_parallel", False):
+        if getattr(param, "tensor_model_parallel", False):
+            continue
+        if sequence_parallel or id(param) in head_norms:
             param.register_hook(hook)

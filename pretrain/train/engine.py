@@ -37,7 +37,7 @@ from pretrain.parallel.fp8 import convert_to_fp8
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
 from pretrain.parallel.pipeline import build_pipeline, pipeline_input, reference_name
-from pretrain.parallel.tensor import TensorParallelFactory, all_reduce_sequence_parallel_grads, model_parallel_config
+from pretrain.parallel.tensor import TensorParallelFactory, all_reduce_partial_grads, model_parallel_config
 from pretrain.run.distributed import DistEnv
 from pretrain.run.paths import MODEL_DIR
 from pretrain.run.resolved import ResolvedRun
@@ -296,9 +296,8 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
         convert_to_fp8(module, cfg.train.fp8)
     if cfg.model.compile:
         compile_blocks(module)
-    if factory.sequence_parallel:
-
-        all_reduce_sequence_parallel_grads(module)
+    if factory.tp > 1:  # QK-norm weights see this rank's heads, and under SP every norm this rank's tokens
+        all_reduce_partial_grads(module, factory.sequence_parallel)
 
     o = cfg.optim
     own_clipping = not _deepspeed_clips(cfg)

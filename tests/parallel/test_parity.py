@@ -64,6 +64,11 @@ LAYOUTS: list[tuple[str, dict, float]] = [
     ("dp2_zero2_compile", {"zero": 2, "set": ["model.compile=true"]}, TP_PP_TOL),
     ("tp2_compile_selective", {"tp": 2, "set": ["model.compile=true", "model.activation_checkpointing=selective"]},
      TP_PP_TOL),
+    # QK-norm: each TP rank normalises its own heads with replicated weights (ZeRO-1's groups and grad norm count
+    # them once; selective recompute re-runs them), and the pipeline's blocks have them too.
+    ("tp2_zero1_qk_norm_selective",
+     {"tp": 2, "zero": 1, "set": ["model.qk_norm=true", "model.activation_checkpointing=selective"]}, TP_PP_TOL),
+    ("pp2_qk_norm", {"pp": 2, "set": ["model.qk_norm=true"]}, TP_PP_TOL),
 ]
 # 4 ranks (a second launch, ~40 s on 2 cores): DeepSpeed's pipeline grid and megatron-core's TP groups together.
 LAYOUTS_4: list[tuple[str, dict, float]] = [
