@@ -148,6 +148,11 @@ class TrainSection(_Section):
     fp8: Literal["none", "tensorwise", "rowwise"] = Field(
         "none", description="FP8 matmuls in the blocks' projections with torchao (CUDA, compute capability >= 8.9, "
         "tp = 1): tensorwise (fastest) or rowwise scaling")
+    z_loss: Finite = Field(0.0, ge=0, le=1, description="PaLM's z-loss: this coefficient times log(Z)^2 per token "
+                           "(Z = the sum of exp(logits) over the vocabulary) added to the training loss, which pulls "
+                           "the softmax's log-normaliser toward 0 so the logits cannot drift upward together (PaLM: "
+                           "1e-4); 0: off. `loss` and `val_loss` stay the cross-entropy; the term is logged as "
+                           "`z_loss` (mean over tokens of coefficient x log(Z)^2)")
     spike: SpikeSection = Field(default_factory=SpikeSection)
     collective_timeout_s: Finite = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="a collective waiting longer "
                                          "than this for a dead or hung rank fails the run (every process group, "

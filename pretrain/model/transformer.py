@@ -179,9 +179,12 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """tokens (B, T) -> logits (B, T, V_local), or the mean next-token loss over B*T targets when they are given
-    (or, for evaluation, each target's log-probability and whether it was the most likely token)."""
+    (or, for evaluation, each target's log-probability and whether it was the most likely token).
 
-    def __init__(self, args: ModelArgs, factory: LayerFactory = REFERENCE, checkpointing: Checkpointing = "none"):
+    `z_loss`: the training loss's z-loss coefficient (`train.z_loss`; the head adds it in training mode only)."""
+
+    def __init__(self, args: ModelArgs, factory: LayerFactory = REFERENCE, checkpointing: Checkpointing = "none",
+                 z_loss: float = 0.0):
         super().__init__()
         if args.vocab_size is None:
             raise ValueError("ModelArgs.vocab_size is None: resolve it (and pad it) before building the model")
@@ -191,7 +194,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args, factory, i, checkpointing)
                                      for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = factory.vocab_head(args.dim, args.vocab_size)
+        self.output = factory.vocab_head(args.dim, args.vocab_size, z_loss)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 

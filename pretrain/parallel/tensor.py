@@ -67,7 +67,12 @@ class _Row(RowParallelLinear):
 class _VocabHead(_Column):
     """Column-parallel output head (logits split over the vocabulary). With targets it returns the mean loss,
     computed in token chunks (pretrain.kernels.linear_cross_entropy) with megatron-core's vocab-parallel softmax
-    per chunk: neither the whole (B, T, V/tp) logits nor the full vocabulary ever sit on one rank."""
+    per chunk: neither the whole (B, T, V/tp) logits nor the full vocabulary ever sit on one rank. z-loss as the
+    reference head (pretrain.model.layers.VocabHead): in training mode, every TP rank recording the same term."""
+
+    def __init__(self, *args, z_loss: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.z_loss = kernels.ZLoss(z_loss) if z_loss > 0 else None
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, scores: bool = False) -> torch.Tensor:
         if targets is None:
@@ -81,7 +86,8 @@ class _VocabHead(_Column):
             out = kernels.token_scores(h.flatten(0, 1), self.weight, rows.flatten(), VOCAB_PARALLEL, start,
                                        parallel_state.get_tensor_model_parallel_group()).view(*rows.shape, 2)
             return out.transpose(0, 1) if self.sequence_parallel else out
-        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, rows.flatten(), VOCAB_PARALLEL)
+        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, rows.flatten(), VOCAB_PARALLEL,
+                                            z_loss=self.z_loss if self.training else None)
 
 
 class VocabParallelChunkLoss:
@@ -163,8 +169,9 @@ class TensorParallelFactory(LayerFactory):
         return _Embedding(vocab_size, dim, config=self.config, init_method=_no_init,
                           reduce_scatter_embeddings=self.sequence_parallel)
 
-    def vocab_head(self, dim, vocab_size):
-        return _VocabHead(dim, vocab_size, config=self.config, init_method=_no_init, bias=False, gather_output=False)
+    def vocab_head(self, dim, vocab_size, z_loss=0.0):
+        return _VocabHead(dim, vocab_size, config=self.config, init_method=_no_init, bias=False, gather_output=False,
+                          z_loss=z_loss)
 
     def full_logits(self, logits):
         """The vocab shards joined (decoding, no gradient). megatron-core's gather_from_tensor_model_parallel_region

@@ -91,6 +91,31 @@ def test_z_loss_adds_coef_times_lse_squared_to_the_loss_and_its_gradient(make, d
     torch.testing.assert_close(term.float(), (ref_loss - plain).float(), rtol=tol, atol=tol)
 
 
+def test_model_adds_z_loss_in_training_only_and_never_to_scores():
+    """train.z_loss in the model: training mode's loss is the cross-entropy + coef * mean(lse^2) (recorded by the
+    head, once per forward); eval mode's (validation, the spike look-ahead) is the plain cross-entropy, and the
+    evaluation scores stay plain log-probabilities."""
+    args = FLAVORS["debug"].replace(vocab_size=384)
+    tokens = torch.randint(0, 384, (2, 21), generator=torch.Generator().manual_seed(0))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    model = Transformer(args, z_loss=0.01)
+    init_model(model, args, seed=3)
+    with torch.no_grad():
+        logits = model(inputs).flatten(0, 1)
+    ce = F.cross_entropy(logits, targets.flatten())
+    z = 0.01 * torch.logsumexp(logits, dim=-1).pow(2).mean()
+    loss = model(inputs, targets)
+    torch.testing.assert_close(loss.detach(), ce + z)
+    torch.testing.assert_close(model.output.z_loss.take(), z)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs, targets), ce)
+        scores = model(inputs, targets, scores=True)
+    assert model.output.z_loss.take() is None
+    log_p = torch.log_softmax(logits, dim=-1).gather(1, targets.flatten()[:, None]).squeeze(1)
+    torch.testing.assert_close(scores[..., 0].flatten(), log_p, rtol=1e-5, atol=1e-5)
+
+
 def test_no_grad_gives_the_loss_and_computes_no_gradient():
     torch.manual_seed(0)
     h, w, t = torch.randn(20, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True), torch.randint(0, 50, (20,))
