@@ -126,7 +126,8 @@ def _generate_args(sub: Any) -> None:
 
 
 def _export_hf_args(sub: Any) -> None:
-    p = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM directory (safetensors)",
+    p = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM directory (safetensors; "
+                       "Qwen3ForCausalLM for a model.qk_norm model)",
                        description="Export any committed checkpoint for transformers, streamed tensor by tensor "
                        "(memory: about one tensor plus one output shard). Writes config.json, "
                        "generation_config.json, model.safetensors or model-0000i-of-0000n.safetensors + "
@@ -145,10 +146,11 @@ def _export_hf_args(sub: Any) -> None:
 
 
 def _import_hf_args(sub: Any) -> None:
-    p = sub.add_parser("import-hf", help="turn a transformers LlamaForCausalLM directory into a checkpoint "
-                       "to start training from (model.init_from)",
+    p = sub.add_parser("import-hf", help="turn a transformers LlamaForCausalLM or Qwen3ForCausalLM directory into "
+                       "a checkpoint to start training from (model.init_from)",
                        description="Read config.json, (sharded) safetensors and the tokenizer of a "
-                       "LlamaForCausalLM directory; write a checkpoint for `--set model.init_from=OUT`.")
+                       "LlamaForCausalLM or Qwen3ForCausalLM (model.qk_norm) directory; write a checkpoint for "
+                       "`--set model.init_from=OUT`.")
     p.add_argument("--model", required=True, help="directory written by transformers' save_pretrained")
     p.add_argument("--out", required=True, help="new (or empty) output directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer file/dir, when the model directory has none")
@@ -401,9 +403,10 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Any committed checkpoint -> Hugging Face LlamaForCausalLM directory, tensor by tensor."""
+    """Any committed checkpoint -> Hugging Face LlamaForCausalLM (Qwen3ForCausalLM) directory, tensor by tensor."""
     from pretrain.checkpoint.weights import open_weights
     from pretrain.hf.export import export_checkpoint
+    from pretrain.hf.format import architecture
     from pretrain.telemetry import model_registry
 
     max_shard = _max_shard_bytes(args)
@@ -416,7 +419,7 @@ def run_export(args: argparse.Namespace) -> int:
                                 dtype=_dtype(args.dtype) if args.dtype else None, max_shard_bytes=max_shard)
     except FileExistsError as e:
         raise ConfigError(str(e)) from None
-    print(f"exported {step_dir} -> {out} (transformers.LlamaForCausalLM.from_pretrained('{out}'))")
+    print(f"exported {step_dir} -> {out} (transformers.{architecture(source.run.model)}.from_pretrained('{out}'))")
     if args.register:
         model, uri = model_registry.register(out, step_dir, args.register)
         print(f"registered {model} in {uri} (back as a directory: MLFLOW_REGISTRY_URI={uri} and "

@@ -52,6 +52,9 @@ class ModelSection(_Section):
                                     "mean square it is added to)")
     tie_embeddings: bool | None = Field(None, description="share the input embedding with the output head")
     init_std: Finite | None = Field(None, gt=0, le=1, description="override the init std")
+    qk_norm: bool = Field(False, description="RMSNorm over each attention head's queries and keys before RoPE "
+                          "(Qwen3's QK-norm: a weight of head_dim for queries and one for keys, shared by the heads); "
+                          "bounds the attention logits. Such a model exports as transformers' Qwen3ForCausalLM")
     document_mask: bool = Field(False, description="attend only within a document inside a packed sequence "
                                 "(CUDA bf16: varlen flash attention; elsewhere a dense mask)")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
@@ -145,6 +148,11 @@ class TrainSection(_Section):
     fp8: Literal["none", "tensorwise", "rowwise"] = Field(
         "none", description="FP8 matmuls in the blocks' projections with torchao (CUDA, compute capability >= 8.9, "
         "tp = 1): tensorwise (fastest) or rowwise scaling")
+    z_loss: Finite = Field(0.0, ge=0, le=1, description="PaLM's z-loss: this coefficient times log(Z)^2 per token "
+                           "(Z = the sum of exp(logits) over the vocabulary) added to the training loss, which pulls "
+                           "the softmax's log-normaliser toward 0 so the logits cannot drift upward together (PaLM: "
+                           "1e-4); 0: off. `loss` and `val_loss` stay the cross-entropy; the term is logged as "
+                           "`z_loss` (mean over tokens of coefficient x log(Z)^2)")
     spike: SpikeSection = Field(default_factory=SpikeSection)
     collective_timeout_s: Finite = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="a collective waiting longer "
                                          "than this for a dead or hung rank fails the run (every process group, "

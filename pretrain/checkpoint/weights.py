@@ -93,7 +93,7 @@ def named_tensors(source: WeightSource):
 
 # Fields of the model shape that decide what the weights mean (vocab and context length are handled apart:
 # the vocabulary is re-padded for the new layout, and RoPE's table for a position does not depend on max_seq_len).
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "norm_eps", "rope_theta",
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "norm_eps", "rope_theta", "qk_norm",
                  "tie_embeddings")
 _CONFIG_KEY = {"kv_heads": "n_kv_heads", "hidden_dim": "ffn_hidden_dim"}
 

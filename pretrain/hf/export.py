@@ -1,4 +1,5 @@
-"""Export a model to Hugging Face's LlamaForCausalLM layout: config.json, sharded safetensors, tokenizer.
+"""Export a model to Hugging Face's LlamaForCausalLM layout (Qwen3ForCausalLM's for a `qk_norm` model):
+config.json, sharded safetensors, tokenizer.
 
 Export is a renaming of tensors (see pretrain/hf/format.py), streamed: the weights arrive one (name, tensor) at a
 time from any checkpoint (pretrain/checkpoint/weights.py) and go straight into the shard being written, so memory

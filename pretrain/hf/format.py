@@ -1,9 +1,13 @@
-"""The Hugging Face LlamaForCausalLM format, both ways: parameter names and config.json <-> ModelArgs.
+"""The Hugging Face LlamaForCausalLM format, both ways: parameter names and config.json <-> ModelArgs; with
+`qk_norm`, Qwen3ForCausalLM's.
 
 Our parameter names are Meta's LLaMA names and our RoPE uses the rotate-half convention that transformers'
 Llama implements, so both directions are a renaming of tensors: no query/key permutation as in Meta <-> HF
-conversions. What our model cannot express (biases, other activations, RoPE scaling, a head_dim that is not
-dim / n_heads) is refused on import by name, never silently dropped.
+conversions. Qwen3 is Llama's network plus an RMSNorm of each head's queries and keys before RoPE (`q_norm`,
+`k_norm`, eps rms_norm_eps, weights shared by the heads): exactly our `qk_norm`, so a QK-norm model is exported as
+one (model_type qwen3, no attention bias, head_dim written out, no sliding window) and a Qwen3 directory imports.
+What our model cannot express (biases, other activations, RoPE scaling, a head_dim that is not dim / n_heads,
+Qwen3's sliding-window layers) is refused on import by name, never silently dropped.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ _LAYER_MAP = {
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",  # qk_norm: Qwen3's names
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
 }
 _TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "output.weight": "lm_head.weight"}
@@ -37,8 +43,22 @@ class HFFormatError(ValueError):
     """A Hugging Face directory our model cannot represent (one line naming the file and key)."""
 
 
+# model_type -> the transformers class it loads as; a QK-norm model is a Qwen3, any other a Llama.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def model_type(args: ModelArgs) -> str:
+    return "qwen3" if args.qk_norm else "llama"
+
+
+def architecture(args: ModelArgs) -> str:
+    """The transformers class an export of `args` loads as."""
+    return ARCHITECTURES[model_type(args)]
+
+
 def hf_name(name: str) -> str:
-    """Our parameter name -> transformers' LlamaForCausalLM name; KeyError for anything unknown."""
+    """Our parameter name -> transformers' LlamaForCausalLM / Qwen3ForCausalLM name (the same names, Qwen3's
+    q_norm / k_norm besides); KeyError for anything unknown."""
     if name in _TOP_MAP:
         return _TOP_MAP[name]
     match = _LAYER_KEY.match(name)
@@ -63,11 +83,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def hf_config(args: ModelArgs, *, bos_token_id: int | None, eos_token_id: int | None, dtype: torch.dtype,
               pad_token_id: int | None = None) -> dict[str, Any]:
-    """config.json of a LlamaForCausalLM with our shape. Both spellings of RoPE's base are written: transformers
-    5 reads `rope_parameters`, older releases `rope_theta`."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """config.json of a LlamaForCausalLM (a Qwen3ForCausalLM with `qk_norm`) with our shape. Both spellings of
+    RoPE's base are written: transformers 5 reads `rope_parameters`, older releases `rope_theta`."""
+    config = {
+        "architectures": [architecture(args)],
+        "model_type": model_type(args),
         "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim,
         "num_hidden_layers": args.n_layers,
@@ -89,18 +109,28 @@ def hf_config(args: ModelArgs, *, bos_token_id: int | None, eos_token_id: int | 
         "dtype": dtype_name(dtype),
         "torch_dtype": dtype_name(dtype),
     }
+    if args.qk_norm:  # Qwen3: every layer full attention (its sliding window is off by default; said so here)
+        del config["mlp_bias"]  # not a Qwen3 option: its MLP never has biases
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=args.n_layers,
+                      attention_dropout=0.0)
+    return config
 
 
 def model_args(config: dict[str, Any], where: str) -> ModelArgs:
-    """config.json of a LlamaForCausalLM -> our ModelArgs (vocab unpadded, as the checkpoint has it)."""
+    """config.json of a LlamaForCausalLM or Qwen3ForCausalLM -> our ModelArgs (vocab unpadded, as the checkpoint
+    has it; qk_norm for Qwen3)."""
     def need(key: str) -> Any:
         if key not in config:
             raise HFFormatError(f"{where}: no {key!r}")
         return config[key]
 
-    if config.get("model_type") != "llama":
-        raise HFFormatError(f"{where}: model_type is {config.get('model_type')!r}; only 'llama' "
-                            "(LlamaForCausalLM) can be imported")
+    kind = config.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise HFFormatError(f"{where}: model_type is {kind!r}; only 'llama' (LlamaForCausalLM) and 'qwen3' "
+                            "(Qwen3ForCausalLM) can be imported")
+    if kind == "qwen3" and config.get("use_sliding_window"):
+        raise HFFormatError(f"{where}: use_sliding_window=true; our attention is full causal attention in every "
+                            "layer")
     if config.get("hidden_act", "silu") != "silu":
         raise HFFormatError(f"{where}: hidden_act={config['hidden_act']!r}; our SwiGLU uses silu")
     for key in ("attention_bias", "mlp_bias"):
@@ -122,4 +152,4 @@ def model_args(config: dict[str, Any], where: str) -> ModelArgs:
                      vocab_size=int(need("vocab_size")), ffn_hidden_dim=int(need("intermediate_size")),
                      norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
                      max_seq_len=int(config.get("max_position_embeddings", 2048)),
-                     tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+                     tie_embeddings=bool(config.get("tie_word_embeddings", False)), qk_norm=kind == "qwen3")

@@ -1,4 +1,5 @@
-"""Import a Hugging Face LlamaForCausalLM directory as a checkpoint `pretrain train` can start from.
+"""Import a Hugging Face LlamaForCausalLM (or Qwen3ForCausalLM: `model.qk_norm`) directory as a checkpoint
+`pretrain train` can start from.
 
     pretrain import-hf --model hf_dir/ --out ckpt/        # then: --set model.init_from=ckpt/
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from pretrain.kernels.linear_cross_entropy import EAGER, ChunkLoss
+from pretrain.kernels.linear_cross_entropy import EAGER, ChunkLoss, ZLoss
 from pretrain.kernels.linear_cross_entropy import linear_cross_entropy as _linear_cross_entropy
 from pretrain.kernels.linear_cross_entropy import token_scores as _token_scores
 from pretrain.kernels import varlen_attention
@@ -114,13 +114,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_loss: ChunkLoss | None = None, ignore_index: int = -100) -> torch.Tensor:
+                         chunk_loss: ChunkLoss | None = None, ignore_index: int = -100,
+                         z_loss: ZLoss | None = None) -> torch.Tensor:
     """Mean next-token loss of logits = hidden @ weight.T, computed chunk by chunk (never all logits at once).
     hidden (N, D), weight (V_local, D), targets (N,). `chunk_loss`: how a chunk's softmax is taken (the tensor-
-    parallel build passes megatron-core's); default the Triton kernel on CUDA with fused kernels on, else eager."""
+    parallel build passes megatron-core's); default the Triton kernel on CUDA with fused kernels on, else eager.
+    `z_loss`: add its coefficient x lse^2 per target, and record the term in it."""
     if chunk_loss is None:
         chunk_loss = _fused("cross_entropy").chunk_loss if fused_enabled(hidden) else EAGER
-    return _linear_cross_entropy(hidden, weight, targets, chunk_loss, ignore_index, _LOSS_CHUNK)
+    return _linear_cross_entropy(hidden, weight, targets, chunk_loss, ignore_index, _LOSS_CHUNK, z_loss)
 
 
 def token_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_loss: ChunkLoss | None = None,

@@ -16,6 +16,14 @@ is accumulated by cuBLAS in fp32 straight into the sum) and rounded once.
 How a chunk's loss and gradient are computed is a `ChunkLoss`: plain PyTorch here (the reference, any device),
 the Triton kernel on CUDA (`triton_cross_entropy.chunk_loss`), megatron-core's vocab-parallel steps under tensor
 parallelism (`pretrain.parallel.tensor`).
+
+Z-loss (PaLM, Chowdhery et al. 2022; `train.z_loss`): coef * lse^2 per target is added to the loss,
+lse = log Z = log sum_v exp(logit_v), the softmax's log-normaliser over the whole vocabulary, averaged over the
+same targets as the cross-entropy. The softmax ignores a shift of all logits; this term does not, and pulls log Z
+toward 0, so the logits cannot drift together to magnitudes where bf16 rounds them coarsely. Its gradient is
+d(coef * lse^2)/d logits = 2 * coef * lse * softmax, so a chunk's logits' gradient becomes
+softmax * (1 + 2 * coef * lse) - onehot(target): the same one pass over the chunk, one scale per row more. Every
+`ChunkLoss` returns lse per row (which it has anyway), and the head sums the term beside the loss (`ZLoss`).
 """
 from __future__ import annotations
 
@@ -28,16 +36,20 @@ from pretrain.model.loss_chunks import bytes_per_logit, chunk_tokens
 
 
 class ChunkLoss(Protocol):
-    """Loss rows and d(sum of scaled rows)/d logits of one chunk, over this rank's slice of the vocabulary."""
+    """Loss rows, log-normalisers and d(sum of scaled rows)/d logits of one chunk, over this rank's slice of the
+    vocabulary."""
 
     def bytes_per_logit(self, dtype: torch.dtype) -> int:
         """Working bytes per logit entry: sizes the chunks."""
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
-                 grad_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, grad_scale: torch.Tensor | None,
+                 z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """logits (c, V_local), which the call may overwrite; targets (c,) in [0, V) (ignored rows already
         replaced, their loss and scale are masked by the caller); grad_scale (c,) fp32, None when no gradient is
-        wanted. Returns loss rows (c,) fp32 and the logits' gradient (c, V_local) in logits' dtype, or None."""
+        wanted; z_loss: the coefficient of z-loss in the rows the gradient is of (0: none). Returns the
+        cross-entropy rows (c,) fp32 (no z-loss in them), lse rows (c,) fp32 (log-sum-exp over the whole
+        vocabulary) and the gradient of rows + z_loss * lse^2 over the logits (c, V_local) in logits' dtype, or
+        None."""
 
 
 class EagerChunkLoss:
@@ -46,43 +58,72 @@ class EagerChunkLoss:
     def bytes_per_logit(self, dtype: torch.dtype) -> int:
         return bytes_per_logit(dtype.itemsize, in_place=False)
 
-    def __call__(self, logits, targets, grad_scale):
+    def __call__(self, logits, targets, grad_scale, z_loss=0.0):
         x = logits.float()  # (c, V) fp32; the same tensor when logits are fp32 (a temporary of ours)
         rows = torch.arange(x.shape[0], device=x.device)
         target_logit = x[rows, targets]
         m = x.amax(dim=1, keepdim=True)
         x.sub_(m).exp_()
         s = x.sum(dim=1, keepdim=True)
-        loss = (s.log() + m).squeeze(1) - target_logit  # log-sum-exp minus the target's logit
+        lse = (s.log() + m).squeeze(1)  # log-sum-exp
+        loss = lse - target_logit
         if grad_scale is None:
-            return loss, None
+            return loss, lse, None
         x.div_(s)  # softmax
+        if z_loss:
+            x.mul_((1.0 + 2.0 * z_loss * lse)[:, None])  # + d(z_loss * lse^2)/d logits = 2 z_loss lse softmax
         x[rows, targets] -= 1.0  # d loss_row / d logits = softmax - onehot(target)
         x.mul_(grad_scale[:, None])
-        return loss, x.to(logits.dtype)
+        return loss, lse, x.to(logits.dtype)
 
 
 EAGER = EagerChunkLoss()
 
 
+class ZLoss:
+    """The head's z-loss: its coefficient (`train.z_loss`, > 0) and the sum of the terms it added since `take()`.
+
+    Each training call of the head adds its term, coef * mean(lse^2) over its targets, detached and on the device
+    (no host read); the engine takes the step's sum once, for the `z_loss` metric, and reports the loss without it.
+    """
+
+    def __init__(self, coef: float):
+        self.coef = coef
+        self._total: torch.Tensor | None = None
+
+    def add(self, term: torch.Tensor) -> None:
+        self._total = term if self._total is None else self._total + term
+
+    def take(self) -> torch.Tensor | None:
+        """The sum of the terms added since the last take (None when none was)."""
+        total, self._total = self._total, None
+        return total
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                chunk: int, chunk_loss: ChunkLoss, grad_hidden: bool, grad_weight: bool) -> torch.Tensor:
+                chunk: int, chunk_loss: ChunkLoss, grad_hidden: bool, grad_weight: bool,
+                z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean of cross-entropy + z_loss * lse^2, mean of z_loss * lse^2): the loss, and its z-loss term."""
         valid = targets != ignore_index
         n_valid = valid.sum().clamp(min=1)  # a device tensor: no host sync
         safe_targets = torch.where(valid, targets, 0)
         want_grad = grad_hidden or grad_weight
         scale = valid.float() / n_valid if want_grad else None  # d mean / d loss_row
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        lse2_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None  # (N, D)
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
         for start in range(0, hidden.shape[0], chunk):
             end = start + chunk
             h = hidden[start:end]  # (c, D)
             logits = h @ weight.t()  # (c, V_local) in the compute dtype
-            rows, grad = chunk_loss(logits, safe_targets[start:end], None if scale is None else scale[start:end])
+            rows, lse, grad = chunk_loss(logits, safe_targets[start:end], None if scale is None else scale[start:end],
+                                         z_loss)
             loss_sum += torch.where(valid[start:end], rows, 0.0).sum()
+            if z_loss:
+                lse2_sum += torch.where(valid[start:end], lse * lse, 0.0).sum()
             if grad is not None:
                 if dh is not None:
                     torch.mm(grad, weight, out=dh[start:end])  # (c, V) @ (V, D)
@@ -92,14 +133,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if dw is not None and weight.dtype != torch.float32:
             dw = dw.to(weight.dtype)  # rounded once, as one unchunked matmul would; half the bytes to backward
         ctx.save_for_backward(dh, dw)
-        return loss_sum / n_valid
+        z_sum = z_loss * lse2_sum
+        z_term = z_sum / n_valid
+        ctx.mark_non_differentiable(z_term)  # a metric: its gradient is already part of the loss's
+        return (loss_sum + z_sum if z_loss else loss_sum) / n_valid, z_term
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, _grad_z_term: torch.Tensor | None):
         # In place: the saved gradients are ours alone (backward through this graph runs once).
         dh, dw = ctx.saved_tensors
         return (None if dh is None else dh.mul_(grad_loss), None if dw is None else dw.mul_(grad_loss),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -128,16 +172,20 @@ def _fp32_addmm_on_cuda() -> bool:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_loss: ChunkLoss,
-                         ignore_index: int = -100, chunk: int = 0) -> torch.Tensor:
+                         ignore_index: int = -100, chunk: int = 0, z_loss: ZLoss | None = None) -> torch.Tensor:
     """Mean over targets != ignore_index of cross_entropy(hidden @ weight.T, targets), never holding more than one
     chunk of logits. hidden (N, D), weight (V_local, D), targets (N,). `chunk`: tokens per chunk, 0 = sized by
     pretrain.model.loss_chunks. Under tensor parallelism `weight` is this rank's vocab slice and `chunk_loss`
     reduces across ranks; the caller all-reduces dh (megatron-core's copy-to-region) as for any column-parallel
-    linear."""
+    linear. `z_loss`: add z_loss.coef * lse^2 to every row (mean over the same targets) and record the term in it."""
     grad = torch.is_grad_enabled()
     c = chunk_tokens(hidden.shape[0], weight.shape[0], chunk_loss.bytes_per_logit(hidden.dtype), chunk)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, c, chunk_loss,
-                                     grad and hidden.requires_grad, grad and weight.requires_grad)
+    coef = z_loss.coef if z_loss is not None else 0.0
+    loss, z_term = _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, c, chunk_loss,
+                                             grad and hidden.requires_grad, grad and weight.requires_grad, coef)
+    if coef:
+        z_loss.add(z_term)
+    return loss
 
 
 @torch.no_grad()
@@ -164,7 +212,7 @@ def token_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         if group is not None:
             torch.distributed.all_reduce(picked, group=group)
             torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
-        loss, _ = chunk_loss(logits, targets[start:start + c], None)  # may overwrite logits: read them first
+        loss, _, _ = chunk_loss(logits, targets[start:start + c], None)  # may overwrite logits: read them first
         out[start:start + c, 0] = -loss
         out[start:start + c, 1] = (picked >= top).float()
     return out

@@ -3,7 +3,9 @@
 The eager path upcasts the whole (tokens x vocab) logits to fp32 and keeps the softmax for backward. Here forward
 streams each row once in vocab blocks with an online log-sum-exp and saves one float per row; backward recomputes
 softmax block by block. `chunk_loss` serves the chunked output head (pretrain.kernels.linear_cross_entropy): one
-launch computes a chunk's loss rows and writes their gradient over the logits, in place, in the logits' dtype.
+launch computes a chunk's loss rows and log-sum-exps and writes their gradient over the logits, in place, in the
+logits' dtype; with z-loss (`Z_LOSS` > 0, the gradient of loss + Z_LOSS * lse^2) each row's softmax is scaled by
+1 + 2 * Z_LOSS * lse in the same pass.
 
 Row offsets are 64-bit: row * row_stride passes 2^31 elements at 16,800 rows of a 128k vocabulary.
 """
@@ -20,7 +22,7 @@ _BLOCK_V = 2048
 
 
 @triton.jit
-def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, DLOGITS, SCALE, stride_l, stride_d, V, ignore_index,
+def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, DLOGITS, SCALE, stride_l, stride_d, V, ignore_index, Z_LOSS,
             BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
@@ -39,14 +41,15 @@ def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, DLOGITS, SCALE, stride_l, stride_d, V, i
     safe_target = tl.where(valid, target, 0)
     x_t = tl.load(base + safe_target).to(tl.float32)
     tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
-    if WRITE_GRAD:  # the chunked head: (softmax - onehot) * scale[row], over the logits just read
+    if WRITE_GRAD:  # the chunked head: (softmax * (1 + 2 Z_LOSS lse) - onehot) * scale[row], over the logits read
         g = tl.where(valid, tl.load(SCALE + row), 0.0)
+        z = 1.0 + 2.0 * Z_LOSS * lse  # d(Z_LOSS * lse^2)/dx = 2 Z_LOSS lse softmax(x); exactly 1 without z-loss
         out = DLOGITS + row * stride_d
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-            grad = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * g
+            grad = (tl.exp(x - lse) * z - tl.where(cols == target, 1.0, 0.0)) * g
             tl.store(out + cols, grad.to(DLOGITS.dtype.element_ty), mask=mask)
 
 
@@ -73,7 +76,7 @@ class _CrossEntropy(torch.autograd.Function):
         N, V = logits.shape
         loss = torch.empty(N, dtype=torch.float32, device=logits.device)
         lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-        _ce_fwd[(N,)](logits, targets, loss, lse, logits, lse, logits.stride(0), 0, V, ignore_index,
+        _ce_fwd[(N,)](logits, targets, loss, lse, logits, lse, logits.stride(0), 0, V, ignore_index, 0.0,
                       BLOCK_V=_BLOCK_V, WRITE_GRAD=False)
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         ctx.save_for_backward(logits, targets, lse, n_valid)
@@ -97,21 +100,21 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 
 class TritonChunkLoss:
-    """pretrain.kernels.linear_cross_entropy's ChunkLoss on CUDA: one pass for the loss, one writing the gradient
-    over the chunk's logits (no fp32 copy: the chunk's bytes are the logits' own)."""
+    """pretrain.kernels.linear_cross_entropy's ChunkLoss on CUDA: one pass for the loss and log-sum-exp, one
+    writing the gradient over the chunk's logits (no fp32 copy: the chunk's bytes are the logits' own)."""
 
     def bytes_per_logit(self, dtype: torch.dtype) -> int:
         return bytes_per_logit(dtype.itemsize, in_place=True)
 
-    def __call__(self, logits, targets, grad_scale):
+    def __call__(self, logits, targets, grad_scale, z_loss=0.0):
         logits = rows(logits)
         N, V = logits.shape
         loss, lse = torch.empty((2, N), dtype=torch.float32, device=logits.device)
         write = grad_scale is not None
         scale = grad_scale.contiguous() if write else lse  # unread when not writing
         _ce_fwd[(N,)](logits, targets.contiguous(), loss, lse, logits, scale, logits.stride(0), logits.stride(0),
-                      V, -1, BLOCK_V=_BLOCK_V, WRITE_GRAD=write)
-        return loss, logits if write else None
+                      V, -1, float(z_loss), BLOCK_V=_BLOCK_V, WRITE_GRAD=write)
+        return loss, lse, logits if write else None
 
 
 chunk_loss = TritonChunkLoss()

@@ -29,6 +29,10 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    # RMSNorm over each head's queries and keys before RoPE (Qwen3's QK-norm): the attention logits q.k stay bounded
+    # whatever the projections' scale grows to, which keeps large-lr and long runs from attention-logit blow-ups.
+    # Two weights of head_dim per block, shared by all heads.
+    qk_norm: bool = False
     # Std of the normal init; output projections (wo, w2) are further scaled by 1/sqrt(2 * n_layers).
     init_std: float = 0.02
 
@@ -58,7 +62,7 @@ class ModelArgs:
         hd = self.head_dim
         attn = self.dim * (self.n_heads * hd) + 2 * self.dim * (self.kv_heads * hd) + (self.n_heads * hd) * self.dim
         ffn = 3 * self.dim * self.hidden_dim
-        norms = 2 * self.dim
+        norms = 2 * self.dim + (2 * hd if self.qk_norm else 0)
         blocks = self.n_layers * (attn + ffn + norms)
         emb = v * self.dim if embeddings else 0
         head = 0 if (self.tie_embeddings or not embeddings) else v * self.dim

@@ -8,7 +8,7 @@ megatron-core's `use_cpu_initialization` also pays, and it makes the parity test
 
 Scheme (GPT-2 / Megatron): normal(0, init_std) for embeddings and projections; the projections that write into
 the residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers) so the stream's variance does not grow with
-depth; RMSNorm weights are ones.
+depth; RMSNorm weights (the QK-norm's too) are ones.
 
 Starting from existing weights (`model.init_from`) goes through the same path: the whole tensor then comes from
 the checkpoint instead of the generator, and each rank copies its slice of it. Vocabulary rows the checkpoint does
@@ -104,6 +104,8 @@ def reference_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             p + "feed_forward.w1.weight": (args.hidden_dim, d), p + "feed_forward.w3.weight": (args.hidden_dim, d),
             p + "feed_forward.w2.weight": (d, args.hidden_dim),
         })
+        if args.qk_norm:
+            shapes.update({p + "attention.q_norm.weight": (hd,), p + "attention.k_norm.weight": (hd,)})
     return shapes
 
 

@@ -32,8 +32,8 @@ class LayerFactory:
     def vocab_embedding(self, vocab_size: int, dim: int) -> nn.Module:
         return nn.Embedding(vocab_size, dim)
 
-    def vocab_head(self, dim: int, vocab_size: int) -> nn.Module:
-        return VocabHead(dim, vocab_size)
+    def vocab_head(self, dim: int, vocab_size: int, z_loss: float = 0.0) -> nn.Module:
+        return VocabHead(dim, vocab_size, z_loss)
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over the whole (padded) vocabulary, for sampling."""
@@ -49,14 +49,20 @@ class VocabHead(nn.Linear):
     scores=True) gives each target's (log p, is the argmax) as (B, T, 2), for evaluation.
 
     The loss lives in the head's forward, not after it, so that whatever wraps forward sees the weight in use:
-    DeepSpeed ZeRO-3 gathers a module's parameters in its forward hooks."""
+    DeepSpeed ZeRO-3 gathers a module's parameters in its forward hooks.
 
-    def __init__(self, dim: int, vocab_size: int):
+    `z_loss` > 0 (`train.z_loss`): in training mode the loss is the cross-entropy + z_loss x lse^2 (the term
+    recorded in `self.z_loss` for the step's metric); in eval mode (validation, the spike look-ahead) it is the
+    plain cross-entropy, and scores never include it."""
+
+    def __init__(self, dim: int, vocab_size: int, z_loss: float = 0.0):
         super().__init__(dim, vocab_size, bias=False)
+        self.z_loss = kernels.ZLoss(z_loss) if z_loss > 0 else None
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None, scores: bool = False) -> torch.Tensor:
         if targets is None:
             return super().forward(h)
         if scores:
             return kernels.token_scores(h.flatten(0, 1), self.weight, targets.flatten()).view(*targets.shape, 2)
-        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, targets.flatten())
+        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, targets.flatten(),
+                                            z_loss=self.z_loss if self.training else None)

@@ -1,4 +1,5 @@
-"""A LLaMA-style decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU, pre-norm residual blocks.
+"""A LLaMA-style decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU, pre-norm residual blocks;
+optionally Qwen3's QK-norm (RMSNorm of each head's queries and keys before RoPE).
 
 Architecture only. What kind of linear/embedding each projection is (whole, or a megatron-core tensor-parallel
 shard) is decided by the `LayerFactory` passed in; the numerics (RMSNorm, RoPE, SwiGLU, cross-entropy) go
@@ -78,7 +79,11 @@ def causal_mask(T: int, S: int, start_pos: int, device: torch.device) -> torch.T
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention: H query heads share K key/value heads (each TP rank holds H/tp and K/tp)."""
+    """Grouped-query self-attention: H query heads share K key/value heads (each TP rank holds H/tp and K/tp).
+
+    With `qk_norm` each head's query and key are RMS-normalised over hd before RoPE (Qwen3's QK-norm), one weight
+    of hd for all query heads and one for all key heads. It acts within a head, so a TP rank normalises the heads
+    it holds and both weights are whole (replicated) on every rank."""
 
     def __init__(self, args: ModelArgs, factory: LayerFactory, layer_id: int):
         super().__init__()
@@ -92,6 +97,10 @@ class Attention(nn.Module):
         self.wk = factory.column_linear(args.dim, args.kv_heads * args.head_dim)
         self.wv = factory.column_linear(args.dim, args.kv_heads * args.head_dim)
         self.wo = factory.row_linear(args.n_heads * args.head_dim, args.dim)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        self.qk_norm = args.qk_norm
 
     def forward(self, x: torch.Tensor, docs: Documents | None = None, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -101,6 +110,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, hd)
+        if self.qk_norm:  # q / rms(q) * g_q per head, the same for k: before RoPE, which preserves the norm
+            q, k = self.q_norm(q), self.k_norm(k)
 
         if start_pos + T > self.max_seq_len:
             raise ValueError(f"position {start_pos + T} is beyond model.max_seq_len={self.max_seq_len}")
@@ -168,9 +179,12 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """tokens (B, T) -> logits (B, T, V_local), or the mean next-token loss over B*T targets when they are given
-    (or, for evaluation, each target's log-probability and whether it was the most likely token)."""
+    (or, for evaluation, each target's log-probability and whether it was the most likely token).
 
-    def __init__(self, args: ModelArgs, factory: LayerFactory = REFERENCE, checkpointing: Checkpointing = "none"):
+    `z_loss`: the training loss's z-loss coefficient (`train.z_loss`; the head adds it in training mode only)."""
+
+    def __init__(self, args: ModelArgs, factory: LayerFactory = REFERENCE, checkpointing: Checkpointing = "none",
+                 z_loss: float = 0.0):
         super().__init__()
         if args.vocab_size is None:
             raise ValueError("ModelArgs.vocab_size is None: resolve it (and pad it) before building the model")
@@ -180,7 +194,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args, factory, i, checkpointing)
                                      for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = factory.vocab_head(args.dim, args.vocab_size)
+        self.output = factory.vocab_head(args.dim, args.vocab_size, z_loss)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 

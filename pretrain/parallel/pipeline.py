@@ -81,10 +81,10 @@ class PipeHead(nn.Module):
     head with the targets (DeepSpeed gives labels only to loss_fn): the loss is computed chunk by chunk inside the
     head and the (B, T, V) logits never exist (pretrain.kernels.linear_cross_entropy)."""
 
-    def __init__(self, args: ModelArgs, factory: LayerFactory):
+    def __init__(self, args: ModelArgs, factory: LayerFactory, z_loss: float = 0.0):
         super().__init__()
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = factory.vocab_head(args.dim, args.vocab_size)
+        self.output = factory.vocab_head(args.dim, args.vocab_size, z_loss)
 
     def forward(self, inputs: Activation) -> torch.Tensor:
         h, _ = _split(inputs)
@@ -92,8 +92,9 @@ class PipeHead(nn.Module):
 
 
 class PipeLoss:
-    """loss_fn(h, targets): the same mean token loss the reference model computes, by the last stage's head (or,
-    while `scores` is set, the per-target scores evaluation asks for: DeepSpeed hands labels to loss_fn only)."""
+    """loss_fn(h, targets): the same mean token loss the reference model computes, by the last stage's head (its
+    z-loss included, in training mode), or, while `scores` is set, the per-target scores evaluation asks for
+    (DeepSpeed hands labels to loss_fn only)."""
 
     def __init__(self):
         self.head: PipeHead | None = None  # set once the last stage has built its layers
@@ -107,14 +108,14 @@ class PipeLoss:
 
 
 def build_pipeline(args: ModelArgs, factory: LayerFactory, pp: int, tp: int, dp: int,
-                   checkpointing: Checkpointing = "none") -> PipelineModule:
+                   checkpointing: Checkpointing = "none", z_loss: float = 0.0) -> PipelineModule:
     if args.tie_embeddings:
         raise ValueError("tied embeddings across pipeline stages are not supported (config rejects it)")
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     _check_same_groups(topology)
     layers = [LayerSpec(PipeEmbedding, args, factory)]
     layers += [LayerSpec(PipeBlock, args, factory, i, checkpointing) for i in range(args.n_layers)]
-    layers += [LayerSpec(PipeHead, args, factory)]
+    layers += [LayerSpec(PipeHead, args, factory, z_loss)]
     loss = PipeLoss()
     module = PipelineModule(layers=layers, topology=topology, loss_fn=loss, partition_method="type:PipeBlock")
     loss.head = next((m for m in module.forward_funcs if isinstance(m, PipeHead)), None)  # None off the last stage

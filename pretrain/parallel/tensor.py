@@ -24,6 +24,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from pretrain import kernels
 from pretrain.model.layers import LayerFactory
 from pretrain.model.loss_chunks import bytes_per_logit
+from pretrain.model.transformer import Attention
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -66,7 +67,12 @@ class _Row(RowParallelLinear):
 class _VocabHead(_Column):
     """Column-parallel output head (logits split over the vocabulary). With targets it returns the mean loss,
     computed in token chunks (pretrain.kernels.linear_cross_entropy) with megatron-core's vocab-parallel softmax
-    per chunk: neither the whole (B, T, V/tp) logits nor the full vocabulary ever sit on one rank."""
+    per chunk: neither the whole (B, T, V/tp) logits nor the full vocabulary ever sit on one rank. z-loss as the
+    reference head (pretrain.model.layers.VocabHead): in training mode, every TP rank recording the same term."""
+
+    def __init__(self, *args, z_loss: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.z_loss = kernels.ZLoss(z_loss) if z_loss > 0 else None
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, scores: bool = False) -> torch.Tensor:
         if targets is None:
@@ -80,18 +86,21 @@ class _VocabHead(_Column):
             out = kernels.token_scores(h.flatten(0, 1), self.weight, rows.flatten(), VOCAB_PARALLEL, start,
                                        parallel_state.get_tensor_model_parallel_group()).view(*rows.shape, 2)
             return out.transpose(0, 1) if self.sequence_parallel else out
-        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, rows.flatten(), VOCAB_PARALLEL)
+        return kernels.linear_cross_entropy(h.flatten(0, 1), self.weight, rows.flatten(), VOCAB_PARALLEL,
+                                            z_loss=self.z_loss if self.training else None)
 
 
 class VocabParallelChunkLoss:
     """One chunk's loss rows and logits' gradient over this rank's vocab slice, by megatron-core's own steps of
     its vocab-parallel cross-entropy (the max, the target's logit and the sum of exponentials all-reduced over
-    the tensor-parallel group), with the gradient taken in the same call (pretrain.kernels.linear_cross_entropy)."""
+    the tensor-parallel group), with the gradient taken in the same call (pretrain.kernels.linear_cross_entropy).
+    The log-sum-exp over the whole vocabulary is log(sum of exponentials) + max, both already reduced: z-loss
+    needs no collective more, and scales this rank's softmax slice by 1 + 2 * z_loss * lse."""
 
     def bytes_per_logit(self, dtype: torch.dtype) -> int:
         return bytes_per_logit(dtype.itemsize, in_place=False)  # megatron's fp32 copy + the cast gradient
 
-    def __call__(self, logits, targets, grad_scale):
+    def __call__(self, logits, targets, grad_scale, z_loss=0.0):
         group = parallel_state.get_tensor_model_parallel_group()
         start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
         ce = VocabParallelCrossEntropy
@@ -101,12 +110,15 @@ class VocabParallelChunkLoss:
             logits32, targets, logits_max, start, start + logits.shape[-1])
         torch.distributed.all_reduce(predicted, group=group)
         torch.distributed.all_reduce(sum_exp, group=group)
+        lse = sum_exp.log() + logits_max  # over the whole vocabulary: both pieces were reduced over TP
         softmax, loss = ce.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
         if grad_scale is None:
-            return loss, None
+            return loss, lse, None
+        if z_loss:
+            softmax.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(-1))  # + 2 z_loss lse softmax: z-loss's gradient
         grad_2d, rows, update, grad = ce.prepare_gradient_calculation_operands(softmax, target_mask)
         grad = ce.calculate_gradients(grad_2d, rows, masked_target, update, grad, grad_scale)
-        return loss, grad.to(logits.dtype)
+        return loss, lse, grad.to(logits.dtype)
 
 
 VOCAB_PARALLEL = VocabParallelChunkLoss()
@@ -157,8 +169,9 @@ class TensorParallelFactory(LayerFactory):
         return _Embedding(vocab_size, dim, config=self.config, init_method=_no_init,
                           reduce_scatter_embeddings=self.sequence_parallel)
 
-    def vocab_head(self, dim, vocab_size):
-        return _VocabHead(dim, vocab_size, config=self.config, init_method=_no_init, bias=False, gather_output=False)
+    def vocab_head(self, dim, vocab_size, z_loss=0.0):
+        return _VocabHead(dim, vocab_size, config=self.config, init_method=_no_init, bias=False, gather_output=False,
+                          z_loss=z_loss)
 
     def full_logits(self, logits):
         """The vocab shards joined (decoding, no gradient). megatron-core's gather_from_tensor_model_parallel_region
@@ -171,10 +184,16 @@ class TensorParallelFactory(LayerFactory):
         return torch.cat(shards, dim=-1)
 
 
-def all_reduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
-    """Under sequence parallelism each TP rank sees T/tp tokens, so the replicated parameters (RMSNorm weights)
-    get partial gradients; megatron-core sums them in its own DDP, which we do not use (DeepSpeed is our DDP).
-    A gradient hook sums them over the TP group as soon as they are computed, before DeepSpeed reduces over DP."""
+def all_reduce_partial_grads(model: torch.nn.Module, sequence_parallel: bool) -> None:
+    """Replicated parameters (whole on every TP rank) of which each TP rank computes only part of the gradient:
+    - the QK-norm weights (`model.qk_norm`): shared by all heads, but a rank normalises only its own H/tp query
+      and K/tp key heads, so its gradient is its heads' share (transformers' Qwen3 TP plan calls them
+      "replicated_with_grad_allreduce");
+    - under sequence parallelism every replicated parameter (the RMSNorm weights): a rank sees T/tp tokens (the
+      QK-norm weights are among them then: each parameter is summed once, which covers both).
+    megatron-core sums such gradients in its own DDP, which we do not use (DeepSpeed is our DDP). A gradient hook
+    sums them over the TP group as soon as they are computed, before DeepSpeed reduces over DP; the sum is the same
+    on every TP rank, which the grad norm's count of replicated parameters (on TP rank 0 only) assumes."""
     group = parallel_state.get_tensor_model_parallel_group()
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -182,6 +201,10 @@ def all_reduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
         torch.distributed.all_reduce(grad, group=group)
         return grad
 
+    head_norms = {id(m.q_norm.weight) for m in model.modules() if isinstance(m, Attention) and m.qk_norm}
+    head_norms |= {id(m.k_norm.weight) for m in model.modules() if isinstance(m, Attention) and m.qk_norm}
     for param in model.parameters():
-        if not getattr(param, "tensor_model_parallel", False):
+        if getattr(param, "tensor_model_parallel", False):
+            continue
+        if sequence_parallel or id(param) in head_norms:
             param.register_hook(hook)

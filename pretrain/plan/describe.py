@@ -15,7 +15,9 @@ tokens of a micro-batch, D dim, F FFN width, H/K query/key-value heads, hd head 
   the output (a) the linears save: 2a*S*D + 4*S.
 - attention: q after RoPE (H heads), k and v (K heads: SDPA's enable_gqa, on CUDA's flash kernel and PyTorch's
   CPU one alike), the output (H heads), a*S*hd bytes per head each, and the log-sum-exp (4*S per query head).
-  RoPE saves only its cos/sin table (persistent, not counted).
+  RoPE saves only its cos/sin table (persistent, not counted). With `model.qk_norm` the query and key norms (H + K
+  heads of hd) save what RMSNorm saves (below), per head 1/rms (4*S), their outputs going to RoPE, which keeps
+  none of them.
 - SwiGLU, eager: silu's input, silu's output, the up projection, and the product w2 reads: 4a*S*F. Fused: the
   gate and up projections and the product: 3a*S*F.
 - recompute `selective` (op-level, pretrain/model/recompute.py): the block input (a*S*D) and the outputs of the
@@ -102,6 +104,8 @@ def block_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, recompute
     norm_out = S * D * a / seq
     attn_in, mlp_in = norm_out * (3 if sp else 1), norm_out * (2 if sp else 1)
     attention = S * hd * a * (2 * H + 2 * K) + 4 * S * H + (S * D / tp * a if sp else 0)
+    if args.qk_norm:  # RMSNorm of each head's q and k (whole sequence: attention is never split along T)
+        attention += S * (H + K) * (hd * (a if k.fused else 4 + a) + 4)
     mlp = S * F / tp * a * (3 if k.fused else 4)
     block_input = S * D * a / seq
     attention_sub_block = norm + attn_in + attention
@@ -266,7 +270,8 @@ def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: s
         f"batch: micro {lay.micro_batch_size} x accum {lay.grad_accum} x dp {lay.dp} = {lay.global_batch} "
         f"sequences = {lay.global_batch * T:,} tokens per step",
         f"model: {cfg.model.flavor} dim={args.dim} layers={args.n_layers} heads={args.n_heads}/{args.kv_heads} "
-        f"ffn={args.hidden_dim} vocab={lay.padded_vocab_size} (padded) params={e.params:,} ({e.params / 1e9:.3f} B)",
+        f"ffn={args.hidden_dim}{' qk_norm' if args.qk_norm else ''} vocab={lay.padded_vocab_size} (padded) "
+        f"params={e.params:,} ({e.params / 1e9:.3f} B)",
         f"per-rank memory estimate: weights {size_text(e.weights)}, grads {size_text(e.grads)}, optimizer "
         f"{size_text(e.optimizer)}, activations ~{size_text(e.activations)} saved + {size_text(e.transient)} in backward"
         f"{' + ' + size_text(e.buffers) + ' pipeline buffers' if e.buffers else ''} (recompute "

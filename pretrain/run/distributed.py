@@ -72,6 +72,13 @@ class DistEnv:
         dist.all_reduce(t)
         return tuple(t.tolist())
 
+    def sums_of(self, values: torch.Tensor) -> list[float]:
+        """Collective: each element of a 1-D tensor on any device summed over all ranks; one all-reduce (fp64) and
+        one host read, as `all_reduce_sum` for a one-element tensor."""
+        t = values.detach().reshape(-1).to(device=self._comm_device, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
     def any_of(self, *flags: bool) -> tuple[bool, ...]:
         """Collective: each flag, True on every rank when it is True on any; one all-reduce for all of them (the
         loop's per-step agreement on a stop and on a spike costs what the stop alone did)."""

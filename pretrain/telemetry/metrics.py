@@ -64,6 +64,8 @@ class StepRecord:
     tflops: float          # model TFLOP/s per device
     mfu: float | None      # None where the peak is unknown (CPU)
     peak_mem_gib: float
+    z_loss: float | None = None        # train.z_loss: mean over tokens of coefficient x log(Z)^2, the term trained
+                                       # on beside `loss` (the cross-entropy): the objective is loss + z_loss
     val_loss: float | None = None
     val_ppl: float | None = None
     val_bpb: float | None = None       # held-out bits per byte: comparable across tokenizers
@@ -103,6 +105,7 @@ class StepRecord:
         val = f" | val_loss {self.val_loss:.4f} ppl {self.val_ppl:.2f}" if self.val_loss is not None else ""
         val += f" bpb {self.val_bpb:.4f}" if self.val_bpb is not None else ""
         skip = " (skipped: non-finite)" if self.skipped else ""
+        skip += f" | z_loss {self.z_loss:.3e}" if self.z_loss is not None else ""
         eta = f" | eta {_duration(self.eta_s)}" if self.eta_s is not None else ""
         return (f"step {self.step} | loss {self.loss:.4f}{skip} | lr {self.lr:.3e} | grad_norm {self.grad_norm:.3f}"
                 f" | {self.tokens_per_s:,.0f} tok/s | {self.tflops:.3g} TFLOP/s{mfu} | mem {self.peak_mem_gib:.2f} GiB"

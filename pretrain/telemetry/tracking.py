@@ -42,10 +42,11 @@ _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 # "Machine learning" choice writes (MLflow 3.x's UI enum of experiment kinds; no Python constant exists).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_ML = "mlflow.experimentKind", "custom_model_development"
 # The per-step values sent to MLflow, under metrics.jsonl's names.
-STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "val_loss", "val_ppl",
-                "val_bpb", "skipped", "tokens", "step_time_s", "data_wait_s", "mem_allocated_gib", "mem_reserved_gib",
-                "eta_s", "loss_z", "grad_norm_z", "rollbacks", "straggler_rank", "straggler_ratio", "compute_median_s",
-                "ckpt_step", "ckpt_pause_s", "ckpt_save_s", "ckpt_bytes", "ckpt_gbps", "ckpt_load_s")
+STEP_METRICS = ("loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gib", "val_loss",
+                "val_ppl", "val_bpb", "skipped", "tokens", "step_time_s", "data_wait_s", "mem_allocated_gib",
+                "mem_reserved_gib", "eta_s", "loss_z", "grad_norm_z", "rollbacks", "straggler_rank", "straggler_ratio",
+                "compute_median_s", "ckpt_step", "ckpt_pause_s", "ckpt_save_s", "ckpt_bytes", "ckpt_gbps",
+                "ckpt_load_s")
 HTTP_TIMEOUT_S = "10"  # per MLflow request (MLFLOW_HTTP_REQUEST_TIMEOUT); set in the environment to change
 RETRY_MAX_S = 30.0  # the longest wait between two attempts while the server is away
 CLOSE_WAIT_S = 30.0  # how long the end of a run waits for the queue to drain before leaving it to a backfill

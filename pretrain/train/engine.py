@@ -8,6 +8,11 @@ mean over its B*T next-token targets; DeepSpeed divides each micro-batch's loss 
 averages gradients over the data-parallel group. All micro-batches hold the same number of tokens (packed, fixed
 length, no ignored targets), so this equals the mean over every token of the global batch, and it is what the
 single-process reference computes on the whole global batch at once.
+
+With `train.z_loss` the model's forward (in training mode) returns cross-entropy + z-loss, the objective the
+gradient is of; the head records the z-loss term of each micro-batch, and the step reports both apart:
+`StepResult.loss` is the cross-entropy (the objective less the term; what validation, the spike detector and runs
+without z-loss measure) and `StepResult.z_loss` the term, averaged like the loss, in the same one collective.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from pretrain.parallel.fp8 import convert_to_fp8
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
 from pretrain.parallel.pipeline import build_pipeline, pipeline_input, reference_name
-from pretrain.parallel.tensor import TensorParallelFactory, all_reduce_sequence_parallel_grads, model_parallel_config
+from pretrain.parallel.tensor import TensorParallelFactory, all_reduce_partial_grads, model_parallel_config
 from pretrain.run.distributed import DistEnv
 from pretrain.run.paths import MODEL_DIR
 from pretrain.run.progress import progress
@@ -57,6 +62,7 @@ class StepResult:
     skipped: bool  # non-finite loss or gradient: no weight or optimizer-state change
     data_wait_s: float = 0.0  # this rank's wait for its micro-batches from the loader
     compute_s: float | None = None  # measured steps only: this rank's step time less its DeepSpeed collectives
+    z_loss: float | None = None  # train.z_loss: the mean z-loss term, trained on beside `loss` (None when off)
 
 
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
@@ -107,6 +113,7 @@ class Engine:
         self.global_step = 0
         self._loss_scale = 1.0  # fault injection: set to nan for one step by inject_nonfinite()
         self.slow_s = 0.0  # fault injection: seconds every step of this rank spends before its first forward
+        self.z_loss = _head_z_loss(ds_engine.module, self.pipeline)  # None off the last stage or without z-loss
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -150,9 +157,9 @@ class Engine:
         if self.slow_s:
             time.sleep(self.slow_s)
         if self.pipeline:
-            loss = self._train_pipeline(micro)
+            loss, z_loss = self._train_pipeline(micro)
         else:
-            loss = self._train_plain(micro)
+            loss, z_loss = self._train_plain(micro)
         self._loss_scale = 1.0
         skipped = self.ds.skipped_steps > skipped_before
         if not math.isfinite(loss) and not skipped:
@@ -161,9 +168,9 @@ class Engine:
         norm = float("nan") if norm is None else float(norm)
         self.global_step += 1
         return StepResult(loss=loss, grad_norm=norm if not skipped else float("inf"), lr=lr, skipped=skipped,
-                          data_wait_s=waited)
+                          data_wait_s=waited, z_loss=z_loss)
 
-    def _train_plain(self, micro: list[Batch]) -> float:
+    def _train_plain(self, micro: list[Batch]) -> tuple[float, float | None]:
         total = torch.zeros((), dtype=torch.float32, device=self.env.device)
         for batch in micro:
             inputs, targets, docs = self.split(batch)
@@ -173,17 +180,26 @@ class Engine:
             total += loss.detach().float()  # summed on the device: no host read per micro-batch
         # Mean over micro-batches, then over all ranks (TP/PP replicas hold the same value, so this is the DP mean):
         # one collective and one host read per step.
-        return self.env.all_reduce_sum(total / len(micro)) / self.env.world_size
+        if self.cfg.train.z_loss == 0:
+            return self.env.all_reduce_sum(total / len(micro)) / self.env.world_size, None
+        z = self.z_loss.take()  # the micro-batches' z-loss terms, summed on the device
+        loss, z = self.env.sums_of(torch.stack([total - z, z]) / len(micro))
+        return loss / self.env.world_size, z / self.env.world_size
 
-    def _train_pipeline(self, micro: list[Batch]) -> float:
+    def _train_pipeline(self, micro: list[Batch]) -> tuple[float, float | None]:
         self.ds.module.loss_fn.scale = self._loss_scale
         feed = []
         for batch in micro:
             inputs, targets, docs = self.split(batch)
             feed.append((pipeline_input(inputs, docs), targets))
-        loss = self.ds.train_batch(iter(feed))  # mean over micro-batches and DP, broadcast to every stage
+        loss = float(self.ds.train_batch(iter(feed)))  # mean over micro-batches and DP, broadcast to every stage
         self.ds.module.loss_fn.scale = 1.0
-        return float(loss)
+        if self.cfg.train.z_loss == 0:
+            return loss, None
+        # The z-loss term lives on the last stage, the same on its TP ranks: its DP mean, to every rank.
+        z = self.z_loss.take() / len(micro) if self.z_loss is not None else 0.0
+        z = self.env.all_reduce_sum(z) / (self.env.layout.tp * self.env.layout.dp)
+        return loss - z, z
 
     @torch.no_grad()
     def eval_step(self, batch_iter: Iterator[Batch]) -> float:
@@ -304,11 +320,11 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
     weights = init.tensor if init is not None else None
     rename = _to_reference(args, lay.pp > 1)
     if lay.pp > 1:
-        module = build_pipeline(args, factory, lay.pp, lay.tp, lay.dp, ckpt)
+        module = build_pipeline(args, factory, lay.pp, lay.tp, lay.dp, ckpt, cfg.train.z_loss)
         init_model(module, args, cfg.train.seed, env.tp_rank, rename=rename, weights=weights)
         mpu = None  # the pipeline engine uses the PipelineModule's own grid (same groups, checked)
     else:
-        module = Transformer(args, factory, ckpt)
+        module = Transformer(args, factory, ckpt, cfg.train.z_loss)
         init_model(module, args, cfg.train.seed, env.tp_rank, weights=weights)
         mpu = MegatronMpu()
     if cfg.train.fp8 != "none":  # checked by init_distributed: CUDA with FP8 tensor cores, torchao, tp = 1
@@ -316,9 +332,8 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
         convert_to_fp8(module, cfg.train.fp8)
     if cfg.model.compile:
         compile_blocks(module)
-    if factory.sequence_parallel:
-
-        all_reduce_sequence_parallel_grads(module)
+    if factory.tp > 1:  # QK-norm weights see this rank's heads, and under SP every norm this rank's tokens
+        all_reduce_partial_grads(module, factory.sequence_parallel)
 
     o = cfg.optim
     own_clipping = not _deepspeed_clips(cfg)
@@ -336,6 +351,12 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
     if init is not None and run.dtype == "bf16":
         _exact_masters(ds_engine, from_weights(init.tensor, args, cfg.train.seed), args, env.tp_rank, rename)
     return Engine(cfg, env, ds_engine, run)
+
+
+def _head_z_loss(module: torch.nn.Module, pipeline: bool) -> kernels.ZLoss | None:
+    """Where this rank's output head records its z-loss terms: None without z-loss and off the last stage."""
+    head = module.loss_fn.head if pipeline else module  # a PipeHead (None off the last stage), or the Transformer
+    return head.output.z_loss if head is not None else None
 
 
 def compile_blocks(module: torch.nn.Module) -> None:

@@ -1,5 +1,6 @@
-"""The test oracle for Hugging Face import/export: transformers' own LlamaForCausalLM, built from a config here
-and saved by transformers itself (never a hub download), with a small BPE tokenizer saved the transformers way."""
+"""The test oracle for Hugging Face import/export: transformers' own LlamaForCausalLM (or Qwen3ForCausalLM), built
+from a config here and saved by transformers itself (never a hub download), with a small BPE tokenizer saved the
+transformers way."""
 from __future__ import annotations
 
 import json
@@ -12,13 +13,16 @@ WORDS = ("the a model data token train loss step rank shard layer head query key
          "sequence learning rate warm cosine decay checkpoint resume signal metric run tensor pipeline").split()
 
 
-def hf_config(*, gqa: bool = True, tied: bool = False):
+def hf_config(*, gqa: bool = True, tied: bool = False, qwen3: bool = False):
+    """A LlamaConfig, or with `qwen3` the same shape as a Qwen3Config (QK-norm; head_dim written out)."""
     import transformers
 
-    return transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2 if gqa else 4, max_position_embeddings=96, rope_theta=50000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2 if gqa else 4, max_position_embeddings=96, rope_theta=50000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if qwen3:
+        return transformers.Qwen3Config(**shape, head_dim=16)
+    return transformers.LlamaConfig(**shape)
 
 
 def save_tokenizer(out: Path) -> None:
@@ -38,13 +42,15 @@ def save_tokenizer(out: Path) -> None:
 
 
 def make_hf_model(out: Path, *, gqa: bool = True, tied: bool = False, shard_size: str | None = None,
-                  seed: int = 0, tokenizer: bool = True):
-    """A random LlamaForCausalLM saved to `out` (sharded when `shard_size` is given). RMSNorm weights are made
-    random too (transformers starts them at one), so a norm mapped to the wrong place cannot go unnoticed."""
+                  seed: int = 0, tokenizer: bool = True, qwen3: bool = False):
+    """A random LlamaForCausalLM (Qwen3ForCausalLM with `qwen3`) saved to `out` (sharded when `shard_size` is
+    given). RMSNorm weights are made random too (transformers starts them at one), so a norm mapped to the wrong
+    place cannot go unnoticed."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(hf_config(gqa=gqa, tied=tied)).eval()
+    cls = transformers.Qwen3ForCausalLM if qwen3 else transformers.LlamaForCausalLM
+    model = cls(hf_config(gqa=gqa, tied=tied, qwen3=qwen3)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -1,5 +1,6 @@
 """Export and generate from any committed step (not only the final one) straight from DeepSpeed's files, with
-fp32 master weights; and `pretrain train` started from an imported Hugging Face model on a pipeline layout."""
+fp32 master weights; and `pretrain train` started from an imported Hugging Face model on a pipeline layout (and an
+imported Qwen3, a QK-norm model, on a tensor-parallel one)."""
 from __future__ import annotations
 
 import json
@@ -82,19 +83,24 @@ def test_any_step_exports_fp32_master_weights_and_bf16_by_default(tmp_path):
         assert torch.equal(again[hf_name(name)], reader.tensor(name)), name
 
 
-def test_train_from_imported_model_on_a_pipeline_layout(tmp_path):
+@pytest.mark.parametrize("kind", ["llama_pp2", "qwen3_tp2"])
+def test_train_from_imported_model_on_a_pipeline_or_tensor_parallel_layout(tmp_path, kind):
     """import-hf -> `pretrain train` with model.init_from on PP=2 x ZeRO-1 (2 ranks), one step at lr 1e-30 (the
     weights cannot move in fp32) -> export-hf of that step: transformers' original tensors come back exactly,
-    inside a vocabulary padded from 300 to 384 rows."""
-    make_hf_model(tmp_path / "hf")
+    inside a vocabulary padded from 300 to 384 rows. A Qwen3 (model.qk_norm) the same way on TP=2 x ZeRO-1: its
+    q_norm / k_norm weights are whole on both TP ranks, read back from the TP-sharded checkpoint as they are."""
+    qwen3 = kind == "qwen3_tp2"
+    make_hf_model(tmp_path / "hf", qwen3=qwen3)
     assert cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
     shards = oracle_shards(tmp_path / "data", tmp_path / "ckpt" / "tokenizer")
     sets = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_dim=96",
             "model.norm_eps=1e-6", "model.rope_theta=50000.0", "model.vocab_size=300",
             f"model.init_from={tmp_path / 'ckpt'}", f"data.path={shards}", "data.val_path=null",
             "train.eval_every=0", "train.seq_len=16", "train.micro_batch_size=1", "train.grad_accum=2",
-            "train.max_steps=1", "optim.lr=1e-30", "parallel.pp=2", "parallel.zero_stage=1",
+            "train.max_steps=1", "optim.lr=1e-30", "parallel.zero_stage=1",
             "tracking.enabled=false", f"checkpoint.dir={tmp_path / 'run'}", "train.device=cpu"]
+    sets += ["model.qk_norm=true", "parallel.tp=2"] if qwen3 else ["parallel.pp=2"]
+    padded = 512 if qwen3 else 384  # 128 x tp
     proc = torchrun(2, ["-m", "pretrain", "train", "--config", str(REPO / "configs" / "debug.yaml"),
                         *[x for kv in sets for x in ("--set", kv)]], timeout=600)
     assert f"starting from {tmp_path / 'ckpt'} (weights only) at step 0" in proc.stderr
@@ -102,11 +108,14 @@ def test_train_from_imported_model_on_a_pipeline_layout(tmp_path):
                 "--dtype", "fp32"]) == 0
     before, after = saved_tensors(tmp_path / "hf"), saved_tensors(tmp_path / "out")
     assert sorted(before) == sorted(after)
+    assert ("model.layers.1.self_attn.q_norm.weight" in after) == qwen3
     for name, t in before.items():
         got = after[name]
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            assert got.shape[0] == 384  # the layout's padded vocabulary
+            assert got.shape[0] == padded  # the layout's padded vocabulary
             got = got[:VOCAB]
         assert torch.equal(got, t), name
     gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
-    assert gen["suppress_tokens"] == list(range(280, 384))  # the tokenizer's 280 ids are the only ones sampled
+    assert gen["suppress_tokens"] == list(range(280, padded))  # the tokenizer's 280 ids are the only ones sampled
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == ("qwen3" if qwen3 else "llama")

@@ -69,6 +69,37 @@ def test_export_of_import_reproduces_the_tensors_bit_for_bit(tmp_path, gqa, tied
     assert tok.eos_token == "</s>"
 
 
+def test_qwen3_imports_as_a_qk_norm_model_with_transformers_logits(tmp_path):
+    """A Qwen3ForCausalLM directory imports as model.qk_norm (q_norm / k_norm by their Qwen3 names): our model built
+    from the imported weights computes transformers' logits (fp32), and exporting it again gives back a Qwen3
+    with the very same tensors."""
+    from pretrain.model import Transformer, init_model
+
+    hf = make_hf_model(tmp_path / "hf", qwen3=True, shard_size="60KB")
+    assert cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    imported = ImportedWeights(tmp_path / "ckpt")
+    args = imported.run.model
+    assert args.qk_norm and args.head_dim == 16 and "layers.1.attention.q_norm.weight" in imported.names()
+    model = Transformer(args)
+    init_model(model, args, seed=0, weights=imported.tensor)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+
+    assert cli(["export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "again")]) == 0
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"]
+    before, after = saved_tensors(tmp_path / "hf"), saved_tensors(tmp_path / "again")
+    assert sorted(after) == sorted(before) and "model.layers.0.self_attn.k_norm.weight" in after
+    for name, t in before.items():
+        assert torch.equal(after[name], t), name
+
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "use_sliding_window": True}))
+    p = pretrain("import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt2"))
+    assert p.returncode == 2 and "use_sliding_window=true" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
 def test_imported_checkpoint_records_the_resolved_shape_and_tokenizer(tmp_path):
     make_hf_model(tmp_path / "hf")
     assert cli(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0

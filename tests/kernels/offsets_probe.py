@@ -57,7 +57,7 @@ def main(scratch: Path) -> dict[str, float]:
     # cross-entropy: loss rows and the gradient written in place (the chunked head), and the standalone backward
     t = torch.tensor([1, 5, 9])
     x, loss, lse, scale = far.view(x0), torch.empty(ROWS), torch.empty(ROWS), torch.full((ROWS,), 0.5)
-    ce._ce_fwd[(ROWS,)](x, t, loss, lse, x, scale, STRIDE, STRIDE, WIDTH, -100, BLOCK_V=16, WRITE_GRAD=True)
+    ce._ce_fwd[(ROWS,)](x, t, loss, lse, x, scale, STRIDE, STRIDE, WIDTH, -100, 0.0, BLOCK_V=16, WRITE_GRAD=True)
     want_grad = (torch.softmax(x0, -1) - F.one_hot(t, WIDTH)) * 0.5
     out["cross_entropy_fwd"] = max(_diff(loss, F.cross_entropy(x0, t, reduction="none")), _diff(x, want_grad))
     x, dx, one = far.view(x0), far.view(), torch.ones(1)

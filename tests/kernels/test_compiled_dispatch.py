@@ -33,13 +33,13 @@ def _stand_ins(calls: list[str]) -> dict[str, SimpleNamespace]:
             "cross_entropy": SimpleNamespace()}
 
 
-@pytest.mark.parametrize("mode", ["none", "selective"])
-def test_a_block_with_fused_dispatch_compiles_without_graph_breaks(monkeypatch, mode):
+@pytest.mark.parametrize("mode,qk_norm", [("none", False), ("selective", False), ("selective", True)])
+def test_a_block_with_fused_dispatch_compiles_without_graph_breaks(monkeypatch, mode, qk_norm):
     calls: list[str] = []
     monkeypatch.setattr(kernels, "_KERNELS", _stand_ins(calls))
     monkeypatch.setattr(kernels, "_FUSED_DEVICE", "cpu")
     torch._dynamo.reset()
-    block = TransformerBlock(ARGS, REFERENCE, 0, mode)
+    block = TransformerBlock(ARGS.replace(qk_norm=qk_norm), REFERENCE, 0, mode)
     x = torch.randn(2, 16, ARGS.dim, requires_grad=True)
     block(x)
     assert {"rmsnorm", "rope", "swiglu"} <= set(calls), calls  # the fused path is the one taken
@@ -60,14 +60,41 @@ def test_switching_fused_kernels_on_imports_them_once_outside_the_ops():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["none", "selective"])
-def test_a_block_with_the_triton_kernels_compiles_without_graph_breaks_on_cuda(mode):
+@pytest.mark.parametrize("mode,qk_norm", [("none", False), ("selective", False), ("selective", True)])
+def test_a_block_with_the_triton_kernels_compiles_without_graph_breaks_on_cuda(mode, qk_norm):
     kernels.use_fused(True)
     try:
         torch._dynamo.reset()
-        block = TransformerBlock(ARGS, REFERENCE, 0, mode).cuda().to(torch.bfloat16)
+        block = TransformerBlock(ARGS.replace(qk_norm=qk_norm), REFERENCE, 0, mode).cuda().to(torch.bfloat16)
         x = torch.randn(2, 16, ARGS.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         explained = torch._dynamo.explain(block)(x)
     finally:
         kernels.use_fused(False)
     assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+
+
+@pytest.mark.slow  # inductor compiles the block's forward and backward on CPU: 4-13 s
+def test_a_compiled_qk_norm_block_computes_the_eager_block():
+    """model.compile with model.qk_norm: the block torch.compile'd (inductor, CPU) gives the eager block's output
+    and every gradient, the QK-norm weights' included."""
+    torch._dynamo.reset()
+    args = ARGS.replace(qk_norm=True)
+    eager = TransformerBlock(args, REFERENCE, 0, "selective")
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1 + (p.ndim == 1))
+    compiled = TransformerBlock(args, REFERENCE, 0, "selective")
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    x = torch.randn(2, 16, args.dim)
+    outs = []
+    for block in (eager, compiled):
+        xi = x.clone().requires_grad_()
+        y = block(xi)
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad, {n: p.grad for n, p in block.named_parameters()}))
+    (y0, dx0, g0), (y1, dx1, g1) = outs
+    assert "attention.q_norm.weight" in g1
+    # Relative to the largest entry: inductor fuses and reorders fp32 sums (seen: <= 1.5e-6 of it).
+    for name, got, want in [("output", y1, y0), ("input grad", dx1, dx0), *((n, g1[n], g) for n, g in g0.items())]:
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), name

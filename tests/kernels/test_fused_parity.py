@@ -82,6 +82,31 @@ def test_cross_entropy(device, dtype, tol):
                    lambda a, t: ref.cross_entropy(a, t).reshape(1), logits, targets, tol=tol)
 
 
+@pytest.mark.parametrize("z_loss", [0.0, 0.05], ids=["plain", "z_loss"])
+@pytest.mark.parametrize("device,dtype,tol", CASES)
+def test_chunk_loss_rows_lse_and_gradient_with_z_loss(device, dtype, tol, z_loss):
+    """The chunked head's Triton ChunkLoss against the eager one, and both against autograd through
+    cross_entropy + z_loss * logsumexp^2: loss rows (plain cross-entropy), lse rows, and the gradient over the
+    logits of the scaled rows with z-loss (softmax * (1 + 2 z_loss lse) - onehot), written in place."""
+    from pretrain.kernels.linear_cross_entropy import EAGER
+
+    torch.manual_seed(0)
+    N, V = 12, 5000  # V > one vocab block: the online log-sum-exp across blocks, the gradient pass per block
+    logits = (torch.randn(N, V, device=device) * 4).to(dtype)
+    targets = torch.randint(0, V, (N,), device=device)
+    scale = torch.rand(N, device=device)
+    leaf = logits.detach().float().requires_grad_()
+    lse = torch.logsumexp(leaf, dim=-1)
+    rows = torch.nn.functional.cross_entropy(leaf, targets, reduction="none")
+    ((rows + z_loss * lse * lse) * scale).sum().backward()
+    for chunk_loss in (triton_cross_entropy.chunk_loss, EAGER):
+        got_rows, got_lse, grad = chunk_loss(logits.clone(), targets, scale, z_loss)
+        torch.testing.assert_close(got_rows, rows.detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(got_lse, lse.detach(), rtol=tol, atol=tol)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.float(), leaf.grad, rtol=tol, atol=tol * float(leaf.grad.abs().max()))
+
+
 @pytest.mark.gpu
 def test_model_uses_fused_kernels_on_cuda_and_matches_eager():
     """The dispatch point: a debug model's loss and grads with fused kernels on == off (fp32, CUDA)."""

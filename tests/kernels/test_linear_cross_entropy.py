@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain import kernels
-from pretrain.kernels.linear_cross_entropy import EAGER, linear_cross_entropy
+from pretrain.kernels.linear_cross_entropy import EAGER, ZLoss, linear_cross_entropy
 from pretrain.model import FLAVORS, Transformer, init_model
 
 
@@ -34,10 +34,14 @@ CHUNK_LOSSES = [
 ]
 
 
-def _reference(h, w, t):
-    """Whole logits, fp32 loss (what the head computed before it ran in chunks)."""
+def _reference(h, w, t, z_loss=0.0):
+    """Whole logits, fp32 loss (what the head computed before it ran in chunks); with `z_loss`, autograd through
+    cross_entropy + z_loss * logsumexp^2, averaged over the same (non-ignored) targets."""
     h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
-    loss = F.cross_entropy((h @ w.t()).float(), t, ignore_index=-100)
+    logits = (h @ w.t()).float()
+    loss = F.cross_entropy(logits, t, ignore_index=-100)
+    if z_loss:
+        loss = loss + z_loss * torch.logsumexp(logits, dim=-1)[t != -100].pow(2).mean()
     loss.backward()
     return loss.detach(), h.grad, w.grad
 
@@ -59,6 +63,57 @@ def test_loss_and_grads_equal_the_whole_logits_reference(make, device, dtype, to
     for got, want in ((hc.grad, ref_dh), (wc.grad, ref_dw)):
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), 3 * want.float(), rtol=tol, atol=tol * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+@pytest.mark.parametrize("make, device, dtype, tol", CHUNK_LOSSES)
+def test_z_loss_adds_coef_times_lse_squared_to_the_loss_and_its_gradient(make, device, dtype, tol, chunk):
+    """train.z_loss on every chunk loss: the loss and both gradients are autograd's through cross_entropy +
+    coef * logsumexp^2, and the term the head records (the z_loss metric) is coef * mean(lse^2) over the targets."""
+    torch.manual_seed(0)
+    N, D, V, coef = 45, 32, 2500, 0.05
+    h = (torch.randn(N, D, device=device) * 0.5).to(dtype)
+    w = (torch.randn(V, D, device=device) * 0.5).to(dtype)
+    t = torch.randint(0, V, (N,), device=device)
+    t[[4, 20]] = -100
+    ref_loss, ref_dh, ref_dw = _reference(h, w, t, coef)
+    plain = _reference(h, w, t)[0]
+    assert float(ref_loss - plain) > 0.1  # the term is not lost in the tolerance
+    hc, wc = h.detach().requires_grad_(), w.detach().requires_grad_()
+    z = ZLoss(coef)
+    loss = linear_cross_entropy(hc, wc, t, make(), chunk=chunk, z_loss=z)
+    (loss * 3).backward()
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=tol, atol=tol)
+    for got, want in ((hc.grad, ref_dh), (wc.grad, ref_dw)):
+        torch.testing.assert_close(got.float(), 3 * want.float(), rtol=tol, atol=tol * float(want.abs().max()))
+    term = z.take()
+    assert not term.requires_grad and z.take() is None  # taken once
+    torch.testing.assert_close(term.float(), (ref_loss - plain).float(), rtol=tol, atol=tol)
+
+
+def test_model_adds_z_loss_in_training_only_and_never_to_scores():
+    """train.z_loss in the model: training mode's loss is the cross-entropy + coef * mean(lse^2) (recorded by the
+    head, once per forward); eval mode's (validation, the spike look-ahead) is the plain cross-entropy, and the
+    evaluation scores stay plain log-probabilities."""
+    args = FLAVORS["debug"].replace(vocab_size=384)
+    tokens = torch.randint(0, 384, (2, 21), generator=torch.Generator().manual_seed(0))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    model = Transformer(args, z_loss=0.01)
+    init_model(model, args, seed=3)
+    with torch.no_grad():
+        logits = model(inputs).flatten(0, 1)
+    ce = F.cross_entropy(logits, targets.flatten())
+    z = 0.01 * torch.logsumexp(logits, dim=-1).pow(2).mean()
+    loss = model(inputs, targets)
+    torch.testing.assert_close(loss.detach(), ce + z)
+    torch.testing.assert_close(model.output.z_loss.take(), z)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs, targets), ce)
+        scores = model(inputs, targets, scores=True)
+    assert model.output.z_loss.take() is None
+    log_p = torch.log_softmax(logits, dim=-1).gather(1, targets.flatten()[:, None]).squeeze(1)
+    torch.testing.assert_close(scores[..., 0].flatten(), log_p, rtol=1e-5, atol=1e-5)
 
 
 def test_no_grad_gives_the_loss_and_computes_no_gradient():

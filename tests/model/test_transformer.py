@@ -17,19 +17,68 @@ def build(seed: int = 0, **changes) -> Transformer:
     return model
 
 
-def test_parameter_count_matches_args():
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qk_norm"])
+def test_parameter_count_matches_args(qk_norm):
     for tie in (False, True):
-        model = build(tie_embeddings=tie)
+        model = build(tie_embeddings=tie, qk_norm=qk_norm)
         n = sum(p.numel() for p in model.parameters())
-        assert n == ARGS.replace(tie_embeddings=tie).num_params()
+        assert n == ARGS.replace(tie_embeddings=tie, qk_norm=qk_norm).num_params()
 
 
-def test_llama_parameter_names():
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qk_norm"])
+def test_llama_parameter_names(qk_norm):
     from pretrain.model.init import reference_shapes
 
-    params = {n: tuple(p.shape) for n, p in build().named_parameters()}
-    assert params == reference_shapes(ARGS)
+    params = {n: tuple(p.shape) for n, p in build(qk_norm=qk_norm).named_parameters()}
+    assert params == reference_shapes(ARGS.replace(qk_norm=qk_norm))
     assert "layers.1.attention.wq.weight" in params and "layers.0.feed_forward.w3.weight" in params
+    assert ("layers.1.attention.q_norm.weight" in params) == qk_norm
+    if qk_norm:  # one weight of head_dim per block for the queries, one for the keys, starting at one
+        hd = ARGS.head_dim
+        assert params["layers.0.attention.k_norm.weight"] == (hd,)
+        assert torch.equal(build(qk_norm=True).layers["1"].attention.q_norm.weight, torch.ones(hd))
+
+
+def test_qk_norm_normalises_each_head_before_rope():
+    """With QK-norm a head's attention logits do not depend on the scale of its query and key projections (RMSNorm
+    divides it out, eps aside); without it they do. And it is the per-head RMSNorm Qwen3 writes, before RoPE:
+    one block's attention against the formula spelled out."""
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    for qk_norm in (True, False):
+        model = build(qk_norm=qk_norm).eval()
+        with torch.no_grad():
+            before = model(tokens)
+            for block in model.layers.values():
+                block.attention.wq.weight.mul_(8.0)
+                block.attention.wk.weight.mul_(4.0)
+            after = model(tokens)
+        moved = float((after - before).abs().max())  # seen: 8.9e-5 with QK-norm (eps), 0.14 without
+        assert (moved < 1e-3) == qk_norm, moved
+
+    import torch.nn.functional as F
+
+    from pretrain import kernels
+
+    model = build(qk_norm=True)
+    attn = model.layers["0"].attention
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(1 + 0.1 * torch.randn(ARGS.head_dim))
+        attn.k_norm.weight.copy_(1 + 0.1 * torch.randn(ARGS.head_dim))
+        x = torch.randn(2, 9, ARGS.dim)
+        B, T, H, K, hd = 2, 9, attn.n_heads, attn.n_kv_heads, attn.head_dim
+
+        def norm(t, w):
+            return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + ARGS.norm_eps) * w
+
+        q = norm(attn.wq(x).view(B, T, H, hd), attn.q_norm.weight)
+        k = norm(attn.wk(x).view(B, T, K, hd), attn.k_norm.weight)
+        cos, sin = kernels.rope_cache(hd, T, ARGS.rope_theta)
+        q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
+        v = attn.wv(x).view(B, T, K, hd)
+        k, v = k.repeat_interleave(H // K, dim=2), v.repeat_interleave(H // K, dim=2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        want = attn.wo(y.transpose(1, 2).reshape(B, T, H * hd))
+        torch.testing.assert_close(attn(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_init_is_seeded_and_per_name():
@@ -64,11 +113,12 @@ def test_causality_and_document_mask():
     torch.testing.assert_close(unmasked[:, :7], alone_a, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qk_norm"])
 @pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_checkpointing_same_loss_and_grads(mode):
+def test_activation_checkpointing_same_loss_and_grads(mode, qk_norm):
     tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))
-    plain = build()
-    ckpt = Transformer(ARGS, checkpointing=mode)
+    plain = build(qk_norm=qk_norm)
+    ckpt = Transformer(plain.args, checkpointing=mode)
     ckpt.load_state_dict(plain.state_dict())
     losses = []
     for m in (plain, ckpt):
@@ -80,8 +130,9 @@ def test_activation_checkpointing_same_loss_and_grads(mode):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=n)
 
 
-def test_kv_cache_logits_match_full_forward():
-    model = build().eval()
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qk_norm"])
+def test_kv_cache_logits_match_full_forward(qk_norm):
+    model = build(qk_norm=qk_norm).eval()
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(tokens)

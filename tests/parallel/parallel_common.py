@@ -64,15 +64,17 @@ def batches_for(dp_rank: int, layout: Layout, steps: int,
             yield {"tokens": tokens[rows], "doc_ids": docs[rows]} if doc_mask else {"tokens": tokens[rows]}
 
 
-def reference_run(model_overrides: list[str] = (), steps: int = STEPS) -> tuple[list[float], list[float],
-                                                                              dict[str, torch.Tensor]]:
-    """Ground truth: the plain model, torch AdamW, clip_grad_norm_, whole global batch per step, one process."""
+def reference_run(model_overrides: list[str] = (), steps: int = STEPS, z_losses: list[float] | None = None
+                  ) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """Ground truth: the plain model, torch AdamW, clip_grad_norm_, whole global batch per step, one process.
+    With `train.z_loss` among the overrides the loss trained on has the z-loss term, and the losses returned are
+    the cross-entropy without it (as the engine reports them); each step's term is appended to `z_losses`."""
     cfg = load_config(None, case_config({"set": list(model_overrides)}))
     doc_mask = cfg.model.document_mask
     args = cfg.model.args(VOCAB)
     torch.manual_seed(0)
     kernels.use_loss_chunk(cfg.model.loss_chunk_tokens)
-    model = Transformer(args)
+    model = Transformer(args, z_loss=cfg.train.z_loss)
     init_model(model, args, cfg.train.seed)
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
@@ -88,6 +90,9 @@ def reference_run(model_overrides: list[str] = (), steps: int = STEPS) -> tuple[
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)))
         opt.step()
-        losses.append(loss.item())
+        z = model.output.z_loss.take().item() if cfg.train.z_loss else 0.0
+        losses.append(loss.item() - z)
+        if z_losses is not None:
+            z_losses.append(z)
     kernels.use_loss_chunk(0)
     return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}

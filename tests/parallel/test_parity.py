@@ -64,6 +64,14 @@ LAYOUTS: list[tuple[str, dict, float]] = [
     ("dp2_zero2_compile", {"zero": 2, "set": ["model.compile=true"]}, TP_PP_TOL),
     ("tp2_compile_selective", {"tp": 2, "set": ["model.compile=true", "model.activation_checkpointing=selective"]},
      TP_PP_TOL),
+    # QK-norm: each TP rank normalises its own heads with replicated weights (ZeRO-1's groups and grad norm count
+    # them once; selective recompute re-runs them), and the pipeline's blocks have them too.
+    ("tp2_zero1_qk_norm_selective",
+     {"tp": 2, "zero": 1, "set": ["model.qk_norm=true", "model.activation_checkpointing=selective"]}, TP_PP_TOL),
+    ("pp2_qk_norm", {"pp": 2, "set": ["model.qk_norm=true"]}, TP_PP_TOL),
+    # z-loss through the vocab-parallel head (lse from the all-reduced max and sum) and on the last stage.
+    ("tp2_z_loss", {"tp": 2, "set": ["train.z_loss=0.01"]}, TP_PP_TOL),
+    ("pp2_z_loss", {"pp": 2, "set": ["train.z_loss=0.01"]}, TP_PP_TOL),
 ]
 # 4 ranks (a second launch, ~40 s on 2 cores): DeepSpeed's pipeline grid and megatron-core's TP groups together.
 LAYOUTS_4: list[tuple[str, dict, float]] = [
@@ -92,13 +100,15 @@ def table(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    """Reference runs by model options (the model.* overrides a layout sets; parallelism is not a model option)."""
+    """Reference runs by model options (the model.* overrides a layout sets, and train.z_loss: parallelism is not a
+    model option): (losses, grad norms, weights, z-loss terms)."""
     cache: dict = {}
 
     def get(layout: dict):
-        model_opts = tuple(o for o in layout.get("set", []) if o.startswith("model."))
+        model_opts = tuple(o for o in layout.get("set", []) if o.startswith(("model.", "train.z_loss")))
         if model_opts not in cache:
-            cache[model_opts] = reference_run(list(model_opts))
+            z_losses: list[float] = []
+            cache[model_opts] = (*reference_run(list(model_opts), z_losses=z_losses), z_losses)
         return cache[model_opts]
     return get
 
@@ -113,13 +123,20 @@ def _result(table: dict, name: str) -> dict:
 @pytest.mark.parametrize("name,layout,tol", ALL, ids=[n for n, _, _ in ALL])
 def test_losses_match_reference(table, reference, name, layout, tol):
     r = _result(table, name)
-    ref_losses, ref_norms, ref_weights = reference(layout)
+    ref_losses, ref_norms, ref_weights, ref_z = reference(layout)
     assert len(r["losses"]) == STEPS
     for step, (got, want) in enumerate(zip(r["losses"], ref_losses)):
         assert got == pytest.approx(want, rel=tol), f"{name} step {step}: loss {got} vs reference {want}"
     for step, (got, want) in enumerate(zip(r["grad_norms"], ref_norms)):
         # Grad norms sum squares of tiny differences differently: 10x looser (seen: <= 1.7e-6 fp32, 9e-3 bf16).
         assert got == pytest.approx(want, rel=tol * 10), f"{name} step {step}: grad norm {got} vs {want}"
+    # train.z_loss: the term trained on beside the loss (reported apart from it), or none when off.
+    if any(o.startswith("train.z_loss") for o in layout.get("set", [])):
+        assert all(z > 1e-3 for z in ref_z)  # not lost in the loss's tolerance
+        for step, (got, want) in enumerate(zip(r["z_losses"], ref_z)):
+            assert got == pytest.approx(want, rel=tol), f"{name} step {step}: z_loss {got} vs reference {want}"
+    else:
+        assert r["z_losses"] == [None] * STEPS
     # The loss must actually move, or "agreement" would be vacuous.
     assert abs(r["losses"][-1] - r["losses"][0]) > 10 * tol * r["losses"][0] or tol == BF16_TOL
     # Consolidated weights (TP shards / PP stages / ZeRO-3 partitions gathered) are the reference's weights.

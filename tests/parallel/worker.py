@@ -35,7 +35,7 @@ def run_case(case: dict, out: Path) -> dict:
     # The batches come from parallel_common, not from shards: the run is resolved without data.
     run = resolve_run(cfg, int(os.environ["WORLD_SIZE"]), require_data=False, vocab_without_data=VOCAB)
     env = init_distributed(cfg, layout=run.layout)
-    result: dict = {"losses": [], "grad_norms": [], "lrs": []}
+    result: dict = {"losses": [], "grad_norms": [], "lrs": [], "z_losses": []}
     try:
         engine = build_engine(cfg, env, run)
         data = batches_for(env.dp_rank, env.layout, STEPS + 3, cfg.model.document_mask)
@@ -44,6 +44,7 @@ def run_case(case: dict, out: Path) -> dict:
             result["losses"].append(r.loss)
             result["grad_norms"].append(r.grad_norm)
             result["lrs"].append(r.lr)
+            result["z_losses"].append(r.z_loss)
         sd = engine.reference_state_dict()
         if env.rank == 0:
             torch.save(sd, out / f"{case['name']}.weights.pt")

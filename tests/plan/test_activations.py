@@ -17,10 +17,11 @@ def _rope(args):
     return list(_rope_table(args.head_dim, args.max_seq_len, args.rope_theta, "cpu"))
 
 
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qk_norm"])
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_block_saved_bytes_tp1(dtype, mode):
-    args = block_args()
+def test_block_saved_bytes_tp1(dtype, mode, qk_norm):
+    args = block_args().replace(qk_norm=qk_norm)
     torch_dtype, a = DTYPES[dtype]
     block = TransformerBlock(args, REFERENCE, 0, mode).to(torch_dtype)
     x = torch.randn(BATCH, SEQ, args.dim, dtype=torch_dtype, requires_grad=True)
@@ -58,8 +59,8 @@ def test_selective_is_not_none_and_sequence_parallel_splits_the_norms():
     assert block_activations(args, S, 8, True, "full", 2, k)[0] == S * args.dim * 2 / 8
 
 
-@pytest.mark.parametrize("mode", ["none", "selective"])
-def test_fused_kernels_saved_bytes_in_the_interpreter(monkeypatch, mode):
+@pytest.mark.parametrize("mode,qk_norm", [("none", False), ("selective", False), ("none", True)])
+def test_fused_kernels_saved_bytes_in_the_interpreter(monkeypatch, mode, qk_norm):
     """The fused path's figure (Triton RMSNorm, RoPE, SwiGLU, cross-entropy) from the tensors those kernels save:
     run for real in Triton's interpreter on CPU (fp32, numpy has no bf16), dispatched as on CUDA."""
     pytest.importorskip("triton")
@@ -67,7 +68,7 @@ def test_fused_kernels_saved_bytes_in_the_interpreter(monkeypatch, mode):
 
     monkeypatch.setattr(kernels, "_KERNELS", kernels.import_kernels())  # the CUDA dispatch, on CPU tensors
     monkeypatch.setattr(kernels, "_FUSED_DEVICE", "cpu")
-    args = block_args()
+    args = block_args().replace(qk_norm=qk_norm)
     model = Transformer(args, REFERENCE, mode)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
     with SavedBytes(exclude=[*model.parameters(), *_rope(args)]) as m:

@@ -1,9 +1,15 @@
-"""The per-step record: MFU arithmetic, full-precision jsonl, and no duplicate steps after a resume."""
+"""The per-step record: MFU arithmetic, full-precision jsonl, no duplicate steps after a resume, z-loss's metric."""
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
+
+from train_common import run_python, tiny_shards, train_args
 
 from pretrain.telemetry import metrics
+from pretrain.telemetry.tracking import step_values
 from pretrain.run.paths import METRICS_FILE
 from pretrain.model.args import FLAVORS
 from pretrain.model.flops import flops_per_token, matmul_params
@@ -53,3 +59,40 @@ def test_jsonl_round_trips_floats_exactly_and_truncates_on_resume(tmp_path):
     recs = metrics.read(tmp_path)
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert [r["loss"] for r in recs] == losses[:3], "floats must round-trip bit-exactly"
+
+
+def test_z_loss_is_a_metric_of_its_own_only_when_on():
+    m = metrics.Meter(flops_per_token=1.0, tokens_per_step=8, world_size=1, peak_tflops=None)
+    plain = m.record(1, 2.0, 1e-3, 0.5, False)
+    assert json.loads(plain.to_json())["z_loss"] is None and "z_loss" not in plain.line()
+    assert "z_loss" not in step_values(json.loads(plain.to_json()))
+    rec = m.record(2, 2.0, 1e-3, 0.5, False)
+    rec.z_loss = 1.25e-3
+    assert json.loads(rec.to_json())["z_loss"] == 1.25e-3 and "| z_loss 1.250e-03 |" in rec.line()
+    assert step_values(json.loads(rec.to_json()))["z_loss"] == 1.25e-3
+
+
+@pytest.mark.slow
+def test_z_loss_run_logs_the_term_in_metrics_jsonl_and_mlflow_beside_the_cross_entropy(tmp_path):
+    """A run with train.z_loss: every step's record holds `z_loss` (coef x mean lse^2 > 0), the step line shows it,
+    MLflow has it at every step; `loss` stays the cross-entropy, on the curve of a run without z-loss (z-loss only
+    moves the weights a little over 3 steps: the first step's loss, before any update, is the same to rounding)."""
+    import mlflow
+
+    shards = tiny_shards(tmp_path / "data") / "shards"
+    runs = {}
+    for name, coef in (("plain", 0.0), ("z", 1e-3)):
+        run = tmp_path / name
+        p = run_python(train_args(shards, run, "train.max_steps=3", f"train.z_loss={coef}",
+                                  f"tracking.enabled={coef > 0}", "tracking.system_metrics_s=0"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[name] = (metrics.read(run), p.stdout)
+    (plain, _), (z, out) = runs["plain"], runs["z"]
+    assert all(r["z_loss"] is None for r in plain)
+    assert all(math.isfinite(r["z_loss"]) and r["z_loss"] > 0 for r in z) and "| z_loss " in out
+    assert z[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'z' / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "z_loss"))
+    assert history == [(r["step"], r["z_loss"]) for r in z]
+    assert run.data.params["train.z_loss"] == "0.001"
