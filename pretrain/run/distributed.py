@@ -66,12 +66,6 @@ class DistEnv:
     def all_reduce_sum(self, value: float | torch.Tensor) -> float:
         return self._all_reduce(value, dist.ReduceOp.SUM)
 
-    def sums(self, *values: float) -> tuple[float, ...]:
-        """Collective: each value summed over all ranks, in one all-reduce (fp64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
-        dist.all_reduce(t)
-        return tuple(t.tolist())
-
     def sums_of(self, values: torch.Tensor) -> list[float]:
         """Collective: each element of a 1-D tensor on any device summed over all ranks; one all-reduce (fp64) and
         one host read, as `all_reduce_sum` for a one-element tensor."""
