@@ -73,7 +73,7 @@ class HeldOut:
                 text_nats += float((nll * (spelled > 0)).sum())
                 text_bytes += float(spelled.sum())
         # TP and PP peers hold the same sums: the factor they add cancels in each ratio.
-        nats, targets_n, text_nats, text_bytes = self.env.sums_of(torch.tensor([nats, targets_n, text_nats,
-                                                                                 text_bytes]))
+        sums = torch.tensor([nats, targets_n, text_nats, text_bytes], dtype=torch.float64)
+        nats, targets_n, text_nats, text_bytes = self.env.sums_of(sums)
         bpb = text_nats / (math.log(2) * text_bytes) if text_bytes > 0 else None
         return HeldOutScore(loss=nats / targets_n, bpb=bpb)
