@@ -19,11 +19,13 @@ def test_a_slow_rank_is_named_and_a_balanced_run_names_nobody(tmp_path):
 
     data = tiny_shards(tmp_path / "data")
     slow = tmp_path / "slow"
-    args = ["train.max_steps=5", "train.log_every=1", "tracking.enabled=true", "tracking.system_metrics_s=0"]
-    p = launch(2, train_args(data / "shards", slow, *args), PRETRAIN_INJECT_SLOW_RANK="1:0.4")
+    args = ["train.max_steps=4", "train.log_every=1", "tracking.enabled=true", "tracking.system_metrics_s=0"]
+    # 1 s: far above the step's own time and what a loaded machine adds to it, so the ratio stays near its
+    # ceiling of 2 (with 2 ranks the median is their mean)
+    p = launch(2, train_args(data / "shards", slow, *args), PRETRAIN_INJECT_SLOW_RANK="1:1.0")
     assert p.returncode == 0, p.stderr[-3000:]
     records = _records(slow)
-    assert [r["straggler_rank"] for r in records] == [1] * 5
+    assert [r["straggler_rank"] for r in records] == [1] * 4
     assert all(r["straggler_ratio"] > 1.5 and r["straggler_host"] for r in records), records
     assert all(r["compute_median_s"] > 0 for r in records)
     (warning,) = [x for x in p.stderr.splitlines() if "straggler:" in x]
@@ -31,7 +33,7 @@ def test_a_slow_rank_is_named_and_a_balanced_run_names_nobody(tmp_path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{slow / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "straggler_rank")] == [1.0] * 5
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "straggler_rank")] == [1.0] * 4
 
     balanced = tmp_path / "balanced"
     p = launch(2, train_args(data / "shards", balanced, *args[:2]))
