@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pretrain.run.paths import EVALS_DIR, step_dir_name
+from pretrain.run.paths import EVALS_DIR, STEP_RE, step_dir_name
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")  # MLflow's metric-name alphabet
 
@@ -28,8 +28,12 @@ def flat_scores(results: dict[str, Any]) -> dict[str, float]:
 
 
 def evals_dir(step_dir: Path) -> Path:
-    """`<run>/evals` for a training checkpoint `<run>/step_<N>`, `<checkpoint>/evals` for an imported one."""
-    return (step_dir.parent if step_dir.name.startswith("step_") else step_dir) / EVALS_DIR
+    """`<run>/evals` for a training checkpoint `<run>/step_<N>`; for an imported or averaged one, whose directory
+    may hold no file its manifest does not list, `<its parent>/evals/<its name>`."""
+    step_dir = step_dir.resolve()
+    if STEP_RE.match(step_dir.name):
+        return step_dir.parent / EVALS_DIR
+    return step_dir.parent / EVALS_DIR / step_dir.name
 
 
 def write_step_results(step_dir: Path, step: int, record: dict[str, Any]) -> Path:

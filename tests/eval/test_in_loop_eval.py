@@ -171,3 +171,14 @@ def test_generation_on_a_pipeline_is_refused_in_one_line():
     lm = PretrainLM(replica, SimpleNamespace(vocab_size=10, eos_id=1), max_length=32)
     with pytest.raises(CannotEvaluate, match="--pp 1"):
         lm.generate_until([SimpleNamespace(args=("a", {"until": ["."]}))])
+
+
+def test_scores_of_an_imported_checkpoint_go_beside_it_not_into_it(tmp_path):
+    """A training checkpoint's scores go to its run's evals/; an import's (or an average's) directory may hold no
+    file its manifest does not list, so its scores go to evals/<its name> beside it."""
+    from pretrain.eval.results import evals_dir, write_step_results
+
+    assert evals_dir(tmp_path / "run" / "step_40") == tmp_path / "run" / "evals"
+    written = write_step_results(tmp_path / "imported", 0, {"step": 0})
+    assert written == tmp_path / "evals" / "imported" / "step_0.json"
+    assert not (tmp_path / "imported").exists()
