@@ -40,3 +40,25 @@ def copy_of(source: Path, dest: Path) -> Path:
     """A private copy of a shared run for a test that damages or extends it."""
     shutil.copytree(source, dest, symlinks=True)
     return dest
+
+
+def without_tokenizer(run_dir: Path, dest: Path) -> Path:
+    """A copy of a run whose latest step has lost its tokenizer: the step's copy removed (and from its manifest) and
+    the path training recorded pointing nowhere. Returns the copied step directory (still verifying)."""
+    import hashlib
+    import json
+
+    from pretrain import checkpoint
+
+    shutil.copytree(run_dir, dest, symlinks=True)
+    step = dest / (dest / checkpoint.LATEST).read_text().strip()
+    shutil.rmtree(step / checkpoint.TOKENIZER_DIR)
+    manifest = json.loads((step / checkpoint.MANIFEST).read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("tokenizer/")}
+    meta = json.loads((step / checkpoint.META).read_text())
+    meta["resolved"]["tokenizer"]["path"] = str(dest / "gone")
+    (step / checkpoint.META).write_text(json.dumps(meta))
+    data = (step / checkpoint.META).read_bytes()
+    manifest["files"][checkpoint.META] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    return step

@@ -135,26 +135,12 @@ def test_simple_evaluate_takes_the_registered_model_by_name(tmp_path, tmp_path_f
 
 
 def test_a_checkpoint_without_its_tokenizer_is_one_line(tmp_path, tmp_path_factory, capsys):
-    import hashlib
-    import shutil
-
+    from shared import without_tokenizer
     from shared_runs import plain_run
 
-    from pretrain import checkpoint
     from pretrain.cli import main as cli
 
-    copy = tmp_path / "run"
-    shutil.copytree(plain_run(tmp_path_factory)[0], copy)
-    step = copy / (copy / checkpoint.LATEST).read_text().strip()
-    shutil.rmtree(step / checkpoint.TOKENIZER_DIR)
-    manifest = json.loads((step / checkpoint.MANIFEST).read_text())
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("tokenizer/")}
-    meta = json.loads((step / checkpoint.META).read_text())
-    meta["resolved"]["tokenizer"]["path"] = str(tmp_path / "gone")  # the training-time path no longer exists
-    (step / checkpoint.META).write_text(json.dumps(meta))
-    data = (step / checkpoint.META).read_bytes()
-    manifest["files"][checkpoint.META] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (step / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    copy = without_tokenizer(plain_run(tmp_path_factory)[0], tmp_path / "run").parent
     capsys.readouterr()
     assert cli(["eval", "--checkpoint", str(copy), "--tasks", MC]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -4,7 +4,6 @@ and transformers' greedy continuation (the README's recipe: eos before the promp
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import subprocess
@@ -73,23 +72,12 @@ def test_transformers_greedy_equals_pretrain_generate(trained, tmp_path):
 
 
 def test_tokenizer_override_and_refusal(trained, tmp_path, capsys):
-    import shutil
+    from shared import without_tokenizer
 
     from pretrain import checkpoint
 
     step = Path(trained) / (Path(trained) / checkpoint.LATEST).read_text().strip()
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    copied = copy / step.name
-    shutil.rmtree(copied / checkpoint.TOKENIZER_DIR)
-    manifest = json.loads((copied / checkpoint.MANIFEST).read_text())
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("tokenizer/")}
-    meta = json.loads((copied / checkpoint.META).read_text())
-    meta["resolved"]["tokenizer"]["path"] = str(tmp_path / "gone")  # the training-time path no longer exists
-    (copied / checkpoint.META).write_text(json.dumps(meta))
-    data = (copied / checkpoint.META).read_bytes()
-    manifest["files"][checkpoint.META] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (copied / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    copied = without_tokenizer(Path(trained), tmp_path / "run")
 
     capsys.readouterr()
     code = cli(["export-hf", "--checkpoint", str(copied), "--out", str(tmp_path / "hf")])
