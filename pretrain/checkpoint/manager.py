@@ -87,7 +87,6 @@ class CheckpointManager:
     def rewindable(self, step_dir: Path) -> bool:
         """Whether `rewind` can load `step_dir` into the live engine: only a checkpoint of this layout can (one of
         another layout, from before a resume that re-sliced it, is re-sliced only when an engine is built)."""
-
         return saved_run(step_dir, self.run) is None
 
     def rewind(self, step_dir: Path, engine: EngineFiles) -> commit.Loaded:

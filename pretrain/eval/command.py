@@ -135,9 +135,9 @@ def _missing_data_line(e: BaseException) -> str:
     """A task whose data is not on disk, on a host that cannot fetch it: what to do, in one line."""
     what = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     return (f"a task's dataset could not be loaded ({type(e).__name__}: {what}); on an offline cluster fetch it "
-            "ahead on a host with network into a shared cache (HF_DATASETS_CACHE=/shared/hf python -c \"import "
-            "datasets; datasets.load_dataset('<dataset_path>', '<dataset_name>')\") and run with "
-            "HF_DATASETS_CACHE=/shared/hf HF_DATASETS_OFFLINE=1")
+            "ahead on a host with network into a cache every node reads (HF_DATASETS_CACHE=/data/hf-datasets "
+            "python -c \"import datasets; datasets.load_dataset('<dataset_path>', '<dataset_name>')\") and run with "
+            "HF_DATASETS_CACHE=/data/hf-datasets HF_DATASETS_OFFLINE=1")
 
 
 @contextlib.contextmanager

@@ -91,7 +91,7 @@ class PretrainLM(TemplateLM):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor
-        t = tensor.reshape(-1).cpu() if self.replica.env.backend == "gloo" else tensor.reshape(-1)
+        t = tensor.reshape(-1).to(self.replica.env.comm_device)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(out, t, group=self.replica.dp_group)
         return torch.cat(out)

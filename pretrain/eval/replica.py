@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from pretrain.model.transformer import KVCache
 from pretrain.run.distributed import DistEnv
-from pretrain.run.progress import progress
 from pretrain.train.engine import Engine
 
 _PAD = 0  # right padding of a scoring batch: causal attention never lets a real position see it
@@ -57,7 +56,7 @@ class Replica:
         with fewer issues `pad()` for the difference."""
         if self.env.dp_size == 1:
             return mine
-        t = torch.tensor([mine], dtype=torch.int64, device=self._comm_device)
+        t = torch.tensor([mine], dtype=torch.int64, device=self.env.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dp_group)
         return int(t.item())
 
@@ -88,10 +87,6 @@ class Replica:
 
     # ----------------------------------------------------------------------------------------------- both
 
-    @property
-    def _comm_device(self) -> torch.device:
-        return self.env.device if self.env.backend == "nccl" else torch.device("cpu")
-
     def _tell(self, command: tuple) -> None:
         if self.size > 1:
             dist.broadcast_object_list([command], src=self.leader_rank, group=self.group)
@@ -104,18 +99,7 @@ class Replica:
         out = self.engine.score(batch[:, :-1], batch[:, 1:]).cpu()  # (B, width - 1, 2)
         return [out[i, :len(s) - 1] for i, s in enumerate(sequences)]
 
-    @torch.no_grad()
     def _logits(self, tokens: Sequence[int], start_pos: int) -> torch.Tensor:
-        progress()
-        if self.engine.pipeline:
-            raise RuntimeError("decoding needs the whole model on one pipeline stage (pp = 1)")
-        module = self.engine.ds.module
         if start_pos == 0:
-            self._cache = module.new_cache(1, self.engine.args.max_seq_len)
-        inp = torch.as_tensor([list(tokens)], dtype=torch.long, device=self.env.device)
-        self.engine.ds.eval()
-        try:
-            logits = self.engine.ds(inp, start_pos=start_pos, cache=self._cache)
-        finally:
-            self.engine.ds.train()
-        return module.factory.full_logits(logits)[0, -1].float().cpu()
+            self._cache = self.engine.new_cache()
+        return self.engine.decode(tokens, start_pos, self._cache).cpu()

@@ -45,19 +45,15 @@ class DistEnv:
     def _all_reduce(self, value: float | torch.Tensor, op: dist.ReduceOp) -> float:
         """A number, or a one-element tensor on any device (read to the host once, after the reduction on NCCL)."""
         if isinstance(value, torch.Tensor):
-            t = value.detach().reshape(1).to(device=self._comm_device, dtype=torch.float64)
+            t = value.detach().reshape(1).to(device=self.comm_device, dtype=torch.float64)
         else:
-            t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device)
+            t = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t, op=op)
         return float(t.item())
 
     @property
     def comm_device(self) -> torch.device:
-        """Where a tensor for a collective of the default group lives (host memory on gloo)."""
-        return self._comm_device
-
-    @property
-    def _comm_device(self) -> torch.device:
+        """Where a tensor for a collective lives: the GPU on NCCL, host memory on gloo."""
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
     def all_reduce_max(self, value: float | torch.Tensor) -> float:
@@ -69,14 +65,14 @@ class DistEnv:
     def sums_of(self, values: torch.Tensor) -> list[float]:
         """Collective: each element of a 1-D tensor on any device summed over all ranks; one all-reduce (fp64) and
         one host read, as `all_reduce_sum` for a one-element tensor."""
-        t = values.detach().reshape(-1).to(device=self._comm_device, dtype=torch.float64)
+        t = values.detach().reshape(-1).to(device=self.comm_device, dtype=torch.float64)
         dist.all_reduce(t)
         return t.tolist()
 
     def any_of(self, *flags: bool) -> tuple[bool, ...]:
         """Collective: each flag, True on every rank when it is True on any; one all-reduce for all of them (the
         loop's per-step agreement on a stop and on a spike costs what the stop alone did)."""
-        t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=self._comm_device)
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return tuple(v > 0 for v in t.tolist())
 

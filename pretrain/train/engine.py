@@ -16,12 +16,13 @@ without z-loss measure) and `StepResult.z_loss` the term, averaged like the loss
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import deepspeed
 import torch
@@ -37,7 +38,7 @@ from pretrain.model.args import ModelArgs
 from pretrain.model.documents import Documents
 from pretrain.model.init import FullTensor, from_weights, init_model, local_slice, reference_shapes
 from pretrain.model.layers import REFERENCE, LayerFactory
-from pretrain.model.transformer import Transformer, TransformerBlock
+from pretrain.model.transformer import KVCache, Transformer, TransformerBlock
 from pretrain.parallel.consolidate import consolidate
 from pretrain.parallel.fp8 import convert_to_fp8
 from pretrain.parallel.mpu import MegatronMpu
@@ -211,9 +212,8 @@ class Engine:
             loss = float(self.ds.eval_batch(iter([(pipeline_input(inputs, docs), targets)]), num_micro_batches=1))
             self.ds.module.train()
         else:
-            self.ds.eval()
-            loss = float(self.ds(inputs, targets, docs))
-            self.ds.train()
+            with self._eval_mode():
+                loss = float(self.ds(inputs, targets, docs))
         return self.env.all_reduce_sum(loss) / self.env.world_size
 
     @torch.no_grad()
@@ -227,11 +227,8 @@ class Engine:
         progress()  # a long evaluation is not a hang (pretrain/train/watchdog.py)
         tokens, targets = tokens.to(self.env.device), targets.to(self.env.device)
         if not self.pipeline:
-            self.ds.eval()
-            try:
+            with self._eval_mode():
                 return self.ds(tokens, targets, docs, scores=True).float()
-            finally:
-                self.ds.train()
         loss_fn, grid = self.ds.module.loss_fn, self.ds.grid
         loss_fn.scores = True
         self.ds.reset_activation_shape()
@@ -249,6 +246,31 @@ class Engine:
             (*targets.shape, 2), dtype=torch.float32, device=self.env.device)
         torch.distributed.broadcast(out, src=last, group=grid.get_pipe_parallel_group())
         return out
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache of the model's context length for `decode` (this rank's heads)."""
+        if self.pipeline:
+            raise RuntimeError("decoding needs the whole model on one pipeline stage (pp = 1)")
+        return self.ds.module.new_cache(1, self.args.max_seq_len)
+
+    @torch.no_grad()
+    def decode(self, tokens: Sequence[int], start_pos: int, cache: KVCache) -> torch.Tensor:
+        """Feed `tokens` at `start_pos` through the KV cache (pp = 1; every TP rank of the replica calls it): the
+        next-token logits over the whole (padded) vocabulary, fp32."""
+        progress()
+        inp = torch.as_tensor([list(tokens)], dtype=torch.long, device=self.env.device)
+        with self._eval_mode():
+            logits = self.ds(inp, start_pos=start_pos, cache=cache)
+        return self.ds.module.factory.full_logits(logits)[0, -1].float()
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """The module in eval mode (no z-loss term, no dropout-like behaviour) for one forward, then back."""
+        self.ds.eval()
+        try:
+            yield
+        finally:
+            self.ds.train()
 
     # ----------------------------------------------------------------------------------- checkpoints
 
@@ -288,7 +310,6 @@ class Engine:
         re-sliced for this engine, whose module must have been built from the same checkpoint
         (`build_engine(init=reader)`; pretrain.checkpoint.resume checked it is the same model). Collective. See
         pretrain/checkpoint/reshard.py."""
-
         load_resliced(self.ds, reader, self.args, self.env.tp_rank, self._reference_name)
         self.global_step = reader.step
 
@@ -328,7 +349,6 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
         init_model(module, args, cfg.train.seed, env.tp_rank, weights=weights)
         mpu = MegatronMpu()
     if cfg.train.fp8 != "none":  # checked by init_distributed: CUDA with FP8 tensor cores, torchao, tp = 1
-
         convert_to_fp8(module, cfg.train.fp8)
     if cfg.model.compile:
         compile_blocks(module)
