@@ -192,6 +192,8 @@ class OptimSection(_Section):
 class ParallelSection(_Section):
     tp: Count = Field(1, gt=0, description="tensor-parallel degree (megatron-core)")
     pp: Count = Field(1, gt=0, description="pipeline-parallel degree (DeepSpeed PipelineModule)")
+    cp: Count = Field(1, gt=0, description="context-parallel degree (DeepSpeed-Ulysses): each rank holds "
+                      "train.seq_len / cp tokens of every sequence; attention trades sequence for heads")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
     sequence_parallel: bool = Field(False, description="megatron-core sequence parallelism (CUDA only)")
 
@@ -203,6 +205,9 @@ class ParallelSection(_Section):
                              "use zero_stage <= 1")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel needs tp > 1")
+        if self.cp > 1 and self.pp > 1:
+            raise ValueError(f"parallel.cp={self.cp} with parallel.pp={self.pp}: DeepSpeed's pipeline engine has no "
+                             "sequence-parallel group (it would average gradients over DP only); use pp=1 with cp")
         return self
 
 
@@ -266,6 +271,12 @@ class Config(_Section):
         if self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp != 0:
             raise ValueError(f"train.seq_len={self.train.seq_len} is not divisible by parallel.tp="
                              f"{self.parallel.tp}: sequence parallelism splits the sequence evenly over TP ranks")
+        if self.train.seq_len % self.parallel.cp != 0:
+            raise ValueError(f"train.seq_len={self.train.seq_len} is not divisible by parallel.cp="
+                             f"{self.parallel.cp}: context parallelism gives each rank an equal slice of the sequence")
+        if self.eval.tasks and self.parallel.cp > 1:
+            raise ValueError(f"eval.tasks with parallel.cp={self.parallel.cp}: in-loop evaluation runs on tp x pp "
+                             "replicas; evaluate the checkpoints with `pretrain eval` (any layout) instead")
         if self.train.fp8 != "none" and self.parallel.tp != 1:
             raise ValueError(f"train.fp8={self.train.fp8} needs parallel.tp=1: torchao's float8 linears replace "
                              f"nn.Linear, and megatron-core's tensor-parallel linears are not converted")

@@ -78,6 +78,44 @@ def causal_mask(T: int, S: int, start_pos: int, device: torch.device) -> torch.T
     return (k_pos[None, :] <= q_pos[:, None])[None, None]
 
 
+class CoreAttention(nn.Module):
+    """Rotary positions, then grouped-query attention of queries over keys: (B, T, H, hd) q and (B, T, K, hd) k, v
+    -> (B, T, H, hd). No parameters: the seam where context parallelism (pretrain/parallel/context.py) exchanges
+    sequence for heads, so that this always sees whole sequences (positions start_pos.., documents whole)."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = args.head_dim
+        self.rope_theta = args.rope_theta
+        self.max_seq_len = args.max_seq_len
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents | None = None,
+                start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, H, _ = q.shape
+        if start_pos + T > self.max_seq_len:
+            raise ValueError(f"position {start_pos + T} is beyond model.max_seq_len={self.max_seq_len}")
+        cos, sin = _rope_table(self.head_dim, self.max_seq_len, self.rope_theta, str(q.device))
+        cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
+        q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
+
+        if docs is not None:  # a packed training row: attend within each document only
+            if cache is not None or start_pos != 0:
+                raise ValueError("document masking applies to whole training sequences, not cached decoding")
+            return kernels.document_attention(q, k, v, docs)  # (B, T, H, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, S, K, hd), S = start_pos + T
+        S, K = k.shape[1], k.shape[2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd), (B, K, S, hd)
+        mask = causal_mask(T, S, start_pos, q.device)
+        # Each group of H/K query heads reads the same key/value head (query head h uses kv head h // (H/K)).
+        # SDPA does the grouping itself, so K/V (and what autograd saves of them) stay K heads wide; expanding
+        # them to H heads first (repeat_interleave) would save H/K times the bytes for the backward pass.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=H != K)
+        return y.transpose(1, 2)  # (B, T, H, hd)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention: H query heads share K key/value heads (each TP rank holds H/tp and K/tp).
 
@@ -91,8 +129,6 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads // factory.tp
         self.n_kv_heads = args.kv_heads // factory.tp
         self.head_dim = args.head_dim
-        self.rope_theta = args.rope_theta
-        self.max_seq_len = args.max_seq_len
         self.wq = factory.column_linear(args.dim, args.n_heads * args.head_dim)
         self.wk = factory.column_linear(args.dim, args.kv_heads * args.head_dim)
         self.wv = factory.column_linear(args.dim, args.kv_heads * args.head_dim)
@@ -101,6 +137,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
         self.qk_norm = args.qk_norm
+        self.core = CoreAttention(args, layer_id)
 
     def forward(self, x: torch.Tensor, docs: Documents | None = None, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -112,30 +149,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, hd)
         if self.qk_norm:  # q / rms(q) * g_q per head, the same for k: before RoPE, which preserves the norm
             q, k = self.q_norm(q), self.k_norm(k)
-
-        if start_pos + T > self.max_seq_len:
-            raise ValueError(f"position {start_pos + T} is beyond model.max_seq_len={self.max_seq_len}")
-        cos, sin = _rope_table(self.head_dim, self.max_seq_len, self.rope_theta, str(x.device))
-        cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
-        q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
-
-        if docs is not None:  # a packed training row: attend within each document only
-            if cache is not None or start_pos != 0:
-                raise ValueError("document masking applies to whole training sequences, not cached decoding")
-            y = kernels.document_attention(q, k, v, docs)  # (B, T, H, hd)
-            return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
-        if cache is not None:
-            k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, S, K, hd), S = start_pos + T
-        S = k.shape[1]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd), (B, K, S, hd)
-        mask = causal_mask(T, S, start_pos, x.device)
-        # Each group of H/K query heads reads the same key/value head (query head h uses kv head h // (H/K)).
-        # SDPA does the grouping itself, so K/V (and what autograd saves of them) stay K heads wide; expanding
-        # them to H heads first (repeat_interleave) would save H/K times the bytes for the backward pass.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
-        return self.wo(y)
+        y = self.core(q, k, v, docs, start_pos, cache)  # (B, T, H, hd)
+        return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):

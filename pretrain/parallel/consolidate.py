@@ -1,6 +1,6 @@
 """Gather a model spread over TP shards, PP stages and ZeRO-3 partitions into one reference-named state dict.
 
-Each data-parallel-rank-0 process contributes its local parameters (whole under ZeRO 0-2; gathered first under
+Each process of the first weight replica (data-parallel and context-parallel rank 0) contributes its local parameters (whole under ZeRO 0-2; gathered first under
 ZeRO-3), named by the reference model and tagged with megatron-core's `partition_dim` when TP-split; rank 0
 concatenates TP shards in TP-rank order and merges stages. Everything travels through `gather_object` on CPU:
 simple and layout-agnostic, at the cost of rank 0 holding the whole model in host memory. Only the tests use it
@@ -20,7 +20,7 @@ Piece = tuple[torch.Tensor, int | None, int]  # (tensor, partition_dim or None, 
 
 
 def consolidate(module: torch.nn.Module, rename: Callable[[str], str], zero3: bool,
-                dp_rank: int) -> dict[str, torch.Tensor] | None:
+                first_replica: bool) -> dict[str, torch.Tensor] | None:
     params = list(module.named_parameters())
     gather = contextlib.nullcontext()
     if zero3:
@@ -29,7 +29,7 @@ def consolidate(module: torch.nn.Module, rename: Callable[[str], str], zero3: bo
         gather = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
     local: dict[str, Piece] = {}
     with gather:
-        if dp_rank == 0:
+        if first_replica:
             tp_rank = ps.get_tensor_model_parallel_rank()
             for name, p in params:
                 split = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None

@@ -30,12 +30,12 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def global_grad_norm(params: list[torch.Tensor], dp_size: int, count_replicated: bool) -> float:
+def global_grad_norm(params: list[torch.Tensor], replicas: int, count_replicated: bool) -> float:
     """L2 norm of the whole model's gradient from per-rank pieces, agreed on every rank.
 
     Sums squares over the world: tensor-parallel shards add up; parameters replicated over TP (norm weights) are
-    counted on TP rank 0 only (`count_replicated`); every DP replica holds the same averaged gradient, so the
-    world sum is dp_size times the model's.
+    counted on TP rank 0 only (`count_replicated`); every weight replica (DP x CP ranks) holds the same averaged
+    gradient, so the world sum is `replicas` times the model's.
     """
     device = params[0].device if params else torch.device("cpu")  # NCCL reduces device tensors only
     local = torch.zeros((), dtype=torch.float64, device=device)
@@ -44,7 +44,7 @@ def global_grad_norm(params: list[torch.Tensor], dp_size: int, count_replicated:
             local += p.grad.detach().double().pow(2).sum()
     if dist.is_initialized():
         dist.all_reduce(local)
-    return math.sqrt(float(local) / dp_size) if math.isfinite(float(local)) else float("nan")
+    return math.sqrt(float(local) / replicas) if math.isfinite(float(local)) else float("nan")
 
 
 class GuardedAdamW(torch.optim.AdamW):

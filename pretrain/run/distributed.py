@@ -1,4 +1,4 @@
-"""Process groups for a run: torch.distributed, megatron-core's TP x DP x PP groups, and DeepSpeed's comm layer.
+"""Process groups for a run: torch.distributed, megatron-core's TP x CP x DP x PP groups, and DeepSpeed's comm layer.
 
 Works under torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT) and as a plain single process
 (it then makes a one-rank group on a free local port, so the same code path runs everywhere). Backend `auto`:
@@ -33,6 +33,7 @@ class DistEnv:
     pp_rank: int
     dp_rank: int
     collective_timeout: timedelta
+    cp_rank: int = 0  # this rank's slice of each sequence under context parallelism (parallel.cp)
     side: SideCollective | None = None  # for background work (checkpoint commits) while training runs
 
     @property
@@ -186,9 +187,11 @@ def init_distributed(cfg: Config, *, layout: Layout) -> DistEnv:
         # megatron-core passes timedelta(minutes=distributed_timeout_minutes) to each group it creates.
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
                                                  pipeline_model_parallel_size=layout.pp,
+                                                 context_parallel_size=layout.cp,
                                                  distributed_timeout_minutes=timeout.total_seconds() / 60)
     side = SideCollective(dist.new_group(backend="gloo", timeout=timeout), rank, world)  # every rank, same order
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
                    layout=layout, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                    pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-                   dp_rank=parallel_state.get_data_parallel_rank(), collective_timeout=timeout, side=side)
+                   dp_rank=parallel_state.get_data_parallel_rank(), collective_timeout=timeout, side=side,
+                   cp_rank=parallel_state.get_context_parallel_rank())

@@ -7,7 +7,10 @@ Loss normalisation (what `StepResult.loss` and the gradient are the mean of): ev
 mean over its B*T next-token targets; DeepSpeed divides each micro-batch's loss by grad_accum before backward and
 averages gradients over the data-parallel group. All micro-batches hold the same number of tokens (packed, fixed
 length, no ignored targets), so this equals the mean over every token of the global batch, and it is what the
-single-process reference computes on the whole global batch at once.
+single-process reference computes on the whole global batch at once. Under context parallelism each rank's loss
+is the mean over its T/cp tokens of the micro-batch; DeepSpeed sums gradients over DP x CP and divides by DP
+only (its Ulysses convention), so each rank back-propagates its share of the CP group's token mean, loss / cp
+(ZeRO-3 divides by DP x CP itself: pretrain.parallel.context.backward_loss_divisor).
 
 With `train.z_loss` the model's forward (in training mode) returns cross-entropy + z-loss, the objective the
 gradient is of; the head records the z-loss term of each micro-batch, and the step reports both apart:
@@ -26,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import deepspeed
 import torch
+from megatron.core import parallel_state
 
 from pretrain import kernels
 from pretrain.checkpoint import files as checkpoint_files
@@ -40,6 +44,8 @@ from pretrain.model.init import FullTensor, from_weights, init_model, local_slic
 from pretrain.model.layers import REFERENCE, LayerFactory
 from pretrain.model.transformer import KVCache, Transformer, TransformerBlock
 from pretrain.parallel.consolidate import consolidate
+from pretrain.parallel.context import (apply_context_parallel, backward_loss_divisor, partition_zero3_over_dp_cp,
+                                       sequence_slice)
 from pretrain.parallel.fp8 import convert_to_fp8
 from pretrain.parallel.mpu import MegatronMpu
 from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_groups
@@ -115,13 +121,16 @@ class Engine:
         self._loss_scale = 1.0  # fault injection: set to nan for one step by inject_nonfinite()
         self.slow_s = 0.0  # fault injection: seconds every step of this rank spends before its first forward
         self.z_loss = _head_z_loss(ds_engine.module, self.pipeline)  # None off the last stage or without z-loss
+        self._loss_divisor = backward_loss_divisor(env.layout.cp, cfg.parallel.zero_stage)
 
     # ------------------------------------------------------------------------------------------ steps
 
     def split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Documents | None]:
-        """A loader batch -> (inputs, next-token targets, document boundaries when document masking is on)."""
+        """A loader batch -> (inputs, next-token targets, document boundaries when document masking is on).
+        Under context parallelism the inputs and targets are this rank's T/cp columns; the documents stay those
+        of the whole sequences, which attention sees after its all-to-all (pretrain/parallel/context.py)."""
         tokens = batch["tokens"].to(self.env.device)  # (B, T+1)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each: predict token t+1 from tokens <= t
+        inputs, targets = self._own_columns(tokens[:, :-1]), self._own_columns(tokens[:, 1:])  # predict t+1 from <= t
         docs = None
         if self.cfg.model.document_mask:
             if "doc_ids" not in batch:
@@ -130,6 +139,9 @@ class Engine:
             # boundaries found on the host, from the loader's CPU tensor: the step reads nothing back from the GPU
             docs = Documents.from_ids(batch["doc_ids"][:, :-1]).to(self.env.device)
         return inputs, targets, docs
+
+    def _own_columns(self, t: torch.Tensor) -> torch.Tensor:
+        return sequence_slice(t, self.env.layout.cp, self.env.cp_rank) if self.env.layout.cp > 1 else t
 
     def inject_nonfinite(self) -> None:
         """Fault injection for tests and drills: the next train_step's loss is multiplied by NaN."""
@@ -176,10 +188,12 @@ class Engine:
         for batch in micro:
             inputs, targets, docs = self.split(batch)
             loss = self.ds(inputs, targets, docs) * self._loss_scale
-            self.ds.backward(loss)  # scaled by 1/grad_accum inside; grads averaged over DP at the boundary
+            # scaled by 1/grad_accum inside; under CP by the share DeepSpeed needs (see the module docstring)
+            self.ds.backward(loss / self._loss_divisor if self._loss_divisor > 1 else loss)
             self.ds.step()  # optimizer step (clip, skip guard) only at the accumulation boundary
             total += loss.detach().float()  # summed on the device: no host read per micro-batch
-        # Mean over micro-batches, then over all ranks (TP/PP replicas hold the same value, so this is the DP mean):
+        # Mean over micro-batches, then over all ranks (TP/PP replicas hold the same value, CP ranks equal token
+        # counts, so this is the DP x CP mean):
         # one collective and one host read per step.
         if self.cfg.train.z_loss == 0:
             return self.env.all_reduce_sum(total / len(micro)) / self.env.world_size, None
@@ -228,7 +242,8 @@ class Engine:
         tokens, targets = tokens.to(self.env.device), targets.to(self.env.device)
         if not self.pipeline:
             with self._eval_mode():
-                return self.ds(tokens, targets, docs, scores=True).float()
+                out = self.ds(self._own_columns(tokens), self._own_columns(targets), docs, scores=True).float()
+            return self._whole_columns(out)
         loss_fn, grid = self.ds.module.loss_fn, self.ds.grid
         loss_fn.scores = True
         self.ds.reset_activation_shape()
@@ -247,10 +262,18 @@ class Engine:
         torch.distributed.broadcast(out, src=last, group=grid.get_pipe_parallel_group())
         return out
 
+    def _whole_columns(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, T/cp, ...) per CP rank -> (B, T, ...) on each: the CP group's slices joined in rank order."""
+        if self.env.layout.cp == 1:
+            return out
+        pieces = [torch.empty_like(out) for _ in range(self.env.layout.cp)]
+        torch.distributed.all_gather(pieces, out.contiguous(), group=parallel_state.get_context_parallel_group())
+        return torch.cat(pieces, dim=1)
+
     def new_cache(self) -> KVCache:
         """An empty KV cache of the model's context length for `decode` (this rank's heads)."""
-        if self.pipeline:
-            raise RuntimeError("decoding needs the whole model on one pipeline stage (pp = 1)")
+        if self.pipeline or self.env.layout.cp > 1:
+            raise RuntimeError("decoding needs the whole model and whole sequences on one rank (pp = 1, cp = 1)")
         return self.ds.module.new_cache(1, self.args.max_seq_len)
 
     @torch.no_grad()
@@ -319,7 +342,7 @@ class Engine:
     def reference_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full fp32 weights with the reference model's names on rank 0 (None elsewhere); collective."""
         sd = consolidate(self.ds.module, self._reference_name, zero3=self.cfg.parallel.zero_stage == 3,
-                         dp_rank=self.env.dp_rank)
+                         first_replica=self.env.dp_rank == 0 and self.env.cp_rank == 0)
         if sd is not None and self.args.tie_embeddings:
             sd["output.weight"] = sd["tok_embeddings.weight"]
         return sd
@@ -347,6 +370,8 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
     else:
         module = Transformer(args, factory, ckpt, cfg.train.z_loss)
         init_model(module, args, cfg.train.seed, env.tp_rank, weights=weights)
+        if lay.cp > 1:  # attention's all-to-all over the CP group; DeepSpeed learns the groups from the mpu
+            apply_context_parallel(module, parallel_state.get_context_parallel_group())
         mpu = MegatronMpu()
     if cfg.train.fp8 != "none":  # checked by init_distributed: CUDA with FP8 tensor cores, torchao, tp = 1
         convert_to_fp8(module, cfg.train.fp8)
@@ -362,9 +387,12 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
         betas=(o.beta1, o.beta2), eps=o.eps, grad_clip=o.grad_clip, own_clipping=own_clipping,
         # One multi-tensor kernel per step on GPU (torch's fused AdamW); CPU keeps the reference's for-each path.
         fused=env.device.type == "cuda" or None,
-        norm_fn=lambda params: global_grad_norm(params, lay.dp, count_replicated=env.tp_rank == 0))
-    ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,
-                                              config=deepspeed_config(cfg, lay.dp), dist_init_required=False)
+        norm_fn=lambda params: global_grad_norm(params, lay.weight_replicas, count_replicated=env.tp_rank == 0))
+    ds_config = deepspeed_config(cfg, lay.dp)
+    if lay.cp > 1 and cfg.parallel.zero_stage == 3:
+        partition_zero3_over_dp_cp(module, ds_config, mpu, torch.bfloat16 if run.dtype == "bf16" else torch.float32)
+    ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu, config=ds_config,
+                                              dist_init_required=False)
     checkpoint_files.adopt_deepspeed(ds_engine)  # its files: hashed as written, read without running code
     if own_clipping and ds_engine.optimizer is not optimizer:
         raise RuntimeError("expected DeepSpeed to use GuardedAdamW directly with ZeRO-0/fp32")

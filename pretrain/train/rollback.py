@@ -127,9 +127,9 @@ class SpikeGuard:
         """Every DP rank's loader state after the rollback (one rank of each DP index wrote the same stream's):
         the loader takes its own, or re-splits them when this launch has another layout."""
 
-        lay = SimpleNamespace(**record["layout"])
+        lay = SimpleNamespace(**{"cp": 1, **record["layout"]})  # records before context parallelism: cp 1
         folder = self.run_dir / ROLLBACK_STATES_DIR / str(record["rollback"])
-        files = [folder / rollback_state_file(stream_rank(lay.tp, lay.dp, d)) for d in range(lay.dp)]
+        files = [folder / rollback_state_file(stream_rank(lay.tp * lay.cp, lay.dp, d)) for d in range(lay.dp)]
         return [json.loads(f.read_text()) for f in files]
 
     # --------------------------------------------------------------------------------------- rollback
@@ -175,7 +175,8 @@ class SpikeGuard:
         record = {"rollback": n, "first_step": first, "detected_at": step, "restored_step": target,
                   "skipped_batches": read + ahead["skipped"], "skip_batches": cfg.skip_batches, "lookahead": ahead,
                   "loss": res.loss, "grad_norm": res.grad_norm, "loss_z": verdict.loss_z,
-                  "grad_norm_z": verdict.grad_norm_z, "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}}
+                  "grad_norm_z": verdict.grad_norm_z,
+                  "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "cp": lay.cp}}
         self._make_durable(record, loader_state)
         self.records.append(record)
         record["restart"] = restart

@@ -30,10 +30,11 @@ BASE = ["model.flavor=debug", "model.n_layers=2", f"model.vocab_size={VOCAB}", f
 
 
 def case_config(case: dict) -> list[str]:
-    dp = case.get("world", 2) // (case.get("tp", 1) * case.get("pp", 1))
+    dp = case.get("world", 2) // (case.get("tp", 1) * case.get("pp", 1) * case.get("cp", 1))
     accum = GLOBAL_BATCH // (MICRO * dp)
     return BASE + [f"train.grad_accum={accum}", f"parallel.tp={case.get('tp', 1)}",
-                   f"parallel.pp={case.get('pp', 1)}", f"parallel.zero_stage={case.get('zero', 0)}",
+                   f"parallel.pp={case.get('pp', 1)}", f"parallel.cp={case.get('cp', 1)}",
+                   f"parallel.zero_stage={case.get('zero', 0)}",
                    *case.get("set", [])]
 
 
