@@ -52,7 +52,7 @@ from pretrain.model.init import reference_shapes
 from pretrain.parallel.optimizer import decays
 from pretrain.parallel.pipeline import reference_name
 from pretrain.run.paths import MODEL_DIR
-from pretrain.run.resolved import ResolvedRun
+from pretrain.run.resolved import ResolvedRun, layout_words
 
 KINDS = ("param", "exp_avg", "exp_avg_sq")
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -74,7 +74,9 @@ class CheckpointReader:
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.step_dir}: no DeepSpeed directory '{MODEL_DIR}'")
         lay = self.run.layout
-        self.tp, self.pp, self.dp, self.zero = lay.tp, lay.pp, lay.dp, self.run.zero_stage
+        self.tp, self.pp, self.zero = lay.tp, lay.pp, self.run.zero_stage
+        self.shards = lay.weight_replicas  # ZeRO partitions: one per DP x CP rank
+        self.layout_text = layout_words(self.run)
         self._files: dict[str, Any] = {}
         self._current = ""  # the file last asked for: what a content error names
         self._full = reference_shapes(self.run.model)
@@ -146,8 +148,8 @@ class CheckpointReader:
         if name not in self._files:
             path = self.dir / name
             if not path.is_file():
-                raise CheckpointError(f"{self.dir}: {name} is missing (written with tp {self.tp} x pp {self.pp} x "
-                                      f"dp {self.dp} ZeRO-{self.zero})")
+                raise CheckpointError(f"{self.dir}: {name} is missing (written with "
+                                      f"{self.layout_text})")
             state = checkpoint_files.load(path, mmap=True)  # unreadable: CheckpointError naming the file
             if not isinstance(state, dict):
                 raise CheckpointError(f"{path}: holds a {type(state).__name__}, not DeepSpeed's state dict")
@@ -166,8 +168,8 @@ class CheckpointReader:
             if checkpoint_files.host_failure(e):
                 raise
             where = self.dir / self._current if self._current else self.dir
-            raise CheckpointError(f"{where}: does not hold what tp {self.tp} x pp {self.pp} x dp {self.dp} "
-                                  f"ZeRO-{self.zero} writes there ({type(e).__name__}: "
+            raise CheckpointError(f"{where}: does not hold what {self.layout_text} "
+                                  f"writes there ({type(e).__name__}: "
                                   f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
 
     def _unmap(self) -> None:
@@ -270,7 +272,7 @@ class CheckpointReader:
         if self.zero in (1, 2):
             by_engine = {eng: ref for ref, (eng, _, _) in local.items()}
             for mp in sorted({mp for _, _, mp in local.values()}):
-                for d in range(self.dp):
+                for d in range(self.shards):
                     osd = self._load(self._optim_file(d, mp))["optimizer_state_dict"]
                     for g, mapping in enumerate(osd["param_slice_mappings"]):
                         for eng, frag in mapping.items():
@@ -281,7 +283,7 @@ class CheckpointReader:
         offset = 0
         for group in sd["param_shapes"]:
             for eng, shape in group.items():
-                piece = math.ceil(math.prod(shape) / self.dp)
+                piece = math.ceil(math.prod(shape) / self.shards)
                 where[eng] = (t, offset, piece)
                 offset += piece
         flat = sum(f.numel() for f in self._load(self._optim_file(0, t))["optimizer_state_dict"]["fp32_flat_groups"])
@@ -314,7 +316,7 @@ class CheckpointReader:
         else:
             mp, offset, piece = loc
             parts = []
-            for d in range(self.dp):
+            for d in range(self.shards):
                 osd = self._load(self._optim_file(d, mp))["optimizer_state_dict"]
                 if kind == "param":
                     flats = osd["fp32_flat_groups"]

@@ -37,16 +37,12 @@ from pretrain.run.resolved import ResolvedRun
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def layout_words(run: ResolvedRun) -> str:
-    lay = run.layout
-    return f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp} ZeRO-{run.zero_stage}" + (" bf16" if run.dtype == "bf16" else "")
-
-
 def needs_reslicing(saved: ResolvedRun, now: ResolvedRun) -> bool:
-    """DeepSpeed's own load needs the very same files: same tp, pp, dp, ZeRO stage, dtype and padded vocabulary."""
+    """DeepSpeed's own load needs the very same files: same tp, pp, dp, cp (ZeRO partitions are over dp x cp),
+    ZeRO stage, dtype and padded vocabulary."""
     a, b = saved.layout, now.layout
-    return ((a.tp, a.pp, a.dp, a.padded_vocab_size, saved.zero_stage, saved.dtype)
-            != (b.tp, b.pp, b.dp, b.padded_vocab_size, now.zero_stage, now.dtype))
+    return ((a.tp, a.pp, a.dp, a.cp, a.padded_vocab_size, saved.zero_stage, saved.dtype)
+            != (b.tp, b.pp, b.dp, b.cp, b.padded_vocab_size, now.zero_stage, now.dtype))
 
 
 def check_same_model(saved: ModelArgs, now: ModelArgs, where: Path) -> None:

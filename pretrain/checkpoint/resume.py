@@ -15,13 +15,13 @@ from typing import Any, Protocol
 
 from pretrain import checkpoint
 from pretrain.checkpoint.reader import CheckpointReader
-from pretrain.checkpoint.reshard import check_same_model, layout_words, needs_reslicing
+from pretrain.checkpoint.reshard import check_same_model, needs_reslicing
 from pretrain.checkpoint.weights import init_source
 from pretrain.config import Config
 from pretrain.console import say
 from pretrain.run.distributed import DistEnv
 from pretrain.run.layout import Layout
-from pretrain.run.resolved import ResolvedRun
+from pretrain.run.resolved import ResolvedRun, layout_words
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,14 @@ class ResolvedRun:
                    seq_len=d["seq_len"], dtype=d["dtype"], zero_stage=d["zero_stage"])
 
 
+def layout_words(run: ResolvedRun) -> str:
+    """How a run's ranks split, in the words of resume and checkpoint messages: tp 2 x cp 2 x pp 1 x dp 2 ZeRO-1."""
+    lay = run.layout
+    cp = f" x cp {lay.cp}" if lay.cp > 1 else ""
+    return (f"tp {lay.tp}{cp} x pp {lay.pp} x dp {lay.dp} ZeRO-{run.zero_stage}"
+            + (" bf16" if run.dtype == "bf16" else ""))
+
+
 class MissingDataError(ConfigError):
     """data.path names no shards: a training run (and its --dry-run) stops here; planning may go on without data."""
 

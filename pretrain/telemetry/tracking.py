@@ -199,7 +199,7 @@ class Tracker:
         layout = run.layout
         tags = {"git_commit": _git_commit(), "hostname": socket.gethostname(),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "layout": f"world={layout.world} tp={layout.tp} pp={layout.pp} dp={layout.dp}",
+                "layout": f"world={layout.world} tp={layout.tp} cp={layout.cp} pp={layout.pp} dp={layout.dp}",
                 "global_batch": str(layout.global_batch)}
         if resume_run_id and self._exists(resume_run_id):
             self.client.update_run(resume_run_id, status="RUNNING")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pretrain.config import ConfigError, load_config
-from pretrain.run.layout import pad_vocab, resolve_layout
+from pretrain.run.layout import kv_replicas, pad_vocab, resolve_layout
 
 # (rule, overrides, world size, vocab, a fragment the message must contain)
 RULES = [
@@ -20,6 +20,10 @@ RULES = [
     ("vocab unknown", [], 1, None, "model.vocab_size is unknown"),
     ("tied embeddings across stages", ["model.tie_embeddings=true", "parallel.pp=2"], 2, 256,
      "model.tie_embeddings"),
+    ("world not a multiple of tp x cp x pp", ["parallel.tp=2", "parallel.cp=2"], 6, 256,
+     "not divisible by tp x cp x pp = 2 x 2 x 1"),
+    ("query heads not divisible by tp x cp", ["parallel.tp=2", "parallel.cp=4"], 8, 256,
+     "model.n_heads=4 is not divisible by parallel.tp x parallel.cp = 2 x 4"),
 ]
 
 
@@ -38,6 +42,11 @@ LOAD_RULES = [
     ("pipeline with ZeRO-3", ["parallel.pp=2", "parallel.zero_stage=3"], "incompatible with pipeline parallelism"),
     ("sequence parallel without TP", ["parallel.sequence_parallel=true"], "sequence_parallel needs tp > 1"),
     ("zero stage out of range", ["parallel.zero_stage=4"], "parallel.zero_stage"),
+    ("pipeline with context parallelism", ["parallel.pp=2", "parallel.cp=2"], "parallel.cp=2 with parallel.pp=2"),
+    ("sequence not divisible by cp", ["train.seq_len=100", "parallel.cp=3"],
+     "train.seq_len=100 is not divisible by parallel.cp=3"),
+    ("in-loop evaluation with cp", ["parallel.cp=2", "eval.tasks=[hellaswag]", "eval.every=10"],
+     "eval.tasks with parallel.cp=2"),
 ]
 
 
@@ -87,3 +96,11 @@ def test_bf16_needs_zero_for_fp32_master_weights():
 def test_sequence_parallel_needs_seq_len_divisible_by_tp():
     with pytest.raises(ConfigError, match="train.seq_len=15 is not divisible by parallel.tp=2"):
         load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=15"])
+
+
+@pytest.mark.parametrize("heads,kv,cp,copies", [(4, 2, 2, 1), (2, 1, 2, 2), (8, 2, 4, 2), (8, 2, 8, 4), (8, 8, 4, 1),
+                                                (12, 4, 6, 3)])
+def test_kv_heads_are_repeated_as_few_times_as_lets_cp_ranks_hold_whole_groups(heads, kv, cp, copies):
+    """Ulysses gives each of cp ranks heads/cp query heads; the key/value heads they read must arrive with them."""
+    assert kv_replicas(heads, kv, cp) == copies
+    assert (kv * copies) % cp == 0 and (heads // kv) % copies == 0

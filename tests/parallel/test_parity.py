@@ -72,12 +72,24 @@ LAYOUTS: list[tuple[str, dict, float]] = [
     # z-loss through the vocab-parallel head (lse from the all-reduced max and sum) and on the last stage.
     ("tp2_z_loss", {"tp": 2, "set": ["train.z_loss=0.01"]}, TP_PP_TOL),
     ("pp2_z_loss", {"pp": 2, "set": ["train.z_loss=0.01"]}, TP_PP_TOL),
+    # Context parallelism (DeepSpeed-Ulysses): each rank holds 8 of a sequence's 16 tokens; attention's all-to-all
+    # gives it both halves for 2 of the 4 heads. DeepSpeed divides the DP x CP gradient sum by DP (ZeRO-0/1/2) but
+    # by DP x CP under ZeRO-3, which also partitions over DP x CP only through our shim: one row each. Document
+    # masks of the whole sequences after the all-to-all, re-run (selective recompute) in backward.
+    ("cp2", {"cp": 2}, TP_PP_TOL),
+    ("cp2_zero2_bf16", {"cp": 2, "zero": 2, "set": ["train.dtype=bf16"]}, BF16_TOL),
+    ("cp2_docmask_selective",
+     {"cp": 2, "set": ["model.document_mask=true", "model.activation_checkpointing=selective"]}, TP_PP_TOL),
+    ("cp2_zero3", {"cp": 2, "zero": 3}, TP_PP_TOL),
 ]
 # 4 ranks (a second launch, ~40 s on 2 cores): DeepSpeed's pipeline grid and megatron-core's TP groups together.
 LAYOUTS_4: list[tuple[str, dict, float]] = [
     ("pp2_tp2", {"pp": 2, "tp": 2, "world": 4}, TP_PP_TOL),
     ("pp2_tp2_zero1_docmask", {"pp": 2, "tp": 2, "world": 4, "zero": 1, "set": ["model.document_mask=true"]},
      TP_PP_TOL),
+    # Each TP rank holds 2 query heads and 1 key/value head: the kv head is repeated so both CP ranks get one.
+    ("cp2_tp2", {"cp": 2, "tp": 2, "world": 4}, TP_PP_TOL),
+    ("cp2_dp2_zero3", {"cp": 2, "world": 4, "zero": 3}, TP_PP_TOL),
 ]
 # 1 rank, no torchrun needed by the code (the launch just gives it a clean process): the engine at world 1.
 LAYOUTS_1: list[tuple[str, dict, float]] = [("single_zero0", {"world": 1}, DP_TOL)]

@@ -7,7 +7,8 @@ import pytest
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import load_config
-from pretrain.checkpoint.reshard import check_same_model, layout_words, needs_reslicing
+from pretrain.checkpoint.reshard import check_same_model, needs_reslicing
+from pretrain.run.resolved import layout_words
 from pretrain.run.resolved import resolve_run
 
 BASE = ["model.flavor=debug", "model.vocab_size=300", "train.micro_batch_size=2", "train.grad_accum=2"]

@@ -123,7 +123,7 @@ def test_the_shipped_presets_validate():
 
 
 @pytest.mark.parametrize("override", ["train.seq_len=1000000000000", "model.n_heads=0",
-                                      "train.collective_timeout_s=inf"])
+                                      "train.collective_timeout_s=inf", "parallel.cp=3"])
 def test_dry_run_subprocess_exits_2_with_one_line(tmp_path, override):
     shards = tiny_shards(tmp_path / "data") / "shards"
     p = subprocess.run([sys.executable, "-m", "pretrain", "train", "--config", "configs/debug.yaml", "--dry-run",
