@@ -268,9 +268,12 @@ class Config(_Section):
         if self.train.register_as and not self.tracking.enabled:
             raise ValueError("train.register_as needs tracking.enabled=true: the model version is registered "
                              "under the MLflow run that trained it")
-        if self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp != 0:
-            raise ValueError(f"train.seq_len={self.train.seq_len} is not divisible by parallel.tp="
-                             f"{self.parallel.tp}: sequence parallelism splits the sequence evenly over TP ranks")
+        split = self.parallel.tp * self.parallel.cp
+        if self.parallel.sequence_parallel and self.train.seq_len % split != 0:
+            over = f"parallel.tp={self.parallel.tp}" + (f" x parallel.cp={self.parallel.cp}" if self.parallel.cp > 1
+                                                        else "")
+            raise ValueError(f"train.seq_len={self.train.seq_len} is not divisible by {over}: sequence parallelism "
+                             "splits each rank's tokens evenly over TP ranks")
         if self.train.seq_len % self.parallel.cp != 0:
             raise ValueError(f"train.seq_len={self.train.seq_len} is not divisible by parallel.cp="
                              f"{self.parallel.cp}: context parallelism gives each rank an equal slice of the sequence")

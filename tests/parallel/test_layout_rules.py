@@ -96,6 +96,9 @@ def test_bf16_needs_zero_for_fp32_master_weights():
 def test_sequence_parallel_needs_seq_len_divisible_by_tp():
     with pytest.raises(ConfigError, match="train.seq_len=15 is not divisible by parallel.tp=2"):
         load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=15"])
+    # with cp, each rank's seq_len / cp tokens split over TP
+    with pytest.raises(ConfigError, match="train.seq_len=20 is not divisible by parallel.tp=2 x parallel.cp=4"):
+        load_config(None, ["parallel.tp=2", "parallel.cp=4", "parallel.sequence_parallel=true", "train.seq_len=20"])
 
 
 @pytest.mark.parametrize("heads,kv,cp,copies", [(4, 2, 2, 1), (2, 1, 2, 2), (8, 2, 4, 2), (8, 2, 8, 4), (8, 8, 4, 1),

@@ -24,7 +24,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parallel_common import STEPS, reference_run  # noqa: E402
+from parallel_common import STEPS, VOCAB, case_config, global_batch, reference_run  # noqa: E402
+
+from pretrain.config import load_config  # noqa: E402
+from pretrain.model import Transformer  # noqa: E402
 from spawn import torchrun  # noqa: E402
 
 DP_TOL = 1e-6  # relative, loss (seen: <= 1.2e-7)
@@ -157,6 +160,23 @@ def test_losses_match_reference(table, reference, name, layout, tol):
     for key, want in ref_weights.items():
         rel = float((weights[key] - want).norm() / want.norm())
         assert rel < WEIGHTS_RTOL[tol], f"{name} {key}: weights differ from the reference by {rel:.2e} (relative)"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name,layout,tol", ALL, ids=[n for n, _, _ in ALL])
+def test_scores_match_reference(table, reference, name, layout, tol):
+    """Engine.score (validation's and lm-eval's per-token log p and argmax) on every layout, of the trained weights,
+    against the reference model holding the reference's weights: whole rows, whatever splits them (TP's vocab, PP's
+    stages, CP's sequence slices)."""
+    r = _result(table, name)
+    model_opts = [o for o in layout.get("set", []) if o.startswith("model.")]
+    model = Transformer(load_config(None, case_config({"set": model_opts})).model.args(VOCAB))
+    model.load_state_dict(reference(layout)[2])
+    tokens = global_batch(STEPS)[:2]
+    with torch.no_grad():
+        want = model.eval()(tokens[:, :-1], tokens[:, 1:], scores=True)
+    assert r["score_logp_sum"] == pytest.approx(float(want[..., 0].sum()), rel=WEIGHTS_RTOL[tol])
+    assert r["score_argmax"] == pytest.approx(int(want[..., 1].sum()), abs=0 if tol != BF16_TOL else 2)
 
 
 @pytest.mark.distributed

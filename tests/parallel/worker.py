@@ -25,7 +25,7 @@ from pretrain.train.engine import build_engine  # noqa: E402
 from pretrain.run.resolved import resolve_run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parallel_common import STEPS, VOCAB, batches_for, case_config  # noqa: E402
+from parallel_common import STEPS, VOCAB, batches_for, case_config, global_batch  # noqa: E402
 
 
 def run_case(case: dict, out: Path) -> dict:
@@ -45,6 +45,10 @@ def run_case(case: dict, out: Path) -> dict:
             result["grad_norms"].append(r.grad_norm)
             result["lrs"].append(r.lr)
             result["z_losses"].append(r.z_loss)
+        # evaluation's question of the trained weights (validation and lm-eval ask it): whole rows on every rank
+        tokens = global_batch(STEPS)[:2]
+        scores = engine.score(tokens[:, :-1], tokens[:, 1:])
+        result["score_logp_sum"], result["score_argmax"] = float(scores[..., 0].sum()), int(scores[..., 1].sum())
         sd = engine.reference_state_dict()
         if env.rank == 0:
             torch.save(sd, out / f"{case['name']}.weights.pt")

@@ -23,6 +23,8 @@ SOURCES: dict[int, list[dict]] = {
     2: [{"name": "dp2_zero2", "zero": 2}, {"name": "dp2_zero1", "zero": 1}, {"name": "tp2", "tp": 2},
         {"name": "pp2", "pp": 2}, {"name": "dp2_zero1_bf16", "zero": 1, "set": ["train.dtype=bf16"]},
         {"name": "dp2_zero3_bf16", "zero": 3, "set": ["train.dtype=bf16"]},
+        # Context parallelism: ZeRO-1 partitions over dp x cp = 2 ranks that each saw half of every sequence.
+        {"name": "cp2_zero1", "cp": 2, "zero": 1},
         # A vocabulary that is no multiple of 128 x 2: padded to 512 rows at tp 2, to 384 at tp 1.
         {"name": "tp2_vocab300", "tp": 2, "set": ["model.vocab_size=300"]}],
 }
@@ -37,6 +39,8 @@ RESUMES: list[tuple[str, str, dict, int]] = [
     ("pp2tp2_4ranks_to_dp2", "pp2_tp2", {"zero": 2}, 2),
     ("dp2_zero2_to_pp2_zero1", "dp2_zero2", {"pp": 2, "zero": 1}, 2),
     ("bf16_zero3_to_zero1", "dp2_zero3_bf16", {"zero": 1, "set": ["train.dtype=bf16"]}, 2),
+    ("cp2_to_cp1", "cp2_zero1", {"zero": 1}, 2),
+    ("cp1_to_cp2", "dp2_zero2", {"cp": 2, "zero": 2}, 2),
     ("zero1_to_zero3_moments_reset", "dp2_zero1", {"zero": 3}, 2),
     ("tp2_to_dp2_vocab_padding_512_to_384", "tp2_vocab300", {"zero": 1, "set": ["model.vocab_size=300"]}, 2),
 ]

@@ -27,12 +27,16 @@ def test_layout_change_is_what_deepspeeds_own_load_cannot_take():
     tp2 = _run(2, "parallel.tp=2")
     assert needs_reslicing(dp2, tp2) and tp2.layout.padded_vocab_size != dp2.layout.padded_vocab_size
     assert layout_words(tp2) == "tp 2 x pp 1 x dp 1 ZeRO-0"
+    cp2 = _run(2, "parallel.cp=2", "parallel.zero_stage=2")  # ZeRO partitions over dp x cp: 2 either way
+    assert needs_reslicing(dp2, cp2) and layout_words(cp2) == "tp 1 x cp 2 x pp 1 x dp 1 ZeRO-2"
 
 
 def test_a_new_rank_continues_an_old_rank_of_its_dp_index():
     tp2_dp2 = _run(4, "parallel.tp=2").layout  # old ranks: (tp, dp) = 0:(0,0) 1:(1,0) 2:(0,1) 3:(1,1)
     assert [tp2_dp2.stream_rank(d) for d in range(2)] == [0, 2]
     assert _run(2, "parallel.pp=2").layout.stream_rank(0) == 0
+    # megatron-core's order tp-cp-dp-pp: DP index d starts at rank d x tp x cp; its CP peers read the same stream
+    assert [_run(8, "parallel.tp=2", "parallel.cp=2").layout.stream_rank(d) for d in range(2)] == [0, 4]
 
 
 def test_only_the_layout_may_change(tmp_path):

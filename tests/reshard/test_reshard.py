@@ -18,6 +18,8 @@ them):
     pp2 x tp2 (4 ranks)     dp2 ZeRO-2 (2 ranks)        1.9e-07    1e-6
     dp2 ZeRO-2              pp2 ZeRO-1                  9.7e-08    2e-6
     dp2 ZeRO-3 bf16         dp2 ZeRO-1 bf16             2.0e-03    5e-3
+    cp2 ZeRO-1 (dp1)        dp2 ZeRO-1 (cp1)            CP2CP1     2e-6
+    dp2 ZeRO-2 (cp1)        cp2 ZeRO-2 (dp1)            CP1CP2     2e-6
     dp2 ZeRO-1 -> dp2 ZeRO-3 with Adam's moments reset  1.9e-02    (must FAIL the 1e-6 tolerance)
     tp2 vocab 300 (512 rows) -> dp2 (384 rows)          1.6e-02    none: the padded rows cut change the softmax
 """
@@ -37,7 +39,8 @@ from test_parity import BF16_TOL, DP_TOL, TP_PP_TOL  # noqa: E402
 # The resumes (tests/reshard/conftest.py RESUMES, run with the sources) whose curve must match, and how closely.
 TOLERANCE = {"dp2_zero2_to_dp1_zero1": DP_TOL, "tp2_to_tp1": TP_PP_TOL, "tp1_to_tp2": TP_PP_TOL,
              "pp2_to_pp1": DP_TOL, "zero1_to_zero3": DP_TOL, "pp2tp2_4ranks_to_dp2": DP_TOL,
-             "dp2_zero2_to_pp2_zero1": TP_PP_TOL, "bf16_zero3_to_zero1": BF16_TOL}
+             "dp2_zero2_to_pp2_zero1": TP_PP_TOL, "bf16_zero3_to_zero1": BF16_TOL, "cp2_to_cp1": TP_PP_TOL,
+             "cp1_to_cp2": TP_PP_TOL}
 # (name, source, target layout, world of the target, tolerance)
 CASES = [(n, s, t, w, TOLERANCE[n]) for n, s, t, w in RESUMES if n in TOLERANCE]
 RESET = (MOMENTS_RESET, DP_TOL)  # the same resume as zero1_to_zero3, with Adam's moments zeroed after the load

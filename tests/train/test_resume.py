@@ -28,6 +28,8 @@ LAYOUTS = [
     ("dp2_zero2", 2, ["parallel.zero_stage=2"], "signal"),
     ("tp2", 2, ["parallel.tp=2"], "checkpoint"),
     ("pp2", 2, ["parallel.pp=2", "parallel.zero_stage=1"], "checkpoint"),
+    # context parallelism: each rank half of every sequence (attention's all-to-all), ZeRO-1 over dp x cp
+    ("cp2_zero1", 2, ["parallel.cp=2", "parallel.zero_stage=1"], "checkpoint"),
 ]
 
 
