@@ -52,9 +52,9 @@ tokens of a micro-batch, D dim, F FFN width, H/K query/key-value heads, hd head 
   log-softmax's, both alive). Those constants reproduce the four peaks measured on an H200 with that head
   (tests/plan/test_gpu_figures.py); the 125m preset's +33% came from counting (4 + a)*S*V for the fused
   backward, 6 GiB more than the kernel allocates at 32768 x 50304.
-tests/plan/test_activations.py measures all of this with saved-tensor hooks (eager path, CPU, 1 and 2 TP ranks,
-PP=2, CP=2). Not counted: the CUDA context, NCCL and DeepSpeed communication buffers, allocator fragmentation: the fit
-verdict keeps `HEADROOM` of the GPU's memory for them.
+tests/plan/test_activations.py and test_measured.py measure all of this with saved-tensor hooks (eager path, CPU,
+1 and 2 TP ranks, PP=2, CP=2). Not counted: the CUDA context, NCCL and DeepSpeed communication buffers, allocator
+fragmentation: the fit verdict keeps `HEADROOM` of the GPU's memory for them.
 
 Step time (for ranking layouts): model FLOPs plus recompute at `efficiency` x the GPU's peak (each of tp x pp x cp
 ranks computing its share), the pipeline bubble (pp - 1)/(m + pp - 1) of the compute, and communication at the
