@@ -305,7 +305,7 @@ def _dry_run(cfg, world: int, *, assume_vocab: bool = False, gpu: str | None = N
 
         ranked = rank_layouts(cfg, ranking.nodes, ranking.gpus_per_node, vocab, gpu, peak, ranking.efficiency,
                               Links(nvlink=ranking.nvlink_gbs, ib=ranking.ib_gbs))
-        print("\n".join(ranking_lines(ranked, ranking.top)))
+        print("\n".join(ranking_lines(ranked, ranking.top, cfg)))
     if gpu is not None and not fits(e, gpu):
         print(f"dry run: config, layout and data are valid but do not fit {gpu} memory (see above); nothing was "
               "built")

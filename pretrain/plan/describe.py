@@ -5,7 +5,9 @@ Model states (bytes per parameter a rank holds, as DeepSpeed 0.19 allocates them
 and under bf16 with ZeRO <= 1 the bf16 `.grad` of every weight besides (+2); optimizer: fp32 master copy (bf16
 only) + Adam's two moments = 12 or 8. ZeRO-1 partitions the optimizer over DP, ZeRO-2 also the gradients (the
 bf16 ones are reduced into the fp32 partition as they come), ZeRO-3 also the weights, and allocates a reduce
-bucket of 5e8 elements in the model dtype (DeepSpeed's default `reduce_bucket_size`, counted in buffers).
+bucket of 5e8 elements in the model dtype (DeepSpeed's default `reduce_bucket_size`, counted in buffers; in fp32
+under context parallelism: DeepSpeed then communicates gradients in `seq_parallel_communication_data_type`, fp32).
+The ZeRO partitions span the ranks that hold the same weights: dp x cp (`Layout.weight_replicas`).
 tests/plan/test_measured.py checks this against the tensors DeepSpeed really holds (2 gloo ranks).
 
 Activations: the bytes autograd saves for backward, counted tensor by tensor from this project's block (S = B*T
@@ -29,6 +31,14 @@ tokens of a micro-batch, D dim, F FFN width, H/K query/key-value heads, hd head 
 - tensor parallelism splits heads and F over tp; without sequence parallelism the norms and block inputs are
   held whole on every TP rank, with it they are split along T (megatron-core saves its local, not the gathered,
   input of a column-parallel linear; our wrappers hand it a transposed copy per linear, counted as such).
+- context parallelism (DeepSpeed-Ulysses, pretrain/parallel/context.py): a rank holds T/cp tokens of every
+  tensor outside attention; attention's all-to-all hands it all T tokens of H/(tp*cp) query heads and K*r/(tp*cp)
+  key/value heads (r = `kv_replicas`, copies made before the exchange when K/tp does not split cp ways), the same
+  bytes as T/cp tokens of H/tp and K*r/tp heads: every term above is counted for S = B*T/cp, SDPA's k and v for
+  K*r heads (the norms of `qk_norm` act before the exchange: K heads). The all-to-all saves nothing itself, but
+  its output after attention is a new tensor, which wo saves as its input (a*S*D/tp, as SP's transposed copy; at
+  cp = 1 wo's input is SDPA's own output). Under selective recompute the exchanges are re-run in backward, not
+  kept: what is kept is the same list as above at S = B*T/cp. The loss head acts on T/cp tokens.
 - pipeline: DeepSpeed's 1F1B schedule keeps min(pp - stage, micro-batches) micro-batches in flight on a stage
   (`TrainSchedule.num_pipe_buffers`); stage 0 holds the most, the last stage holds the head.
 - head (last stage): the final norm's input as above, and what the chunked loss head
@@ -42,16 +52,19 @@ tokens of a micro-batch, D dim, F FFN width, H/K query/key-value heads, hd head 
   log-softmax's, both alive). Those constants reproduce the four peaks measured on an H200 with that head
   (tests/plan/test_gpu_figures.py); the 125m preset's +33% came from counting (4 + a)*S*V for the fused
   backward, 6 GiB more than the kernel allocates at 32768 x 50304.
-tests/plan/test_activations.py measures all of this with saved-tensor hooks (eager path, CPU, 1 and 2 TP ranks,
-PP=2). Not counted: the CUDA context, NCCL and DeepSpeed communication buffers, allocator fragmentation: the fit
-verdict keeps `HEADROOM` of the GPU's memory for them.
+tests/plan/test_activations.py and test_measured.py measure all of this with saved-tensor hooks (eager path, CPU,
+1 and 2 TP ranks, PP=2, CP=2). Not counted: the CUDA context, NCCL and DeepSpeed communication buffers, allocator
+fragmentation: the fit verdict keeps `HEADROOM` of the GPU's memory for them.
 
-Step time (for ranking layouts): model FLOPs plus recompute at `efficiency` x the GPU's peak, the pipeline bubble
-(pp - 1)/(m + pp - 1) of the compute, and communication at the stated link bandwidths, not overlapped (an upper
-bound): TP all-reduces (or SP all-gather + reduce-scatter, the same bytes) of the block output, 2 per block
-forward and 2 backward (+2 under full recompute, and under selective with SP); PP sends of each micro-batch's activation
-forward and its gradient backward; DP all-reduce (ZeRO-0) or reduce-scatter of fp32 gradients + all-gather of the
-updated weights (ZeRO-1/2), ZeRO-3 also gathering the weights for every micro-batch's forward and backward.
+Step time (for ranking layouts): model FLOPs plus recompute at `efficiency` x the GPU's peak (each of tp x pp x cp
+ranks computing its share), the pipeline bubble (pp - 1)/(m + pp - 1) of the compute, and communication at the
+stated link bandwidths, not overlapped (an upper bound): TP all-reduces (or SP all-gather + reduce-scatter, the
+same bytes) of the block output, 2 per block forward and 2 backward (+2 under full recompute, and under selective
+with SP); CP's all-to-alls of q, k, v and attention's output, 4 per block forward and 4 backward (+4 under
+selective or full recompute), each moving (cp - 1)/cp of a rank's tensor (`all_to_all_bytes`), over NVLink when
+tp x cp <= GPUs per node, else InfiniBand; PP sends of each micro-batch's activation forward and its gradient
+backward; DP x CP all-reduce (ZeRO-0) or reduce-scatter of fp32 gradients + all-gather of the updated weights
+(ZeRO-1/2), ZeRO-3 also gathering the weights for every micro-batch's forward and backward.
 Ring collectives move 2(n-1)/n (all-reduce) or (n-1)/n of the bytes over the slowest link the group spans.
 """
 from __future__ import annotations
@@ -60,7 +73,7 @@ import itertools
 from dataclasses import dataclass
 
 from pretrain.config import Config, ConfigError
-from pretrain.run.layout import Layout
+from pretrain.run.layout import Layout, kv_replicas
 from pretrain.model.args import ModelArgs
 from pretrain.model.flops import flops_per_token, matmul_params
 from pretrain.model.loss_chunks import bytes_per_logit, chunk_tokens
@@ -92,10 +105,17 @@ class Kernels:
 
 
 def block_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, recompute: str, a: int,
-                      k: Kernels) -> tuple[float, float]:
-    """(saved, transient) bytes of one block for one micro-batch of `tokens` = B*T on one TP rank."""
-    S, D, F, hd = tokens, args.dim, args.hidden_dim, args.head_dim
+                      k: Kernels, cp: int = 1) -> tuple[float, float]:
+    """(saved, transient) bytes of one block for one micro-batch of `tokens` = B*T on one TP (and CP) rank.
+
+    Under context parallelism a rank holds T/cp tokens of every tensor outside attention, and attention (after
+    its all-to-all) all T tokens of H/cp query heads and K*r/cp key/value heads: the same bytes as T/cp tokens of
+    H and K*r heads, so every term below is counted for S = B*T/cp tokens, with K*r for the keys and values
+    attention saves (r = `kv_replicas`, the copies made when K/tp does not split cp ways)."""
+    S, D, F, hd = tokens / cp, args.dim, args.hidden_dim, args.head_dim
     H, K = args.n_heads / tp, args.kv_heads / tp
+    # key/value heads through the all-to-all (and so in attention): repeated first when they do not split cp ways
+    Kx = K * kv_replicas(args.n_heads // tp, args.kv_heads // tp, cp) if cp > 1 else K
     seq = tp if sp else 1  # the residual stream and norms are split along T only under sequence parallelism
     norm = (S * D * (a if k.fused else 4 + a) + 4 * S) / seq  # what RMSNorm saves, its output aside
     # The norm's output is saved by the linears that read it: once (one tensor) without SP; under SP each
@@ -103,8 +123,10 @@ def block_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, recompute
     # row-parallel wo one of the attention output (wq, wk, wv: 3 copies; w1, w3: 2; wo: 1).
     norm_out = S * D * a / seq
     attn_in, mlp_in = norm_out * (3 if sp else 1), norm_out * (2 if sp else 1)
-    attention = S * hd * a * (2 * H + 2 * K) + 4 * S * H + (S * D / tp * a if sp else 0)
-    if args.qk_norm:  # RMSNorm of each head's q and k (whole sequence: attention is never split along T)
+    # q and k after RoPE, v, the output and its log-sum-exp, as SDPA saves them; the row-parallel wo's own copy of
+    # its input: under SP a transposed one, under CP the output all-to-all's result (else it is SDPA's output)
+    attention = S * hd * a * (2 * H + 2 * Kx) + 4 * S * H + (S * D / tp * a if sp or cp > 1 else 0)
+    if args.qk_norm:  # RMSNorm of each head's q and k (before RoPE, and before CP's all-to-all: K heads, not K*r)
         attention += S * (H + K) * (hd * (a if k.fused else 4 + a) + 4)
     mlp = S * F / tp * a * (3 if k.fused else 4)
     block_input = S * D * a / seq
@@ -114,6 +136,7 @@ def block_activations(args: ModelArgs, tokens: int, tp: int, sp: bool, recompute
     if recompute == "full":
         return block_input, everything
     if recompute == "selective":  # pretrain/model/recompute.py: matmul, attention and collective outputs kept
+        # (CP's all-to-alls write into buffers: not kept, re-run in backward, as are K/V's copies)
         kept = (S * hd * a * (2 * H + 2 * K) + 4 * S * H  # q, k, v projections; attention's output and lse
                 + 2 * S * D * a + 2 * S * F / tp * a)  # wo, w2 (whole D: partial sums, reduced in place); w1, w3
         return block_input + kept, max(0.0, everything - kept)  # the cheap ops' tensors, re-made in backward
@@ -202,10 +225,13 @@ def estimate(cfg: Config, world_size: int, vocab_size: int | None = None, kernel
     bf16 = cfg.train.dtype == "bf16"
     a = 2 if bf16 else 4
     z = cfg.parallel.zero_stage
-    weights, grads, optim = model_states(per_rank, lay.dp, z, a, 4 + (2 if bf16 and z <= 1 else 0),
+    # ZeRO partitions over the ranks that hold the same weights: DP x CP (DeepSpeed's sequence-data-parallel group)
+    weights, grads, optim = model_states(per_rank, lay.weight_replicas, z, a, 4 + (2 if bf16 and z <= 1 else 0),
                                          12 if bf16 else 8)
     worst = max(stage_activations(cfg, lay, args, k), key=lambda s: s.total)
-    bucket = ZERO3_REDUCE_BUCKET * a if z == 3 else 0
+    # ZeRO-3's reduce bucket is in the gradients' communication dtype: the model's, but under context parallelism
+    # DeepSpeed's `seq_parallel_communication_data_type` (default fp32) replaces it
+    bucket = ZERO3_REDUCE_BUCKET * (4 if lay.cp > 1 else a) if z == 3 else 0
     return Estimate(lay, args, total, weights, grads, optim, worst.saved, worst.transient, worst.buffers + bucket,
                     worst.in_flight, worst.stage)
 
@@ -227,9 +253,11 @@ def stage_activations(cfg: Config, lay: Layout, args: ModelArgs, k: Kernels) -> 
     """Activation bytes per pipeline stage on one rank (one entry when pp = 1)."""
     S = lay.micro_batch_size * cfg.train.seq_len
     sp, a = cfg.parallel.sequence_parallel, (2 if cfg.train.dtype == "bf16" else 4)
-    blk_saved, blk_transient = block_activations(args, S, lay.tp, sp, cfg.model.activation_checkpointing, a, k)
-    head_saved, head_transient = head_activations(args, S, lay.tp, sp, a, k, cfg.model.loss_chunk_tokens)
-    boundary = S * args.dim * a / (lay.tp if sp else 1)  # one micro-batch's hidden states between stages
+    blk_saved, blk_transient = block_activations(args, S, lay.tp, sp, cfg.model.activation_checkpointing, a, k,
+                                                 lay.cp)
+    # the head acts on this rank's T/cp tokens of each sequence
+    head_saved, head_transient = head_activations(args, S // lay.cp, lay.tp, sp, a, k, cfg.model.loss_chunk_tokens)
+    boundary = S * args.dim * a / (lay.tp if sp else 1)  # one micro-batch's hidden states between stages (cp = 1)
     stages = []
     for stage in range(lay.pp):
         in_flight = min(lay.pp - stage, lay.grad_accum)  # DeepSpeed TrainSchedule.num_pipe_buffers
@@ -265,8 +293,10 @@ def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: s
     lay, args, T = e.layout, e.args, cfg.train.seq_len
     stage = f" on pipeline stage {e.worst_stage} ({e.in_flight} micro-batches in flight)" if lay.pp > 1 else ""
     lines = [
-        f"layout: world={lay.world} = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}; ZeRO-{cfg.parallel.zero_stage}; "
-        f"{cfg.train.dtype}{'; sequence parallel' if cfg.parallel.sequence_parallel else ''}",
+        f"layout: {layout_text(lay)}; ZeRO-{cfg.parallel.zero_stage}"
+        f"{f' over dp x cp = {lay.weight_replicas}' if lay.cp > 1 else ''}; "
+        f"{cfg.train.dtype}{'; sequence parallel' if cfg.parallel.sequence_parallel else ''}"
+        f"{f'; context parallel: {T // lay.cp:,} of {T:,} tokens per rank' if lay.cp > 1 else ''}",
         f"batch: micro {lay.micro_batch_size} x accum {lay.grad_accum} x dp {lay.dp} = {lay.global_batch} "
         f"sequences = {lay.global_batch * T:,} tokens per step",
         f"model: {cfg.model.flavor} dim={args.dim} layers={args.n_layers} heads={args.n_heads}/{args.kv_heads} "
@@ -282,6 +312,12 @@ def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: s
     if gpu is not None:
         lines.append(fit_line(e, gpu))
     return "\n".join(lines)
+
+
+def layout_text(lay: Layout) -> str:
+    """`world=8 = tp 1 x cp 4 x pp 1 x dp 2` (cp only when it is > 1)."""
+    cp = f" x cp {lay.cp}" if lay.cp > 1 else ""
+    return f"world={lay.world} = tp {lay.tp}{cp} x pp {lay.pp} x dp {lay.dp}"
 
 
 def host_line(e: Estimate, background: bool, ranks_per_node: int | None) -> str:
@@ -316,6 +352,7 @@ def throughput(cfg: Config, e: Estimate, peak_tflops: float, mfu: float) -> str:
 @dataclass(frozen=True)
 class Ranked:
     tp: int
+    cp: int
     pp: int
     zero: int
     recompute: str
@@ -330,12 +367,14 @@ def step_time(cfg: Config, e: Estimate, peak_tflops: float, efficiency: float, g
     """Predicted seconds per optimizer step of this layout (module docstring: what is counted)."""
     lay, args, T = e.layout, e.args, cfg.train.seq_len
     S, m, a = lay.micro_batch_size * T, lay.grad_accum, (2 if cfg.train.dtype == "bf16" else 4)
+    s = S / lay.cp  # tokens a rank holds outside attention (each CP rank computes 1/cp of every matmul and of
+    # attention: T/cp tokens through the projections, all T for H/cp heads in attention)
     attn_fwd = 4.0 * args.n_layers * args.n_heads * args.head_dim * T  # per token, QK^T and AV forward
     block_params = matmul_params(args, args.vocab_size) - args.vocab_size * args.dim
     # selective re-runs no matmul, attention or collective (pretrain/model/recompute.py): its elementwise
     # recompute is not counted
     extra = 2.0 * block_params + attn_fwd if cfg.model.activation_checkpointing == "full" else 0.0
-    per_mb_flops = (flops_per_token(args, T, args.vocab_size) + extra) * S / (lay.tp * lay.pp)
+    per_mb_flops = (flops_per_token(args, T, args.vocab_size) + extra) * S / (lay.tp * lay.pp * lay.cp)
     compute = per_mb_flops / (peak_tflops * 1e12 * efficiency)
     single_node = lay.world <= gpus_per_node
     tp_bw = (links.nvlink if lay.tp <= gpus_per_node else links.ib) * 1e9
@@ -343,11 +382,11 @@ def step_time(cfg: Config, e: Estimate, peak_tflops: float, efficiency: float, g
     sp = cfg.parallel.sequence_parallel
     resent = 2 if recompute == "full" or (recompute == "selective" and sp) else 0  # SP: gathers/scatters re-run
     all_reduces = args.n_layers / lay.pp * (4 + resent)
-    tp_comm = all_reduces * 2 * (lay.tp - 1) / lay.tp * S * args.dim * a / tp_bw if lay.tp > 1 else 0.0
+    tp_comm = all_reduces * 2 * (lay.tp - 1) / lay.tp * s * args.dim * a / tp_bw if lay.tp > 1 else 0.0
     pp_bw = (links.nvlink if single_node else links.ib) * 1e9
-    pp_comm = 2 * S * args.dim * a / lay.tp / pp_bw if lay.pp > 1 else 0.0
-    per_mb = compute + tp_comm + pp_comm
-    dp, z = lay.dp, cfg.parallel.zero_stage
+    pp_comm = 2 * s * args.dim * a / lay.tp / pp_bw if lay.pp > 1 else 0.0
+    per_mb = compute + tp_comm + pp_comm + context_parallel_time(cfg, lay, args, gpus_per_node, links)
+    dp, z = lay.weight_replicas, cfg.parallel.zero_stage  # gradients averaged, ZeRO partitioned over DP x CP
     params = (e.params - args.vocab_size * args.dim * (0 if args.tie_embeddings else 1)) / lay.pp / lay.tp
     dp_bw = (links.nvlink if lay.tp * dp <= gpus_per_node else links.ib) * 1e9
     frac = (dp - 1) / dp
@@ -357,25 +396,53 @@ def step_time(cfg: Config, e: Estimate, peak_tflops: float, efficiency: float, g
     return (m + lay.pp - 1) * per_mb + dp_bytes / dp_bw
 
 
+def all_to_all_bytes(args: ModelArgs, tokens: int, tp: int, cp: int, a: int) -> float:
+    """Bytes one rank exchanges (sends, and as many receives) in one block's forward under context parallelism:
+    (cp - 1)/cp of each of q (H/tp heads), k and v (K*r/tp heads each, after their copies) and attention's output
+    (H/tp heads), all for its T/cp tokens (`tokens` = B*T). Its backward exchanges the gradients of the same four."""
+    if cp == 1:
+        return 0.0
+    H, K = args.n_heads // tp, args.kv_heads // tp
+    heads = 2 * H + 2 * K * kv_replicas(H, K, cp)
+    return (cp - 1) / cp * tokens / cp * heads * args.head_dim * a
+
+
+def context_parallel_time(cfg: Config, lay: Layout, args: ModelArgs, gpus_per_node: int, links: Links) -> float:
+    """Seconds of all-to-all per micro-batch on one rank: 4 exchanges per block forward, 4 backward, and under
+    selective or full recompute the forward's 4 again (their outputs are not kept). Over NVLink when the CP group
+    (tp x cp consecutive ranks: megatron-core orders tp fastest, then cp) lies within a node, else InfiniBand."""
+    if lay.cp == 1:
+        return 0.0
+    a = 2 if cfg.train.dtype == "bf16" else 4
+    passes = 2 + (cfg.model.activation_checkpointing in ("selective", "full"))
+    bw = (links.nvlink if lay.tp * lay.cp <= gpus_per_node else links.ib) * 1e9
+    per_block = all_to_all_bytes(args, lay.micro_batch_size * cfg.train.seq_len, lay.tp, lay.cp, a)
+    return args.n_layers / lay.pp * passes * per_block / bw
+
+
 def rank_layouts(cfg: Config, nodes: int, gpus_per_node: int, vocab_size: int, gpu: str, peak_tflops: float,
                  efficiency: float, links: Links = Links()) -> list[Ranked]:
-    """Every (tp, pp, zero, recompute, micro-batch) that keeps the config's global batch, passes the layout rules
-    and fits the GPU, fastest first."""
+    """Every (tp, cp, pp, zero, recompute, micro-batch) that keeps the config's global batch, passes the layout
+    rules and fits the GPU, fastest first. Context parallelism (cp 2, 4, 8) is tried with pp = 1 only (the
+    pipeline engine has no sequence-parallel group), where seq_len splits cp ways and the heads tp x cp ways."""
     world = nodes * gpus_per_node
     base = estimate(cfg, world, vocab_size).layout
     global_batch = base.global_batch
+    T, heads = cfg.train.seq_len, cfg.model.args().n_heads
     out = []
     pows = [1, 2, 4, 8, 16, 32, 64]
-    for tp, pp, zero, recompute, micro in itertools.product(pows[:4], pows, (1, 2, 3), ("none", "selective", "full"),
-                                                            (1, 2, 4, 8)):
-        if tp > gpus_per_node or world % (tp * pp) or (pp > 1 and zero >= 2):
+    for tp, cp, pp, zero, recompute, micro in itertools.product(pows[:4], pows[:4], pows, (1, 2, 3),
+                                                                ("none", "selective", "full"), (1, 2, 4, 8)):
+        if tp > gpus_per_node or world % (tp * cp * pp) or (pp > 1 and zero >= 2):
             continue
-        dp = world // (tp * pp)
+        if cp > 1 and (pp > 1 or T % cp or heads % (tp * cp) or cfg.eval.tasks):  # the config's CP rules
+            continue
+        dp = world // (tp * cp * pp)
         if global_batch % (micro * dp):
             continue
         try:
             c = cfg.model_copy(update={
-                "parallel": cfg.parallel.model_copy(update={"tp": tp, "pp": pp, "zero_stage": zero,
+                "parallel": cfg.parallel.model_copy(update={"tp": tp, "cp": cp, "pp": pp, "zero_stage": zero,
                                                             "sequence_parallel": cfg.parallel.sequence_parallel
                                                             and tp > 1}),
                 "model": cfg.model.model_copy(update={"activation_checkpointing": recompute}),
@@ -389,16 +456,36 @@ def rank_layouts(cfg: Config, nodes: int, gpus_per_node: int, vocab_size: int, g
         t = step_time(c, e, peak_tflops, efficiency, gpus_per_node, links)
         mfu = flops_per_token(e.args, c.train.seq_len, e.args.vocab_size) * global_batch * c.train.seq_len / (
             t * world * peak_tflops * 1e12)
-        out.append(Ranked(tp, pp, zero, recompute, micro, t, mfu, e.total))
+        out.append(Ranked(tp, cp, pp, zero, recompute, micro, t, mfu, e.total))
     return sorted(out, key=lambda r: (round(r.step_s, 3), r.memory))  # equal times: the smaller footprint first
 
 
-def ranking_lines(ranked: list[Ranked], limit: int = 10) -> list[str]:
+def ranking_lines(ranked: list[Ranked], limit: int = 10, cfg: Config | None = None) -> list[str]:
+    """The table of the fastest `limit` layouts; with `cfg`, a last line saying where the config's own layout
+    stands among them."""
     if not ranked:
         return ["no layout of this global batch fits: fewer tokens per step, more nodes, or a larger GPU"]
+    return _table(ranked, limit) + ([own_layout_line(ranked, cfg)] if cfg is not None else [])
+
+
+def own_layout_line(ranked: list[Ranked], cfg: Config) -> str:
+    p, recompute, micro = cfg.parallel, cfg.model.activation_checkpointing, cfg.train.micro_batch_size
+    cp = f" x cp {p.cp}" if p.cp > 1 else ""
+    own = (f"this config's layout (tp {p.tp}{cp} x pp {p.pp}, ZeRO-{p.zero_stage}, recompute {recompute}, "
+           f"micro {micro})")
+    place = next((i for i, r in enumerate(ranked) if (r.tp, r.cp, r.pp, r.zero, r.recompute, r.micro)
+                  == (p.tp, p.cp, p.pp, p.zero_stage, recompute, micro)), None)
+    if place is None:
+        return f"{own} is not among them (it does not fit, or is not a candidate the ranking tries)"
+    r = ranked[place]
+    return (f"{own}: #{place + 1} of {len(ranked)}, {r.step_s:.2f} s per step, {r.mfu:.1%} MFU predicted "
+            f"({r.step_s / ranked[0].step_s - 1:+.1%} against the fastest)")
+
+
+def _table(ranked: list[Ranked], limit: int) -> list[str]:
     lines = [f"{len(ranked)} fitting layouts, fastest first (predicted; top {min(limit, len(ranked))}):",
-             "   tp  pp  zero  recompute  micro  step s   MFU  GiB/rank"]
+             "   tp  cp  pp  zero  recompute  micro  step s   MFU  GiB/rank"]
     for r in ranked[:limit]:
-        lines.append(f"  {r.tp:3d} {r.pp:3d} {r.zero:5d}  {r.recompute:9s} {r.micro:6d} {r.step_s:7.2f} "
+        lines.append(f"  {r.tp:3d} {r.cp:3d} {r.pp:3d} {r.zero:5d}  {r.recompute:9s} {r.micro:6d} {r.step_s:7.2f} "
                      f"{r.mfu:5.1%} {r.memory / GiB:9.1f}")
     return lines

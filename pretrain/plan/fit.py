@@ -38,7 +38,9 @@ def check_memory(cfg: Config, run: ResolvedRun) -> None:
                       f"train.micro_batch_size={t.micro_batch_size}) + model states {size_text(e.model_states)} "
                       f"(model.dim={m.dim}, model.n_layers={m.n_layers}, model.ffn_hidden_dim={m.hidden_dim}, "
                       f"model.vocab_size={run.vocab_size} padded to {m.vocab_size}), more than {where}; shrink "
-                      "them, or split the model over parallel.tp / parallel.pp / parallel.zero_stage")
+                      "them, or split the model over parallel.tp / parallel.pp / parallel.zero_stage, or a long "
+                      f"sequence over parallel.cp (each rank then holds train.seq_len / cp tokens; now cp="
+                      f"{run.layout.cp})")
 
 
 def _gpu_memory_here() -> int | None:

@@ -21,18 +21,27 @@ ZERO_SHAPE = ["model.flavor=debug", "model.dim=256", "model.n_layers=2", "model.
 
 
 def case_overrides(*, tp: int = 1, pp: int = 1, zero: int = 0, dtype: str = "fp32", mode: str = "none",
-                   world: int = 2) -> list[str]:
-    dp = world // (tp * pp)
+                   world: int = 2, cp: int = 1) -> list[str]:
+    dp = world // (tp * pp * cp)
     shape = ZERO_SHAPE if (tp, pp) == (1, 1) else SHAPE
     return shape + [f"model.vocab_size={VOCAB}", f"train.seq_len={SEQ}", f"train.micro_batch_size={BATCH}",
                     f"train.grad_accum={PP_ACCUM if pp > 1 else 1}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-                    f"parallel.zero_stage={zero}", f"train.dtype={dtype}", f"model.activation_checkpointing={mode}",
+                    f"parallel.cp={cp}", f"parallel.zero_stage={zero}", f"train.dtype={dtype}", f"model.activation_checkpointing={mode}",
                     "train.device=cpu", "model.fused_kernels=false", "optim.warmup_steps=0"] + (
                     [] if dp else ["invalid"])
 
 
 def block_args() -> ModelArgs:
     return load_config(None, case_overrides(tp=2)).model.args(VOCAB)
+
+
+# Context parallelism's block cases: (n_kv_heads, qk_norm). With cp = 2, 2 kv heads split 2 ways; 1 (multi-query)
+# does not, and is repeated first (2 copies: pretrain.run.layout.kv_replicas).
+CP_BLOCKS = [(2, False), (2, True), (1, False), (1, True)]
+
+
+def cp_block_args(kv_heads: int, qk_norm: bool) -> ModelArgs:
+    return block_args().replace(n_kv_heads=kv_heads, qk_norm=qk_norm)
 
 
 def micro_batches(n: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -2,8 +2,12 @@
 
 - "tp2": saved-activation bytes of one block (megatron-core TP layers, SP off) per recompute mode and dtype;
 - "pp2": the peak of saved-activation bytes during a real DeepSpeed pipeline step (2 stages, 4 micro-batches);
-- "zero": model-state tensor bytes (weights, gradients, optimizer) DeepSpeed holds per rank, ZeRO-0..3 at dp=2.
-One launch for all three, because importing DeepSpeed + megatron-core costs more than the measurements.
+- "zero": model-state tensor bytes (weights, gradients, optimizer) DeepSpeed holds per rank, ZeRO-0..3 at dp=2,
+  and ZeRO-2/3 at cp=2 (dp=1: partitioned over dp x cp);
+- "cp2": saved-activation bytes of one block behind context parallelism's all-to-all (T/cp tokens per rank), per
+  kv-head count (split, or repeated first), qk_norm, recompute mode and dtype; and the peak during a real DeepSpeed
+  step of the whole model at cp=2 (the loss head on T/cp tokens too).
+One launch for all, because importing DeepSpeed + megatron-core costs more than the measurements.
 Usage: python -m torch.distributed.run --nproc-per-node 2 tests/plan/plan_worker.py OUT_DIR
 """
 from __future__ import annotations
@@ -18,7 +22,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plan_common import BATCH, SEQ, VOCAB, block_args, case_overrides, micro_batches  # noqa: E402
+from plan_common import (BATCH, CP_BLOCKS, SEQ, VOCAB, block_args, case_overrides, cp_block_args,  # noqa: E402
+                         micro_batches)
 from saved_bytes import SavedBytes  # noqa: E402
 
 from pretrain.libraries import lighten_imports  # noqa: E402
@@ -88,6 +93,46 @@ def pp2() -> dict:
     return out
 
 
+def cp2() -> dict:
+    """Each of 2 CP ranks: one block's saved bytes for its T/2 tokens (reference layers, attention behind the
+    all-to-all), then whole-model steps of the engine at cp=2 (fp32, ZeRO-0): the peak of saved bytes."""
+    from megatron.core import parallel_state
+
+    from pretrain.model.layers import REFERENCE
+    from pretrain.parallel.context import apply_context_parallel
+    from pretrain.train.engine import build_engine
+
+    cfg = load_config(None, case_overrides(cp=2))
+    env = init_distributed(cfg, layout=planned_run(cfg, int(os.environ["WORLD_SIZE"]), VOCAB).layout)
+    group = parallel_state.get_context_parallel_group()
+    out = {}
+    for kv, qk_norm in CP_BLOCKS:
+        args = cp_block_args(kv, qk_norm)
+        for dtype in DTYPES:
+            for mode in ("none", "selective", "full"):
+                torch.manual_seed(0)
+                block = TransformerBlock(args, REFERENCE, 0, mode).to(DTYPES[dtype])
+                apply_context_parallel(block, group)
+                x = torch.randn(BATCH, SEQ // 2, args.dim, dtype=DTYPES[dtype], requires_grad=True)
+                with SavedBytes(exclude=[*block.parameters(), *persistent(args)]) as m:
+                    y = block(x)
+                out[f"kv{kv}{'_qk_norm' if qk_norm else ''}_{dtype}_{mode}"] = m.now
+                y.float().sum().backward()  # the all-to-alls of the backward run too
+    reset(env)
+    for mode in ("none", "selective", "full"):
+        cfg = load_config(None, case_overrides(cp=2, mode=mode))
+        run = planned_run(cfg, int(os.environ["WORLD_SIZE"]), VOCAB)
+        env = init_distributed(cfg, layout=run.layout)
+        engine = build_engine(cfg, env, run)
+        with SavedBytes(exclude=[*engine.ds.module.parameters(), *persistent(engine.args)]) as m:
+            engine.train_step(micro_batches(cfg.train.grad_accum))
+        out[f"engine_{mode}"] = m.peak
+        del engine
+        gc.collect()
+        reset(env)
+    return out
+
+
 def _tensors(obj, seen: set[int], found: dict[int, int], depth: int = 0) -> None:
     """Every tensor reachable from obj through attributes, lists, tuples and dicts (and each parameter's .grad
     and ZeRO-3 partition `ds_tensor`), by storage: {storage pointer: bytes}."""
@@ -121,8 +166,9 @@ def zero() -> dict:
     from pretrain.train.engine import build_engine
 
     out = {}
-    for stage, dtype in ((0, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")):
-        cfg = load_config(None, case_overrides(zero=stage, dtype=dtype))
+    for stage, dtype, cp in ((0, "fp32", 1), (1, "bf16", 1), (2, "bf16", 1), (3, "bf16", 1), (2, "bf16", 2),
+                             (3, "bf16", 2)):
+        cfg = load_config(None, case_overrides(zero=stage, dtype=dtype, cp=cp))
         run = planned_run(cfg, int(os.environ["WORLD_SIZE"]), VOCAB)
         env = init_distributed(cfg, layout=run.layout)
         engine = build_engine(cfg, env, run)
@@ -145,7 +191,7 @@ def zero() -> dict:
 
         engine.ds.step = measure  # instrumentation: measure, then DeepSpeed's own step
         engine.train_step(micro_batches(1))
-        out[f"zero{stage}_{dtype}"] = seen
+        out[f"zero{stage}_{dtype}{'_cp2' if cp > 1 else ''}"] = seen
         del engine, ds_opt, deepspeed_step, measure
         gc.collect()
         reset(env)
@@ -155,7 +201,7 @@ def zero() -> dict:
 def main() -> None:
     out_dir = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
-    result = {"tp2": tp2(), "pp2": pp2(), "zero": zero()}
+    result = {"tp2": tp2(), "pp2": pp2(), "zero": zero(), "cp2": cp2()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
 
 

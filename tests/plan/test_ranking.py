@@ -42,9 +42,11 @@ def test_plan_lists_fitting_layouts_fastest_first(capsys):
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("fits H100") for line in out)
     start = next(i for i, line in enumerate(out) if "fitting layouts, fastest first" in line)
+    columns = out[start + 1].split()
+    assert columns[:3] == ["tp", "cp", "pp"]
     rows = [line.split() for line in out[start + 2:start + 7]]
-    times = [float(r[5]) for r in rows]
-    assert times == sorted(times) and all(float(r[7]) < 79.2 * 0.9 for r in rows)
+    times = [float(r[6]) for r in rows]  # "step s" is two words in the header
+    assert times == sorted(times) and all(float(r[8]) < 79.2 * 0.9 for r in rows)
 
 
 # Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM",
