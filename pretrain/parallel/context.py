@@ -8,9 +8,9 @@ CUDA: unchanged, since it sees whole sequences), and an all-to-all back. The vol
 (q, k, v, output) of (cp - 1)/cp of a rank's activations, against a ring's cp - 1 passes of keys and values.
 
 Heads: each rank takes H/(tp x cp) query heads (`pretrain.run.layout.check_context_parallel`); grouped-query
-key/value heads that do not split cp ways are repeated first (`kv_replicas`), each copy next to the query heads
-that read it, so the all-to-all hands every rank whole groups. The gradient of the copies sums back through the
-repeat.
+key/value heads that do not split cp ways are repeated first (`pretrain.run.layout.kv_replicas` copies), each copy
+next to the query heads that read it, so the all-to-all hands every rank whole groups. The gradient of the copies
+sums back through the repeat.
 
 What the rest of the run does for it: the engine gives each rank its slice of the tokens and targets, and the
 document boundaries of the whole sequences (`Engine.split`); the mpu tells DeepSpeed the CP group and the
@@ -25,7 +25,6 @@ from deepspeed.sequence.layer import DistributedAttention
 from torch import nn
 
 from pretrain.model.transformer import Attention, CoreAttention
-from pretrain.run.layout import kv_replicas
 
 BATCH_DIM = 0  # our activations are batch-first: (B, T, heads, hd)
 HEADS, SEQUENCE = 2, 1  # the all-to-all scatters heads and gathers the sequence (and the reverse after attention)
@@ -34,10 +33,9 @@ HEADS, SEQUENCE = 2, 1  # the all-to-all scatters heads and gathers the sequence
 class UlyssesAttention(nn.Module):
     """`CoreAttention` over the whole sequence for H/cp heads, called with this rank's T/cp tokens of all heads."""
 
-    def __init__(self, core: CoreAttention, group: dist.ProcessGroup, n_heads: int, n_kv_heads: int):
+    def __init__(self, core: CoreAttention, group: dist.ProcessGroup, n_kv_heads: int, kv_copies: int):
         super().__init__()
-        cp = dist.get_world_size(group)
-        self.kv_copies = kv_replicas(n_heads, n_kv_heads, cp)
+        self.kv_copies = kv_copies
         self.exchange = DistributedAttention(core, group, scatter_idx=HEADS, gather_idx=SEQUENCE,
                                              num_kv_heads=n_kv_heads * self.kv_copies)
 
@@ -51,12 +49,13 @@ class UlyssesAttention(nn.Module):
         return self.exchange(q, k, v, BATCH_DIM, None, docs)
 
 
-def apply_context_parallel(module: nn.Module, group: dist.ProcessGroup) -> None:
-    """Route every attention layer's core through the all-to-all over `group` (the parameters are untouched: the
-    names, the init and checkpoints do not know cp)."""
+def apply_context_parallel(module: nn.Module, group: dist.ProcessGroup, kv_copies: int) -> None:
+    """Route every attention layer's core through the all-to-all over `group`, each of this rank's key/value heads
+    repeated `kv_copies` times first (the parameters are untouched: the names, the init and checkpoints do not
+    know cp)."""
     for m in module.modules():
         if isinstance(m, Attention):
-            m.core = UlyssesAttention(m.core, group, m.n_heads, m.n_kv_heads)
+            m.core = UlyssesAttention(m.core, group, m.n_kv_heads, kv_copies)
 
 
 def sequence_slice(t: torch.Tensor, cp: int, cp_rank: int) -> torch.Tensor:

@@ -52,6 +52,7 @@ from pretrain.parallel.optimizer import GuardedAdamW, global_grad_norm, param_gr
 from pretrain.parallel.pipeline import build_pipeline, pipeline_input, reference_name
 from pretrain.parallel.tensor import TensorParallelFactory, all_reduce_partial_grads, model_parallel_config
 from pretrain.run.distributed import DistEnv
+from pretrain.run.layout import kv_replicas
 from pretrain.run.paths import MODEL_DIR
 from pretrain.run.progress import progress
 from pretrain.run.resolved import ResolvedRun
@@ -371,7 +372,8 @@ def build_engine(cfg: Config, env: DistEnv, run: ResolvedRun, init: WeightSource
         module = Transformer(args, factory, ckpt, cfg.train.z_loss)
         init_model(module, args, cfg.train.seed, env.tp_rank, weights=weights)
         if lay.cp > 1:  # attention's all-to-all over the CP group; DeepSpeed learns the groups from the mpu
-            apply_context_parallel(module, parallel_state.get_context_parallel_group())
+            apply_context_parallel(module, parallel_state.get_context_parallel_group(),
+                                   kv_replicas(args.n_heads // lay.tp, args.kv_heads // lay.tp, lay.cp))
         mpu = MegatronMpu()
     if cfg.train.fp8 != "none":  # checked by init_distributed: CUDA with FP8 tensor cores, torchao, tp = 1
         convert_to_fp8(module, cfg.train.fp8)

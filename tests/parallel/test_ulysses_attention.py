@@ -47,7 +47,7 @@ def test_ulysses_attention_is_the_core_attention_and_uses_flash_on_cuda(device, 
         if doc_mask else None
     core = CoreAttention(args, layer_id=0)
     with one_rank_group("nccl" if device == "cuda" else "gloo") as group:
-        ulysses = UlyssesAttention(core, group, n_heads=4, n_kv_heads=2)
+        ulysses = UlyssesAttention(core, group, n_kv_heads=2, kv_copies=1)
         # CUDA: flash only, so a path that cannot take flash (or falls back to the math kernel) fails loudly
         only_flash = sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if device == "cuda" else contextlib.nullcontext()
         with only_flash:

@@ -100,6 +100,7 @@ def cp2() -> dict:
 
     from pretrain.model.layers import REFERENCE
     from pretrain.parallel.context import apply_context_parallel
+    from pretrain.run.layout import kv_replicas
     from pretrain.train.engine import build_engine
 
     cfg = load_config(None, case_overrides(cp=2))
@@ -112,7 +113,7 @@ def cp2() -> dict:
             for mode in ("none", "selective", "full"):
                 torch.manual_seed(0)
                 block = TransformerBlock(args, REFERENCE, 0, mode).to(DTYPES[dtype])
-                apply_context_parallel(block, group)
+                apply_context_parallel(block, group, kv_replicas(args.n_heads, args.kv_heads, 2))
                 x = torch.randn(BATCH, SEQ // 2, args.dim, dtype=DTYPES[dtype], requires_grad=True)
                 with SavedBytes(exclude=[*block.parameters(), *persistent(args)]) as m:
                     y = block(x)
