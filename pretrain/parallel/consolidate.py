@@ -1,11 +1,12 @@
 """Gather a model spread over TP shards, PP stages and ZeRO-3 partitions into one reference-named state dict.
 
-Each process of the first weight replica (data-parallel and context-parallel rank 0) contributes its local parameters (whole under ZeRO 0-2; gathered first under
-ZeRO-3), named by the reference model and tagged with megatron-core's `partition_dim` when TP-split; rank 0
-concatenates TP shards in TP-rank order and merges stages. Everything travels through `gather_object` on CPU:
-simple and layout-agnostic, at the cost of rank 0 holding the whole model in host memory. Only the tests use it
-now, as the live-engine oracle for `Engine.reference_state_dict`: export, generate and re-slicing read a saved step
-offline, one tensor at a time (pretrain/checkpoint/reader.py).
+Each process of the first weight replica (data-parallel and context-parallel rank 0) contributes its local
+parameters (whole under ZeRO 0-2; gathered first under ZeRO-3), named by the reference model and tagged with
+megatron-core's `partition_dim` when TP-split; rank 0 concatenates TP shards in TP-rank order and merges stages.
+Everything travels through `gather_object` on CPU: simple and layout-agnostic, at the cost of rank 0 holding the
+whole model in host memory. Only the tests use it now, as the live-engine oracle for
+`Engine.reference_state_dict`: export, generate and re-slicing read a saved step offline, one tensor at a time
+(pretrain/checkpoint/reader.py).
 """
 from __future__ import annotations
 

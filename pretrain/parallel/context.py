@@ -60,6 +60,8 @@ def apply_context_parallel(module: nn.Module, group: dist.ProcessGroup, kv_copie
 
 def sequence_slice(t: torch.Tensor, cp: int, cp_rank: int) -> torch.Tensor:
     """This rank's contiguous T/cp columns of a (B, T) batch."""
+    if t.shape[1] % cp:
+        raise ValueError(f"{t.shape[1]} tokens per sequence do not split over parallel.cp={cp} ranks")
     width = t.shape[1] // cp
     return t[:, cp_rank * width:(cp_rank + 1) * width]
 

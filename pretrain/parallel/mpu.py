@@ -7,10 +7,12 @@ one source of truth for the groups.
 
 Context parallelism (DeepSpeed-Ulysses): DeepSpeed asks the mpu for a "sequence parallel" group (megatron-core's
 context-parallel group) and a "sequence data parallel" group (DP x CP, megatron-core's data-parallel group with
-context parallelism): gradients are all-reduced and ZeRO partitions spread over DP x CP, and the sum is divided by
-the DP size only, so each CP rank's loss must be its share of the CP group's mean (pretrain.train.engine). Only the non-pipeline engine takes an mpu; the pipeline engine builds its
-own grid from `PipeModelDataParallelTopology`, which assigns the same ranks (both order ranks tp-dp-pp, TP
-fastest; `pretrain.parallel.pipeline` checks it).
+context parallelism): gradients are all-reduced and ZeRO partitions spread over DP x CP (what each rank's loss is
+then divided by: pretrain.parallel.context.backward_loss_divisor).
+
+Only the non-pipeline engine takes an mpu; the pipeline engine builds its own grid from
+`PipeModelDataParallelTopology`, which assigns the same ranks (both order ranks tp-dp-pp, TP fastest;
+`pretrain.parallel.pipeline` checks it).
 """
 from __future__ import annotations
 

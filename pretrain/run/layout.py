@@ -1,6 +1,6 @@
-"""The one layout of a run: how its ranks split into tensor, context, pipeline and data parallel groups, derived once from
-the config and the world size (every divisibility and batch rule checked before any process group exists), and the
-rank arithmetic everything else asks it for. Torch-free."""
+"""The one layout of a run: how its ranks split into tensor, context, pipeline and data parallel groups, derived
+once from the config and the world size (every divisibility and batch rule checked before any process group
+exists), and the rank arithmetic everything else asks it for. Torch-free."""
 from __future__ import annotations
 
 import math

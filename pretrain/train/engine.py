@@ -190,12 +190,11 @@ class Engine:
             inputs, targets, docs = self.split(batch)
             loss = self.ds(inputs, targets, docs) * self._loss_scale
             # scaled by 1/grad_accum inside; under CP by the share DeepSpeed needs (see the module docstring)
-            self.ds.backward(loss / self._loss_divisor if self._loss_divisor > 1 else loss)
+            self.ds.backward(loss / self._loss_divisor)
             self.ds.step()  # optimizer step (clip, skip guard) only at the accumulation boundary
             total += loss.detach().float()  # summed on the device: no host read per micro-batch
-        # Mean over micro-batches, then over all ranks (TP/PP replicas hold the same value, CP ranks equal token
-        # counts, so this is the DP x CP mean):
-        # one collective and one host read per step.
+        # Mean over micro-batches, then over all ranks (TP/PP replicas hold the same value and CP ranks as many
+        # tokens each, so this is the DP x CP mean): one collective and one host read per step.
         if self.cfg.train.z_loss == 0:
             return self.env.all_reduce_sum(total / len(micro)) / self.env.world_size, None
         z = self.z_loss.take()  # the micro-batches' z-loss terms, summed on the device
