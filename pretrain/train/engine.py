@@ -127,11 +127,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------ steps
 
     def split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Documents | None]:
-        """A loader batch -> (inputs, next-token targets, document boundaries when document masking is on).
-        Under context parallelism the inputs and targets are this rank's T/cp columns; the documents stay those
-        of the whole sequences, which attention sees after its all-to-all (pretrain/parallel/context.py)."""
+        """A loader batch -> (inputs, next-token targets, document boundaries when document masking is on): whole
+        sequences, whatever the layout (under context parallelism the forward takes this rank's columns)."""
         tokens = batch["tokens"].to(self.env.device)  # (B, T+1)
-        inputs, targets = self._own_columns(tokens[:, :-1]), self._own_columns(tokens[:, 1:])  # predict t+1 from <= t
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each: predict token t+1 from tokens <= t
         docs = None
         if self.cfg.model.document_mask:
             if "doc_ids" not in batch:
@@ -141,8 +140,14 @@ class Engine:
             docs = Documents.from_ids(batch["doc_ids"][:, :-1]).to(self.env.device)
         return inputs, targets, docs
 
-    def _own_columns(self, t: torch.Tensor) -> torch.Tensor:
-        return sequence_slice(t, self.env.layout.cp, self.env.cp_rank) if self.env.layout.cp > 1 else t
+    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor, docs: Documents | None,
+                 scores: bool = False) -> torch.Tensor:
+        """The plain engine's forward of whole sequences. Under context parallelism this rank computes its T/cp
+        columns of the inputs and targets; the documents stay those of the whole sequences, which attention sees
+        after its all-to-all (pretrain/parallel/context.py)."""
+        if self.env.layout.cp > 1:
+            inputs, targets = (sequence_slice(t, self.env.layout.cp, self.env.cp_rank) for t in (inputs, targets))
+        return self.ds(inputs, targets, docs, scores=scores) if scores else self.ds(inputs, targets, docs)
 
     def inject_nonfinite(self) -> None:
         """Fault injection for tests and drills: the next train_step's loss is multiplied by NaN."""
@@ -188,7 +193,7 @@ class Engine:
         total = torch.zeros((), dtype=torch.float32, device=self.env.device)
         for batch in micro:
             inputs, targets, docs = self.split(batch)
-            loss = self.ds(inputs, targets, docs) * self._loss_scale
+            loss = self._forward(inputs, targets, docs) * self._loss_scale
             # scaled by 1/grad_accum inside; under CP by the share DeepSpeed needs (see the module docstring)
             self.ds.backward(loss / self._loss_divisor)
             self.ds.step()  # optimizer step (clip, skip guard) only at the accumulation boundary
@@ -227,7 +232,7 @@ class Engine:
             self.ds.module.train()
         else:
             with self._eval_mode():
-                loss = float(self.ds(inputs, targets, docs))
+                loss = float(self._forward(inputs, targets, docs))
         return self.env.all_reduce_sum(loss) / self.env.world_size
 
     @torch.no_grad()
@@ -242,7 +247,7 @@ class Engine:
         tokens, targets = tokens.to(self.env.device), targets.to(self.env.device)
         if not self.pipeline:
             with self._eval_mode():
-                out = self.ds(self._own_columns(tokens), self._own_columns(targets), docs, scores=True).float()
+                out = self._forward(tokens, targets, docs, scores=True).float()
             return self._whole_columns(out)
         loss_fn, grid = self.ds.module.loss_fn, self.ds.grid
         loss_fn.scores = True
