@@ -28,9 +28,7 @@ LAYOUTS = [
     ("dp2_zero2", 2, ["parallel.zero_stage=2"], "signal"),
     ("tp2", 2, ["parallel.tp=2"], "checkpoint"),
     ("pp2", 2, ["parallel.pp=2", "parallel.zero_stage=1"], "checkpoint"),
-    # context parallelism: each rank half of every sequence (attention's all-to-all), ZeRO-1 over dp x cp
-    ("cp2_zero1", 2, ["parallel.cp=2", "parallel.zero_stage=1"], "checkpoint"),
-]
+]  # context parallelism's bitwise resume: tests/train/test_context_parallel_run.py
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +140,7 @@ def test_resume_continues_the_exact_loss_curve(tmp_root, mlflow_server, row):
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 2 * K + 1)), "every step logged exactly once"
     assert {m.step: m.value for m in history} == a
-    assert run.data.params["parallel.zero_stage"] == "2" and run.data.tags["layout"] == "world=2 tp=1 pp=1 dp=2"
+    assert run.data.params["parallel.zero_stage"] == "2" and run.data.tags["layout"] == "world=2 tp=1 cp=1 pp=1 dp=2"
     assert f"resumed_at_step_{stopped_at}" in run.data.tags
     arts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json"} <= arts

@@ -244,7 +244,7 @@ def test_a_pipeline_run_rolls_back_in_process(shards, tmp_path):
                "train.spike.threshold=10")  # one DP rank: a noisier loss than two ranks average
     assert p.returncode == 0, p.stderr[-3000:]
     (rb,) = records(run / "rollbacks.jsonl")
-    assert rb["layout"] == {"tp": 1, "pp": 2, "dp": 1}
+    assert rb["layout"] == {"tp": 1, "pp": 2, "dp": 1, "cp": 1}
     assert rb["lookahead"]["ended"] == "calm", "the look-ahead ran forward-only through the pipeline's eval path"
     assert [r["step"] for r in records(run / "metrics.jsonl")] == list(range(1, STEPS + 1))
 
