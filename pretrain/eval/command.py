@@ -9,6 +9,7 @@ scores to the MLflow run that trained the checkpoint, at its step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -21,7 +22,7 @@ from pretrain.console import say
 from pretrain.eval.lm import CannotEvaluate  # importing it registers lm-eval's `--model pretrain`
 from pretrain.eval.results import evals_dir, flat_scores, write_step_results
 from pretrain.eval.session import Session, open_session
-from pretrain.eval.tasks import task_manager, unknown_tasks_line
+from pretrain.eval.tasks import local_only, task_manager, unknown_tasks_line
 from pretrain.run.paths import CONFIG, LM_EVAL_OUTPUT
 from pretrain.telemetry.model_registry import store_uri
 
@@ -114,7 +115,7 @@ def _lm_eval_cli(argv: list[str], user_args: list[str]) -> None:
     """lm-eval's command line, as `lm-eval` runs it, with its failures a user can fix turned into one line."""
     import lm_eval.__main__
 
-    with _argv(["lm-eval", *argv]):
+    with _argv(["lm-eval", *argv]), _builtin_tasks_only_if_asked(user_args):
         try:
             lm_eval.__main__.cli_evaluate()
         except SystemExit as e:  # argparse: a bad option
@@ -138,6 +139,41 @@ def _missing_data_line(e: BaseException) -> str:
             "ahead on a host with network into a cache every node reads (HF_DATASETS_CACHE=/data/hf-datasets "
             "python -c \"import datasets; datasets.load_dataset('<dataset_path>', '<dataset_name>')\") and run with "
             "HF_DATASETS_CACHE=/data/hf-datasets HF_DATASETS_OFFLINE=1")
+
+
+@contextlib.contextmanager
+def _builtin_tasks_only_if_asked(user_args: list[str]) -> Iterator[None]:
+    """lm-eval's CLI indexes its ~15k built-in task files (8.7 s of CPU here) before it runs anything, and has no
+    option to skip them. When every task asked for is under --include_path, its TaskManager is made without them
+    for this call (as `eval.tasks` in the loop does: pretrain.eval.tasks.task_manager) - a shim around its CLI."""
+    import lm_eval.tasks
+
+    if not local_only(_option(user_args, "--include_path"), _tasks_asked(user_args)):
+        yield
+        return
+    original = lm_eval.tasks.TaskManager
+    lm_eval.tasks.TaskManager = functools.partial(original, include_defaults=False)
+    try:
+        yield
+    finally:
+        lm_eval.tasks.TaskManager = original
+
+
+def _tasks_asked(args: list[str]) -> list[str]:
+    """lm-eval's --tasks / -t: one or more words, each comma-separated, or --tasks=a,b."""
+    words: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] in ("--tasks", "-t"):
+            i += 1
+            while i < len(args) and not args[i].startswith("-"):
+                words.append(args[i])
+                i += 1
+            continue
+        if args[i].startswith(("--tasks=", "-t=")):
+            words.append(args[i].split("=", 1)[1])
+        i += 1
+    return [t for w in words for t in (x.strip() for x in w.split(",")) if t]
 
 
 @contextlib.contextmanager

@@ -12,11 +12,19 @@ def task_manager(include_path: str | None, tasks: list[str] | None = None) -> An
     is found under `include_path` alone, the built-in ones are not indexed."""
     from lm_eval.tasks import TaskManager
 
-    if include_path and tasks:
-        local = TaskManager(include_path=include_path, include_defaults=False)
-        if all(local.match_tasks([t]) for t in tasks):
-            return local
+    if local_only(include_path, tasks):
+        return TaskManager(include_path=include_path, include_defaults=False)
     return TaskManager(include_path=include_path)
+
+
+def local_only(include_path: str | None, tasks: list[str] | None) -> bool:
+    """Whether every task asked for is found under `include_path` alone (its files only: milliseconds)."""
+    if not include_path or not tasks:
+        return False
+    from lm_eval.tasks import TaskManager
+
+    local = TaskManager(include_path=include_path, include_defaults=False)
+    return all(local.match_tasks([t]) for t in tasks)
 
 
 def unknown_tasks_line(missing: list[str], manager: Any) -> str:
