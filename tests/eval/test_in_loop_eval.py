@@ -168,3 +168,15 @@ def test_scores_of_an_imported_checkpoint_go_beside_it_not_into_it(tmp_path):
     written = write_step_results(tmp_path / "imported", 0, {"step": 0})
     assert written == tmp_path / "evals" / "imported" / "step_0.json"
     assert not (tmp_path / "imported").exists()
+
+
+def test_lm_evals_builtin_tasks_are_indexed_only_when_a_task_needs_them(tmp_path):
+    """`pretrain eval` spares lm-eval's CLI its ~15k-file index when every task asked for is a local one."""
+    from pretrain.eval.command import _tasks_asked
+    from pretrain.eval.tasks import local_only
+
+    tasks = str(write_tasks(tmp_path / "tasks"))
+    assert _tasks_asked(["--tasks", f"{MC},{TEXT}", "hellaswag", "--limit", "4"]) == [MC, TEXT, "hellaswag"]
+    assert _tasks_asked(["-t", MC, "--include_path", tasks]) == [MC] == _tasks_asked([f"--tasks={MC}"])
+    assert local_only(tasks, [MC, TEXT])
+    assert not local_only(tasks, [MC, "hellaswag"]) and not local_only(None, [MC]) and not local_only(tasks, [])
