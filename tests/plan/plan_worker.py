@@ -72,25 +72,25 @@ def tp2() -> dict:
     return out
 
 
-def pp2() -> dict:
-
+def engine_step_peak(**overrides) -> int:
+    """The peak of saved bytes over one real engine step of the tiny model on this launch's ranks."""
     from pretrain.train.engine import build_engine
 
-    out = {}
-    for dtype, zero in (("fp32", 0), ("bf16", 1)):
-        for mode in ("none", "selective", "full"):
-            cfg = load_config(None, case_overrides(pp=2, zero=zero, dtype=dtype, mode=mode))
-            run = planned_run(cfg, int(os.environ["WORLD_SIZE"]), VOCAB)
-            env = init_distributed(cfg, layout=run.layout)
-            engine = build_engine(cfg, env, run)
-            args = engine.args
-            with SavedBytes(exclude=[*engine.ds.module.parameters(), *persistent(args)]) as m:
-                engine.train_step(micro_batches(cfg.train.grad_accum))
-            out[f"{dtype}_{mode}"] = m.peak
-            del engine
-            gc.collect()
-            reset(env)
-    return out
+    cfg = load_config(None, case_overrides(**overrides))
+    run = planned_run(cfg, int(os.environ["WORLD_SIZE"]), VOCAB)
+    env = init_distributed(cfg, layout=run.layout)
+    engine = build_engine(cfg, env, run)
+    with SavedBytes(exclude=[*engine.ds.module.parameters(), *persistent(engine.args)]) as m:
+        engine.train_step(micro_batches(cfg.train.grad_accum))
+    del engine
+    gc.collect()
+    reset(env)
+    return m.peak
+
+
+def pp2() -> dict:
+    return {f"{dtype}_{mode}": engine_step_peak(pp=2, zero=zero, dtype=dtype, mode=mode)
+            for dtype, zero in (("fp32", 0), ("bf16", 1)) for mode in ("none", "selective", "full")}
 
 
 def cp2() -> dict:
@@ -101,7 +101,6 @@ def cp2() -> dict:
     from pretrain.model.layers import REFERENCE
     from pretrain.parallel.context import apply_context_parallel
     from pretrain.run.layout import kv_replicas
-    from pretrain.train.engine import build_engine
 
     cfg = load_config(None, case_overrides(cp=2))
     env = init_distributed(cfg, layout=planned_run(cfg, int(os.environ["WORLD_SIZE"]), VOCAB).layout)
@@ -121,16 +120,7 @@ def cp2() -> dict:
                 y.float().sum().backward()  # the all-to-alls of the backward run too
     reset(env)
     for mode in ("none", "selective", "full"):
-        cfg = load_config(None, case_overrides(cp=2, mode=mode))
-        run = planned_run(cfg, int(os.environ["WORLD_SIZE"]), VOCAB)
-        env = init_distributed(cfg, layout=run.layout)
-        engine = build_engine(cfg, env, run)
-        with SavedBytes(exclude=[*engine.ds.module.parameters(), *persistent(engine.args)]) as m:
-            engine.train_step(micro_batches(cfg.train.grad_accum))
-        out[f"engine_{mode}"] = m.peak
-        del engine
-        gc.collect()
-        reset(env)
+        out[f"engine_{mode}"] = engine_step_peak(cp=2, mode=mode)
     return out
 
 
