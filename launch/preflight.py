@@ -1,6 +1,6 @@
 """Checks that must fail before any rank waits on a rendezvous: the allocation must fit the run.
 
-A world size that tp x pp does not divide only surfaces after every rank has joined the rendezvous and built
+A world size that tp x cp x pp does not divide only surfaces after every rank has joined the rendezvous and built
 its process groups; on a real cluster that is minutes of queue time and a hung step if one node errors out
 first. The launcher knows the world size (nodes x ranks per node) before starting anything, and the training
 command names its config, so the check runs here, on every node, identically.
