@@ -316,8 +316,7 @@ def describe(cfg: Config, world_size: int, vocab_size: int | None = None, gpu: s
 
 def layout_text(lay: Layout) -> str:
     """`world=8 = tp 1 x cp 4 x pp 1 x dp 2` (cp only when it is > 1)."""
-    cp = f" x cp {lay.cp}" if lay.cp > 1 else ""
-    return f"world={lay.world} = tp {lay.tp}{cp} x pp {lay.pp} x dp {lay.dp}"
+    return f"world={lay.world} = {lay.shape_text}"
 
 
 def host_line(e: Estimate, background: bool, ranks_per_node: int | None) -> str:

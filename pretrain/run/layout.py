@@ -28,6 +28,12 @@ class Layout:
         return self.micro_batch_size * self.grad_accum * self.dp
 
     @property
+    def shape_text(self) -> str:
+        """How the ranks split, in the words every message uses: `tp 1 x cp 2 x pp 1 x dp 2` (cp only when > 1)."""
+        cp = f" x cp {self.cp}" if self.cp > 1 else ""
+        return f"tp {self.tp}{cp} x pp {self.pp} x dp {self.dp}"
+
+    @property
     def weight_replicas(self) -> int:
         """Ranks holding the same weight slice, averaging gradients and sharing ZeRO partitions: dp x cp
         (DeepSpeed's sequence-data-parallel group)."""

@@ -105,10 +105,7 @@ class ResolvedRun:
 
 def layout_words(run: ResolvedRun) -> str:
     """How a run's ranks split, in the words of resume and checkpoint messages: tp 2 x cp 2 x pp 1 x dp 2 ZeRO-1."""
-    lay = run.layout
-    cp = f" x cp {lay.cp}" if lay.cp > 1 else ""
-    return (f"tp {lay.tp}{cp} x pp {lay.pp} x dp {lay.dp} ZeRO-{run.zero_stage}"
-            + (" bf16" if run.dtype == "bf16" else ""))
+    return f"{run.layout.shape_text} ZeRO-{run.zero_stage}" + (" bf16" if run.dtype == "bf16" else "")
 
 
 class MissingDataError(ConfigError):

@@ -132,9 +132,8 @@ def announce(cfg: Config, run: ResolvedRun, env: DistEnv, prep: Prepared) -> Non
         return
     metrics.truncate_after(Path(cfg.checkpoint.dir), prep.start)
     lay = run.layout
-    cp = f" x cp {lay.cp}" if lay.cp > 1 else ""
-    say(f"{prep.begin.describe(cfg.model.init_from)} at step {prep.start}; world {lay.world} = tp {lay.tp}{cp} x pp "
-        f"{lay.pp} x dp {lay.dp}, ZeRO-{run.zero_stage}, global batch {lay.global_batch} x {run.seq_len} tokens")
+    say(f"{prep.begin.describe(cfg.model.init_from)} at step {prep.start}; world {lay.world} = {lay.shape_text}, "
+        f"ZeRO-{run.zero_stage}, global batch {lay.global_batch} x {run.seq_len} tokens")
     for note in prep.notes:
         say(note)
 
