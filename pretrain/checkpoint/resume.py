@@ -110,11 +110,11 @@ def saved_run(step_dir: Path, run: ResolvedRun) -> ResolvedRun | None:
         saved = checkpoint.run_of(step_dir)
     except checkpoint.CheckpointError:  # written before runs were recorded: only its own layout can load it
         old = checkpoint.read_meta(step_dir).layout
-        if old and any(old.get(k) != getattr(run.layout, k) for k in ("tp", "pp", "dp")):
+        if old and any(old.get(k, 1) != getattr(run.layout, k) for k in ("tp", "pp", "dp", "cp")):  # older: cp 1
             raise checkpoint.CheckpointError(
                 f"{step_dir} was written by an older version (no resolved run in meta.json) with tp {old.get('tp')} "
-                f"x pp {old.get('pp')} x dp {old.get('dp')}; it can resume only on that layout, not on tp "
-                f"{run.layout.tp} x pp {run.layout.pp} x dp {run.layout.dp}") from None
+                f"x pp {old.get('pp')} x dp {old.get('dp')}; it can resume only on that layout, not on "
+                f"{run.layout.shape_text}") from None
         return None
     check_same_model(saved.model, run.model, step_dir)
     return saved if needs_reslicing(saved, run) else None

@@ -60,3 +60,9 @@ def test_checkpoint_without_a_resolved_run_resumes_only_on_its_own_layout(tmp_pa
     with pytest.raises(CheckpointError, match=r"older version .* tp 1 x pp 1 x dp 2; it can resume only on that "
                                               r"layout, not on tp 1 x pp 1 x dp 1"):
         saved_run(tmp_path, _run(1, "parallel.zero_stage=2"))
+    # its layout has no cp (there was none): cp 1, so the same tp/pp/dp with cp 2 is another layout too
+    old = {k: v for k, v in dataclasses.asdict(dp2.layout).items() if k != "cp"}
+    (tmp_path / "meta.json").write_text(json.dumps({"step": 4, "layout": old}))
+    assert saved_run(tmp_path, dp2) is None
+    with pytest.raises(CheckpointError, match=r"not on tp 1 x cp 2 x pp 1 x dp 2"):
+        saved_run(tmp_path, _run(4, "parallel.zero_stage=2", "parallel.cp=2"))
