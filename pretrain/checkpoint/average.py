@@ -25,7 +25,6 @@ has the first checkpoint's padded vocabulary. Training from it re-pads for its o
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -35,12 +34,11 @@ import torch
 from data_pipeline.tokenizer import tokenizer_files
 from pretrain import checkpoint
 from pretrain.checkpoint.safetensors_dir import DEFAULT_SHARD_BYTES, write_sharded
-from pretrain.checkpoint.weights import WeightSource, checkpoint_tokenizer, open_weights, shape_differences
+from pretrain.checkpoint.weights import (WeightSource, checkpoint_tokenizer, open_weights, record_imported,
+                                         shape_differences)
 from pretrain.model.init import VOCAB_ROWS
 from pretrain.output_dir import refuse_non_empty, written_whole
-from pretrain.run.layout import Layout
 from pretrain.run.paths import IMPORTED_WEIGHTS
-from pretrain.run.resolved import ResolvedRun
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +126,7 @@ def average(paths: Sequence[str | Path], out_dir: str | Path, *,
                 shutil.copy2(f, tmp / checkpoint.TOKENIZER_DIR / Path(f).name)
             # The copy's final place, so the resolved run names a path that exists after the rename.
             tokenizer = dataclasses.replace(first.tokenizer, path=str((out_dir / checkpoint.TOKENIZER_DIR).resolve()))
-        layout = Layout(world=1, tp=1, pp=1, dp=1, micro_batch_size=1, grad_accum=1,
-                        padded_vocab_size=first.model.vocab_size)
         dtypes = {s.weights.run.dtype for s in sources}
-        run = ResolvedRun(layout=layout, model=first.model, tokenizer=tokenizer, train_data=None, val_data=None,
-                          seq_len=first.seq_len, dtype=dtypes.pop() if len(dtypes) == 1 else "fp32", zero_stage=0)
-        meta = checkpoint.Meta(step=0, tokenizer=dataclasses.asdict(tokenizer) if tokenizer else {},
-                               layout=dataclasses.asdict(layout), resolved=run.to_dict(),
-                               extra={"averaged": [{"path": str(s.step_dir.resolve()), "step": s.step}
-                                                   for s in sources]})
-        (tmp / checkpoint.META).write_text(json.dumps(meta.__dict__, indent=1) + "\n")
-        checkpoint.write_manifest(tmp, meta, world_size=1)
+        record_imported(tmp, first.model, tokenizer, first.seq_len, dtypes.pop() if len(dtypes) == 1 else "fp32",
+                        {"averaged": [{"path": str(s.step_dir.resolve()), "step": s.step} for s in sources]})
     return out_dir, sources

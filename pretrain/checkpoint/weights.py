@@ -7,11 +7,14 @@ Two kinds of checkpoint hold a model:
   reference-named safetensors under `weights/`.
 Both answer the same three questions (`WeightSource`): what run made them (`run`, the ResolvedRun with the model
 shape and the tokenizer), which tensors there are (`names`), and one full tensor by name (`tensor`). Export,
-generate and `model.init_from` read through this interface only, so each works from either kind.
+generate and `model.init_from` read through this interface only, so each works from either kind. The imported
+format's meta.json and manifest are written in one place too (`record_imported`: `import-hf` and `average`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -22,8 +25,10 @@ from pretrain import checkpoint
 from pretrain.checkpoint import files as checkpoint_files
 from pretrain.checkpoint.safetensors_dir import SafetensorsDir
 from pretrain.config import Config, ConfigError
+from pretrain.model.args import ModelArgs
+from pretrain.run.layout import Layout
 from pretrain.run.paths import IMPORTED_WEIGHTS
-from pretrain.run.resolved import ResolvedRun
+from pretrain.run.resolved import ResolvedRun, TokenizerFacts
 
 
 
@@ -142,3 +147,17 @@ def checkpoint_tokenizer(step_dir: Path, run: ResolvedRun, override: str | None 
         raise checkpoint.CheckpointError(f"tokenizer {path} is not the one {step_dir} was trained with (identity "
                                          f"{tok.identity[:12]} vs {run.tokenizer.identity[:12]})")
     return path, tok
+
+
+def record_imported(tmp: Path, model: ModelArgs, tokenizer: TokenizerFacts | None, seq_len: int, dtype: str,
+                    extra: dict[str, Any]) -> None:
+    """meta.json and manifest.json of a checkpoint in the imported format (`weights/` and the tokenizer's copy
+    already in `tmp`), as `pretrain import-hf` and `pretrain average` write it: step 0, a one-rank layout with the
+    model's own vocabulary, ZeRO-0, and the same integrity record a training step has."""
+    layout = Layout(world=1, tp=1, pp=1, dp=1, micro_batch_size=1, grad_accum=1, padded_vocab_size=model.vocab_size)
+    run = ResolvedRun(layout=layout, model=model, tokenizer=tokenizer, train_data=None, val_data=None,
+                      seq_len=seq_len, dtype=dtype, zero_stage=0)
+    meta = checkpoint.Meta(step=0, tokenizer=dataclasses.asdict(tokenizer) if tokenizer else {},
+                           layout=dataclasses.asdict(layout), resolved=run.to_dict(), extra=extra)
+    (tmp / checkpoint.META).write_text(json.dumps(meta.__dict__, indent=1) + "\n")
+    checkpoint.write_manifest(tmp, meta, world_size=1)

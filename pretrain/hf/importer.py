@@ -25,13 +25,13 @@ from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_files
 from pretrain import checkpoint
 from pretrain.checkpoint.safetensors_dir import DEFAULT_SHARD_BYTES, SafetensorsDir, write_sharded
+from pretrain.checkpoint.weights import record_imported
 from pretrain.hf.format import HFFormatError, model_args, reference_name
 from pretrain.model.args import ModelArgs
 from pretrain.model.init import reference_shapes
 from pretrain.output_dir import refuse_non_empty, written_whole
-from pretrain.run.layout import Layout
 from pretrain.run.paths import IMPORTED_WEIGHTS
-from pretrain.run.resolved import ResolvedRun, TokenizerFacts
+from pretrain.run.resolved import TokenizerFacts
 
 _KEPT = (torch.float32, torch.bfloat16)  # stored as they are; fp16/fp64 become fp32 (exact for fp16)
 
@@ -113,14 +113,6 @@ def import_hf(model_dir: str | Path, out_dir: str | Path, *, tokenizer: str | Pa
         write_sharded(_weights(files, args, model_dir, dtypes), tmp / IMPORTED_WEIGHTS, max_shard_bytes)
         # The copied tokenizer's final place, so the resolved run names a path that exists after the rename.
         facts = dataclasses.replace(facts, path=str((out_dir / checkpoint.TOKENIZER_DIR).resolve()))
-        layout = Layout(world=1, tp=1, pp=1, dp=1, micro_batch_size=1, grad_accum=1,
-                        padded_vocab_size=args.vocab_size)
-        run = ResolvedRun(layout=layout, model=args, tokenizer=facts, train_data=None, val_data=None,
-                          seq_len=args.max_seq_len, dtype="bf16" if dtypes == {torch.bfloat16} else "fp32",
-                          zero_stage=0)
-        meta = checkpoint.Meta(step=0, tokenizer=dataclasses.asdict(facts), layout=vars(layout).copy(),
-                               resolved=run.to_dict(),
-                               extra={"imported_from": str(model_dir.resolve()), "hf_config": config})
-        (tmp / checkpoint.META).write_text(json.dumps(meta.__dict__, indent=1) + "\n")
-        checkpoint.write_manifest(tmp, meta, world_size=1)  # the same integrity record a training step has
+        record_imported(tmp, args, facts, args.max_seq_len, "bf16" if dtypes == {torch.bfloat16} else "fp32",
+                        {"imported_from": str(model_dir.resolve()), "hf_config": config})
     return out_dir
