@@ -22,7 +22,7 @@ from pretrain.console import say
 from pretrain.eval.lm import CannotEvaluate  # importing it registers lm-eval's `--model pretrain`
 from pretrain.eval.results import evals_dir, flat_scores, write_step_results
 from pretrain.eval.session import Session, open_session
-from pretrain.eval.tasks import local_only, task_manager, unknown_tasks_line
+from pretrain.eval.tasks import local_task_manager, task_manager, unknown_tasks_line
 from pretrain.run.paths import CONFIG, LM_EVAL_OUTPUT
 from pretrain.telemetry.model_registry import store_uri
 
@@ -148,7 +148,7 @@ def _builtin_tasks_only_if_asked(user_args: list[str]) -> Iterator[None]:
     for this call (as `eval.tasks` in the loop does: pretrain.eval.tasks.task_manager) - a shim around its CLI."""
     import lm_eval.tasks
 
-    if not local_only(_option(user_args, "--include_path"), _tasks_asked(user_args)):
+    if local_task_manager(_option(user_args, "--include_path"), _tasks_asked(user_args)) is None:
         yield
         return
     original = lm_eval.tasks.TaskManager

@@ -12,19 +12,18 @@ def task_manager(include_path: str | None, tasks: list[str] | None = None) -> An
     is found under `include_path` alone, the built-in ones are not indexed."""
     from lm_eval.tasks import TaskManager
 
-    if local_only(include_path, tasks):
-        return TaskManager(include_path=include_path, include_defaults=False)
-    return TaskManager(include_path=include_path)
+    return local_task_manager(include_path, tasks) or TaskManager(include_path=include_path)
 
 
-def local_only(include_path: str | None, tasks: list[str] | None) -> bool:
-    """Whether every task asked for is found under `include_path` alone (its files only: milliseconds)."""
+def local_task_manager(include_path: str | None, tasks: list[str] | None) -> Any:
+    """A TaskManager of `include_path`'s files alone (milliseconds) when every task asked for is among them, else
+    None."""
     if not include_path or not tasks:
-        return False
+        return None
     from lm_eval.tasks import TaskManager
 
     local = TaskManager(include_path=include_path, include_defaults=False)
-    return all(local.match_tasks([t]) for t in tasks)
+    return local if all(local.match_tasks([t]) for t in tasks) else None
 
 
 def unknown_tasks_line(missing: list[str], manager: Any) -> str:

@@ -173,10 +173,11 @@ def test_scores_of_an_imported_checkpoint_go_beside_it_not_into_it(tmp_path):
 def test_lm_evals_builtin_tasks_are_indexed_only_when_a_task_needs_them(tmp_path):
     """`pretrain eval` spares lm-eval's CLI its ~15k-file index when every task asked for is a local one."""
     from pretrain.eval.command import _tasks_asked
-    from pretrain.eval.tasks import local_only
+    from pretrain.eval.tasks import local_task_manager
 
     tasks = str(write_tasks(tmp_path / "tasks"))
     assert _tasks_asked(["--tasks", f"{MC},{TEXT}", "hellaswag", "--limit", "4"]) == [MC, TEXT, "hellaswag"]
     assert _tasks_asked(["-t", MC, "--include_path", tasks]) == [MC] == _tasks_asked([f"--tasks={MC}"])
-    assert local_only(tasks, [MC, TEXT])
-    assert not local_only(tasks, [MC, "hellaswag"]) and not local_only(None, [MC]) and not local_only(tasks, [])
+    assert local_task_manager(tasks, [MC, TEXT]) is not None
+    assert local_task_manager(tasks, [MC, "hellaswag"]) is None
+    assert local_task_manager(None, [MC]) is None and local_task_manager(tasks, []) is None
