@@ -147,7 +147,7 @@ class Engine:
         after its all-to-all (pretrain/parallel/context.py)."""
         if self.env.layout.cp > 1:
             inputs, targets = (sequence_slice(t, self.env.layout.cp, self.env.cp_rank) for t in (inputs, targets))
-        return self.ds(inputs, targets, docs, scores=scores) if scores else self.ds(inputs, targets, docs)
+        return self.ds(inputs, targets, docs, scores=scores)
 
     def inject_nonfinite(self) -> None:
         """Fault injection for tests and drills: the next train_step's loss is multiplied by NaN."""
