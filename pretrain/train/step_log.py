@@ -68,7 +68,7 @@ class StepLog(Observer):
         if verdict is not None:
             rec.loss_z, rec.grad_norm_z = verdict.loss_z, verdict.grad_norm_z
         rec.rollbacks = report.rollbacks
-        rec.z_loss = getattr(res, "z_loss", None)
+        rec.z_loss = res.z_loss
         if val is not None:
             rec.val_loss, rec.val_ppl, rec.val_bpb = val.loss, math.exp(min(val.loss, 50.0)), val.bpb
         rec.downstream = report.downstream
